@@ -1,0 +1,1 @@
+"""Acquisition: per-box scores, per-image aggregation, selection, and strategies composing them."""

@@ -1,0 +1,186 @@
+"""Validation shared by every reader, so COCO, VOC and YOLO reject (or skip) bad input the same way.
+
+Every failure is one line, ``"<file>: <reason>"``, naming the file and the item inside it. With
+``skip_invalid`` the same line is recorded in ``Validator.skipped`` (later
+``DetectionDataset.skipped``) and the item is dropped instead: a bad box drops only that box, a bad
+image (missing file, unparseable annotation) drops the whole image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from alrun.data.dataset import DatasetSplits, DetectionDataset, seeded_split
+from alrun.errors import DatasetError
+
+#: How far (pixels) a box may stick out of the image before it is an error; less is clipped.
+BOX_TOLERANCE_PX = 1.0
+
+Box = tuple[float, float, float, float]
+
+
+def resolve_root(root: str | Path, what: str = "dataset.root") -> Path:
+    """Absolute path of a dataset root; a missing root is a config error, not a traceback."""
+    path = Path(root).expanduser().resolve()
+    if not path.exists():
+        raise DatasetError(f"{what}: {root} does not exist")
+    return path
+
+
+def read_image_size(file: Path) -> tuple[int, int]:
+    """(width, height) from the image header only; PIL does not decode pixels for ``.size``."""
+    with Image.open(file) as im:
+        return int(im.size[0]), int(im.size[1])
+
+
+def to_arrays(boxes: Sequence[Box], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (N, 4) float32 and labels (N,) int64, with the right shapes when empty."""
+    box_arr = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    label_arr = np.asarray(labels, dtype=np.int64).reshape(-1)
+    return box_arr, label_arr
+
+
+def format_classes(classes: Sequence[str], limit: int = 20) -> str:
+    """The known classes for an error message (shortened when there are many)."""
+    shown = ", ".join(repr(c) for c in list(classes)[:limit])
+    more = f", ... ({len(classes)} in all)" if len(classes) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def _num(value: float) -> str:
+    return repr(float(value))
+
+
+class Validator:
+    """Raises or records validation failures for one reader call (no state beyond that call)."""
+
+    def __init__(self, source_name: str, skip_invalid: bool = False) -> None:
+        self.source_name = source_name
+        self.skip_invalid = skip_invalid
+        self.skipped: list[str] = []
+
+    def fail(self, file: str | Path, reason: str) -> None:
+        """Raise ``DatasetError("<file>: <reason>")``, or record it when skipping invalid items."""
+        message = f"{file}: {reason}"
+        if not self.skip_invalid:
+            raise DatasetError(message)
+        self.skipped.append(message)
+
+    def check_box(
+        self, file: str | Path, item: str, box: Sequence[float], width: int, height: int
+    ) -> Box | None:
+        """The box clipped to the image, or None (recorded) when it is degenerate or outside it."""
+        if len(box) != 4:
+            self.fail(file, f"{item} has {len(box)} coordinates, expected 4")
+            return None
+        try:
+            x1, y1, x2, y2 = (float(v) for v in box)
+        except (TypeError, ValueError):
+            self.fail(file, f"{item} has non-numeric coordinates {list(box)}")
+            return None
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            self.fail(file, f"{item} has a non-finite coordinate {[x1, y1, x2, y2]}")
+            return None
+        if x2 <= x1:
+            self.fail(file, f"{item} has x2<=x1 ({_num(x2)} <= {_num(x1)})")
+            return None
+        if y2 <= y1:
+            self.fail(file, f"{item} has y2<=y1 ({_num(y2)} <= {_num(y1)})")
+            return None
+        tol = BOX_TOLERANCE_PX
+        if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+            self.fail(
+                file,
+                f"{item} box [{_num(x1)}, {_num(y1)}, {_num(x2)}, {_num(y2)}] is outside the "
+                f"{width}x{height} image by more than {tol:g} px",
+            )
+            return None
+        cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
+        cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
+        if cx2 <= cx1 or cy2 <= cy1:
+            self.fail(
+                file,
+                f"{item} box [{_num(x1)}, {_num(y1)}, {_num(x2)}, {_num(y2)}] has no area inside "
+                f"the {width}x{height} image",
+            )
+            return None
+        return cx1, cy1, cx2, cy2
+
+    def check_class_name(
+        self, file: str | Path, item: str, name: str, index: Mapping[str, int]
+    ) -> int | None:
+        """The label index of a class name, or None (recorded) when the name is unknown."""
+        if name in index:
+            return index[name]
+        self.fail(
+            file, f"{item} has unknown class {name!r}; known classes: {format_classes(list(index))}"
+        )
+        return None
+
+    def check_class_id(
+        self, file: str | Path, item: str, class_id: int, classes: Sequence[str]
+    ) -> int | None:
+        """The class id itself when it indexes ``classes``, or None (recorded) otherwise."""
+        if 0 <= class_id < len(classes):
+            return class_id
+        self.fail(
+            file,
+            f"{item} has unknown class id {class_id}; known classes (ids 0..{len(classes) - 1}): "
+            f"{format_classes(classes)}",
+        )
+        return None
+
+    def check_image_file(self, file: Path, annotation: str | Path | None = None) -> bool:
+        """Whether the image file exists; a missing one drops the image (recorded) or raises."""
+        if file.is_file():
+            return True
+        where = annotation if annotation is not None else file
+        self.fail(where, f"image file {file} does not exist")
+        return False
+
+    def image_size(
+        self,
+        file: Path,
+        width: object = None,
+        height: object = None,
+        annotation: str | Path | None = None,
+    ) -> tuple[int, int] | None:
+        """The size from the annotation when it has a usable one, else from the image header."""
+        try:
+            w, h = int(float(width)), int(float(height))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            w = h = 0
+        if w > 0 and h > 0:
+            return w, h
+        try:
+            return read_image_size(file)
+        except (OSError, UnidentifiedImageError) as err:
+            where = annotation if annotation is not None else file
+            self.fail(where, f"cannot read image size of {file}: {err}")
+            return None
+
+    def check_unique(self, file: str | Path, image_id: str, seen: set[str]) -> bool:
+        """Whether ``image_id`` is new (then it is added to ``seen``); a repeat drops the image."""
+        if image_id in seen:
+            self.fail(file, f"duplicate image id {image_id!r}")
+            return False
+        seen.add(image_id)
+        return True
+
+
+def with_skipped(dataset: DetectionDataset, skipped: Sequence[str]) -> DetectionDataset:
+    """The same dataset carrying ``skipped`` (``subset`` and ``seeded_split`` drop the record)."""
+    return DetectionDataset(dataset.name, dataset.classes, dataset.images, tuple(skipped))
+
+
+def split_keeping_skips(
+    dataset: DetectionDataset, test_fraction: float, seed: int
+) -> DatasetSplits:
+    """``seeded_split`` keeping the reader's skip record on the pool, for the run to report."""
+    splits = seeded_split(dataset, test_fraction, seed)
+    return DatasetSplits(pool=with_skipped(splits.pool, dataset.skipped), test=splits.test)

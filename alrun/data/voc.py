@@ -1,0 +1,234 @@
+"""Pascal VOC XML: one XML per image, either listed by ImageSets/Main/<split>.txt or a whole folder.
+
+``image_id`` is the XML stem. Coordinates are kept as written (VOC's 1-based pixel corners are not
+shifted). ``difficult`` objects are kept as ordinary boxes.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from alrun.data.dataset import DatasetSplits, DetectionDataset, ImageRecord
+from alrun.data.validate import Box, Validator, resolve_root, split_keeping_skips, to_arrays
+from alrun.errors import DatasetError
+
+#: Tried, in this order, after the XML's <filename>, when looking for an image by its XML stem.
+IMAGE_SUFFIXES = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG")
+
+
+@dataclass
+class _Parsed:
+    """One image as read from its XML, before class names become label indices."""
+
+    image_id: str
+    xml: Path
+    file: Path
+    width: int
+    height: int
+    objects: list[tuple[str, str, Box]]  # (item description, class name, clipped box)
+
+
+def _split_ids(root: Path, split: str, val: Validator) -> list[str]:
+    """Ids listed in ImageSets/Main/<split>.txt (first token per line: VOC class lists have two)."""
+    split_dir = root / "ImageSets" / "Main"
+    split_file = split_dir / f"{split}.txt"
+    if not split_file.is_file():
+        known = sorted(p.stem for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
+        raise DatasetError(f"{split_file}: split file does not exist; available splits: {known}")
+    ids: list[str] = []
+    seen: set[str] = set()
+    for line in split_file.read_text(encoding="utf-8").splitlines():
+        tokens = line.split()
+        if tokens and val.check_unique(split_file, tokens[0], seen):
+            ids.append(tokens[0])
+    return ids
+
+
+def _find_image(images_dir: Path, filename: str | None, stem: str) -> tuple[Path | None, list[str]]:
+    """The image path and the names tried (for the error message when none exists)."""
+    tried: list[str] = []
+    if filename and filename.strip():
+        tried.append(filename.strip())
+    tried += [stem + suffix for suffix in IMAGE_SUFFIXES if stem + suffix not in tried]
+    for name in tried:
+        candidate = images_dir / name
+        if candidate.is_file():
+            return candidate, tried
+    return None, tried
+
+
+def _parse_xml(xml: Path, image_id: str, images_dir: Path, val: Validator) -> _Parsed | None:
+    """One annotation file; None (recorded) when the image has to be dropped."""
+    if not xml.is_file():
+        val.fail(xml, "annotation file does not exist")
+        return None
+    if xml.stat().st_size == 0:
+        val.fail(xml, "empty annotation file")
+        return None
+    try:
+        node = ET.parse(xml).getroot()
+    except ET.ParseError as err:
+        val.fail(xml, f"invalid XML ({err})")
+        return None
+    if node.tag != "annotation":
+        val.fail(xml, f"root element is <{node.tag}>, expected <annotation>")
+        return None
+    image, tried = _find_image(images_dir, node.findtext("filename"), image_id)
+    if image is None:
+        val.fail(xml, f"image file not found in {images_dir} (tried {', '.join(tried)})")
+        return None
+    size = val.image_size(
+        image, node.findtext("size/width"), node.findtext("size/height"), annotation=xml
+    )
+    if size is None:
+        return None
+    width, height = size
+    objects: list[tuple[str, str, Box]] = []
+    for i, obj in enumerate(node.findall("object")):
+        name = (obj.findtext("name") or "").strip()
+        item = f"object {i} ({name})"
+        if not name:
+            val.fail(xml, f"object {i} has no <name>")
+            continue
+        coords = [obj.findtext(f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
+        if any(c is None for c in coords):
+            val.fail(xml, f"{item} has no complete <bndbox> (xmin, ymin, xmax, ymax)")
+            continue
+        box = val.check_box(xml, item, coords, width, height)  # type: ignore[arg-type]
+        if box is not None:
+            objects.append((item, name, box))
+    return _Parsed(image_id, xml, image, width, height, objects)
+
+
+def _parse(
+    root: Path,
+    split: str | None,
+    annotations_dir: str,
+    images_dir: str,
+    val: Validator,
+) -> list[_Parsed]:
+    """Every image of one split (or folder), sorted by image id."""
+    ann_dir = root / annotations_dir
+    img_dir = root / images_dir
+    for what, path in (("annotations_dir", ann_dir), ("images_dir", img_dir)):
+        if not path.is_dir():
+            raise DatasetError(f"dataset.{what}: {path} does not exist")
+    if split is not None:
+        xmls = [(i, ann_dir / f"{i}.xml") for i in _split_ids(root, split, val)]
+    else:
+        xmls = [
+            (p.stem, p) for p in ann_dir.iterdir() if p.suffix.lower() == ".xml" and p.is_file()
+        ]
+    parsed = []
+    seen: set[str] = set()
+    for image_id, xml in sorted(xmls):
+        if not val.check_unique(xml, image_id, seen):
+            continue
+        record = _parse_xml(xml, image_id, img_dir, val)
+        if record is not None:
+            parsed.append(record)
+    return parsed
+
+
+def _classes_of(parsed: Sequence[_Parsed]) -> tuple[str, ...]:
+    return tuple(sorted({name for p in parsed for _, name, _ in p.objects}))
+
+
+def _assemble(
+    parsed: Sequence[_Parsed], classes: Sequence[str], val: Validator, name: str
+) -> DetectionDataset:
+    """Map class names to label indices (unknown names fail or are skipped); build the dataset."""
+    index = {c: i for i, c in enumerate(classes)}
+    records = []
+    for p in parsed:
+        boxes: list[Box] = []
+        labels: list[int] = []
+        for item, cls, box in p.objects:
+            label = val.check_class_name(p.xml, item, cls, index)
+            if label is not None:
+                boxes.append(box)
+                labels.append(label)
+        box_arr, label_arr = to_arrays(boxes, labels)
+        records.append(ImageRecord(p.image_id, p.file, p.width, p.height, box_arr, label_arr))
+    return DetectionDataset(name, tuple(classes), tuple(records), tuple(val.skipped))
+
+
+def _check_classes(classes: Sequence[str] | None) -> tuple[str, ...] | None:
+    if classes is None:
+        return None
+    out = tuple(str(c) for c in classes)
+    if len(set(out)) != len(out):
+        raise DatasetError(f"dataset.classes: duplicate names in {list(out)}")
+    return out
+
+
+def read_voc(
+    root: str | Path,
+    split: str | None = None,
+    annotations_dir: str = "Annotations",
+    images_dir: str = "JPEGImages",
+    classes: Sequence[str] | None = None,
+    skip_invalid: bool = False,
+    name: str | None = None,
+) -> DetectionDataset:
+    """Read a VOC split (ImageSets/Main/<split>.txt) or, with ``split=None``, every XML in a folder.
+
+    ``classes=None`` uses the sorted set of names found; a given list makes other names errors.
+    """
+    path = resolve_root(root)
+    checked = _check_classes(classes)
+    val = Validator(name or path.name, skip_invalid)
+    parsed = _parse(path, split, annotations_dir, images_dir, val)
+    label = name or f"{path.name}:{split if split is not None else annotations_dir}"
+    return _assemble(parsed, checked if checked is not None else _classes_of(parsed), val, label)
+
+
+def voc_splits(
+    root: str | Path,
+    pool_split: str | None = "trainval",
+    test_split: str | None = "test",
+    annotations_dir: str = "Annotations",
+    images_dir: str = "JPEGImages",
+    test_annotations_dir: str | None = None,
+    test_images_dir: str | None = None,
+    classes: Sequence[str] | None = None,
+    skip_invalid: bool = False,
+    test_fraction: float | None = None,
+    seed: int = 0,
+) -> DatasetSplits:
+    """Pool and test splits sharing one class list (the union of both when ``classes`` is None).
+
+    Where the test set comes from, first match wins: ``test_fraction`` (a seeded split of the
+    pool); ``test_annotations_dir`` (every XML in it, images in ``test_images_dir``, default
+    ``images_dir``); else ``ImageSets/Main/<test_split>.txt`` with the pool's folders.
+    """
+    path = resolve_root(root)
+    checked = _check_classes(classes)
+    pool_val = Validator(path.name, skip_invalid)
+    pool_name = f"{path.name}:{pool_split if pool_split is not None else annotations_dir}"
+    pool = _parse(path, pool_split, annotations_dir, images_dir, pool_val)
+    if test_fraction is not None:
+        names = checked if checked is not None else _classes_of(pool)
+        return split_keeping_skips(_assemble(pool, names, pool_val, path.name), test_fraction, seed)
+
+    test_val = Validator(path.name, skip_invalid)
+    if test_annotations_dir is not None:
+        test_images = test_images_dir if test_images_dir is not None else images_dir
+        test = _parse(path, None, test_annotations_dir, test_images, test_val)
+        test_name = f"{path.name}:{test_annotations_dir}"
+    elif test_split is not None:
+        test_images = test_images_dir if test_images_dir is not None else images_dir
+        test = _parse(path, test_split, annotations_dir, test_images, test_val)
+        test_name = f"{path.name}:{test_split}"
+    else:
+        raise DatasetError(
+            "dataset: no test set; set test_split, test_annotations_dir or test_fraction"
+        )
+    names = checked if checked is not None else _classes_of([*pool, *test])
+    return DatasetSplits(
+        pool=_assemble(pool, names, pool_val, pool_name),
+        test=_assemble(test, names, test_val, test_name),
+    )

@@ -1,0 +1,83 @@
+"""The detector protocol every backend implements (torchvision here, mmdet as an optional adapter)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from alrun.data.dataset import DetectionDataset, ImageRecord
+from alrun.errors import AlrunError
+from alrun.types import Detections, Needs
+
+#: ``progress(done, total)`` callback used by fit/predict to report progress.
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TrainSchedule:
+    """How long and how hard one round trains. ``iterations`` wins over ``epochs`` when > 0.
+
+    ``first_iterations`` lets training from random init (round 0, or every round with
+    ``init: scratch``) run longer than rounds that continue from the last weights.
+    """
+
+    epochs: int = 0
+    iterations: int = 300
+    first_iterations: int | None = None
+    batch_size: int = 8
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    grad_clip: float = 10.0
+    warmup_iters: int = 50
+    min_lr_ratio: float = 0.05
+    hflip: bool = True
+    init: str = "continue"  # scratch | continue
+
+    def __post_init__(self) -> None:
+        if self.init not in ("scratch", "continue"):
+            raise AlrunError(f"trainer.init: expected 'scratch' or 'continue', got '{self.init}'")
+        if self.iterations <= 0 and self.epochs <= 0:
+            raise AlrunError("trainer: set trainer.iterations or trainer.epochs to a value > 0")
+        if self.batch_size <= 0:
+            raise AlrunError(f"trainer.batch_size: expected > 0, got {self.batch_size}")
+
+    def num_iterations(self, num_images: int, from_scratch: bool) -> int:
+        if self.iterations > 0:
+            if from_scratch and self.first_iterations:
+                return self.first_iterations
+            return self.iterations
+        return self.epochs * max(1, -(-num_images // self.batch_size))
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What the loop needs from a detector. Classes are indices 0..C-1 of the dataset classes."""
+
+    num_classes: int
+
+    def reset(self, seed: int) -> None:
+        """Re-initialise weights (``trainer.init: scratch``) deterministically from ``seed``."""
+
+    def fit(
+        self,
+        dataset: DetectionDataset,
+        schedule: TrainSchedule,
+        seed: int,
+        from_scratch: bool = False,
+        progress: Progress | None = None,
+    ) -> dict[str, float]:
+        """Train on every image of ``dataset``; returns summary stats (e.g. final loss)."""
+
+    def predict(
+        self,
+        images: Sequence[ImageRecord],
+        needs: Needs,
+        progress: Progress | None = None,
+    ) -> list[Detections]:
+        """Detections per image in input order; fills only the optional fields ``needs`` asks for."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

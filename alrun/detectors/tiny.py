@@ -1,0 +1,78 @@
+"""A tiny FCOS that trains from scratch on 2 CPU cores in minutes (the default detector).
+
+A 5-block stride-2 conv backbone with BatchNorm and a 3-level FPN, wrapped in torchvision's
+``FCOS`` so its loss, target assignment and box coder are the reference ones.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import FeaturePyramidNetwork
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class TinyBackbone(nn.Module):
+    """Strides 2..32; the FPN reads strides 8, 16, 32 and outputs ``fpn_channels`` each."""
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 96, 128), fpn_channels: int = 64):
+        super().__init__()
+        chans = [3, *widths]
+        self.blocks = nn.ModuleList(_block(a, b) for a, b in zip(chans[:-1], chans[1:]))
+        self.fpn = FeaturePyramidNetwork(list(widths[2:]), fpn_channels)
+        self.out_channels = fpn_channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        levels = OrderedDict()
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= 2:
+                levels[f"p{i + 1}"] = x
+        return self.fpn(levels)
+
+
+def tiny_fcos(
+    num_classes: int,
+    image_size: int = 128,
+    widths: Sequence[int] = (16, 32, 64, 96, 128),
+    fpn_channels: int = 64,
+    anchor_sizes: Sequence[int] = (16, 32, 64),
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    weights: None = None,
+    weights_backbone: None = None,
+) -> FCOS:
+    """Build the tiny FCOS. ``weights``/``weights_backbone`` exist for signature parity with
+    torchvision builders; there are no published weights for this model."""
+    if weights is not None or weights_backbone is not None:
+        raise ValueError("tiny_fcos has no pretrained weights; use detector.pretrained=<checkpoint>")
+    backbone = TinyBackbone(widths, fpn_channels)
+    anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((1.0,),) * len(anchor_sizes))
+    return FCOS(
+        backbone,
+        num_classes=num_classes,
+        min_size=image_size,
+        max_size=image_size,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.25, 0.25, 0.25],
+        anchor_generator=anchors,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        topk_candidates=1000,
+    )

@@ -1,0 +1,332 @@
+"""torchvision detection backend.
+
+Owns post-processing so that every kept box carries its full class-probability vector and its
+feature vector (torchvision's stock ``postprocess_detections`` drops both), and every image an
+embedding. Two families are handled:
+
+* dense heads (FCOS, RetinaNet): per-anchor class logits are sigmoid scores; the distribution
+  stored in ``probs`` is ``softmax([logits, 0])`` - background is the last column with logit 0,
+  which for one class is exactly the sigmoid. Box features are the FPN feature at the anchor's
+  location.
+* two-stage heads (Faster R-CNN): ``softmax`` over C+1 classes, background moved to the last
+  column; box features are the box head's output; ``proposals`` are the RPN boxes.
+
+SSD heads are not supported by this backend's post-processing yet (clear error at build time).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import boxes as box_ops
+
+from alrun.data.dataset import DetectionDataset, ImageRecord
+from alrun.data.images import TrainingImages, load_image
+from alrun.detectors.base import Progress, TrainSchedule
+from alrun.errors import AlrunError
+from alrun.types import Detections, Needs
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AlrunError(f"detector.device: '{device}' requested but CUDA is not available")
+    return torch.device(device)
+
+
+def _collate(batch):
+    return tuple(zip(*batch))
+
+
+class TorchvisionDetector:
+    """A torchvision detection model behind the :class:`~alrun.detectors.base.Detector` protocol.
+
+    ``builder(num_classes=..., **weights)`` builds the model (a ``functools.partial`` from Hydra's
+    ``_partial_: true``). ``pretrained``: ``false`` (random init), ``true`` (ImageNet backbone via
+    ``weights_backbone="DEFAULT"``, needs the network once) or a path to a local checkpoint
+    (a ``state_dict`` or a dict with a ``model`` key).
+    """
+
+    def __init__(
+        self,
+        builder: Callable[..., nn.Module],
+        num_classes: int,
+        pretrained: bool | str = False,
+        device: str = "auto",
+        label_offset: int = 0,
+        predict_batch_size: int = 16,
+    ):
+        self.builder = builder
+        self.num_classes = int(num_classes)
+        self.pretrained = pretrained
+        self.device = resolve_device(device)
+        self.label_offset = int(label_offset)
+        self.predict_batch_size = int(predict_batch_size)
+        if isinstance(pretrained, str) and not Path(pretrained).is_file():
+            raise AlrunError(f"detector.pretrained: checkpoint '{pretrained}' does not exist")
+        self.model = self._build(seed=0)
+
+    # --- construction ---------------------------------------------------------------------
+    def _build(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        kwargs: dict[str, Any] = {"num_classes": self.num_classes + self.label_offset}
+        if self.pretrained is True:
+            kwargs["weights_backbone"] = "DEFAULT"
+        model = self.builder(**kwargs)
+        if not isinstance(model, (FCOS, RetinaNet, FasterRCNN)):
+            raise AlrunError(
+                f"detector: {type(model).__name__} is not supported by the torchvision backend "
+                "(supported: FCOS, RetinaNet, FasterRCNN families)"
+            )
+        if isinstance(self.pretrained, str):
+            state = torch.load(self.pretrained, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) else state
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as err:
+                first = str(err).splitlines()[0]
+                raise AlrunError(
+                    f"detector.pretrained: {self.pretrained} does not fit this model ({first})"
+                ) from None
+        return model.to(self.device)
+
+    def reset(self, seed: int) -> None:
+        self.model = self._build(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+    # --- training ---------------------------------------------------------------------------
+    def fit(
+        self,
+        dataset: DetectionDataset,
+        schedule: TrainSchedule,
+        seed: int,
+        from_scratch: bool = False,
+        progress: Progress | None = None,
+    ) -> dict[str, float]:
+        if len(dataset) == 0:
+            raise AlrunError("trainer: no labelled images to train on")
+        total = schedule.num_iterations(len(dataset), from_scratch)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        data = TrainingImages(dataset.images, self.label_offset, schedule.hflip)
+        model = self.model
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(
+            params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
+        )
+        lr_at = _warmup_cosine(schedule, total)
+        losses: list[float] = []
+        step = 0
+        while step < total:
+            order = torch.randperm(len(data), generator=generator).tolist()
+            flips = torch.rand(len(data), generator=generator).lt(0.5).tolist()
+            for start in range(0, len(order), schedule.batch_size):
+                if step >= total:
+                    break
+                batch = [data[(i, flips[i])] for i in order[start : start + schedule.batch_size]]
+                images, targets = _collate(batch)
+                images = [im.to(self.device) for im in images]
+                targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+                loss_dict = model(images, targets)
+                loss = sum(loss_dict.values())
+                if not torch.isfinite(loss):
+                    raise AlrunError(
+                        f"trainer: loss became {loss.item()} at iteration {step}; "
+                        f"lower trainer.lr (now {schedule.lr})"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if schedule.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                step += 1
+                if progress:
+                    progress(step, total)
+        tail = losses[-max(1, len(losses) // 10) :]
+        return {"iterations": float(total), "final_loss": sum(tail) / len(tail)}
+
+    # --- prediction -------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Sequence[ImageRecord],
+        needs: Needs = Needs(),
+        progress: Progress | None = None,
+    ) -> list[Detections]:
+        if needs.passes > 1 or needs.augment or needs.grads:
+            raise AlrunError(
+                "detector: multi-pass, test-time augmentation and gradient outputs are not "
+                "implemented by the torchvision backend yet"
+            )
+        self.model.eval()
+        out: list[Detections] = []
+        records = list(images)
+        for start in range(0, len(records), self.predict_batch_size):
+            chunk = records[start : start + self.predict_batch_size]
+            tensors = [load_image(r).to(self.device) for r in chunk]
+            out.extend(self._forward(chunk, tensors, needs))
+            if progress:
+                progress(len(out), len(records))
+        return out
+
+    def _forward(
+        self, records: Sequence[ImageRecord], tensors: list[Tensor], needs: Needs
+    ) -> list[Detections]:
+        model = self.model
+        original_sizes = [tuple(t.shape[-2:]) for t in tensors]
+        batch, _ = model.transform(tensors)
+        features = model.backbone(batch.tensors)
+        if isinstance(features, Tensor):
+            features = {"0": features}
+        levels = list(features.values())
+        embeddings = torch.stack([f.mean(dim=(2, 3)) for f in levels]).mean(0)  # (B, D)
+        if isinstance(model, FasterRCNN):
+            per_image = _two_stage(model, batch, features)
+        else:
+            per_image = _dense(model, batch, levels)
+        results = []
+        for i, (record, found) in enumerate(zip(records, per_image)):
+            boxes = resize_boxes(found["boxes"], batch.image_sizes[i], original_sizes[i])
+            probs = found["probs"]
+            results.append(
+                Detections(
+                    image_id=record.image_id,
+                    boxes=boxes.cpu(),
+                    scores=found["scores"].cpu(),
+                    labels=(found["labels"] - self.label_offset).cpu(),
+                    probs=probs.cpu() if needs.probs else None,
+                    feats=found["feats"].cpu() if needs.feats else None,
+                    embedding=embeddings[i].cpu() if needs.embedding else None,
+                    proposals=(
+                        resize_boxes(found["proposals"], batch.image_sizes[i], original_sizes[i])
+                        .cpu()
+                        if found.get("proposals") is not None
+                        else None
+                    ),
+                )
+            )
+        return results
+
+
+def _warmup_cosine(schedule: TrainSchedule, total: int) -> Callable[[int], float]:
+    warmup = min(schedule.warmup_iters, max(total - 1, 0))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return schedule.lr * (0.1 + 0.9 * step / warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        low = schedule.min_lr_ratio
+        return schedule.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return lr_at
+
+
+def _with_background_last(logits: Tensor) -> Tensor:
+    """Sigmoid-head logits (N, C) -> distribution over C classes + background (N, C+1)."""
+    zeros = torch.zeros_like(logits[:, :1])
+    return torch.softmax(torch.cat([logits, zeros], dim=1), dim=1)
+
+
+def _dense(model: FCOS | RetinaNet, batch, levels: list[Tensor]) -> list[dict[str, Tensor]]:
+    """FCOS / RetinaNet post-processing that keeps each box's logits row and feature row."""
+    head_outputs = model.head(levels)
+    anchors = model.anchor_generator(batch, levels)
+    num_per_level = [f.shape[2] * f.shape[3] for f in levels]
+    num_anchors_per_loc = head_outputs["cls_logits"].shape[1] // sum(num_per_level)
+    num_per_level = [n * num_anchors_per_loc for n in num_per_level]
+    is_fcos = isinstance(model, FCOS)
+    # (B, HW, D) per level, so anchor index // A gives the location's feature
+    flat_feats = [f.flatten(2).transpose(1, 2) for f in levels]
+    results = []
+    for b in range(len(batch.image_sizes)):
+        logits = head_outputs["cls_logits"][b].split(num_per_level)
+        regress = head_outputs["bbox_regression"][b].split(num_per_level)
+        ctr = head_outputs["bbox_ctrness"][b].split(num_per_level) if is_fcos else None
+        anchors_b = anchors[b].split(num_per_level)
+        kept = {"boxes": [], "scores": [], "labels": [], "probs": [], "feats": []}
+        for lvl in range(len(levels)):
+            num_classes = logits[lvl].shape[-1]
+            if is_fcos:
+                scores = torch.sqrt(torch.sigmoid(logits[lvl]) * torch.sigmoid(ctr[lvl])).flatten()
+            else:
+                scores = torch.sigmoid(logits[lvl]).flatten()
+            candidates = torch.where(scores > model.score_thresh)[0]
+            scores = scores[candidates]
+            k = min(int(candidates.numel()), model.topk_candidates)
+            scores, order = scores.topk(k)
+            candidates = candidates[order]
+            anchor_idx = torch.div(candidates, num_classes, rounding_mode="floor")
+            if is_fcos:
+                boxes = model.box_coder.decode(regress[lvl][anchor_idx], anchors_b[lvl][anchor_idx])
+            else:
+                boxes = model.box_coder.decode_single(
+                    regress[lvl][anchor_idx], anchors_b[lvl][anchor_idx]
+                )
+            kept["boxes"].append(box_ops.clip_boxes_to_image(boxes, batch.image_sizes[b]))
+            kept["scores"].append(scores)
+            kept["labels"].append(candidates % num_classes)
+            kept["probs"].append(_with_background_last(logits[lvl][anchor_idx]))
+            kept["feats"].append(flat_feats[lvl][b][anchor_idx // num_anchors_per_loc])
+        merged = {k: torch.cat(v) for k, v in kept.items()}
+        keep = box_ops.batched_nms(
+            merged["boxes"], merged["scores"], merged["labels"], model.nms_thresh
+        )[: model.detections_per_img]
+        results.append({k: v[keep] for k, v in merged.items()})
+    return results
+
+
+def _two_stage(model: FasterRCNN, batch, features: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """Faster R-CNN post-processing that keeps probs (background last), box features, proposals."""
+    proposals, _ = model.rpn(batch, features)
+    heads = model.roi_heads
+    box_feats = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+    class_logits, box_regression = heads.box_predictor(box_feats)
+    decoded = heads.box_coder.decode(box_regression, proposals)  # (sum N, C+1, 4)
+    probs_all = torch.softmax(class_logits, -1)
+    counts = [len(p) for p in proposals]
+    results = []
+    for b, (boxes, probs, feats, props) in enumerate(
+        zip(decoded.split(counts), probs_all.split(counts), box_feats.split(counts), proposals)
+    ):
+        boxes = box_ops.clip_boxes_to_image(boxes, batch.image_sizes[b])
+        num_cls = probs.shape[1]
+        # every (proposal, foreground class) pair is a candidate, as in torchvision
+        row = torch.arange(len(probs), device=probs.device)[:, None].expand(-1, num_cls - 1)
+        labels = torch.arange(1, num_cls, device=probs.device)[None].expand(len(probs), -1)
+        cand_boxes = boxes[:, 1:].reshape(-1, 4)
+        cand_scores = probs[:, 1:].reshape(-1)
+        row, labels = row.reshape(-1), labels.reshape(-1)
+        keep = torch.where(cand_scores > heads.score_thresh)[0]
+        keep = keep[box_ops.remove_small_boxes(cand_boxes[keep], 1e-2)]
+        keep = keep[
+            box_ops.batched_nms(cand_boxes[keep], cand_scores[keep], labels[keep], heads.nms_thresh)
+        ][: heads.detections_per_img]
+        dist = torch.cat([probs[:, 1:], probs[:, :1]], dim=1)  # background last
+        results.append(
+            {
+                "boxes": cand_boxes[keep],
+                "scores": cand_scores[keep],
+                "labels": labels[keep],
+                "probs": dist[row[keep]],
+                "feats": feats[row[keep]],
+                "proposals": props[row[keep]],
+            }
+        )
+    return results

@@ -1,0 +1,364 @@
+"""The active-learning round loop: train, evaluate, score the pool, select, label, save.
+
+Every round is written to ``.round_XX.tmp/`` and renamed to ``round_XX/`` when complete; only
+then is ``state.json`` rewritten (atomically). A killed run therefore resumes from the last
+round named in ``state.json``; a half-written round directory is discarded and redone. All
+randomness is derived from ``(seed, round)`` so a resumed run makes the same choices.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from alrun.acquisition.strategies import RandomScore, ScoringContext, Strategy
+from alrun.budget import Budget
+from alrun.data.coco import write_coco
+from alrun.data.dataset import DatasetSplits
+from alrun.detectors.base import Detector, TrainSchedule
+from alrun.errors import AlrunError, BudgetError
+from alrun.io import read_json, save_torch, write_csv, write_json
+from alrun.metrics import evaluate, failure_modes
+from alrun.oracle import ImageLabels, SimulatedOracle
+from alrun.pool import LabelPool
+from alrun.progress import Reporter
+from alrun.types import Needs, RoundResult, Selection
+
+log = logging.getLogger("alrun")
+
+STATE_FILE = "state.json"
+#: config keys that may change between a run and its resumption
+_RESUME_FREE_KEYS = ("resume", "quiet", "keep_checkpoints")
+
+
+@dataclass
+class Experiment:
+    """Everything a run is made of, built from the composed config."""
+
+    splits: DatasetSplits
+    detector: Detector
+    regime: Any
+    strategy: Strategy
+    budget: Budget
+    oracle: SimulatedOracle
+    schedule: TrainSchedule
+    seed: int
+
+
+def build_experiment(cfg: DictConfig) -> Experiment:
+    """Instantiate every config group (``_target_`` + ``hydra.utils.instantiate``)."""
+    if not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise AlrunError(f"seed: expected a non-negative integer, got {cfg.seed!r}")
+    splits = instantiate(cfg.dataset)
+    if not isinstance(splits, DatasetSplits):
+        raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
+    return Experiment(
+        splits=splits,
+        detector=instantiate(cfg.detector, num_classes=len(splits.classes)),
+        regime=instantiate(cfg.supervision),
+        strategy=instantiate(cfg.strategy),
+        budget=instantiate(cfg.budget),
+        oracle=instantiate(cfg.oracle),
+        schedule=instantiate(cfg.trainer),
+        seed=int(cfg.seed),
+    )
+
+
+def derive_seed(seed: int, round_index: int, purpose: int) -> int:
+    """An independent 31-bit seed per (run seed, round, purpose)."""
+    return int(np.random.SeedSequence([seed, round_index + 1, purpose]).generate_state(1)[0] >> 1)
+
+
+def _config_fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in _RESUME_FREE_KEYS:
+        data.pop(key, None)
+    return data
+
+
+def initial_selection(exp: Experiment, pool: LabelPool) -> list[str]:
+    """Seeded random initial set filled greedily up to ``budget.initial`` (in the budget unit)."""
+    cost_of = unit_cost(exp.budget.unit, exp.oracle, pool)
+    total = sum(cost_of(i) for i in pool.unlabelled_ids)
+    if exp.budget.initial > total:
+        raise BudgetError(
+            f"budget.initial: {exp.budget.initial:g} {exp.budget.unit} requested but the pool "
+            f"'{pool.dataset.name}' only holds {total:g} {exp.budget.unit} ({len(pool)} images)"
+        )
+    scores = RandomScore()(None, ScoringContext(tuple(pool.unlabelled_ids), exp.seed, -1))
+    picked = Strategy("random", RandomScore()).select(scores, exp.budget.initial, cost_of)
+    if not picked:
+        raise BudgetError(f"budget.initial: {exp.budget.initial:g} {exp.budget.unit} buys no image")
+    return picked
+
+
+def unit_cost(unit: str, oracle: SimulatedOracle, pool: LabelPool):
+    if unit == "images":
+        return lambda image_id: 1.0
+    if unit == "boxes":
+        return lambda image_id: float(pool.record(image_id).num_boxes)
+    return lambda image_id: oracle.cost(pool.record(image_id))
+
+
+class RunDir:
+    """Paths and persistence of one run directory."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def round_dir(self, r: int) -> Path:
+        return self.root / f"round_{r:02d}"
+
+    def tmp_round_dir(self, r: int) -> Path:
+        return self.root / f".round_{r:02d}.tmp"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / STATE_FILE
+
+    def discard_incomplete(self, last_completed: int) -> None:
+        for path in self.root.glob(".round_*.tmp"):
+            shutil.rmtree(path)
+        for path in self.root.glob("round_*"):
+            if path.is_dir() and int(path.name.split("_")[1]) > last_completed:
+                shutil.rmtree(path)
+
+
+def _load_state(run_dir: RunDir, cfg: DictConfig) -> dict[str, Any] | None:
+    mode = cfg.get("resume", "auto")
+    exists = run_dir.state_path.exists()
+    if mode is True and not exists:
+        raise AlrunError(f"resume=true: no {STATE_FILE} in {run_dir.root}")
+    if not exists:
+        return None
+    if mode is False:
+        raise AlrunError(
+            f"{run_dir.root} already holds a run ({STATE_FILE}); resume it (resume=auto) "
+            "or choose another hydra.run.dir"
+        )
+    state = read_json(run_dir.state_path)
+    if state["config"] != _config_fingerprint(cfg):
+        raise AlrunError(
+            f"{run_dir.root} holds a run with a different config; choose another hydra.run.dir "
+            "(compare with its .hydra/config.yaml)"
+        )
+    return state
+
+
+def _restore_pool(pool: LabelPool, state: dict[str, Any]) -> None:
+    for item in state["labels"]:
+        label = ImageLabels(
+            item["image_id"],
+            item["kind"],
+            np.asarray(item["boxes"], dtype=np.float32).reshape(-1, 4),
+            np.asarray(item["labels"], dtype=np.int64),
+            float(item["cost_s"]),
+        )
+        pool.add([label], int(item["round"]))
+
+
+def _state(cfg, pool: LabelPool, last_completed: int, stopped: str | None, rows) -> dict:
+    labels = []
+    for image_id in pool.labelled_ids:
+        lab = pool.labels[image_id]
+        labels.append(
+            {
+                "image_id": image_id,
+                "round": int(pool.labelled_round[pool.index[image_id]]),
+                "kind": lab.kind,
+                "boxes": lab.boxes.tolist(),
+                "labels": lab.labels.tolist(),
+                "cost_s": lab.cost_s,
+            }
+        )
+    return {
+        "last_completed_round": last_completed,
+        "stopped": stopped,
+        "rng": "all randomness is derived from (seed, round); nothing else to restore",
+        "config": _config_fingerprint(cfg),
+        "results": rows,
+        "labels": labels,
+    }
+
+
+def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None) -> list[dict]:
+    """Run (or resume) one experiment into ``root``; returns the results rows."""
+    reporter = reporter or Reporter(quiet=True)
+    root.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir(root)
+    state = _load_state(run_dir, cfg)
+    exp = build_experiment(cfg)
+    pool = LabelPool(exp.splits.pool)
+    rounds = exp.budget.rounds
+    if state is None:
+        start, rows, stopped = 0, [], None
+        picked = initial_selection(exp, pool)
+        pool.add(exp.oracle.annotate(pool.records(picked)), 0)
+    else:
+        start = state["last_completed_round"] + 1
+        rows, stopped = state["results"], state["stopped"]
+        _restore_pool(pool, state)
+        run_dir.discard_incomplete(state["last_completed_round"])
+        if start <= rounds and stopped is None and exp.schedule.init == "continue":
+            checkpoint = run_dir.round_dir(start - 1) / "checkpoint.pt"
+            exp.detector.load_state_dict(torch.load(checkpoint, weights_only=True))
+        reporter.info(f"resuming {root} after round {start - 1}")
+    if stopped is not None or start > rounds:
+        reporter.info(f"run already complete ({stopped or 'all rounds done'})")
+        return rows
+
+    for r in range(start, rounds + 1):
+        row, stopped = run_round(cfg, exp, pool, run_dir, r, reporter)
+        rows.append(row)
+        write_json(run_dir.state_path, _state(cfg, pool, r, stopped, rows))
+        write_csv(root / "results.csv", rows)
+        if cfg.get("keep_checkpoints", "last") == "last" and r > 0:
+            (run_dir.round_dir(r - 1) / "checkpoint.pt").unlink(missing_ok=True)
+        reporter.info(
+            f"round {r}/{rounds}: {row['images']} images, {row['cost_s']:.0f} s labelled, "
+            f"mAP {row['mAP']:.3f}, mAP50 {row['mAP50']:.3f}, train {row['train_s']:.0f} s"
+        )
+        if stopped:
+            reporter.info(f"stopping after round {r}: {stopped}")
+            break
+    reporter.table(rows, title=f"{exp.strategy.name} seed {exp.seed}")
+    return rows
+
+
+def run_round(
+    cfg: DictConfig, exp: Experiment, pool: LabelPool, run_dir: RunDir, r: int, reporter: Reporter
+) -> tuple[dict, str | None]:
+    """Train, evaluate, select and label one round; writes ``round_XX/`` atomically."""
+    rounds = exp.budget.rounds
+    tmp = run_dir.tmp_round_dir(r)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        totals = pool.totals()
+        train_seed = derive_seed(exp.seed, r, 1)
+        t0 = time.perf_counter()
+        with reporter.task(f"round {r}/{rounds} train") as progress:
+            train_stats = exp.regime.train(exp.detector, pool, exp.schedule, train_seed, r, progress)
+        train_s = time.perf_counter() - t0
+        with reporter.task(f"round {r}/{rounds} test") as progress:
+            test_preds = exp.detector.predict(exp.splits.test.images, Needs(), progress)
+        metrics = evaluate(exp.splits.test, test_preds)
+        failures = failure_modes(exp.splits.test, test_preds)
+
+        selection, labels, stopped, timings = _select(exp, pool, r, reporter)
+        train_set = pool.training_set()
+        write_coco(
+            train_set,
+            tmp / "labelled.json",
+            extra_image_fields={
+                i: {
+                    "label_kind": pool.labels[i].kind,
+                    "round": int(pool.labelled_round[pool.index[i]]),
+                    "cost_s": pool.labels[i].cost_s,
+                }
+                for i in train_set.ids
+            },
+        )
+        write_json(tmp / "selection.json", _selection_json(selection, exp, r))
+        write_json(
+            tmp / "metrics.json",
+            {**metrics, **failures, "train": train_stats, "timings_s": {"train": train_s, **timings}},
+        )
+        save_torch(tmp / "checkpoint.pt", exp.detector.state_dict())
+        tmp.rename(run_dir.round_dir(r))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if labels:
+        pool.add(labels, r + 1)
+    row = asdict(
+        RoundResult(
+            round=r,
+            images=int(totals["images"]),
+            boxes=int(totals["boxes"]),
+            clicks=int(totals["clicks"]),
+            cost_s=totals["cost_s"],
+            mAP=metrics["mAP"],
+            mAP50=metrics["mAP50"],
+            mAR=metrics["mAR"],
+            fp=failures["fp"],
+            missed=failures["missed"],
+            wrong_class=failures["wrong_class"],
+            poor_loc=failures["poor_loc"],
+            train_s=train_s,
+            **timings,
+        )
+    )
+    return row, stopped
+
+
+def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter):
+    """Score the unlabelled pool and pick within this round's budget (not after the last round)."""
+    timings = {"predict_s": 0.0, "score_s": 0.0, "select_s": 0.0}
+    strategy = exp.strategy
+    empty = Selection((), (), (), strategy.name, strategy.aggregator, strategy.score_threshold)
+    if r >= exp.budget.rounds:
+        return empty, [], None, timings
+    unlabelled = pool.unlabelled_ids
+    if not unlabelled:
+        return empty, [], "pool exhausted: every image is labelled", timings
+    preds = None
+    if strategy.needs.detections:
+        t0 = time.perf_counter()
+        with reporter.task(f"round {r}/{exp.budget.rounds} score pool") as progress:
+            preds = exp.detector.predict(pool.records(unlabelled), strategy.needs, progress)
+        timings["predict_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = strategy.score(preds, ScoringContext(tuple(unlabelled), exp.seed, r))
+    timings["score_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    picked = strategy.select(scores, exp.budget.amount(r), unit_cost(exp.budget.unit, exp.oracle, pool))
+    timings["select_s"] = time.perf_counter() - t0
+    if not picked:
+        return empty, [], (
+            f"budget.per_round: {exp.budget.amount(r):g} {exp.budget.unit} buys no remaining image"
+        ), timings
+    labels = exp.oracle.annotate(pool.records(picked))
+    selection = Selection(
+        tuple(picked),
+        tuple(float(scores[i]) for i in picked),
+        tuple(lab.cost_s for lab in labels),
+        strategy.name,
+        strategy.aggregator,
+        strategy.score_threshold,
+    )
+    stopped = None
+    if len(picked) == len(unlabelled):
+        stopped = None if r + 1 <= exp.budget.rounds else "pool exhausted"
+    return selection, labels, stopped, timings
+
+
+def _selection_json(selection: Selection, exp: Experiment, r: int) -> dict[str, Any]:
+    return {
+        "round": r,
+        "strategy": selection.strategy,
+        "aggregator": selection.aggregator,
+        "score_threshold": selection.score_threshold,
+        "budget": exp.budget.amount(r) if r < exp.budget.rounds else 0.0,
+        "unit": exp.budget.unit,
+        "total_cost_s": selection.total_cost,
+        "selected": [
+            {"image_id": i, "score": _finite(s), "cost_s": c}
+            for i, s, c in zip(selection.image_ids, selection.scores, selection.costs)
+        ],
+    }
+
+
+def _finite(x: float) -> float | str:
+    """JSON has no infinities: keep them readable as strings."""
+    return x if np.isfinite(x) else ("inf" if x > 0 else "-inf")

@@ -1,0 +1,70 @@
+"""LabelPool: which pool images are labelled, in which round, with which labels.
+
+``labelled_round[i]`` is -1 for unlabelled images and r >= 0 for images first trained on in
+round r (the initial set is round 0). DESIGN.md used 0 for "unlabelled", but round 0 is a real
+round here, so -1 keeps the integer equal to the round number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from alrun.data.dataset import DetectionDataset, ImageRecord
+from alrun.errors import AlrunError
+from alrun.oracle import ImageLabels
+
+
+class LabelPool:
+    def __init__(self, dataset: DetectionDataset):
+        self.dataset = dataset
+        self.index = {image_id: i for i, image_id in enumerate(dataset.ids)}
+        self.labelled_round = np.full(len(dataset), -1, dtype=np.int64)
+        self.labels: dict[str, ImageLabels] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def unlabelled_ids(self) -> list[str]:
+        return [self.dataset.images[i].image_id for i in np.flatnonzero(self.labelled_round < 0)]
+
+    @property
+    def labelled_ids(self) -> list[str]:
+        return [self.dataset.images[i].image_id for i in np.flatnonzero(self.labelled_round >= 0)]
+
+    def record(self, image_id: str) -> ImageRecord:
+        return self.dataset.images[self.index[image_id]]
+
+    def records(self, image_ids: Iterable[str]) -> list[ImageRecord]:
+        return [self.record(i) for i in image_ids]
+
+    def add(self, labels: Iterable[ImageLabels], round_index: int) -> None:
+        for item in labels:
+            i = self.index[item.image_id]
+            if self.labelled_round[i] >= 0:
+                raise AlrunError(f"image '{item.image_id}' is already labelled")
+            self.labelled_round[i] = round_index
+            self.labels[item.image_id] = item
+
+    def training_set(self) -> DetectionDataset:
+        """The labelled images with the oracle's labels (not the hidden ground truth)."""
+        records = []
+        for image_id in self.labelled_ids:
+            rec, lab = self.record(image_id), self.labels[image_id]
+            records.append(
+                ImageRecord(rec.image_id, rec.file, rec.width, rec.height, lab.boxes, lab.labels,
+                            rec.domain)
+            )
+        return DetectionDataset(f"{self.dataset.name}:labelled", self.dataset.classes,
+                                tuple(records))
+
+    def totals(self) -> dict[str, float]:
+        labs = list(self.labels.values())
+        return {
+            "images": len(labs),
+            "boxes": int(sum(len(x.labels) for x in labs if x.kind in ("box", "extreme"))),
+            "clicks": int(sum(len(x.labels) for x in labs if x.kind in ("click", "center_click"))),
+            "cost_s": float(sum(x.cost_s for x in labs)),
+        }

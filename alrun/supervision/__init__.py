@@ -1,0 +1,1 @@
+"""Supervision regimes: how the labelled pool becomes detector training."""

@@ -1,0 +1,129 @@
+"""Core value types shared by detectors, strategies and the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a strategy asks the detector to compute, so the loop computes only that.
+
+    ``passes`` > 1 asks for stochastic passes (MC dropout / ensemble members) stored in
+    ``Detections.passes``; ``augment`` names test-time views (e.g. ``("hflip",)``).
+    """
+
+    detections: bool = True
+    probs: bool = False
+    feats: bool = False
+    embedding: bool = False
+    passes: int = 1
+    augment: tuple[str, ...] = ()
+    grads: bool = False
+
+    def merge(self, other: Needs) -> Needs:
+        return Needs(
+            detections=self.detections or other.detections,
+            probs=self.probs or other.probs,
+            feats=self.feats or other.feats,
+            embedding=self.embedding or other.embedding,
+            passes=max(self.passes, other.passes),
+            augment=tuple(dict.fromkeys(self.augment + other.augment)),
+            grads=self.grads or other.grads,
+        )
+
+
+NOTHING = Needs()
+
+_PER_BOX = ("boxes", "scores", "labels", "probs", "feats", "proposals")
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One image, one forward pass, after the detector's own NMS.
+
+    Per-box fields are filtered together by :meth:`select` (cf. detectron2 ``Instances``).
+    ``probs`` is the full class distribution; for heads with a background class its last column
+    is background. Every row sums to 1.
+    """
+
+    image_id: str
+    boxes: Tensor  # (N, 4) xyxy absolute pixels
+    scores: Tensor  # (N,) detector confidence
+    labels: Tensor  # (N,) class index into the dataset classes
+    probs: Tensor | None = None  # (N, C or C+1)
+    feats: Tensor | None = None  # (N, D)
+    embedding: Tensor | None = None  # (D,)
+    proposals: Tensor | None = None  # (N, 4)
+    passes: tuple[Detections, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def select(self, index: Tensor) -> Detections:
+        """Keep the boxes at ``index`` (bool mask or int indices) in every per-box field."""
+        kept = {
+            name: getattr(self, name)[index]
+            for name in _PER_BOX
+            if getattr(self, name) is not None
+        }
+        return replace(self, **kept)
+
+    def to(self, device: torch.device | str) -> Detections:
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in (*_PER_BOX, "embedding")
+            if getattr(self, name) is not None
+        }
+        return replace(self, passes=tuple(p.to(device) for p in self.passes), **moved)
+
+    @staticmethod
+    def empty(image_id: str, num_probs: int | None = None) -> Detections:
+        return Detections(
+            image_id=image_id,
+            boxes=torch.zeros((0, 4)),
+            scores=torch.zeros(0),
+            labels=torch.zeros(0, dtype=torch.int64),
+            probs=None if num_probs is None else torch.zeros((0, num_probs)),
+        )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a strategy picked in one round, in selection order."""
+
+    image_ids: tuple[str, ...]
+    scores: tuple[float, ...]
+    costs: tuple[float, ...]
+    strategy: str
+    aggregator: str | None
+    score_threshold: float
+
+    @property
+    def total_cost(self) -> float:
+        return float(sum(self.costs))
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One row of results.csv."""
+
+    round: int
+    images: int
+    boxes: int
+    clicks: int
+    cost_s: float
+    mAP: float
+    mAP50: float
+    mAR: float
+    fp: int
+    missed: int
+    wrong_class: int
+    poor_loc: int
+    train_s: float
+    predict_s: float
+    score_s: float
+    select_s: float
