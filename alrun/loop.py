@@ -248,7 +248,9 @@ def run_round(
         train_seed = derive_seed(exp.seed, r, 1)
         t0 = time.perf_counter()
         with reporter.task(f"round {r}/{rounds} train") as progress:
-            train_stats = exp.regime.train(exp.detector, pool, exp.schedule, train_seed, r, progress)
+            train_stats = exp.regime.train(
+                exp.detector, pool, exp.schedule, train_seed, r, progress
+            )
         train_s = time.perf_counter() - t0
         with reporter.task(f"round {r}/{rounds} test") as progress:
             test_preds = exp.detector.predict(exp.splits.test.images, Needs(), progress)
@@ -272,7 +274,12 @@ def run_round(
         write_json(tmp / "selection.json", _selection_json(selection, exp, r))
         write_json(
             tmp / "metrics.json",
-            {**metrics, **failures, "train": train_stats, "timings_s": {"train": train_s, **timings}},
+            {
+                **metrics,
+                **failures,
+                "train": train_stats,
+                "timings_s": {"train": train_s, **timings},
+            },
         )
         save_torch(tmp / "checkpoint.pt", exp.detector.state_dict())
         tmp.rename(run_dir.round_dir(r))
@@ -322,12 +329,20 @@ def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter):
     scores = strategy.score(preds, ScoringContext(tuple(unlabelled), exp.seed, r))
     timings["score_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    picked = strategy.select(scores, exp.budget.amount(r), unit_cost(exp.budget.unit, exp.oracle, pool))
+    picked = strategy.select(
+        scores, exp.budget.amount(r), unit_cost(exp.budget.unit, exp.oracle, pool)
+    )
     timings["select_s"] = time.perf_counter() - t0
     if not picked:
-        return empty, [], (
-            f"budget.per_round: {exp.budget.amount(r):g} {exp.budget.unit} buys no remaining image"
-        ), timings
+        return (
+            empty,
+            [],
+            (
+                f"budget.per_round: {exp.budget.amount(r):g} {exp.budget.unit} "
+                "buys no remaining image"
+            ),
+            timings,
+        )
     labels = exp.oracle.annotate(pool.records(picked))
     selection = Selection(
         tuple(picked),

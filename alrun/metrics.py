@@ -50,8 +50,15 @@ def evaluate(dataset: DetectionDataset, detections: Sequence[Detections]) -> dic
         boxes = det.boxes.numpy()
         for box, score, label in zip(boxes, det.scores.tolist(), det.labels.tolist()):
             rows.append(
-                [coco_id[det.image_id], box[0], box[1], box[2] - box[0], box[3] - box[1],
-                 score, label + 1]
+                [
+                    coco_id[det.image_id],
+                    box[0],
+                    box[1],
+                    box[2] - box[0],
+                    box[3] - box[1],
+                    score,
+                    label + 1,
+                ]
             )
     keys = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large")
     if not rows:
@@ -76,7 +83,8 @@ def failure_modes(
     Each detection with score >= ``score_threshold``, in descending score order, is a true
     positive (same class, IoU >= 0.5 with an unmatched ground truth), ``poor_loc`` (same class,
     0.1 <= IoU < 0.5), ``wrong_class`` (another class, IoU >= 0.5) or ``fp`` (background or a
-    duplicate). Ground truth no true positive matched is ``missed``.
+    duplicate). Ground truth that no detection matched or came near (neither a true positive
+    nor the target of a ``poor_loc``/``wrong_class`` error) is ``missed``, as in TIDE.
     """
     import torch
     from torchvision.ops import box_iou
@@ -88,6 +96,7 @@ def failure_modes(
         gt_boxes = torch.as_tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
         gt_labels = torch.as_tensor(rec.labels, dtype=torch.int64)
         matched = torch.zeros(len(gt_labels), dtype=torch.bool)
+        explained = torch.zeros(len(gt_labels), dtype=torch.bool)
         keep = det.scores >= score_threshold
         boxes, labels = det.boxes[keep], det.labels[keep]
         order = det.scores[keep].argsort(descending=True)
@@ -102,9 +111,11 @@ def failure_modes(
             other = torch.where(~same, ious[i], torch.zeros_like(ious[i]))
             if any_same.numel() and 0.1 <= any_same.max() < 0.5:
                 counts["poor_loc"] += 1
+                explained[any_same.argmax()] = True
             elif other.numel() and other.max() >= 0.5:
                 counts["wrong_class"] += 1
+                explained[other.argmax()] = True
             else:
                 counts["fp"] += 1
-        counts["missed"] += int((~matched).sum())
+        counts["missed"] += int((~(matched | explained)).sum())
     return counts

@@ -54,11 +54,13 @@ class LabelPool:
         for image_id in self.labelled_ids:
             rec, lab = self.record(image_id), self.labels[image_id]
             records.append(
-                ImageRecord(rec.image_id, rec.file, rec.width, rec.height, lab.boxes, lab.labels,
-                            rec.domain)
+                ImageRecord(
+                    rec.image_id, rec.file, rec.width, rec.height, lab.boxes, lab.labels, rec.domain
+                )
             )
-        return DetectionDataset(f"{self.dataset.name}:labelled", self.dataset.classes,
-                                tuple(records))
+        return DetectionDataset(
+            f"{self.dataset.name}:labelled", self.dataset.classes, tuple(records)
+        )
 
     def totals(self) -> dict[str, float]:
         labs = list(self.labels.values())

@@ -66,9 +66,7 @@ class Detections:
     def select(self, index: Tensor) -> Detections:
         """Keep the boxes at ``index`` (bool mask or int indices) in every per-box field."""
         kept = {
-            name: getattr(self, name)[index]
-            for name in _PER_BOX
-            if getattr(self, name) is not None
+            name: getattr(self, name)[index] for name in _PER_BOX if getattr(self, name) is not None
         }
         return replace(self, **kept)
 

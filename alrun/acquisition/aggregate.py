@@ -14,7 +14,9 @@ def aggregate(scores: Tensor, name: str, confidences: Tensor | None = None) -> f
     box's max class probability: uncertain boxes the detector barely believes in count less.
     """
     if scores.numel() == 0:
-        raise ValueError("aggregate() needs at least one box; empty images are handled by the caller")
+        raise ValueError(
+            "aggregate() needs at least one box; empty images are handled by the caller"
+        )
     if name == "sum":
         return float(scores.sum())
     if name == "mean":

@@ -42,7 +42,9 @@ class RandomScore:
     def __call__(
         self, preds: Sequence[Detections] | None, context: ScoringContext
     ) -> dict[str, float]:
-        rng = np.random.default_rng([context.seed, context.round + 1, 0x5E1EC7])  # round -1: initial set
+        rng = np.random.default_rng(
+            [context.seed, context.round + 1, 0x5E1EC7]
+        )  # round -1: initial set
         ordered = sorted(context.image_ids)
         return dict(zip(ordered, rng.random(len(ordered)).tolist()))
 
@@ -64,7 +66,9 @@ class BoxUncertainty:
         use_background: bool = False,
     ):
         if aggregator not in AGGREGATORS:
-            raise AlrunError(f"strategy.aggregator: expected one of {AGGREGATORS}, got '{aggregator}'")
+            raise AlrunError(
+                f"strategy.aggregator: expected one of {AGGREGATORS}, got '{aggregator}'"
+            )
         if isinstance(empty, str) and empty not in EMPTY_POLICIES:
             raise AlrunError(
                 f"strategy.empty: expected one of {EMPTY_POLICIES} or a number, got '{empty}'"

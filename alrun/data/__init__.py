@@ -1,4 +1,4 @@
-"""Datasets: one internal type, readers for COCO / VOC / YOLO, and the embedded synthetic default."""
+"""Datasets: one internal type, COCO / VOC / YOLO readers, the embedded synthetic default."""
 
 from alrun.data.dataset import DatasetSplits, DetectionDataset, ImageRecord
 

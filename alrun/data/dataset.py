@@ -13,7 +13,7 @@ from alrun.errors import DatasetError
 
 @dataclass(frozen=True, eq=False)
 class ImageRecord:
-    """One image and its ground truth. Boxes are xyxy in absolute pixels, labels index ``classes``."""
+    """One image and its ground truth: xyxy boxes in absolute pixels, labels index ``classes``."""
 
     image_id: str
     file: Path
@@ -81,7 +81,8 @@ class DatasetSplits:
     def __post_init__(self) -> None:
         if self.pool.classes != self.test.classes:
             raise DatasetError(
-                f"pool and test splits disagree on classes: {self.pool.classes} vs {self.test.classes}"
+                "pool and test splits disagree on classes: "
+                f"{self.pool.classes} vs {self.test.classes}"
             )
         overlap = set(self.pool.ids) & set(self.test.ids)
         if overlap:

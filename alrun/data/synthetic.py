@@ -90,8 +90,13 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, dom
     for _ in range(rng.integers(0, 3)):
         cx, cy = rng.uniform(0, size, size=2)
         r = rng.uniform(3, 9)
-        draw.arc((cx - r, cy - r, cx + r, cy + r), 0, int(rng.integers(90, 300)),
-                 fill=_colour(rng, domain), width=1)
+        draw.arc(
+            (cx - r, cy - r, cx + r, cy + r),
+            0,
+            int(rng.integers(90, 300)),
+            fill=_colour(rng, domain),
+            width=1,
+        )
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -165,8 +170,9 @@ def materialise(
         # recorded at its final place: the folder is renamed into place below
         final = target / f"{image_id}.png"
         records.append(ImageRecord(image_id, final, image_size, image_size, boxes, labels, domain))
-    write_coco(DetectionDataset(f"synthetic-{domain}", CLASSES, tuple(records)),
-               tmp / "annotations.json")
+    write_coco(
+        DetectionDataset(f"synthetic-{domain}", CLASSES, tuple(records)), tmp / "annotations.json"
+    )
     try:
         os.replace(tmp, target)
     except OSError:  # another process won the race; use its copy

@@ -1,4 +1,4 @@
-"""The detector protocol every backend implements (torchvision here, mmdet as an optional adapter)."""
+"""The detector protocol every backend implements (torchvision; mmdet as an optional adapter)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class Detector(Protocol):
         needs: Needs,
         progress: Progress | None = None,
     ) -> list[Detections]:
-        """Detections per image in input order; fills only the optional fields ``needs`` asks for."""
+        """Detections per image, in input order; fills only the optional fields in ``needs``."""
 
     def state_dict(self) -> dict[str, Any]: ...
 

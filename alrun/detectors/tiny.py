@@ -60,7 +60,9 @@ def tiny_fcos(
     """Build the tiny FCOS. ``weights``/``weights_backbone`` exist for signature parity with
     torchvision builders; there are no published weights for this model."""
     if weights is not None or weights_backbone is not None:
-        raise ValueError("tiny_fcos has no pretrained weights; use detector.pretrained=<checkpoint>")
+        raise ValueError(
+            "tiny_fcos has no pretrained weights; use detector.pretrained=<checkpoint>"
+        )
     backbone = TinyBackbone(widths, fpn_channels)
     anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((1.0,),) * len(anchor_sizes))
     return FCOS(

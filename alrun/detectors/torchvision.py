@@ -31,7 +31,7 @@ from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.data.images import TrainingImages, load_image
 from alrun.detectors.base import Progress, TrainSchedule
 from alrun.errors import AlrunError
-from alrun.types import Detections, Needs
+from alrun.types import NOTHING, Detections, Needs
 
 
 def resolve_device(device: str) -> torch.device:
@@ -167,7 +167,7 @@ class TorchvisionDetector:
     def predict(
         self,
         images: Sequence[ImageRecord],
-        needs: Needs = Needs(),
+        needs: Needs = NOTHING,
         progress: Progress | None = None,
     ) -> list[Detections]:
         if needs.passes > 1 or needs.augment or needs.grads:
@@ -215,8 +215,9 @@ class TorchvisionDetector:
                     feats=found["feats"].cpu() if needs.feats else None,
                     embedding=embeddings[i].cpu() if needs.embedding else None,
                     proposals=(
-                        resize_boxes(found["proposals"], batch.image_sizes[i], original_sizes[i])
-                        .cpu()
+                        resize_boxes(
+                            found["proposals"], batch.image_sizes[i], original_sizes[i]
+                        ).cpu()
                         if found.get("proposals") is not None
                         else None
                     ),

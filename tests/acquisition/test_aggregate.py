@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from alrun.acquisition.aggregate import AGGREGATORS, aggregate
+
+SCORES = torch.tensor([1.0, 2.0, 3.0, 6.0])
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("sum", 12.0), ("mean", 3.0), ("max", 6.0), ("min", 1.0)],
+)
+def test_plain_aggregators(name, expected):
+    assert aggregate(SCORES, name) == pytest.approx(expected)
+
+
+def test_weighted_is_confidence_weighted_mean():
+    # sum(c*s) / sum(c) = (0.5*1 + 0.25*2 + 0.25*3 + 0*6) / (0.5 + 0.25 + 0.25 + 0) = 1.75
+    conf = torch.tensor([0.5, 0.25, 0.25, 0.0])
+    assert aggregate(SCORES, "weighted", conf) == pytest.approx(1.75)
+    # (1*1 + 1*6) / 2 = 3.5
+    assert aggregate(SCORES, "weighted", torch.tensor([1.0, 0.0, 0.0, 1.0])) == pytest.approx(3.5)
+    # equal weights: the plain mean
+    assert aggregate(SCORES, "weighted", torch.full((4,), 0.3)) == pytest.approx(3.0)
+
+
+def test_single_box():
+    for name in ("sum", "mean", "max", "min"):
+        assert aggregate(torch.tensor([0.4]), name) == pytest.approx(0.4)
+    assert aggregate(torch.tensor([0.4]), "weighted", torch.tensor([0.9])) == pytest.approx(0.4)
+
+
+def test_returns_python_float():
+    assert isinstance(aggregate(SCORES, "mean"), float)
+
+
+def test_weighted_without_confidences_raises():
+    with pytest.raises(ValueError, match="confidences"):
+        aggregate(SCORES, "weighted")
+
+
+def test_unknown_name_raises():
+    with pytest.raises(ValueError, match="strategy.aggregator"):
+        aggregate(SCORES, "median")
+    assert "median" not in AGGREGATORS
+
+
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_empty_raises(name):
+    with pytest.raises(ValueError):
+        aggregate(torch.zeros(0), name, torch.zeros(0))

@@ -1,0 +1,147 @@
+"""The torchvision backend keeps probabilities, features and embeddings through NMS."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import FCOS
+
+from alrun.data.synthetic import synthetic_dataset
+from alrun.detectors.base import Detector, TrainSchedule
+from alrun.detectors.tiny import tiny_fcos
+from alrun.detectors.torchvision import TorchvisionDetector
+from alrun.errors import AlrunError
+from alrun.types import Needs
+
+
+@pytest.fixture(scope="module")
+def images():
+    return synthetic_dataset(6, image_size=64, split="det-test")
+
+
+def _low_threshold_fcos(num_classes: int, **kw) -> FCOS:
+    # an untrained head scores ~sigmoid(-4.6); a low threshold keeps many boxes so NMS has work
+    return tiny_fcos(num_classes, image_size=64, score_thresh=0.001, **kw)
+
+
+def test_tiny_fcos_satisfies_protocol():
+    det = TorchvisionDetector(partial(tiny_fcos, image_size=64), num_classes=4, device="cpu")
+    assert isinstance(det, Detector)
+
+
+def test_dense_probs_survive_nms_and_sum_to_one(images):
+    det = TorchvisionDetector(_low_threshold_fcos, num_classes=4, device="cpu")
+    preds = det.predict(images.images, Needs(probs=True, feats=True, embedding=True))
+    assert [p.image_id for p in preds] == images.ids
+    total = 0
+    for p in preds:
+        n = len(p)
+        total += n
+        assert p.probs.shape == (n, 5)  # 4 classes + background (last)
+        assert p.feats.shape == (n, 64)
+        assert p.embedding.shape == (64,)
+        torch.testing.assert_close(p.probs.sum(1), torch.ones(n))
+        # kept boxes are exactly those a stock NMS over the same boxes would keep
+        keep = torchvision.ops.batched_nms(p.boxes, p.scores, p.labels, 0.5)
+        assert sorted(keep.tolist()) == list(range(n))
+        # the kept label is one of the classes the probability vector supports
+        assert bool((p.probs[torch.arange(n), p.labels] > 0).all())
+    assert total > 0, "untrained detector with threshold 0.001 should keep boxes"
+
+
+def test_dense_boxes_match_torchvision_postprocess(images):
+    """Our post-processing keeps the same boxes and scores as torchvision's own."""
+    det = TorchvisionDetector(_low_threshold_fcos, num_classes=4, device="cpu")
+    ours = det.predict(images.images[:2], Needs())
+    det.model.eval()
+    from alrun.data.images import load_image
+
+    with torch.no_grad():
+        stock = det.model([load_image(r) for r in images.images[:2]])
+    for a, b in zip(ours, stock):
+        torch.testing.assert_close(a.boxes, b["boxes"])
+        torch.testing.assert_close(a.scores, b["scores"])
+        assert torch.equal(a.labels, b["labels"])
+
+
+def test_needs_controls_optional_outputs(images):
+    det = TorchvisionDetector(_low_threshold_fcos, num_classes=4, device="cpu")
+    (p,) = det.predict(images.images[:1], Needs())
+    assert p.probs is None and p.feats is None and p.embedding is None
+    with pytest.raises(AlrunError, match="multi-pass"):
+        det.predict(images.images[:1], Needs(passes=3))
+
+
+def test_two_stage_probs_background_last(images):
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    builder = partial(
+        fasterrcnn_mobilenet_v3_large_320_fpn,
+        weights=None,
+        weights_backbone=None,
+        min_size=64,
+        max_size=64,
+        box_score_thresh=0.0,
+    )
+    det = TorchvisionDetector(builder, num_classes=3, label_offset=1, device="cpu")
+    preds = det.predict(images.images[:2], Needs(probs=True, feats=True))
+    kept = sum(len(p) for p in preds)
+    assert kept > 0
+    for p in preds:
+        assert p.probs.shape[1] == 4
+        torch.testing.assert_close(p.probs.sum(1), torch.ones(len(p)))
+        assert p.feats.shape[1] == 1024
+        assert p.proposals.shape == p.boxes.shape
+        assert bool((p.labels >= 0).all() and (p.labels < 3).all())
+        # the box's score is its class's probability (background is the last column)
+        torch.testing.assert_close(p.probs[torch.arange(len(p)), p.labels], p.scores)
+
+
+def test_fit_reduces_loss_and_state_round_trips(images, tmp_path):
+    det = TorchvisionDetector(partial(tiny_fcos, image_size=64), num_classes=4, device="cpu")
+    schedule = TrainSchedule(iterations=4, warmup_iters=1, batch_size=2)
+    stats = det.fit(images, schedule, seed=0)
+    assert stats["iterations"] == 4 and stats["final_loss"] > 0
+    state = det.state_dict()
+    other = TorchvisionDetector(partial(tiny_fcos, image_size=64), num_classes=4, device="cpu")
+    other.load_state_dict(state)
+    a = det.predict(images.images[:2], Needs())
+    b = other.predict(images.images[:2], Needs())
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.scores, y.scores)
+
+
+def test_training_is_deterministic(images):
+    outs = []
+    for _ in range(2):
+        det = TorchvisionDetector(partial(tiny_fcos, image_size=64), num_classes=4, device="cpu")
+        det.reset(seed=3)
+        det.fit(images, TrainSchedule(iterations=3, warmup_iters=1, batch_size=2), seed=5)
+        outs.append(det.state_dict())
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key
+
+
+def test_missing_checkpoint_is_a_clear_error():
+    with pytest.raises(AlrunError, match="detector.pretrained.*does not exist"):
+        TorchvisionDetector(partial(tiny_fcos), num_classes=4, pretrained="/no/such.pt")
+
+
+def test_local_checkpoint_loads(tmp_path):
+    det = TorchvisionDetector(partial(tiny_fcos), num_classes=4, device="cpu")
+    det.reset(seed=7)
+    torch.save({"model": det.state_dict()}, tmp_path / "ckpt.pt")
+    loaded = TorchvisionDetector(
+        partial(tiny_fcos), num_classes=4, device="cpu", pretrained=str(tmp_path / "ckpt.pt")
+    )
+    for key, value in det.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+    wrong = TorchvisionDetector(partial(tiny_fcos), num_classes=2, device="cpu")
+    torch.save(wrong.state_dict(), tmp_path / "wrong.pt")
+    with pytest.raises(AlrunError, match="does not fit this model"):
+        TorchvisionDetector(
+            partial(tiny_fcos), num_classes=4, device="cpu", pretrained=str(tmp_path / "wrong.pt")
+        )

@@ -1,0 +1,79 @@
+"""Every config file composes and instantiates (a config that cannot be built fails here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from alrun.data.coco import write_coco
+from alrun.data.dataset import DatasetSplits
+from alrun.data.synthetic import synthetic_dataset
+from alrun.loop import build_experiment
+from tests.helpers import compose_config, shared_dataset
+
+CONFIGS = Path(__file__).resolve().parents[1] / "alrun" / "configs"
+GROUP_FILES = sorted(
+    (p.parent.name, p.stem) for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "experiment"
+)
+EXPERIMENTS = sorted(p.stem for p in CONFIGS.glob("experiment/*.yaml"))
+
+
+def _dataset_overrides(option: str, tmp_path: Path) -> list[str]:
+    if option in ("bccd", "cards", "txl_pbc"):
+        return [f"dataset.root={shared_dataset(option)}"]
+    if option == "voc":
+        return [f"dataset.root={shared_dataset('bccd')}", "dataset.skip_invalid=true"]
+    if option == "yolo":
+        return [f"dataset.root={shared_dataset('txl_pbc')}"]
+    if option == "coco":
+        data = synthetic_dataset(12, image_size=64, split="coco-test")
+        write_coco(data, tmp_path / "ann.json")
+        return [f"dataset.annotation_file={tmp_path / 'ann.json'}"]
+    return ["dataset.num_pool=20", "dataset.num_test=5", "dataset.image_size=64"]
+
+
+def test_every_group_file_is_covered():
+    groups = {g for g, _ in GROUP_FILES}
+    assert {
+        "dataset",
+        "detector",
+        "strategy",
+        "budget",
+        "oracle",
+        "trainer",
+        "supervision",
+    } <= groups
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_FILES, ids=[f"{g}/{o}" for g, o in GROUP_FILES])
+def test_group_config_instantiates(group: str, option: str, tmp_path: Path):
+    overrides = [f"{group}={option}"]
+    if group == "dataset":
+        overrides += _dataset_overrides(option, tmp_path)
+    cfg = compose_config(overrides)
+    if group == "detector":
+        obj = instantiate(cfg.detector, num_classes=3, device="cpu")
+        assert obj.num_classes == 3
+    else:
+        obj = instantiate(cfg[group])
+    assert obj is not None
+    if group == "dataset":
+        assert isinstance(obj, DatasetSplits)
+        assert len(obj.pool) > 0 and len(obj.test) > 0
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_builds(experiment: str):
+    cfg = compose_config([f"experiment={experiment}"])
+    exp = build_experiment(cfg)
+    assert exp.budget.rounds >= 1
+    assert len(exp.splits.classes) == 4
+
+
+def test_unknown_group_value_is_a_clear_error():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="strategy"):
+        compose_config(["strategy=entropyy"])

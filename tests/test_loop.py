@@ -1,0 +1,179 @@
+"""End-to-end runs of the loop on the tiny detector: outputs, determinism, resume after kill."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alrun.errors import AlrunError, BudgetError
+from alrun.loop import run_experiment
+from tests.helpers import REPO, compose_config
+
+SMOKE = ["experiment=smoke", "quiet=true"]
+
+
+def _run(tmp: Path, overrides: list[str]) -> list[dict]:
+    return run_experiment(compose_config(SMOKE + overrides), tmp)
+
+
+def _selections(run_dir: Path) -> dict[str, dict]:
+    return {
+        p.parent.name: json.loads(p.read_text())
+        for p in sorted(run_dir.glob("round_*/selection.json"))
+    }
+
+
+def test_two_round_run_writes_every_artifact(tmp_path):
+    rows = _run(tmp_path, ["budget.rounds=2"])
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["images"] for r in rows] == [10, 20, 30]
+    assert rows[0]["cost_s"] < rows[1]["cost_s"] < rows[2]["cost_s"]
+    for r in range(3):
+        rd = tmp_path / f"round_{r:02d}"
+        labelled = json.loads((rd / "labelled.json").read_text())
+        assert len(labelled["images"]) == rows[r]["images"]
+        assert {im["label_kind"] for im in labelled["images"]} == {"box"}
+        metrics = json.loads((rd / "metrics.json").read_text())
+        assert {"mAP", "mAP50", "mAR", "fp", "missed", "timings_s"} <= set(metrics)
+    sel = json.loads((tmp_path / "round_00" / "selection.json").read_text())
+    assert sel["strategy"] == "entropy" and sel["aggregator"] == "mean"
+    assert sel["score_threshold"] == 0.1 and len(sel["selected"]) == 10
+    ids = [s["image_id"] for s in sel["selected"]]
+    assert len(set(ids)) == 10
+    labelled_r0 = {
+        im["alrun_id"]
+        for im in json.loads((tmp_path / "round_00/labelled.json").read_text())["images"]
+    }
+    labelled_r1 = {
+        im["alrun_id"]
+        for im in json.loads((tmp_path / "round_01/labelled.json").read_text())["images"]
+    }
+    assert labelled_r1 == labelled_r0 | set(ids)
+    assert json.loads((tmp_path / "round_02/selection.json").read_text())["selected"] == []
+    with open(tmp_path / "results.csv") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert len(csv_rows) == 3
+    assert {"train_s", "predict_s", "score_s", "select_s", "cost_s", "mAP50"} <= set(csv_rows[0])
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["last_completed_round"] == 2
+    # checkpoints: only the last round's is kept by default
+    assert [p.parent.name for p in tmp_path.glob("round_*/checkpoint.pt")] == ["round_02"]
+    assert not list(tmp_path.glob(".round_*"))
+
+
+def test_same_seed_same_selections_other_seed_differs(tmp_path):
+    _run(tmp_path / "a", ["seed=1"])
+    _run(tmp_path / "b", ["seed=1"])
+    _run(tmp_path / "c", ["seed=2"])
+    assert _selections(tmp_path / "a") == _selections(tmp_path / "b")
+    first = json.loads((tmp_path / "a/round_00/labelled.json").read_text())["images"]
+    other = json.loads((tmp_path / "c/round_00/labelled.json").read_text())["images"]
+    assert {i["alrun_id"] for i in first} != {i["alrun_id"] for i in other}
+
+
+def test_random_strategy_skips_prediction(tmp_path):
+    rows = _run(tmp_path, ["strategy=random", "budget.rounds=1"])
+    assert rows[0]["predict_s"] == 0.0
+    sel = json.loads((tmp_path / "round_00/selection.json").read_text())
+    assert sel["strategy"] == "random" and sel["aggregator"] is None
+
+
+@pytest.mark.parametrize("unit,budget", [("boxes", 30), ("seconds", 600)])
+def test_boxes_and_seconds_budgets_never_exceeded(tmp_path, unit, budget):
+    _run(
+        tmp_path,
+        [
+            f"budget.unit={unit}",
+            f"budget.initial={budget}",
+            f"budget.per_round={budget}",
+            "budget.rounds=1",
+        ],
+    )
+    sel = json.loads((tmp_path / "round_00/selection.json").read_text())
+    labelled = json.loads((tmp_path / "round_00/labelled.json").read_text())
+    boxes_by_image = {}
+    for ann in labelled["annotations"]:
+        boxes_by_image[ann["image_id"]] = boxes_by_image.get(ann["image_id"], 0) + 1
+    if unit == "boxes":
+        assert sum(boxes_by_image.values()) <= budget
+        assert sel["total_cost_s"] <= budget * 25.5 + len(sel["selected"]) * 1.0
+    else:
+        assert sel["total_cost_s"] <= budget
+        assert sum(im["cost_s"] for im in labelled["images"]) <= budget
+    assert sel["selected"], "a budget this size buys at least one image"
+
+
+def test_pool_exhaustion_stops_cleanly(tmp_path):
+    rows = _run(
+        tmp_path,
+        ["dataset.num_pool=25", "budget.initial=10", "budget.per_round=10", "budget.rounds=4"],
+    )
+    # 10 + 10 + 5 images: the third selection takes the rest, then one more training round
+    assert [r["images"] for r in rows] == [10, 20, 25]
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert "exhausted" in state["stopped"]
+
+
+def test_initial_budget_larger_than_pool_is_an_error(tmp_path):
+    with pytest.raises(BudgetError, match="budget.initial: 1000 images .* only holds 60"):
+        _run(tmp_path, ["budget.initial=1000"])
+    assert not list(tmp_path.glob("round_*"))
+
+
+def test_changed_config_in_same_dir_is_refused(tmp_path):
+    _run(tmp_path, ["budget.rounds=1"])
+    with pytest.raises(AlrunError, match="different config"):
+        _run(tmp_path, ["budget.rounds=1", "trainer.lr=0.02"])
+
+
+def test_completed_run_is_not_redone(tmp_path):
+    rows = _run(tmp_path, ["budget.rounds=1"])
+    mtime = (tmp_path / "round_01/metrics.json").stat().st_mtime_ns
+    again = _run(tmp_path, ["budget.rounds=1"])
+    assert again == rows
+    assert (tmp_path / "round_01/metrics.json").stat().st_mtime_ns == mtime
+
+
+def _cli(run_dir: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "alrun.cli", *SMOKE, f"hydra.run.dir={run_dir}", *extra]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    # round 1 trains long enough (~5 s) to be killed in the middle of it
+    extra = ["budget.rounds=2", "trainer.iterations=40"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(
+        _cli(tmp_path / "full", extra), check=True, env=env, cwd=REPO, capture_output=True
+    )
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cli(killed, extra), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    state = killed / "state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if state.exists() and json.loads(state.read_text())["last_completed_round"] == 0:
+            break
+        if proc.poll() is not None:
+            pytest.fail("run finished before it could be killed")
+        time.sleep(0.02)
+    time.sleep(0.5)  # inside round 1's training
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(state.read_text())["last_completed_round"] == 0
+    assert not (killed / "round_01").exists()
+
+    subprocess.run(_cli(killed, extra), check=True, env=env, cwd=REPO, capture_output=True)
+    assert json.loads(state.read_text())["last_completed_round"] == 2
+    assert _selections(killed) == _selections(tmp_path / "full")
+    assert len(_selections(killed)) == 3
+    assert not list(killed.glob(".round_*"))
