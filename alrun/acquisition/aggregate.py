@@ -31,3 +31,44 @@ def aggregate(scores: Tensor, name: str, confidences: Tensor | None = None) -> f
         weights = confidences.clamp_min(0)
         return float((weights * scores).sum() / weights.sum().clamp_min(1e-12))
     raise ValueError(f"strategy.aggregator: expected one of {AGGREGATORS}, got '{name}'")
+
+
+def aggregate_segments(
+    scores: Tensor,
+    segment: Tensor,
+    num_segments: int,
+    name: str,
+    confidences: Tensor | None = None,
+) -> Tensor:
+    """:func:`aggregate` for many images at once: ``segment[i]`` is box i's image index.
+
+    Returns ``(num_segments,)``; images without boxes get NaN (the caller applies its policy).
+    One pass over all boxes of the pool instead of a Python loop per image.
+    """
+    import torch
+
+    scores = scores.double()
+    count = torch.zeros(num_segments, dtype=torch.float64).index_add_(
+        0, segment, torch.ones_like(scores)
+    )
+    if name in ("sum", "mean"):
+        out = torch.zeros(num_segments, dtype=torch.float64).index_add_(0, segment, scores)
+        if name == "mean":
+            out = out / count.clamp_min(1)
+    elif name in ("max", "min"):
+        fill = -torch.inf if name == "max" else torch.inf
+        out = torch.full((num_segments,), fill, dtype=torch.float64).scatter_reduce_(
+            0, segment, scores, reduce="amax" if name == "max" else "amin"
+        )
+    elif name == "weighted":
+        if confidences is None:
+            raise ValueError("the 'weighted' aggregator needs box confidences")
+        weights = confidences.double().clamp_min(0)
+        num = torch.zeros(num_segments, dtype=torch.float64).index_add_(
+            0, segment, weights * scores
+        )
+        den = torch.zeros(num_segments, dtype=torch.float64).index_add_(0, segment, weights)
+        out = num / den.clamp_min(1e-12)
+    else:
+        raise ValueError(f"strategy.aggregator: expected one of {AGGREGATORS}, got '{name}'")
+    return torch.where(count > 0, out, torch.full_like(out, torch.nan))

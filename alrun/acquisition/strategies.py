@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alrun.acquisition.aggregate import AGGREGATORS, aggregate
+from alrun.acquisition.aggregate import AGGREGATORS, aggregate_segments
 from alrun.acquisition.scores import foreground
 from alrun.acquisition.select import TopK
 from alrun.errors import AlrunError
@@ -82,34 +82,44 @@ class BoxUncertainty:
         self.use_background = use_background
         self.needs = Needs(probs=True)
 
+    def _empty_score(self) -> float | None:
+        if self.empty == "min":
+            return -math.inf
+        if self.empty == "max":
+            return math.inf
+        if self.empty == "skip":
+            return None
+        return float(self.empty)
+
     def image_score(self, det: Detections) -> float | None:
-        """The image's score; ``None`` means: do not select (``empty: skip``)."""
-        keep = det.scores >= self.score_threshold
-        if det.probs is None:
+        """One image's score; ``None`` means: do not select (``empty: skip``)."""
+        return self.batch_scores([det])[0]
+
+    def batch_scores(self, preds: Sequence[Detections]) -> list[float | None]:
+        """Scores of many images in one vectorised pass over all their boxes."""
+        if any(det.probs is None for det in preds):
             raise AlrunError("strategy: detector returned no class probabilities")
-        if not bool(keep.any()):
-            if self.empty == "min":
-                return -math.inf
-            if self.empty == "max":
-                return math.inf
-            if self.empty == "skip":
-                return None
-            return float(self.empty)
-        kept = det.select(keep)
-        probs = kept.probs if self.use_background else foreground(kept.probs)
-        return aggregate(self.box_score(probs), self.aggregator, kept.scores)
+        if not preds:
+            return []
+        counts = torch.tensor([len(det) for det in preds])
+        confidences = torch.cat([det.scores for det in preds])
+        probs = torch.cat([det.probs for det in preds])
+        segment = torch.repeat_interleave(torch.arange(len(preds)), counts)
+        keep = confidences >= self.score_threshold
+        probs = probs[keep] if self.use_background else foreground(probs[keep])
+        per_image = aggregate_segments(
+            self.box_score(probs), segment[keep], len(preds), self.aggregator, confidences[keep]
+        ).tolist()
+        empty = self._empty_score()
+        return [empty if math.isnan(x) else x for x in per_image]
 
     def __call__(
         self, preds: Sequence[Detections] | None, context: ScoringContext
     ) -> dict[str, float]:
         if preds is None:
             raise AlrunError("strategy: this scorer needs predictions")
-        out = {}
-        for det in preds:
-            score = self.image_score(det)
-            if score is not None:
-                out[det.image_id] = score
-        return out
+        scores = self.batch_scores(preds)
+        return {det.image_id: s for det, s in zip(preds, scores) if s is not None}
 
 
 class Strategy:

@@ -11,7 +11,10 @@ embedding. Two families are handled:
 * two-stage heads (Faster R-CNN): ``softmax`` over C+1 classes, background moved to the last
   column; box features are the box head's output; ``proposals`` are the RPN boxes.
 
-SSD heads are not supported by this backend's post-processing yet (clear error at build time).
+* SSD: ``softmax`` over C+1 classes as in two-stage heads. SSD's feature maps differ in width
+  per level, so there is no fixed-size box feature: ``needs.feats`` is a clear error.
+
+The image embedding is the concatenation of every feature level's global average.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, SSD, FasterRCNN, RetinaNet
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
@@ -81,10 +84,10 @@ class TorchvisionDetector:
         if self.pretrained is True:
             kwargs["weights_backbone"] = "DEFAULT"
         model = self.builder(**kwargs)
-        if not isinstance(model, (FCOS, RetinaNet, FasterRCNN)):
+        if not isinstance(model, (FCOS, RetinaNet, FasterRCNN, SSD)):
             raise AlrunError(
                 f"detector: {type(model).__name__} is not supported by the torchvision backend "
-                "(supported: FCOS, RetinaNet, FasterRCNN families)"
+                "(supported: FCOS, RetinaNet, FasterRCNN and SSD families)"
             )
         if isinstance(self.pretrained, str):
             state = torch.load(self.pretrained, map_location="cpu", weights_only=True)
@@ -196,9 +199,16 @@ class TorchvisionDetector:
         if isinstance(features, Tensor):
             features = {"0": features}
         levels = list(features.values())
-        embeddings = torch.stack([f.mean(dim=(2, 3)) for f in levels]).mean(0)  # (B, D)
+        embeddings = torch.cat([f.mean(dim=(2, 3)) for f in levels], dim=1)  # (B, sum D)
         if isinstance(model, FasterRCNN):
             per_image = _two_stage(model, batch, features)
+        elif isinstance(model, SSD):
+            if needs.feats:
+                raise AlrunError(
+                    "detector: SSD has no fixed-size box feature; choose a strategy without "
+                    "box features or another detector"
+                )
+            per_image = _ssd(model, batch, levels)
         else:
             per_image = _dense(model, batch, levels)
         results = []
@@ -328,6 +338,40 @@ def _two_stage(model: FasterRCNN, batch, features: dict[str, Tensor]) -> list[di
                 "probs": dist[row[keep]],
                 "feats": feats[row[keep]],
                 "proposals": props[row[keep]],
+            }
+        )
+    return results
+
+
+def _ssd(model: SSD, batch, levels: list[Tensor]) -> list[dict[str, Tensor]]:
+    """SSD post-processing that keeps each box's softmax row (background moved last)."""
+    head_outputs = model.head(levels)
+    anchors = model.anchor_generator(batch, levels)
+    probs_all = torch.softmax(head_outputs["cls_logits"], dim=-1)
+    results = []
+    for b, (regress, probs) in enumerate(zip(head_outputs["bbox_regression"], probs_all)):
+        boxes = model.box_coder.decode_single(regress, anchors[b])
+        boxes = box_ops.clip_boxes_to_image(boxes, batch.image_sizes[b])
+        rows, labels, scores = [], [], []
+        for label in range(1, probs.shape[1]):
+            score = probs[:, label]
+            idx = torch.where(score > model.score_thresh)[0]
+            k = min(int(idx.numel()), model.topk_candidates)
+            top, order = score[idx].topk(k)
+            rows.append(idx[order])
+            scores.append(top)
+            labels.append(torch.full_like(top, label, dtype=torch.int64))
+        row, label, score = torch.cat(rows), torch.cat(labels), torch.cat(scores)
+        keep = box_ops.batched_nms(boxes[row], score, label, model.nms_thresh)
+        keep = keep[: model.detections_per_img]
+        dist = torch.cat([probs[:, 1:], probs[:, :1]], dim=1)
+        results.append(
+            {
+                "boxes": boxes[row[keep]],
+                "scores": score[keep],
+                "labels": label[keep],
+                "probs": dist[row[keep]],
+                "feats": None,
             }
         )
     return results

@@ -49,3 +49,23 @@ def test_unknown_name_raises():
 def test_empty_raises(name):
     with pytest.raises(ValueError):
         aggregate(torch.zeros(0), name, torch.zeros(0))
+
+
+@pytest.mark.parametrize("name", ["sum", "mean", "max", "min", "weighted"])
+def test_segment_aggregation_equals_per_image(name):
+    from alrun.acquisition.aggregate import aggregate_segments
+
+    gen = torch.Generator().manual_seed(0)
+    counts = [3, 0, 1, 5, 2]
+    scores = torch.rand(sum(counts), generator=gen)
+    conf = torch.rand(sum(counts), generator=gen)
+    segment = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    batched = aggregate_segments(scores, segment, len(counts), name, conf)
+    start = 0
+    for i, n in enumerate(counts):
+        if n == 0:
+            assert torch.isnan(batched[i])
+        else:
+            expected = aggregate(scores[start : start + n], name, conf[start : start + n])
+            assert batched[i].item() == pytest.approx(expected, rel=1e-6)
+        start += n

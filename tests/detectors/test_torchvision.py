@@ -42,7 +42,7 @@ def test_dense_probs_survive_nms_and_sum_to_one(images):
         total += n
         assert p.probs.shape == (n, 5)  # 4 classes + background (last)
         assert p.feats.shape == (n, 64)
-        assert p.embedding.shape == (64,)
+        assert p.embedding.shape == (3 * 64,)  # one 64-d average per FPN level
         torch.testing.assert_close(p.probs.sum(1), torch.ones(n))
         # kept boxes are exactly those a stock NMS over the same boxes would keep
         keep = torchvision.ops.batched_nms(p.boxes, p.scores, p.labels, 0.5)
@@ -145,3 +145,19 @@ def test_local_checkpoint_loads(tmp_path):
         TorchvisionDetector(
             partial(tiny_fcos), num_classes=4, device="cpu", pretrained=str(tmp_path / "wrong.pt")
         )
+
+
+def test_ssd_probs_background_last_and_no_box_feats(images):
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    builder = partial(
+        ssdlite320_mobilenet_v3_large, weights=None, weights_backbone=None, score_thresh=0.0
+    )
+    det = TorchvisionDetector(builder, num_classes=3, label_offset=1, device="cpu")
+    preds = det.predict(images.images[:1], Needs(probs=True, embedding=True))
+    (p,) = preds
+    assert len(p) > 0 and p.probs.shape == (len(p), 4)
+    torch.testing.assert_close(p.probs.sum(1), torch.ones(len(p)))
+    torch.testing.assert_close(p.probs[torch.arange(len(p)), p.labels], p.scores)
+    with pytest.raises(AlrunError, match="SSD has no fixed-size box feature"):
+        det.predict(images.images[:1], Needs(feats=True))
