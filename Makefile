@@ -8,7 +8,6 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 $(BIN)/alrun: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS, SSD, FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
