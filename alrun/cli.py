@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -21,13 +22,20 @@ log = logging.getLogger("alrun")
 
 
 def user_error(err: BaseException) -> str | None:
-    """The one-line message for a user mistake, or None for a genuine bug."""
+    """The one-line message for a user mistake, or None for a genuine bug.
+
+    Anything raised while instantiating a config group is the config's fault (a wrong key, a
+    wrong type): it is reported as ``<group>: <error>`` naming the config key Hydra names.
+    """
+    top = err
     while isinstance(err, InstantiationException) and err.__cause__ is not None:
         err = err.__cause__
     if isinstance(err, AlrunError):
         return str(err)
-    if isinstance(err, InstantiationException):
-        return str(err).splitlines()[0]
+    if isinstance(top, InstantiationException):
+        key = re.search(r"full_key: (\S+)", str(top))
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return f"{key.group(1) if key else 'config'}: {detail}"
     if isinstance(err, FileNotFoundError):
         return f"file not found: {err.filename}"
     return None

@@ -197,6 +197,10 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
     run_dir = RunDir(root)
     state = _load_state(run_dir, cfg)
     exp = build_experiment(cfg)
+    skipped = [*exp.splits.pool.skipped, *exp.splits.test.skipped]
+    if skipped:
+        write_json(root / "skipped.json", {"count": len(skipped), "items": skipped})
+        reporter.info(f"dataset: skipped {len(skipped)} invalid items (listed in skipped.json)")
     pool = LabelPool(exp.splits.pool)
     rounds = exp.budget.rounds
     if state is None:

@@ -12,13 +12,15 @@ import pytest
 from tests.helpers import REPO
 
 
-def alrun(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def alrun(tmp_path: Path, *overrides: str, preset: str = "smoke") -> subprocess.CompletedProcess:
+    """Run the CLI; ``preset`` is the experiment (smoke sizes the synthetic data, so tests of
+    other datasets pass ``preset="demo"``: they fail before any training)."""
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable,
         "-m",
         "alrun.cli",
-        "experiment=smoke",
+        f"experiment={preset}",
         "quiet=true",
         f"hydra.run.dir={run_dir}",
         *overrides,
@@ -62,7 +64,7 @@ def test_config_key_typo(tmp_path):
 
 
 def test_missing_dataset_path(tmp_path):
-    result = alrun(tmp_path, "dataset=voc", "dataset.root=/no/such/dir")
+    result = alrun(tmp_path, "dataset=voc", "dataset.root=/no/such/dir", preset="demo")
     assert_clean_failure(result, tmp_path, "alrun: error: dataset.root", "/no/such/dir")
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -78,7 +80,8 @@ def test_malformed_annotation(tmp_path):
         f"dataset.root={root}",
         "dataset.pool_split=null",
         "dataset.test_split=null",
-        "+dataset.test_fraction=0.5",
+        "dataset.test_fraction=0.5",
+        preset="demo",
     )
     assert_clean_failure(result, tmp_path, "alrun: error:", "broken.xml")
 
@@ -124,3 +127,10 @@ def test_sweep_writes_one_run_per_job(tmp_path):
         "budget.rounds=1,experiment=smoke,strategy=entropy",
         "budget.rounds=1,experiment=smoke,strategy=random",
     ]
+
+
+def test_wrong_key_for_the_chosen_dataset(tmp_path):
+    """smoke sizes the synthetic data; with a VOC dataset that key is a one-line config error."""
+    result = alrun(tmp_path, "dataset=voc", "dataset.root=/tmp")
+    assert_clean_failure(result, tmp_path, "alrun: error: dataset:", "num_pool")
+    assert len(result.stderr.strip().splitlines()) == 1

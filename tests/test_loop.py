@@ -177,3 +177,27 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert _selections(killed) == _selections(tmp_path / "full")
     assert len(_selections(killed)) == 3
     assert not list(killed.glob(".round_*"))
+
+
+def test_real_voc_dataset_with_recorded_skips(tmp_path):
+    from tests.helpers import shared_dataset
+
+    cfg = compose_config(
+        [
+            "dataset=bccd",
+            f"dataset.root={shared_dataset('bccd')}",
+            "quiet=true",
+            "budget.initial=8",
+            "budget.per_round=8",
+            "budget.rounds=1",
+            "trainer.iterations=3",
+            "trainer.first_iterations=3",
+            "trainer.warmup_iters=1",
+            "trainer.batch_size=4",
+        ]
+    )
+    rows = run_experiment(cfg, tmp_path)
+    assert [r["images"] for r in rows] == [8, 16]
+    skipped = json.loads((tmp_path / "skipped.json").read_text())
+    assert skipped["count"] == 2
+    assert any("BloodImage_00338.xml" in item for item in skipped["items"])
