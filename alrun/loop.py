@@ -8,6 +8,7 @@ randomness is derived from ``(seed, round)`` so a resumed run makes the same cho
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import time
@@ -26,18 +27,18 @@ from alrun.data.coco import write_coco
 from alrun.data.dataset import DatasetSplits
 from alrun.detectors.base import Detector, TrainSchedule
 from alrun.errors import AlrunError, BudgetError
-from alrun.io import read_json, save_torch, write_csv, write_json
+from alrun.io import atomic_write_bytes, read_json, save_torch, write_csv, write_json
 from alrun.metrics import evaluate, failure_modes
 from alrun.oracle import ImageLabels, SimulatedOracle
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
-from alrun.types import Needs, RoundResult, Selection
+from alrun.types import Detections, Needs, RoundResult, Selection
 
 log = logging.getLogger("alrun")
 
 STATE_FILE = "state.json"
 #: config keys that may change between a run and its resumption
-_RESUME_FREE_KEYS = ("resume", "quiet", "keep_checkpoints")
+_RESUME_FREE_KEYS = ("resume", "quiet", "keep_checkpoints", "save_predictions")
 
 
 @dataclass
@@ -261,7 +262,9 @@ def run_round(
         metrics = evaluate(exp.splits.test, test_preds)
         failures = failure_modes(exp.splits.test, test_preds)
 
-        selection, labels, stopped, timings = _select(exp, pool, r, reporter)
+        acquired = _select(exp, pool, r, reporter)
+        if cfg.get("save_predictions", False) and acquired.scores is not None:
+            save_predictions(tmp / "preds.npz", acquired.preds, acquired.scores)
         train_set = pool.training_set()
         write_coco(
             train_set,
@@ -275,14 +278,14 @@ def run_round(
                 for i in train_set.ids
             },
         )
-        write_json(tmp / "selection.json", _selection_json(selection, exp, r))
+        write_json(tmp / "selection.json", _selection_json(acquired.selection, exp, r))
         write_json(
             tmp / "metrics.json",
             {
                 **metrics,
                 **failures,
                 "train": train_stats,
-                "timings_s": {"train": train_s, **timings},
+                "timings_s": {"train": train_s, **acquired.timings},
             },
         )
         save_torch(tmp / "checkpoint.pt", exp.detector.state_dict())
@@ -290,8 +293,8 @@ def run_round(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if labels:
-        pool.add(labels, r + 1)
+    if acquired.labels:
+        pool.add(acquired.labels, r + 1)
     row = asdict(
         RoundResult(
             round=r,
@@ -307,22 +310,38 @@ def run_round(
             wrong_class=failures["wrong_class"],
             poor_loc=failures["poor_loc"],
             train_s=train_s,
-            **timings,
+            **acquired.timings,
         )
     )
-    return row, stopped
+    return row, acquired.stopped
 
 
-def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter):
-    """Score the unlabelled pool and pick within this round's budget (not after the last round)."""
+@dataclass
+class RoundSelection:
+    """What the acquisition step of one round produced."""
+
+    selection: Selection
+    labels: list[ImageLabels]
+    stopped: str | None
+    timings: dict[str, float]
+    preds: list[Detections] | None = None
+    scores: dict[str, float] | None = None
+
+
+def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> RoundSelection:
+    """Score the unlabelled pool and pick within this round's budget (not after the last round).
+
+    When the pool runs dry the run stops cleanly: either nothing is left to score, or the
+    budget buys no remaining image.
+    """
     timings = {"predict_s": 0.0, "score_s": 0.0, "select_s": 0.0}
     strategy = exp.strategy
     empty = Selection((), (), (), strategy.name, strategy.aggregator, strategy.score_threshold)
     if r >= exp.budget.rounds:
-        return empty, [], None, timings
+        return RoundSelection(empty, [], None, timings)
     unlabelled = pool.unlabelled_ids
     if not unlabelled:
-        return empty, [], "pool exhausted: every image is labelled", timings
+        return RoundSelection(empty, [], "pool exhausted: every image is labelled", timings)
     preds = None
     if strategy.needs.detections:
         t0 = time.perf_counter()
@@ -333,20 +352,12 @@ def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter):
     scores = strategy.score(preds, ScoringContext(tuple(unlabelled), exp.seed, r))
     timings["score_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    picked = strategy.select(
-        scores, exp.budget.amount(r), unit_cost(exp.budget.unit, exp.oracle, pool)
-    )
+    amount = exp.budget.amount(r)
+    picked = strategy.select(scores, amount, unit_cost(exp.budget.unit, exp.oracle, pool))
     timings["select_s"] = time.perf_counter() - t0
     if not picked:
-        return (
-            empty,
-            [],
-            (
-                f"budget.per_round: {exp.budget.amount(r):g} {exp.budget.unit} "
-                "buys no remaining image"
-            ),
-            timings,
-        )
+        stopped = f"budget.per_round: {amount:g} {exp.budget.unit} buys no remaining image"
+        return RoundSelection(empty, [], stopped, timings, preds, scores)
     labels = exp.oracle.annotate(pool.records(picked))
     selection = Selection(
         tuple(picked),
@@ -356,10 +367,30 @@ def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter):
         strategy.aggregator,
         strategy.score_threshold,
     )
-    stopped = None
-    if len(picked) == len(unlabelled):
-        stopped = None if r + 1 <= exp.budget.rounds else "pool exhausted"
-    return selection, labels, stopped, timings
+    return RoundSelection(selection, labels, None, timings, preds, scores)
+
+
+def save_predictions(
+    path: Path, preds: list[Detections] | None, scores: dict[str, float] | None
+) -> None:
+    """The pool predictions and image scores behind a selection, so it can be audited later.
+
+    Per-box arrays are concatenated over images; ``offsets[i]:offsets[i+1]`` are image i's boxes.
+    """
+    preds = preds or []
+    ids = [d.image_id for d in preds] if preds else sorted(scores or {})
+    arrays: dict[str, np.ndarray] = {
+        "image_ids": np.asarray(ids, dtype=str),
+        "image_scores": np.asarray([(scores or {}).get(i, np.nan) for i in ids], dtype=np.float64),
+        "offsets": np.cumsum([0, *[len(d) for d in preds]]).astype(np.int64),
+    }
+    for name in ("boxes", "scores", "labels", "probs"):
+        parts = [getattr(d, name) for d in preds if getattr(d, name) is not None]
+        if preds and len(parts) == len(preds):
+            arrays[name] = torch.cat(parts).numpy()
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _selection_json(selection: Selection, exp: Experiment, r: int) -> dict[str, Any]:

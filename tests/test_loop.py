@@ -201,3 +201,20 @@ def test_real_voc_dataset_with_recorded_skips(tmp_path):
     skipped = json.loads((tmp_path / "skipped.json").read_text())
     assert skipped["count"] == 2
     assert any("BloodImage_00338.xml" in item for item in skipped["items"])
+
+
+def test_saved_predictions_explain_the_selection(tmp_path):
+    import numpy as np
+
+    _run(tmp_path, ["budget.rounds=1", "save_predictions=true"])
+    saved = np.load(tmp_path / "round_00" / "preds.npz")
+    sel = json.loads((tmp_path / "round_00/selection.json").read_text())
+    assert len(saved["image_ids"]) == 50  # 60-image pool minus the 10 initial ones
+    assert saved["offsets"][-1] == len(saved["boxes"]) == len(saved["probs"])
+    by_id = dict(zip(saved["image_ids"].tolist(), saved["image_scores"].tolist()))
+    for item in sel["selected"]:
+        expected = item["score"]
+        if isinstance(expected, str):
+            expected = float(expected)
+        assert by_id[item["image_id"]] == pytest.approx(expected)
+    assert not (tmp_path / "round_01" / "preds.npz").exists()  # the last round selects nothing
