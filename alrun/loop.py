@@ -213,6 +213,7 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
         rows, stopped = state["results"], state["stopped"]
         _restore_pool(pool, state)
         run_dir.discard_incomplete(state["last_completed_round"])
+        write_csv(root / "results.csv", rows)  # it may lag state.json if killed in between
         if start <= rounds and stopped is None and exp.schedule.init == "continue":
             checkpoint = run_dir.round_dir(start - 1) / "checkpoint.pt"
             exp.detector.load_state_dict(torch.load(checkpoint, weights_only=True))

@@ -161,3 +161,16 @@ def test_ssd_probs_background_last_and_no_box_feats(images):
     torch.testing.assert_close(p.probs[torch.arange(len(p)), p.labels], p.scores)
     with pytest.raises(AlrunError, match="SSD has no fixed-size box feature"):
         det.predict(images.images[:1], Needs(feats=True))
+
+
+def test_pretrained_true_asks_the_builder_for_imagenet_backbone():
+    """pretrained=true is passed on as weights_backbone="DEFAULT" (never downloaded in tests)."""
+    calls = []
+
+    def builder(**kwargs):
+        calls.append(dict(kwargs))
+        kwargs.pop("weights_backbone")
+        return tiny_fcos(**kwargs)
+
+    TorchvisionDetector(builder, num_classes=2, pretrained=True, device="cpu")
+    assert calls == [{"num_classes": 2, "weights_backbone": "DEFAULT"}]
