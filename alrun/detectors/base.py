@@ -33,6 +33,7 @@ class TrainSchedule:
     warmup_iters: int = 50
     min_lr_ratio: float = 0.05
     hflip: bool = True
+    num_workers: int = 0  # image-decoding worker processes (GPU users: 4-8)
     init: str = "continue"  # scratch | continue
 
     def __post_init__(self) -> None:
@@ -40,6 +41,8 @@ class TrainSchedule:
             raise AlrunError(f"trainer.init: expected 'scratch' or 'continue', got '{self.init}'")
         if self.iterations <= 0 and self.epochs <= 0:
             raise AlrunError("trainer: set trainer.iterations or trainer.epochs to a value > 0")
+        if self.num_workers < 0:
+            raise AlrunError(f"trainer.num_workers: expected >= 0, got {self.num_workers}")
         if self.batch_size <= 0:
             raise AlrunError(f"trainer.batch_size: expected > 0, got {self.batch_size}")
 

@@ -135,34 +135,34 @@ class TorchvisionDetector:
         lr_at = _warmup_cosine(schedule, total)
         losses: list[float] = []
         step = 0
-        while step < total:
-            order = torch.randperm(len(data), generator=generator).tolist()
-            flips = torch.rand(len(data), generator=generator).lt(0.5).tolist()
-            for start in range(0, len(order), schedule.batch_size):
-                if step >= total:
-                    break
-                batch = [data[(i, flips[i])] for i in order[start : start + schedule.batch_size]]
-                images, targets = _collate(batch)
-                images = [im.to(self.device) for im in images]
-                targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step)
-                loss_dict = model(images, targets)
-                loss = sum(loss_dict.values())
-                if not torch.isfinite(loss):
-                    raise AlrunError(
-                        f"trainer: loss became {loss.item()} at iteration {step}; "
-                        f"lower trainer.lr (now {schedule.lr})"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if schedule.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                step += 1
-                if progress:
-                    progress(step, total)
+        loader = torch.utils.data.DataLoader(
+            data,
+            batch_sampler=_batches(len(data), schedule.batch_size, total, generator),
+            num_workers=schedule.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        for images, targets in loader:
+            images = [im.to(self.device) for im in images]
+            targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+            if not torch.isfinite(loss):
+                raise AlrunError(
+                    f"trainer: loss became {loss.item()} at iteration {step}; "
+                    f"lower trainer.lr (now {schedule.lr})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if schedule.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            if progress:
+                progress(step, total)
         tail = losses[-max(1, len(losses) // 10) :]
         return {"iterations": float(total), "final_loss": sum(tail) / len(tail)}
 
@@ -235,6 +235,24 @@ class TorchvisionDetector:
                 )
             )
         return results
+
+
+def _batches(
+    num_images: int, batch_size: int, total: int, generator: torch.Generator
+) -> list[list[tuple[int, bool]]]:
+    """Exactly ``total`` batches of (image index, flip) drawn epoch by epoch from ``generator``.
+
+    Drawn up front, so the order is the same whatever ``trainer.num_workers`` is.
+    """
+    batches: list[list[tuple[int, bool]]] = []
+    while len(batches) < total:
+        order = torch.randperm(num_images, generator=generator).tolist()
+        flips = torch.rand(num_images, generator=generator).lt(0.5).tolist()
+        for start in range(0, num_images, batch_size):
+            if len(batches) == total:
+                break
+            batches.append([(i, flips[i]) for i in order[start : start + batch_size]])
+    return batches
 
 
 def _warmup_cosine(schedule: TrainSchedule, total: int) -> Callable[[int], float]:

@@ -174,3 +174,16 @@ def test_pretrained_true_asks_the_builder_for_imagenet_backbone():
 
     TorchvisionDetector(builder, num_classes=2, pretrained=True, device="cpu")
     assert calls == [{"num_classes": 2, "weights_backbone": "DEFAULT"}]
+
+
+def test_worker_processes_do_not_change_training(images):
+    """Batches are drawn up front, so decoding in workers trains exactly the same weights."""
+    states = []
+    for workers in (0, 2):
+        det = TorchvisionDetector(partial(tiny_fcos, image_size=64), num_classes=4, device="cpu")
+        det.reset(seed=1)
+        schedule = TrainSchedule(iterations=4, warmup_iters=1, batch_size=2, num_workers=workers)
+        det.fit(images, schedule, seed=2)
+        states.append(det.state_dict())
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
