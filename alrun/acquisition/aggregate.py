@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 AGGREGATORS = ("sum", "mean", "max", "min", "weighted")
 
 
 def aggregate(scores: Tensor, name: str, confidences: Tensor | None = None) -> float:
-    """Reduce ``scores`` (N,) of one image's boxes, N >= 1, to one number.
+    """Reduce ``scores`` (N,) of one image's boxes, N >= 1, to one number (the one-image case of
+    :func:`aggregate_segments`).
 
     ``weighted`` is the confidence-weighted mean ``sum(c_i s_i) / sum(c_i)`` where ``c_i`` is the
     box's max class probability: uncertain boxes the detector barely believes in count less.
@@ -17,20 +19,8 @@ def aggregate(scores: Tensor, name: str, confidences: Tensor | None = None) -> f
         raise ValueError(
             "aggregate() needs at least one box; empty images are handled by the caller"
         )
-    if name == "sum":
-        return float(scores.sum())
-    if name == "mean":
-        return float(scores.mean())
-    if name == "max":
-        return float(scores.max())
-    if name == "min":
-        return float(scores.min())
-    if name == "weighted":
-        if confidences is None:
-            raise ValueError("the 'weighted' aggregator needs box confidences")
-        weights = confidences.clamp_min(0)
-        return float((weights * scores).sum() / weights.sum().clamp_min(1e-12))
-    raise ValueError(f"strategy.aggregator: expected one of {AGGREGATORS}, got '{name}'")
+    segment = torch.zeros(scores.numel(), dtype=torch.int64)
+    return float(aggregate_segments(scores.reshape(-1), segment, 1, name, confidences)[0])
 
 
 def aggregate_segments(
@@ -45,8 +35,6 @@ def aggregate_segments(
     Returns ``(num_segments,)``; images without boxes get NaN (the caller applies its policy).
     One pass over all boxes of the pool instead of a Python loop per image.
     """
-    import torch
-
     scores = scores.double()
     count = torch.zeros(num_segments, dtype=torch.float64).index_add_(
         0, segment, torch.ones_like(scores)

@@ -15,12 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from alrun.data.dataset import DatasetSplits, DetectionDataset, ImageRecord
+from alrun.data.dataset import DatasetSplits, DetectionDataset, ImageRecord, seeded_split
 from alrun.data.validate import (
     Validator,
     format_classes,
     resolve_root,
-    split_keeping_skips,
     to_arrays,
 )
 from alrun.errors import DatasetError
@@ -292,7 +291,7 @@ def coco_splits(
     data = _load_json(file)
     if test_annotation_file is None:
         dataset = _build(data, file, images, classes, skip_invalid, file.stem)
-        return split_keeping_skips(dataset, test_fraction, seed)
+        return seeded_split(dataset, test_fraction, seed)
     pool = _build(data, file, images, classes, skip_invalid, f"{file.stem}:pool")
     test_file = resolve_root(test_annotation_file, "dataset.test_annotation_file")
     test_images = (

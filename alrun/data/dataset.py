@@ -100,7 +100,10 @@ class DatasetSplits:
 
 
 def seeded_split(dataset: DetectionDataset, test_fraction: float, seed: int) -> DatasetSplits:
-    """Split one dataset into pool/test with a seeded permutation (same seed, same split)."""
+    """Split one dataset into pool/test with a seeded permutation (same seed, same split).
+
+    The reader's record of skipped items stays on the pool, so the run can report it.
+    """
     if not 0.0 < test_fraction < 1.0:
         raise DatasetError(f"dataset.test_fraction must be in (0, 1), got {test_fraction}")
     ids = sorted(dataset.ids)
@@ -108,7 +111,8 @@ def seeded_split(dataset: DetectionDataset, test_fraction: float, seed: int) -> 
     n_test = max(1, int(round(test_fraction * len(ids))))
     test_ids = sorted(ids[i] for i in order[:n_test])
     pool_ids = sorted(ids[i] for i in order[n_test:])
+    pool = dataset.subset(pool_ids, f"{dataset.name}:pool")
     return DatasetSplits(
-        pool=dataset.subset(pool_ids, f"{dataset.name}:pool"),
+        pool=DetectionDataset(pool.name, pool.classes, pool.images, dataset.skipped),
         test=dataset.subset(test_ids, f"{dataset.name}:test"),
     )

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from alrun.data.dataset import DatasetSplits, DetectionDataset, seeded_split
 from alrun.errors import DatasetError
 
 #: How far (pixels) a box may stick out of the image before it is an error; less is clipped.
@@ -171,16 +170,3 @@ class Validator:
             return False
         seen.add(image_id)
         return True
-
-
-def with_skipped(dataset: DetectionDataset, skipped: Sequence[str]) -> DetectionDataset:
-    """The same dataset carrying ``skipped`` (``subset`` and ``seeded_split`` drop the record)."""
-    return DetectionDataset(dataset.name, dataset.classes, dataset.images, tuple(skipped))
-
-
-def split_keeping_skips(
-    dataset: DetectionDataset, test_fraction: float, seed: int
-) -> DatasetSplits:
-    """``seeded_split`` keeping the reader's skip record on the pool, for the run to report."""
-    splits = seeded_split(dataset, test_fraction, seed)
-    return DatasetSplits(pool=with_skipped(splits.pool, dataset.skipped), test=splits.test)

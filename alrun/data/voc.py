@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from alrun.data.dataset import DatasetSplits, DetectionDataset, ImageRecord
-from alrun.data.validate import Box, Validator, resolve_root, split_keeping_skips, to_arrays
+from alrun.data.dataset import DatasetSplits, DetectionDataset, ImageRecord, seeded_split
+from alrun.data.validate import Box, Validator, resolve_root, to_arrays
 from alrun.errors import DatasetError
 
 #: Tried, in this order, after the XML's <filename>, when looking for an image by its XML stem.
@@ -212,7 +212,7 @@ def voc_splits(
     pool = _parse(path, pool_split, annotations_dir, images_dir, pool_val)
     if test_fraction is not None:
         names = checked if checked is not None else _classes_of(pool)
-        return split_keeping_skips(_assemble(pool, names, pool_val, path.name), test_fraction, seed)
+        return seeded_split(_assemble(pool, names, pool_val, path.name), test_fraction, seed)
 
     test_val = Validator(path.name, skip_invalid)
     if test_annotations_dir is not None:
