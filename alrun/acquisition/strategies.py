@@ -42,9 +42,8 @@ class RandomScore:
     def __call__(
         self, preds: Sequence[Detections] | None, context: ScoringContext
     ) -> dict[str, float]:
-        rng = np.random.default_rng(
-            [context.seed, context.round + 1, 0x5E1EC7]
-        )  # round -1: initial set
+        # round -1 is the initial set, hence round + 1 (seed entropy must be non-negative)
+        rng = np.random.default_rng([context.seed, context.round + 1, 0x5E1EC7])
         ordered = sorted(context.image_ids)
         return dict(zip(ordered, rng.random(len(ordered)).tolist()))
 

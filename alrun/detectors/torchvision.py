@@ -274,6 +274,11 @@ def _with_background_last(logits: Tensor) -> Tensor:
     return torch.softmax(torch.cat([logits, zeros], dim=1), dim=1)
 
 
+def _move_background_last(probs: Tensor) -> Tensor:
+    """Softmax-head distributions (background in column 0) -> alrun's order (background last)."""
+    return torch.cat([probs[:, 1:], probs[:, :1]], dim=1)
+
+
 def _dense(model: FCOS | RetinaNet, batch, levels: list[Tensor]) -> list[dict[str, Tensor]]:
     """FCOS / RetinaNet post-processing that keeps each box's logits row and feature row."""
     head_outputs = model.head(levels)
@@ -348,7 +353,7 @@ def _two_stage(model: FasterRCNN, batch, features: dict[str, Tensor]) -> list[di
         keep = keep[
             box_ops.batched_nms(cand_boxes[keep], cand_scores[keep], labels[keep], heads.nms_thresh)
         ][: heads.detections_per_img]
-        dist = torch.cat([probs[:, 1:], probs[:, :1]], dim=1)  # background last
+        dist = _move_background_last(probs)
         results.append(
             {
                 "boxes": cand_boxes[keep],
@@ -383,7 +388,7 @@ def _ssd(model: SSD, batch, levels: list[Tensor]) -> list[dict[str, Tensor]]:
         row, label, score = torch.cat(rows), torch.cat(labels), torch.cat(scores)
         keep = box_ops.batched_nms(boxes[row], score, label, model.nms_thresh)
         keep = keep[: model.detections_per_img]
-        dist = torch.cat([probs[:, 1:], probs[:, :1]], dim=1)
+        dist = _move_background_last(probs)
         results.append(
             {
                 "boxes": boxes[row[keep]],
