@@ -29,16 +29,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    exp = build_experiment(compose_config(["experiment=demo"]))
+    cfg = compose_config(["experiment=demo"])
+    exp = build_experiment(cfg)
     pool = LabelPool(exp.splits.pool)
     train_ids = pool.dataset.ids[:100]
     if args.checkpoint:
         exp.detector.load_state_dict(torch.load(args.checkpoint, weights_only=True))
     else:
-        schedule = instantiate(compose_config(["experiment=demo"]).trainer)
+        schedule = instantiate(cfg.trainer)
         schedule = type(schedule)(**{**schedule.__dict__, "iterations": args.iterations})
         exp.detector.fit(pool.dataset.subset(train_ids), schedule, seed=0, from_scratch=True)
-    unlabelled = [i for i in pool.dataset.ids if i not in set(train_ids)]
+    labelled = set(train_ids)
+    unlabelled = [i for i in pool.dataset.ids if i not in labelled]
     records = pool.records(unlabelled)
     budget = Budget.from_config(initial=1, per_round=50, rounds=1)
     print(f"pool: {len(records)} unlabelled images, {torch.get_num_threads()} threads")
@@ -66,7 +68,7 @@ def main() -> None:
         print(f"{name:<18}{boxes:>8}{predict_s:>11.3f}{score_s:>9.4f}{select_s:>10.4f}{ratio:>9}")
         if name == "entropy":
             entropy_preds, entropy_scorer, entropy_predict_s = preds, strategy.scorer, predict_s
-    # the same entropy scores computed image by image (what the vectorised pass replaced)
+    # the same entropy scorer called image by image instead of once over the whole pool
     t0 = time.perf_counter()
     for det in entropy_preds:
         entropy_scorer.image_score(det)
