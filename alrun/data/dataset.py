@@ -13,7 +13,15 @@ from alrun.errors import DatasetError
 
 @dataclass(frozen=True, eq=False)
 class ImageRecord:
-    """One image and its ground truth: xyxy boxes in absolute pixels, labels index ``classes``."""
+    """One image and its ground truth: xyxy boxes in absolute pixels, labels index ``classes``.
+
+    ``boxes``/``labels`` are the objects a detector is trained on and evaluated against.
+    ``ignore_boxes``/``ignore_labels`` are *ignore regions*: COCO ``iscrowd=1`` annotations and
+    VOC ``difficult`` objects (unless ``dataset.use_difficult``). They are never training targets
+    and never labelled by the oracle; evaluation passes them to COCOeval as crowd (a detection
+    on them is neither a true nor a false positive). ``areas`` is the annotation's own ``area``
+    field per box (COCO segmentation area) when the file has one, else None (box area is used).
+    """
 
     image_id: str
     file: Path
@@ -22,6 +30,9 @@ class ImageRecord:
     boxes: np.ndarray  # (N, 4) float32
     labels: np.ndarray  # (N,) int64
     domain: str = ""
+    ignore_boxes: np.ndarray | None = None  # (M, 4) float32, or None for none
+    ignore_labels: np.ndarray | None = None  # (M,) int64
+    areas: np.ndarray | None = None  # (N,) float32 annotation areas, or None
 
     @property
     def num_boxes(self) -> int:
