@@ -12,6 +12,7 @@ import io
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from alrun.acquisition.strategies import RandomScore, ScoringContext, Strategy
-from alrun.budget import Budget
+from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+from alrun.acquisition.select import TopK
+from alrun.acquisition.strategies import RandomScore, Strategy
+from alrun.budget import Budget, cost_function
 from alrun.data.coco import write_coco
 from alrun.data.dataset import DatasetSplits
 from alrun.detectors.base import Detector, TrainSchedule
+from alrun.diagnostics import collapse_reason
 from alrun.errors import AlrunError, BudgetError
 from alrun.io import atomic_write_bytes, read_json, save_torch, write_csv, write_json
 from alrun.metrics import evaluate, failure_modes
@@ -62,11 +66,16 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     splits = instantiate(cfg.dataset)
     if not isinstance(splits, DatasetSplits):
         raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
+    detector = instantiate(cfg.detector, num_classes=len(splits.classes))
+    strategy = instantiate(cfg.strategy)
+    strategy.check_detector(
+        getattr(detector, "head_type", "softmax"), getattr(detector, "can_embed", True)
+    )
     return Experiment(
         splits=splits,
-        detector=instantiate(cfg.detector, num_classes=len(splits.classes)),
+        detector=detector,
         regime=instantiate(cfg.supervision),
-        strategy=instantiate(cfg.strategy),
+        strategy=strategy,
         budget=instantiate(cfg.budget),
         oracle=instantiate(cfg.oracle),
         schedule=instantiate(cfg.trainer),
@@ -95,19 +104,22 @@ def initial_selection(exp: Experiment, pool: LabelPool) -> list[str]:
             f"budget.initial: {exp.budget.initial:g} {exp.budget.unit} requested but the pool "
             f"'{pool.dataset.name}' only holds {total:g} {exp.budget.unit} ({len(pool)} images)"
         )
-    scores = RandomScore()(None, ScoringContext(tuple(pool.unlabelled_ids), exp.seed, -1))
-    picked = Strategy("random", RandomScore()).select(scores, exp.budget.initial, cost_of)
+    context = AcquisitionContext(
+        tuple(pool.unlabelled_ids),
+        exp.seed,
+        -1,
+        budget=exp.budget.initial,
+        cost_of=cost_of,
+        fill=exp.budget.fill,
+    )
+    picked = TopK()(RandomScore()(context), context)
     if not picked:
         raise BudgetError(f"budget.initial: {exp.budget.initial:g} {exp.budget.unit} buys no image")
     return picked
 
 
 def unit_cost(unit: str, oracle: SimulatedOracle, pool: LabelPool):
-    if unit == "images":
-        return lambda image_id: 1.0
-    if unit == "boxes":
-        return lambda image_id: float(pool.record(image_id).num_boxes)
-    return lambda image_id: oracle.cost(pool.record(image_id))
+    return cost_function(unit, oracle, pool.record)
 
 
 class RunDir:
@@ -223,7 +235,7 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
         return rows
 
     for r in range(start, rounds + 1):
-        row, stopped = run_round(cfg, exp, pool, run_dir, r, reporter)
+        row, stopped = run_round(cfg, exp, pool, run_dir, r, reporter, tuple(rows))
         rows.append(row)
         write_json(run_dir.state_path, _state(cfg, pool, r, stopped, rows))
         write_csv(root / "results.csv", rows)
@@ -241,7 +253,13 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
 
 
 def run_round(
-    cfg: DictConfig, exp: Experiment, pool: LabelPool, run_dir: RunDir, r: int, reporter: Reporter
+    cfg: DictConfig,
+    exp: Experiment,
+    pool: LabelPool,
+    run_dir: RunDir,
+    r: int,
+    reporter: Reporter,
+    history: Sequence[dict] = (),
 ) -> tuple[dict, str | None]:
     """Train, evaluate, select and label one round; writes ``round_XX/`` atomically."""
     rounds = exp.budget.rounds
@@ -261,9 +279,14 @@ def run_round(
         with reporter.task(f"round {r}/{rounds} test") as progress:
             test_preds = exp.detector.predict(exp.splits.test.images, Needs(), progress)
         metrics = evaluate(exp.splits.test, test_preds)
+        collapsed = collapse_reason(metrics["mAP50"], train_stats)
+        if collapsed:
+            message = f"round {r}: model looks collapsed ({collapsed}); its selection is suspect"
+            log.warning(message)
+            reporter.info(f"WARNING: {message}")
         failures = failure_modes(exp.splits.test, test_preds)
 
-        acquired = _select(exp, pool, r, reporter)
+        acquired = _select(exp, pool, r, reporter, history)
         if cfg.get("save_predictions", False) and acquired.scores is not None:
             save_predictions(tmp / "preds.npz", acquired.preds, acquired.scores)
         train_set = pool.training_set()
@@ -286,6 +309,7 @@ def run_round(
                 **metrics,
                 **failures,
                 "train": train_stats,
+                "collapsed": collapsed,
                 "timings_s": {"train": train_s, **acquired.timings},
             },
         )
@@ -310,6 +334,7 @@ def run_round(
             missed=failures["missed"],
             wrong_class=failures["wrong_class"],
             poor_loc=failures["poor_loc"],
+            collapsed=int(collapsed is not None),
             train_s=train_s,
             **acquired.timings,
         )
@@ -329,7 +354,9 @@ class RoundSelection:
     scores: dict[str, float] | None = None
 
 
-def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> RoundSelection:
+def _select(
+    exp: Experiment, pool: LabelPool, r: int, reporter: Reporter, history: Sequence[dict] = ()
+) -> RoundSelection:
     """Score the unlabelled pool and pick within this round's budget (not after the last round).
 
     When the pool runs dry the run stops cleanly: either nothing is left to score, or the
@@ -337,24 +364,41 @@ def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> Rou
     """
     timings = {"predict_s": 0.0, "score_s": 0.0, "select_s": 0.0}
     strategy = exp.strategy
-    empty = Selection((), (), (), strategy.name, strategy.aggregator, strategy.score_threshold)
+    empty = Selection((), (), (), strategy.describe())
     if r >= exp.budget.rounds:
         return RoundSelection(empty, [], None, timings)
     unlabelled = pool.unlabelled_ids
     if not unlabelled:
         return RoundSelection(empty, [], "pool exhausted: every image is labelled", timings)
-    preds = None
-    if strategy.needs.detections:
-        t0 = time.perf_counter()
-        with reporter.task(f"round {r}/{exp.budget.rounds} score pool") as progress:
-            preds = exp.detector.predict(pool.records(unlabelled), strategy.needs, progress)
-        timings["predict_s"] = time.perf_counter() - t0
+    preds, labelled_embeddings = None, None
+    needs = strategy.needs
     t0 = time.perf_counter()
-    scores = strategy.score(preds, ScoringContext(tuple(unlabelled), exp.seed, r))
+    if needs.detections or needs.embedding:
+        with reporter.task(f"round {r}/{exp.budget.rounds} score pool") as progress:
+            preds = exp.detector.predict(pool.records(unlabelled), needs, progress)
+    if needs.labelled_embeddings:
+        labelled = exp.detector.predict(pool.records(pool.labelled_ids), Needs(embedding=True))
+        labelled_embeddings = torch.stack([d.embedding for d in labelled])
+    timings["predict_s"] = time.perf_counter() - t0
+    amount = exp.budget.amount(r)
+    context = AcquisitionContext(
+        pool_ids=tuple(unlabelled),
+        seed=exp.seed,
+        round=r,
+        budget=amount,
+        cost_of=unit_cost(exp.budget.unit, exp.oracle, pool),
+        fill=exp.budget.fill,
+        preds=None if preds is None else PredictionBatch.from_detections(preds),
+        labelled_ids=tuple(pool.labelled_ids),
+        labelled_embeddings=labelled_embeddings,
+        history=tuple(history),
+        selections=pool.selections(),
+    )
+    t0 = time.perf_counter()
+    scores = strategy.score(context)
     timings["score_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    amount = exp.budget.amount(r)
-    picked = strategy.select(scores, amount, unit_cost(exp.budget.unit, exp.oracle, pool))
+    picked = strategy.select(scores, context)
     timings["select_s"] = time.perf_counter() - t0
     if not picked:
         stopped = f"budget.per_round: {amount:g} {exp.budget.unit} buys no remaining image"
@@ -364,9 +408,7 @@ def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> Rou
         tuple(picked),
         tuple(float(scores[i]) for i in picked),
         tuple(lab.cost_s for lab in labels),
-        strategy.name,
-        strategy.aggregator,
-        strategy.score_threshold,
+        strategy.describe(),
     )
     return RoundSelection(selection, labels, None, timings, preds, scores)
 
@@ -397,11 +439,11 @@ def save_predictions(
 def _selection_json(selection: Selection, exp: Experiment, r: int) -> dict[str, Any]:
     return {
         "round": r,
-        "strategy": selection.strategy,
-        "aggregator": selection.aggregator,
-        "score_threshold": selection.score_threshold,
+        **selection.method,
         "budget": exp.budget.amount(r) if r < exp.budget.rounds else 0.0,
         "unit": exp.budget.unit,
+        "fill": exp.budget.fill,
+        "tie_break": "seeded random order from (seed, round)",
         "total_cost_s": selection.total_cost,
         "selected": [
             {"image_id": i, "score": _finite(s), "cost_s": c}

@@ -48,6 +48,14 @@ class LabelPool:
             self.labelled_round[i] = round_index
             self.labels[item.image_id] = item
 
+    def selections(self) -> tuple[tuple[str, ...], ...]:
+        """Ids picked after each earlier round (labelled in round r >= 1), oldest first."""
+        last = int(self.labelled_round.max(initial=0))
+        return tuple(
+            tuple(self.dataset.images[i].image_id for i in np.flatnonzero(self.labelled_round == r))
+            for r in range(1, last + 1)
+        )
+
     def training_set(self) -> DetectionDataset:
         """The labelled images with the oracle's labels (not the hidden ground truth)."""
         records = []

@@ -14,6 +14,8 @@ class Needs:
 
     ``passes`` > 1 asks for stochastic passes (MC dropout / ensemble members) stored in
     ``Detections.passes``; ``augment`` names test-time views (e.g. ``("hflip",)``).
+    ``labelled_embeddings`` asks the loop to also embed the labelled set (diversity selectors
+    that start from it, e.g. k-center greedy).
     """
 
     detections: bool = True
@@ -23,6 +25,7 @@ class Needs:
     passes: int = 1
     augment: tuple[str, ...] = ()
     grads: bool = False
+    labelled_embeddings: bool = False
 
     def merge(self, other: Needs) -> Needs:
         return Needs(
@@ -33,12 +36,16 @@ class Needs:
             passes=max(self.passes, other.passes),
             augment=tuple(dict.fromkeys(self.augment + other.augment)),
             grads=self.grads or other.grads,
+            labelled_embeddings=self.labelled_embeddings or other.labelled_embeddings,
         )
 
 
 NOTHING = Needs()
 
-_PER_BOX = ("boxes", "scores", "labels", "probs", "feats", "proposals")
+_PER_BOX = ("boxes", "scores", "labels", "probs", "class_probs", "feats", "proposals", "sources")
+
+#: ``Detections.head`` values: how the detector's classification head produced probabilities.
+HEAD_TYPES = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -46,19 +53,38 @@ class Detections:
     """One image, one forward pass, after the detector's own NMS.
 
     Per-box fields are filtered together by :meth:`select` (cf. detectron2 ``Instances``).
-    ``probs`` is the full class distribution; for heads with a background class its last column
-    is background. Every row sums to 1.
+    What the probability fields mean depends on ``head``, the kind of classification head:
+
+    ``head="softmax"`` (Faster R-CNN, SSD): the head predicts one distribution over C classes +
+      background.
+      * ``probs`` (N, C+1): that softmax, background moved to the last column. Rows sum to 1.
+      * ``class_probs`` (N, C): its first C columns (``probs[:, :-1]``), not renormalised.
+    ``head="sigmoid"`` (FCOS, RetinaNet, the tiny FCOS): the head predicts C independent
+      "object of class c here" probabilities and has no background class.
+      * ``class_probs`` (N, C): those independent sigmoids ``sigmoid(logit_c)``: the head's own
+        probabilities. Rows do not sum to 1.
+      * ``probs`` (N, C+1): a *constructed* distribution ``softmax([logits, 0])`` (a background
+        logit fixed at 0) so class-distribution scores can be computed; for one class it equals
+        ``(sigmoid, 1 - sigmoid)``. It is not something the head was trained to predict.
+    ``scores`` is the detector's ranking confidence (softmax: ``p_label``; RetinaNet:
+    ``sigmoid``; FCOS: ``sqrt(sigmoid(cls) * sigmoid(centerness))``).
+    ``sources`` (N,) is the anchor / proposal index each box was decoded from: per-class NMS can
+    keep several boxes (one per class) from one source, and those rows share their
+    probabilities and features, so scorers count each source once.
     """
 
     image_id: str
     boxes: Tensor  # (N, 4) xyxy absolute pixels
     scores: Tensor  # (N,) detector confidence
     labels: Tensor  # (N,) class index into the dataset classes
-    probs: Tensor | None = None  # (N, C or C+1)
+    probs: Tensor | None = None  # (N, C+1), background last (see above)
     feats: Tensor | None = None  # (N, D)
     embedding: Tensor | None = None  # (D,)
     proposals: Tensor | None = None  # (N, 4)
     passes: tuple[Detections, ...] = field(default=())
+    class_probs: Tensor | None = None  # (N, C)
+    sources: Tensor | None = None  # (N,) int64
+    head: str = "softmax"  # softmax | sigmoid
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -96,9 +122,7 @@ class Selection:
     image_ids: tuple[str, ...]
     scores: tuple[float, ...]
     costs: tuple[float, ...]
-    strategy: str
-    aggregator: str | None
-    score_threshold: float
+    method: dict = field(default_factory=dict)  # Strategy.describe(): how the pick was made
 
     @property
     def total_cost(self) -> float:
@@ -121,6 +145,7 @@ class RoundResult:
     missed: int
     wrong_class: int
     poor_loc: int
+    collapsed: int  # 1: the round's model looks collapsed (alrun.diagnostics)
     train_s: float
     predict_s: float
     score_s: float

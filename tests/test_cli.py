@@ -99,7 +99,7 @@ def test_budget_unit_typo(tmp_path):
         ("detector.pretrained=/no/such.pt", "detector.pretrained"),
         ("budget.per_round=0", "budget.per_round"),
         ("trainer.init=warm", "trainer.init"),
-        ("strategy.scorer.aggregator=median", "strategy.aggregator"),
+        ("strategy.scorer.aggregator=median", "strategy.scorer.aggregator"),
     ],
 )
 def test_bad_values(tmp_path, override, needle):
