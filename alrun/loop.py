@@ -372,14 +372,14 @@ def _select(
         return RoundSelection(empty, [], "pool exhausted: every image is labelled", timings)
     preds, labelled_embeddings = None, None
     needs = strategy.needs
-    t0 = time.perf_counter()
-    if needs.detections or needs.embedding:
+    if needs.detections or needs.embedding or needs.labelled_embeddings:
+        t0 = time.perf_counter()
         with reporter.task(f"round {r}/{exp.budget.rounds} score pool") as progress:
             preds = exp.detector.predict(pool.records(unlabelled), needs, progress)
-    if needs.labelled_embeddings:
-        labelled = exp.detector.predict(pool.records(pool.labelled_ids), Needs(embedding=True))
-        labelled_embeddings = torch.stack([d.embedding for d in labelled])
-    timings["predict_s"] = time.perf_counter() - t0
+        if needs.labelled_embeddings:
+            labelled = exp.detector.predict(pool.records(pool.labelled_ids), Needs(embedding=True))
+            labelled_embeddings = torch.stack([d.embedding for d in labelled])
+        timings["predict_s"] = time.perf_counter() - t0
     amount = exp.budget.amount(r)
     context = AcquisitionContext(
         pool_ids=tuple(unlabelled),
