@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from alrun.acquisition.strategies import RandomScore, ScoringContext, Strategy
 from alrun.budget import Budget
 from alrun.data.coco import write_coco
-from alrun.data.dataset import DatasetSplits
+from alrun.data.dataset import DatasetSplits, split_record
 from alrun.detectors.base import Detector, TrainSchedule
 from alrun.errors import AlrunError, BudgetError
 from alrun.io import atomic_write_bytes, read_json, save_torch, write_csv, write_json
@@ -202,6 +202,7 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
     if skipped:
         write_json(root / "skipped.json", {"count": len(skipped), "items": skipped})
         reporter.info(f"dataset: skipped {len(skipped)} invalid items (listed in skipped.json)")
+    write_json(root / "splits.json", split_record(exp.splits))  # the test set, for audit
     pool = LabelPool(exp.splits.pool)
     rounds = exp.budget.rounds
     if state is None:

@@ -207,8 +207,8 @@ def test_write_coco_rejects_reserved_extra_fields(tmp_path: Path) -> None:
 def test_coco_splits_seeded_and_with_test_file(tmp_path: Path) -> None:
     ds = sample_dataset(tmp_path)
     pool_file = write_coco(ds, tmp_path / "pool.json")
-    s1 = coco_splits(pool_file, test_fraction=0.34, seed=3)
-    s2 = coco_splits(pool_file, test_fraction=0.34, seed=3)
+    s1 = coco_splits(pool_file, test_fraction=0.34, split_seed=3)
+    s2 = coco_splits(pool_file, test_fraction=0.34, split_seed=3)
     assert s1.test.ids == s2.test.ids and len(s1.test) == 1 and len(s1.pool) == 2
 
     test_ds = DetectionDataset("t", ds.classes, (ds.images[0],))

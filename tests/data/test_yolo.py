@@ -141,7 +141,7 @@ def test_duplicate_stems(tmp_path: Path) -> None:
 def test_unreadable_image(tmp_path: Path) -> None:
     root = make_yolo(tmp_path / "y", {"a": ""})
     (root / "images" / "train" / "z.jpg").write_bytes(b"not an image")
-    with pytest.raises(DatasetError, match=r"z\.jpg: cannot read image size"):
+    with pytest.raises(DatasetError, match=r"z\.jpg: cannot read image"):
         read_yolo(root)
 
 
@@ -154,7 +154,7 @@ def test_missing_root_split_and_classes(tmp_path: Path) -> None:
     (root / "labels" / "classes.txt").write_text("cat\ndog\n")
     assert read_yolo(root).classes == ("cat", "dog")
     with pytest.raises(
-        DatasetError, match=r"val does not exist; available splits: \['test', 'train'\]"
+        DatasetError, match=r"val/images exists; available splits: \['test', 'train'\]"
     ):
         read_yolo(root, "val")
     with pytest.raises(DatasetError, match=r"domains\.csv does not exist"):
