@@ -241,3 +241,12 @@ def test_splits_share_union_of_classes(tmp_path: Path) -> None:
     assert splits.pool.classes == splits.test.classes == ("cat", "dog")
     seeded = voc_splits(root, pool_split="all", test_fraction=0.5, split_seed=1)
     assert len(seeded.pool) == len(seeded.test) == 1
+
+
+def test_declared_size_must_match_the_image(tmp_path: Path) -> None:
+    root = make_voc(tmp_path / "voc", {"a": [("cat", (1, 1, 5, 5))], "b": []})
+    Image.new("RGB", (30, 40)).save(root / "JPEGImages" / "b.jpg")  # the XML says 40x30
+    with pytest.raises(DatasetError, match=r"b\.xml: image .*b\.jpg is 30x40 .* declares 40x30"):
+        read_voc(root)
+    ds = read_voc(root, skip_invalid=True)
+    assert ds.ids == ["a"] and "b.xml" in ds.skipped[0]
