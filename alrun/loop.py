@@ -27,7 +27,7 @@ from alrun.acquisition.select import TopK
 from alrun.acquisition.strategies import RandomScore, Strategy
 from alrun.budget import Budget, cost_function
 from alrun.data.coco import write_coco
-from alrun.data.dataset import DatasetSplits
+from alrun.data.dataset import DatasetSplits, split_record
 from alrun.detectors.base import Detector, TrainSchedule
 from alrun.diagnostics import collapse_reason
 from alrun.errors import AlrunError, BudgetError
@@ -214,6 +214,7 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
     if skipped:
         write_json(root / "skipped.json", {"count": len(skipped), "items": skipped})
         reporter.info(f"dataset: skipped {len(skipped)} invalid items (listed in skipped.json)")
+    write_json(root / "splits.json", split_record(exp.splits))  # the test set, for audit
     pool = LabelPool(exp.splits.pool)
     rounds = exp.budget.rounds
     if state is None:

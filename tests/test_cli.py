@@ -130,7 +130,7 @@ def test_sweep_writes_one_run_per_job(tmp_path):
 
 
 def test_wrong_key_for_the_chosen_dataset(tmp_path):
-    """smoke sizes the synthetic data; with a VOC dataset that key is a one-line config error."""
-    result = alrun(tmp_path, "dataset=voc", "dataset.root=/tmp")
+    """A synthetic-only key with a VOC dataset is a one-line config error."""
+    result = alrun(tmp_path, "dataset=voc", "dataset.root=/tmp", "+dataset.num_pool=60")
     assert_clean_failure(result, tmp_path, "alrun: error: dataset:", "num_pool")
     assert len(result.stderr.strip().splitlines()) == 1
