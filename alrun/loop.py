@@ -28,7 +28,7 @@ from alrun.data.dataset import DatasetSplits
 from alrun.detectors.base import Detector, TrainSchedule
 from alrun.errors import AlrunError, BudgetError
 from alrun.io import atomic_write_bytes, read_json, save_torch, write_csv, write_json
-from alrun.metrics import evaluate, failure_modes
+from alrun.metrics import MetricConfig, evaluate, failure_analysis, pool_misses
 from alrun.oracle import ImageLabels, SimulatedOracle
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
@@ -53,6 +53,7 @@ class Experiment:
     oracle: SimulatedOracle
     schedule: TrainSchedule
     seed: int
+    metric: MetricConfig = MetricConfig()
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -71,6 +72,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         oracle=instantiate(cfg.oracle),
         schedule=instantiate(cfg.trainer),
         seed=int(cfg.seed),
+        metric=instantiate(cfg.metric) if "metric" in cfg else MetricConfig(),
     )
 
 
@@ -260,8 +262,8 @@ def run_round(
         train_s = time.perf_counter() - t0
         with reporter.task(f"round {r}/{rounds} test") as progress:
             test_preds = exp.detector.predict(exp.splits.test.images, Needs(), progress)
-        metrics = evaluate(exp.splits.test, test_preds)
-        failures = failure_modes(exp.splits.test, test_preds)
+        metrics = evaluate(exp.splits.test, test_preds, exp.metric.protocol)
+        failures = failure_analysis(exp.splits.test, test_preds, exp.metric.failure_score_threshold)
 
         acquired = _select(exp, pool, r, reporter)
         if cfg.get("save_predictions", False) and acquired.scores is not None:
@@ -285,6 +287,7 @@ def run_round(
             {
                 **metrics,
                 **failures,
+                "pool_misses": _pool_misses(exp, pool, acquired),
                 "train": train_stats,
                 "timings_s": {"train": train_s, **acquired.timings},
             },
@@ -310,6 +313,8 @@ def run_round(
             missed=failures["missed"],
             wrong_class=failures["wrong_class"],
             poor_loc=failures["poor_loc"],
+            both=failures["both"],
+            dupe=failures["dupe"],
             train_s=train_s,
             **acquired.timings,
         )
@@ -327,6 +332,15 @@ class RoundSelection:
     timings: dict[str, float]
     preds: list[Detections] | None = None
     scores: dict[str, float] | None = None
+
+
+def _pool_misses(exp: Experiment, pool: LabelPool, acquired: RoundSelection) -> dict | None:
+    """Objects the model misses in the selected images vs the rest (None: no pool predictions)."""
+    if not acquired.preds:
+        return None
+    records = pool.records([p.image_id for p in acquired.preds])
+    threshold = exp.metric.failure_score_threshold
+    return pool_misses(records, acquired.preds, acquired.selection.image_ids, threshold)
 
 
 def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> RoundSelection:

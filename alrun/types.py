@@ -121,6 +121,8 @@ class RoundResult:
     missed: int
     wrong_class: int
     poor_loc: int
+    both: int  # wrong class and poor localisation (TIDE); see alrun.metrics
+    dupe: int  # duplicate of an already matched object
     train_s: float
     predict_s: float
     score_s: float
