@@ -28,6 +28,7 @@ from alrun.data.dataset import DatasetSplits
 from alrun.detectors.base import Detector, TrainSchedule
 from alrun.errors import AlrunError, BudgetError
 from alrun.io import atomic_write_bytes, read_json, save_torch, write_csv, write_json
+from alrun.logger import NullLogger
 from alrun.metrics import MetricConfig, evaluate, failure_analysis, pool_misses
 from alrun.oracle import ImageLabels, SimulatedOracle
 from alrun.pool import LabelPool
@@ -224,6 +225,10 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
         reporter.info(f"run already complete ({stopped or 'all rounds done'})")
         return rows
 
+    logger = instantiate(cfg.logger) if "logger" in cfg else NullLogger()
+    logger.start(
+        OmegaConf.to_container(cfg, resolve=True), root, f"{exp.strategy.name}-seed{exp.seed}"
+    )
     for r in range(start, rounds + 1):
         row, stopped = run_round(cfg, exp, pool, run_dir, r, reporter)
         rows.append(row)
@@ -235,9 +240,13 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
             f"round {r}/{rounds}: {row['images']} images, {row['cost_s']:.0f} s labelled, "
             f"mAP {row['mAP']:.3f}, mAP50 {row['mAP50']:.3f}, train {row['train_s']:.0f} s"
         )
+        selected = read_json(run_dir.round_dir(r) / "selection.json")["selected"]
+        files = [pool.record(item["image_id"]).file for item in selected]
+        logger.log_round(row, read_json(run_dir.round_dir(r) / "metrics.json"), files)
         if stopped:
             reporter.info(f"stopping after round {r}: {stopped}")
             break
+    logger.finish()  # (a crashed run is closed by wandb's own exit hook)
     reporter.table(rows, title=f"{exp.strategy.name} seed {exp.seed}")
     return rows
 
