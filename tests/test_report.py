@@ -191,8 +191,13 @@ def test_partial_and_failed_runs_are_marked_not_fatal(tmp_path):
     by = {r.seed: r for r in run_set.groups["entropy"]}
     assert by[2].partial and not by[0].partial
     assert not run_set.groups["margin"][0].partial  # stopped cleanly is not partial
-    rows = {r["group"]: r for r in table_rows(compare(run_set))}
-    assert rows["entropy"]["status"] == "partial seeds: 2"
+    comparison = compare(run_set)
+    rows = {r["group"]: r for r in table_rows(comparison)}
+    assert rows["entropy"]["status"] == "partial seeds: 2 (curves only)"
+    # the unfinished seed is in the curve but not in the final estimate
+    entropy = {s.group: s for s in comparison.summaries}["entropy"]
+    assert entropy.final.n == 2 and entropy.final.mean == pytest.approx(0.385)
+    assert comparison.curves["entropy"][1].y.n == 3 and comparison.curves["entropy"][2].y.n == 2
     _, _, files = build([root], tmp_path / "out")
     assert "failed: budget.initial" in files["html"].read_text()
 

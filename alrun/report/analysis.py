@@ -68,10 +68,13 @@ def compare(run_set: RunSet, metric: str = "mAP", baseline: str = "random") -> C
         if metric not in run.rows[0]:
             raise_missing(run, metric)
     curves = {g: curve(runs, metric) for g, runs in groups.items()}
-    base_runs = groups.get(baseline)
+    # finals, AULC and paired differences use finished runs only (partial ones stop early);
+    # a group with no finished run falls back to its partial runs, and says so in its status
+    finished = {g: [r for r in runs if not r.partial] or runs for g, runs in groups.items()}
+    base_runs = finished.get(baseline)
     base_final = float(np.mean([run.rows[-1][metric] for run in base_runs])) if base_runs else None
     summaries = []
-    for group, runs in groups.items():
+    for group, runs in finished.items():
         finals = {run.seed: run.rows[-1][metric] for run in runs}
         areas = {
             run.seed: aulc([row[axis] for row in run.rows], [row[metric] for row in run.rows])
@@ -96,8 +99,8 @@ def compare(run_set: RunSet, metric: str = "mAP", baseline: str = "random") -> C
         summaries.append(
             GroupSummary(
                 group=group,
-                seeds=tuple(run.seed for run in runs),
-                partial=tuple(run.seed for run in runs if run.partial),
+                seeds=tuple(run.seed for run in groups[group]),
+                partial=tuple(run.seed for run in groups[group] if run.partial),
                 final=mean_ci(list(finals.values())),
                 aulc=mean_ci(list(areas.values())),
                 reach_cost_s=reach_cost,
@@ -137,9 +140,7 @@ def table_rows(comparison: Comparison) -> list[dict[str, str]]:
             {
                 "group": s.group,
                 "seeds": " ".join(map(str, s.seeds)),
-                "status": "complete"
-                if not s.partial
-                else "partial seeds: " + " ".join(map(str, s.partial)),
+                "status": _status(s),
                 f"final {m} (95% CI)": s.final.text(),
                 f"AULC {m} (normalised, per {comparison.budget_axis})": s.aulc.text(),
                 f"cost to reach {base}'s final {m}": reach,
@@ -147,6 +148,15 @@ def table_rows(comparison: Comparison) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def _status(s: GroupSummary) -> str:
+    if not s.partial:
+        return "complete"
+    seeds = " ".join(map(str, s.partial))
+    if len(s.partial) == len(s.seeds):
+        return f"partial seeds: {seeds} (all unfinished: numbers are from their last round)"
+    return f"partial seeds: {seeds} (curves only)"
 
 
 def curve_rows(comparison: Comparison) -> list[dict[str, float | int | str]]:

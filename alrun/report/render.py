@@ -245,7 +245,8 @@ def write_report(run_set: RunSet, comparison: Comparison, out_dir: Path) -> dict
 <p>{len(run_set.runs)} runs in {len(run_set.groups)} groups; seeds are replicates. Intervals are
 95 % Student-t intervals over seeds (none with a single seed). AULC: area under the
 {html.escape(comparison.metric)} curve over {html.escape(comparison.budget_axis)} divided by its
-range. Paired differences use the seeds both groups ran.</p>
+range. Paired differences use the seeds both groups ran. Partial (unfinished) runs appear in the
+curves but not in the final, AULC or paired numbers.</p>
 {f"<ul>{warnings}</ul>" if warnings else ""}
 <h2>Comparison</h2>{_table(table)}
 <h2>Learning curves</h2>
