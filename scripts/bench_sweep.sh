@@ -11,8 +11,8 @@ PY=${PY:-.venv/bin/python}
 JOBS=${JOBS:-2}
 OUT=$(mktemp -d /tmp/alrun-bench-sweep.XXXXXX)
 export ALRUN_CACHE=${ALRUN_CACHE:-$HOME/.cache/alrun}
-SWEEP=(experiment=smoke strategy=random,entropy seed=0 trainer.first_iterations=60
-       trainer.iterations=20 hydra.callbacks.sweep_report.enabled=false "$@")
+SWEEP=(experiment=smoke strategy=random,entropy seed=0 budget.rounds=1
+       hydra.callbacks.sweep_report.enabled=false "$@")
 
 # generate the synthetic images once, so that neither timing pays for it
 "$PY" -m alrun.cli experiment=smoke budget.rounds=1 trainer.iterations=1 \
