@@ -227,6 +227,7 @@ def test_gallery_draws_predicted_boxes_or_says_none(tmp_path):
     _, _, files = build([root], tmp_path / "out")
     page = files["html"].read_text()
     assert page.count("no predicted boxes stored for this run") == 1  # the random run
+    assert "image score 0.75<br>1 of 2 boxes ≥ 0.3" in page
     thumbs = re.findall(r"<img alt='a' src='data:image/png;base64,([^']+)'>", page)
     assert len(thumbs) == 2
     images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(t)))) for t in thumbs]

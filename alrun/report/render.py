@@ -168,13 +168,16 @@ def gallery_html(run: Run, per_round: int = 8, size: int = 160, min_score: float
             index = {str(i): k for k, i in enumerate(preds["image_ids"])}
         for item in selected[:per_round]:
             image_id = str(item["image_id"])
-            caption = f"{html.escape(image_id)}<br>score {item['score']}"
+            score = item["score"]
+            score = f"{score:.4g}" if isinstance(score, (int, float)) else str(score)
+            caption = f"{html.escape(image_id)}<br>image score {html.escape(score)}"
             boxes = scores = None
             if preds is not None and image_id in index:
                 k = index[image_id]
                 lo, hi = int(preds["offsets"][k]), int(preds["offsets"][k + 1])
                 keep = preds["scores"][lo:hi] >= min_score
                 boxes, scores = preds["boxes"][lo:hi][keep], preds["scores"][lo:hi][keep]
+                caption += f"<br>{len(scores)} of {hi - lo} boxes ≥ {min_score}"
             file = files.get(image_id)
             if file is None or not Path(file).is_file():
                 parts.append(
