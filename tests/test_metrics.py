@@ -305,3 +305,67 @@ def test_pool_misses_selected_vs_rest():
     }
     assert out["rest"]["images"] == 1 and out["rest"]["missed"] == 0
     assert pool_misses(records, preds, ["p1", "p2"], score_threshold=0.1)["selected"]["missed"] == 1
+
+
+# ---- wired into the loop --------------------------------------------------------------------
+
+
+def test_loop_records_protocol_threshold_tide_and_pool_misses(tmp_path, monkeypatch):
+    import csv
+    import json
+
+    from alrun.loop import run_experiment
+    from tests.helpers import compose_config
+
+    monkeypatch.setenv("ALRUN_CACHE", str(tmp_path / "cache"))
+    cfg = compose_config(
+        [
+            "experiment=smoke",
+            "metric.protocol=voc12",
+            "metric.failure_score_threshold=0.05",
+            "budget.rounds=1",
+            "trainer.iterations=1",
+            "trainer.first_iterations=1",
+            "dataset.num_pool=20",
+            "dataset.num_test=5",
+        ]
+    )
+    run_experiment(cfg, tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "round_00" / "metrics.json").read_text())
+    assert metrics["protocol"] == "voc12" and metrics["mAP"] == metrics["mAP50"]
+    assert "mAP75" not in metrics  # a COCO-only number is not reported under VOC
+    assert set(metrics["per_class"]) == {"circle", "rectangle", "triangle", "cross"}
+    assert metrics["failure_score_threshold"] == 0.05
+    assert {"d_both", "d_dupe", "d_missed"} <= set(metrics["error_impact_AP50"])
+    misses = metrics["pool_misses"]  # entropy scored the 10 unlabelled images, picked 10
+    assert misses["selected"]["images"] == 10 and misses["rest"]["images"] == 0
+    with (tmp_path / "run" / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert int(rows[0]["both"]) == metrics["both"] and int(rows[0]["dupe"]) == metrics["dupe"]
+    last = json.loads((tmp_path / "run" / "round_01" / "metrics.json").read_text())
+    assert last["pool_misses"] is None  # the last round scores no pool
+
+
+def test_cli_unknown_protocol_fails_before_any_round(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alrun.cli",
+            "experiment=smoke",
+            "metric.protocol=voc2012",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "alrun: error: metric.protocol: expected one of coco|voc07|voc12, got 'voc2012'"
+    )
+    assert not list((tmp_path / "run").glob("round_*"))
