@@ -32,7 +32,8 @@ from alrun.detectors.base import Detector, TrainSchedule
 from alrun.diagnostics import collapse_reason
 from alrun.errors import AlrunError, BudgetError
 from alrun.io import atomic_write_bytes, read_json, save_torch, write_csv, write_json
-from alrun.metrics import evaluate, failure_modes
+from alrun.logger import NullLogger
+from alrun.metrics import MetricConfig, evaluate, failure_analysis, pool_misses
 from alrun.oracle import ImageLabels, SimulatedOracle
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
@@ -57,6 +58,7 @@ class Experiment:
     oracle: SimulatedOracle
     schedule: TrainSchedule
     seed: int
+    metric: MetricConfig = MetricConfig()
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -80,6 +82,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         oracle=instantiate(cfg.oracle),
         schedule=instantiate(cfg.trainer),
         seed=int(cfg.seed),
+        metric=instantiate(cfg.metric) if "metric" in cfg else MetricConfig(),
     )
 
 
@@ -235,6 +238,10 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
         reporter.info(f"run already complete ({stopped or 'all rounds done'})")
         return rows
 
+    logger = instantiate(cfg.logger) if "logger" in cfg else NullLogger()
+    logger.start(
+        OmegaConf.to_container(cfg, resolve=True), root, f"{exp.strategy.name}-seed{exp.seed}"
+    )
     for r in range(start, rounds + 1):
         row, stopped = run_round(cfg, exp, pool, run_dir, r, reporter, tuple(rows))
         rows.append(row)
@@ -246,9 +253,13 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
             f"round {r}/{rounds}: {row['images']} images, {row['cost_s']:.0f} s labelled, "
             f"mAP {row['mAP']:.3f}, mAP50 {row['mAP50']:.3f}, train {row['train_s']:.0f} s"
         )
+        selected = read_json(run_dir.round_dir(r) / "selection.json")["selected"]
+        files = [pool.record(item["image_id"]).file for item in selected]
+        logger.log_round(row, read_json(run_dir.round_dir(r) / "metrics.json"), files)
         if stopped:
             reporter.info(f"stopping after round {r}: {stopped}")
             break
+    logger.finish()  # (a crashed run is closed by wandb's own exit hook)
     reporter.table(rows, title=f"{exp.strategy.name} seed {exp.seed}")
     return rows
 
@@ -279,13 +290,13 @@ def run_round(
         train_s = time.perf_counter() - t0
         with reporter.task(f"round {r}/{rounds} test") as progress:
             test_preds = exp.detector.predict(exp.splits.test.images, Needs(), progress)
-        metrics = evaluate(exp.splits.test, test_preds)
+        metrics = evaluate(exp.splits.test, test_preds, exp.metric.protocol)
         collapsed = collapse_reason(metrics["mAP50"], train_stats)
         if collapsed:
             message = f"round {r}: model looks collapsed ({collapsed}); its selection is suspect"
             log.warning(message)
             reporter.info(f"WARNING: {message}")
-        failures = failure_modes(exp.splits.test, test_preds)
+        failures = failure_analysis(exp.splits.test, test_preds, exp.metric.failure_score_threshold)
 
         acquired = _select(exp, pool, r, reporter, history)
         if cfg.get("save_predictions", False) and acquired.scores is not None:
@@ -309,6 +320,7 @@ def run_round(
             {
                 **metrics,
                 **failures,
+                "pool_misses": _pool_misses(exp, pool, acquired),
                 "train": train_stats,
                 "collapsed": collapsed,
                 "timings_s": {"train": train_s, **acquired.timings},
@@ -335,6 +347,8 @@ def run_round(
             missed=failures["missed"],
             wrong_class=failures["wrong_class"],
             poor_loc=failures["poor_loc"],
+            both=failures["both"],
+            dupe=failures["dupe"],
             collapsed=int(collapsed is not None),
             train_s=train_s,
             **acquired.timings,
@@ -353,6 +367,15 @@ class RoundSelection:
     timings: dict[str, float]
     preds: list[Detections] | None = None
     scores: dict[str, float] | None = None
+
+
+def _pool_misses(exp: Experiment, pool: LabelPool, acquired: RoundSelection) -> dict | None:
+    """Objects the model misses in the selected images vs the rest (None: no pool predictions)."""
+    if not acquired.preds:
+        return None
+    records = pool.records([p.image_id for p in acquired.preds])
+    threshold = exp.metric.failure_score_threshold
+    return pool_misses(records, acquired.preds, acquired.selection.image_ids, threshold)
 
 
 def _select(

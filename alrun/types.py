@@ -145,6 +145,8 @@ class RoundResult:
     missed: int
     wrong_class: int
     poor_loc: int
+    both: int  # wrong class and poor localisation (TIDE); see alrun.metrics
+    dupe: int  # duplicate of an already matched object
     collapsed: int  # 1: the round's model looks collapsed (alrun.diagnostics)
     train_s: float
     predict_s: float
