@@ -29,10 +29,11 @@ from alrun.detectors.base import Detector, TrainSchedule
 from alrun.errors import AlrunError, BudgetError
 from alrun.io import atomic_write_bytes, read_json, save_torch, write_csv, write_json
 from alrun.metrics import evaluate, failure_modes
-from alrun.oracle import ImageLabels, SimulatedOracle
+from alrun.oracle import SimulatedOracle
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
-from alrun.types import Detections, Needs, RoundResult, Selection
+from alrun.supervision.base import LabelRequest, Regime, check_regime
+from alrun.types import Detections, ImageLabels, Needs, RoundResult, Selection
 
 log = logging.getLogger("alrun")
 
@@ -47,7 +48,7 @@ class Experiment:
 
     splits: DatasetSplits
     detector: Detector
-    regime: Any
+    regime: Regime
     strategy: Strategy
     budget: Budget
     oracle: SimulatedOracle
@@ -62,7 +63,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     splits = instantiate(cfg.dataset)
     if not isinstance(splits, DatasetSplits):
         raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
-    return Experiment(
+    exp = Experiment(
         splits=splits,
         detector=instantiate(cfg.detector, num_classes=len(splits.classes)),
         regime=instantiate(cfg.supervision),
@@ -72,6 +73,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         schedule=instantiate(cfg.trainer),
         seed=int(cfg.seed),
     )
+    check_regime(exp.regime, exp.oracle)
+    return exp
 
 
 def derive_seed(seed: int, round_index: int, purpose: int) -> int:
@@ -88,7 +91,7 @@ def _config_fingerprint(cfg: DictConfig) -> dict[str, Any]:
 
 def initial_selection(exp: Experiment, pool: LabelPool) -> list[str]:
     """Seeded random initial set filled greedily up to ``budget.initial`` (in the budget unit)."""
-    cost_of = unit_cost(exp.budget.unit, exp.oracle, pool)
+    cost_of = unit_cost(exp.budget.unit, exp.oracle, pool, exp.regime.label_kind(LabelRequest(0)))
     total = sum(cost_of(i) for i in pool.unlabelled_ids)
     if exp.budget.initial > total:
         raise BudgetError(
@@ -102,12 +105,12 @@ def initial_selection(exp: Experiment, pool: LabelPool) -> list[str]:
     return picked
 
 
-def unit_cost(unit: str, oracle: SimulatedOracle, pool: LabelPool):
+def unit_cost(unit: str, oracle: SimulatedOracle, pool: LabelPool, kind: str | None = None):
     if unit == "images":
         return lambda image_id: 1.0
     if unit == "boxes":
         return lambda image_id: float(pool.record(image_id).num_boxes)
-    return lambda image_id: oracle.cost(pool.record(image_id))
+    return lambda image_id: oracle.cost(pool.record(image_id), kind)
 
 
 class RunDir:
@@ -157,30 +160,14 @@ def _load_state(run_dir: RunDir, cfg: DictConfig) -> dict[str, Any] | None:
 
 def _restore_pool(pool: LabelPool, state: dict[str, Any]) -> None:
     for item in state["labels"]:
-        label = ImageLabels(
-            item["image_id"],
-            item["kind"],
-            np.asarray(item["boxes"], dtype=np.float32).reshape(-1, 4),
-            np.asarray(item["labels"], dtype=np.int64),
-            float(item["cost_s"]),
-        )
-        pool.add([label], int(item["round"]))
+        pool.add([ImageLabels.from_json(item)], int(item["round"]))
 
 
 def _state(cfg, pool: LabelPool, last_completed: int, stopped: str | None, rows) -> dict:
-    labels = []
-    for image_id in pool.labelled_ids:
-        lab = pool.labels[image_id]
-        labels.append(
-            {
-                "image_id": image_id,
-                "round": int(pool.labelled_round[pool.index[image_id]]),
-                "kind": lab.kind,
-                "boxes": lab.boxes.tolist(),
-                "labels": lab.labels.tolist(),
-                "cost_s": lab.cost_s,
-            }
-        )
+    labels = [
+        {**pool.labels[i].to_json(), "round": int(pool.labelled_round[pool.index[i]])}
+        for i in pool.labelled_ids
+    ]
     return {
         "last_completed_round": last_completed,
         "stopped": stopped,
@@ -207,11 +194,12 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
     if state is None:
         start, rows, stopped = 0, [], None
         picked = initial_selection(exp, pool)
-        pool.add(exp.oracle.annotate(pool.records(picked)), 0)
+        pool.add(exp.regime.annotate(exp.oracle, pool.records(picked), LabelRequest(0)), 0)
     else:
         start = state["last_completed_round"] + 1
         rows, stopped = state["results"], state["stopped"]
         _restore_pool(pool, state)
+        exp.regime.load_state_dict(state.get("regime", {}))
         run_dir.discard_incomplete(state["last_completed_round"])
         write_csv(root / "results.csv", rows)  # it may lag state.json if killed in between
         if start <= rounds and stopped is None and exp.schedule.init == "continue":
@@ -223,9 +211,10 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
         return rows
 
     for r in range(start, rounds + 1):
-        row, stopped = run_round(cfg, exp, pool, run_dir, r, reporter)
+        row, stopped = run_round(cfg, exp, pool, run_dir, r, reporter, tuple(rows))
         rows.append(row)
-        write_json(run_dir.state_path, _state(cfg, pool, r, stopped, rows))
+        state = {**_state(cfg, pool, r, stopped, rows), "regime": exp.regime.state_dict()}
+        write_json(run_dir.state_path, state)
         write_csv(root / "results.csv", rows)
         if cfg.get("keep_checkpoints", "last") == "last" and r > 0:
             (run_dir.round_dir(r - 1) / "checkpoint.pt").unlink(missing_ok=True)
@@ -241,7 +230,13 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
 
 
 def run_round(
-    cfg: DictConfig, exp: Experiment, pool: LabelPool, run_dir: RunDir, r: int, reporter: Reporter
+    cfg: DictConfig,
+    exp: Experiment,
+    pool: LabelPool,
+    run_dir: RunDir,
+    r: int,
+    reporter: Reporter,
+    history: tuple[dict, ...] = (),
 ) -> tuple[dict, str | None]:
     """Train, evaluate, select and label one round; writes ``round_XX/`` atomically."""
     rounds = exp.budget.rounds
@@ -263,21 +258,15 @@ def run_round(
         metrics = evaluate(exp.splits.test, test_preds)
         failures = failure_modes(exp.splits.test, test_preds)
 
-        acquired = _select(exp, pool, r, reporter)
+        history = (*history, {"round": r, **totals, **metrics})
+        acquired = _select(exp, pool, r, reporter, LabelRequest(r + 1, history, exp.detector))
         if cfg.get("save_predictions", False) and acquired.scores is not None:
             save_predictions(tmp / "preds.npz", acquired.preds, acquired.scores)
-        train_set = pool.training_set()
+        labelled = pool.labelled_set()
         write_coco(
-            train_set,
+            labelled,
             tmp / "labelled.json",
-            extra_image_fields={
-                i: {
-                    "label_kind": pool.labels[i].kind,
-                    "round": int(pool.labelled_round[pool.index[i]]),
-                    "cost_s": pool.labels[i].cost_s,
-                }
-                for i in train_set.ids
-            },
+            extra_image_fields={i: pool.describe(i) for i in labelled.ids},
         )
         write_json(tmp / "selection.json", _selection_json(acquired.selection, exp, r))
         write_json(
@@ -329,7 +318,9 @@ class RoundSelection:
     scores: dict[str, float] | None = None
 
 
-def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> RoundSelection:
+def _select(
+    exp: Experiment, pool: LabelPool, r: int, reporter: Reporter, request: LabelRequest
+) -> RoundSelection:
     """Score the unlabelled pool and pick within this round's budget (not after the last round).
 
     When the pool runs dry the run stops cleanly: either nothing is left to score, or the
@@ -354,12 +345,13 @@ def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> Rou
     timings["score_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     amount = exp.budget.amount(r)
-    picked = strategy.select(scores, amount, unit_cost(exp.budget.unit, exp.oracle, pool))
+    kind = exp.regime.label_kind(request)
+    picked = strategy.select(scores, amount, unit_cost(exp.budget.unit, exp.oracle, pool, kind))
     timings["select_s"] = time.perf_counter() - t0
     if not picked:
         stopped = f"budget.per_round: {amount:g} {exp.budget.unit} buys no remaining image"
         return RoundSelection(empty, [], stopped, timings, preds, scores)
-    labels = exp.oracle.annotate(pool.records(picked))
+    labels = exp.regime.annotate(exp.oracle, pool.records(picked), request)
     selection = Selection(
         tuple(picked),
         tuple(float(scores[i]) for i in picked),
