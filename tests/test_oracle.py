@@ -168,7 +168,9 @@ def test_verification_accepts_boxes_that_match_a_same_class_object():
 def test_restricted_oracle_refuses_other_kinds():
     oracle = SimulatedOracle(CostModel(), kind="click")
     assert oracle.kinds == ("click",) and SimulatedOracle(CostModel()).kinds == LABEL_KINDS
-    with pytest.raises(AlrunError, match=r"asks the oracle for 'box' labels but oracle\.kind=click"):
+    with pytest.raises(
+        AlrunError, match=r"asks the oracle for 'box' labels but oracle\.kind=click"
+    ):
         oracle.annotate([boxed()], "box")
     with pytest.raises(AlrunError, match="unknown label kind 'polygon'"):
         SimulatedOracle(CostModel()).require(["polygon"], "supervision")
