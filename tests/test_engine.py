@@ -234,3 +234,47 @@ def test_unlabelled_first_source_with_a_hook_loss_trains(tmp_path):
         hooks=[Consistency()],
     )
     assert math.isfinite(stats["final_loss"]) and stats["iterations"] == 2
+
+
+def test_torchvision_backend_features_feed_a_hook_loss(tmp_path):
+    """A domain-alignment-style hook: a loss on backbone features of unlabelled target images."""
+    from functools import partial
+
+    from alrun.detectors.base import FeatureDetector
+    from alrun.detectors.tiny import tiny_fcos
+    from alrun.detectors.torchvision import TorchvisionDetector
+
+    class FeatureNorm(TrainingHook):
+        name = "align"
+
+        def extra_losses(self, step):
+            feats = step.detector.features(step.batches["target"].images)
+            self.levels = sorted(feats)
+            return {"feat": sum(f.pow(2).mean() for f in feats.values())}
+
+    weights = []
+    for hooks in ([], [FeatureNorm()]):
+        det = TorchvisionDetector(partial(tiny_fcos, image_size=32), num_classes=2, device="cpu")
+        assert isinstance(det, FeatureDetector)
+        sources = [
+            BatchSource("labelled", _dataset(tmp_path, "l", 2)),
+            BatchSource("target", _dataset(tmp_path, "t", 2), "unlabelled"),
+        ]
+        stats = train(det, sources, TrainSchedule(iterations=2, batch_size=2), 0, hooks=hooks)
+        weights.append(det.state_dict()["backbone.blocks.0.0.weight"])
+    assert hooks[0].levels == ["p3", "p4", "p5"] and math.isfinite(stats["final_loss"])
+    assert not torch.equal(weights[0], weights[1])  # the hook's loss reached the backbone
+
+
+def test_torchvision_backend_shifts_labels_for_background_heads():
+    from functools import partial
+
+    from alrun.detectors.tiny import tiny_fcos
+    from alrun.detectors.torchvision import TorchvisionDetector
+
+    det = TorchvisionDetector(partial(tiny_fcos, image_size=32), 2, device="cpu", label_offset=1)
+    seen = []
+    det.model = lambda images, targets: seen.append(targets) or {"x": torch.zeros(())}
+    targets = [{"boxes": torch.zeros((1, 4)), "labels": torch.tensor([0])}]
+    det.losses([torch.zeros(3, 8, 8)], targets)
+    assert seen[0][0]["labels"].tolist() == [1] and targets[0]["labels"].tolist() == [0]
