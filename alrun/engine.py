@@ -89,8 +89,10 @@ class Step:
 class TrainingHook:
     """Base class for per-round training extensions; override what you need.
 
-    ``extra_losses`` returns named loss tensors added to the step's total (e.g. consistency,
-    domain-adversarial); ``after_step`` acts after the optimiser step (e.g. an EMA teacher);
+    ``before_training`` may build modules (it runs before the optimiser is made);
+    ``parameters`` are optimised with the detector's (e.g. a domain classifier, a loss-prediction
+    head); ``extra_losses`` returns named loss tensors added to the step's total (e.g.
+    consistency, domain-adversarial); ``after_step`` acts after the optimiser step (an EMA teacher);
     ``after_training`` returns summary numbers recorded in the round's metrics.json.
     An exception in any of them abandons the round with a one-line :class:`TrainingHookError`.
     """
@@ -99,6 +101,9 @@ class TrainingHook:
 
     def before_training(self, detector: Detector, total: int) -> None:
         pass
+
+    def parameters(self) -> Sequence[Tensor]:
+        return ()
 
     def extra_losses(self, step: Step) -> Mapping[str, Tensor]:
         return {}
@@ -160,13 +165,15 @@ def train(
         for i, source in enumerate(sources)
     ]
     detector.train_mode()
+    for hook in hooks:
+        _call(hook, "before_training", -1, total, detector, total)
     params = [p for p in detector.parameters() if p.requires_grad]
+    for hook in hooks:
+        params += [p for p in _call(hook, "parameters", -1, total) if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
     )
     lr_at = warmup_cosine(schedule, total)
-    for hook in hooks:
-        _call(hook, "before_training", -1, total, detector, total)
     losses: list[float] = []
     for index, drawn in enumerate(zip(*streams)):
         lr = lr_at(index)

@@ -278,3 +278,22 @@ def test_torchvision_backend_shifts_labels_for_background_heads():
     targets = [{"boxes": torch.zeros((1, 4)), "labels": torch.tensor([0])}]
     det.losses([torch.zeros(3, 8, 8)], targets)
     assert seen[0][0]["labels"].tolist() == [1] and targets[0]["labels"].tolist() == [0]
+
+
+def test_hook_parameters_are_optimised_with_the_detector(tmp_path):
+    """A hook's own head (built in before_training) trains: w <- w - lr * 2 (w - 3) = 1.4."""
+
+    class Head(TrainingHook):
+        def before_training(self, detector, total):
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def parameters(self):
+            return [self.w]
+
+        def extra_losses(self, step):
+            return {"head": (self.w - 3).pow(2).sum()}
+
+    hook = Head()
+    schedule = TrainSchedule(iterations=1, lr=0.1, **PLAIN)
+    train(ToyDetector(), [BatchSource("l", _dataset(tmp_path, "l", 2))], schedule, 0, hooks=[hook])
+    torch.testing.assert_close(hook.w.detach(), torch.tensor([1.4]))
