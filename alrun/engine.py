@@ -180,19 +180,8 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         step = Step(index, total, lr, detector, {b.source.name: b for b in drawn})
-        for n, batch in enumerate(drawn):
-            if batch.targets is None:
-                continue
-            for key, value in detector.losses(batch.images, batch.targets).items():
-                weight = batch.source.weight
-                step.losses[key if n == 0 else f"{batch.source.name}/{key}"] = (
-                    value if weight == 1.0 else value * weight
-                )
-        extra: dict[str, Tensor] = {}
-        for hook in hooks:
-            added = _call(hook, "extra_losses", index, total, step)
-            extra.update({f"{hook.name}/{key}": value for key, value in added.items()})
-        step.losses.update(extra)
+        step.losses.update(_backend_losses(detector, drawn))
+        step.losses.update(_hook_losses(hooks, step))
         loss = sum(step.losses.values())
         if not isinstance(loss, Tensor):
             raise AlrunError("trainer: no loss this iteration (no source with targets, no hook)")
@@ -217,6 +206,29 @@ def train(
         summary = _call(hook, "after_training", total, total)
         stats.update({f"{hook.name}/{key}": float(value) for key, value in summary.items()})
     return stats
+
+
+def _backend_losses(detector: Detector, drawn: Sequence[Batch]) -> dict[str, Tensor]:
+    """The backend's losses on every source with targets: the first source's under their own
+    names, the others' as ``<source>/<name>`` scaled by the source's weight."""
+    losses: dict[str, Tensor] = {}
+    for n, batch in enumerate(drawn):
+        if batch.targets is None:
+            continue
+        weight = batch.source.weight
+        for key, value in detector.losses(batch.images, batch.targets).items():
+            name = key if n == 0 else f"{batch.source.name}/{key}"
+            losses[name] = value if weight == 1.0 else value * weight
+    return losses
+
+
+def _hook_losses(hooks: Sequence[TrainingHook], step: Step) -> dict[str, Tensor]:
+    """Every hook's extra losses as ``<hook>/<name>``; hooks all see the backend's losses only."""
+    extra: dict[str, Tensor] = {}
+    for hook in hooks:
+        added = _call(hook, "extra_losses", step.index, step.total, step)
+        extra.update({f"{hook.name}/{key}": value for key, value in added.items()})
+    return extra
 
 
 def _call(hook: TrainingHook, method: str, index: int, total: int, *args):
