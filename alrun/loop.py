@@ -26,6 +26,7 @@ from alrun.budget import Budget
 from alrun.data.coco import write_coco
 from alrun.data.dataset import DatasetSplits
 from alrun.detectors.base import Detector, TrainSchedule
+from alrun.engine import starts_from_scratch
 from alrun.errors import AlrunError, BudgetError
 from alrun.io import atomic_write_bytes, read_json, save_torch, write_csv, write_json
 from alrun.metrics import evaluate, failure_modes
@@ -202,7 +203,7 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
         exp.regime.load_state_dict(state.get("regime", {}))
         run_dir.discard_incomplete(state["last_completed_round"])
         write_csv(root / "results.csv", rows)  # it may lag state.json if killed in between
-        if start <= rounds and stopped is None and exp.schedule.init == "continue":
+        if start <= rounds and stopped is None and not starts_from_scratch(exp.schedule, start):
             checkpoint = run_dir.round_dir(start - 1) / "checkpoint.pt"
             exp.detector.load_state_dict(torch.load(checkpoint, weights_only=True))
         reporter.info(f"resuming {root} after round {start - 1}")
