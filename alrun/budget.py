@@ -29,8 +29,11 @@ UNITS = ("images", "boxes", "seconds")
 FILL_POLICIES = ("stop", "skip")
 
 
-def image_cost(unit: str, record: ImageRecord, oracle: SimulatedOracle) -> float:
-    """What labelling ``record`` costs in ``unit``; never 0 (see the module docstring).
+def image_cost(
+    unit: str, record: ImageRecord, oracle: SimulatedOracle, kind: str | None = None
+) -> float:
+    """What labelling ``record`` with label ``kind`` costs in ``unit``; never 0 (see the module
+    docstring).
 
     Box budgets count the ground-truth boxes (the oracle's count: this is a simulation).
     """
@@ -38,14 +41,17 @@ def image_cost(unit: str, record: ImageRecord, oracle: SimulatedOracle) -> float
         return 1.0
     if unit == "boxes":
         return float(max(record.num_boxes, 1))
-    return oracle.cost(record)
+    return oracle.cost(record, kind)
 
 
 def cost_function(
-    unit: str, oracle: SimulatedOracle, record_of: Callable[[str], ImageRecord]
+    unit: str,
+    oracle: SimulatedOracle,
+    record_of: Callable[[str], ImageRecord],
+    kind: str | None = None,
 ) -> Callable[[str], float]:
     """``image id -> cost in unit`` for a pool whose records ``record_of`` looks up."""
-    return lambda image_id: image_cost(unit, record_of(image_id), oracle)
+    return lambda image_id: image_cost(unit, record_of(image_id), oracle, kind)
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,16 @@ from alrun.data.coco import write_coco
 from alrun.data.dataset import DatasetSplits, split_record
 from alrun.detectors.base import Detector, TrainSchedule
 from alrun.diagnostics import collapse_reason
+from alrun.engine import starts_from_scratch
 from alrun.errors import AlrunError, BudgetError
 from alrun.io import atomic_write_bytes, read_json, save_torch, write_csv, write_json
 from alrun.logger import NullLogger
 from alrun.metrics import MetricConfig, evaluate, failure_analysis, pool_misses
-from alrun.oracle import ImageLabels, SimulatedOracle
+from alrun.oracle import SimulatedOracle
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
-from alrun.types import Detections, Needs, RoundResult, Selection
+from alrun.supervision.base import LabelRequest, Regime, check_regime
+from alrun.types import Detections, ImageLabels, Needs, RoundResult, Selection
 
 log = logging.getLogger("alrun")
 
@@ -52,7 +54,7 @@ class Experiment:
 
     splits: DatasetSplits
     detector: Detector
-    regime: Any
+    regime: Regime
     strategy: Strategy
     budget: Budget
     oracle: SimulatedOracle
@@ -73,7 +75,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     strategy.check_detector(
         getattr(detector, "head_type", "softmax"), getattr(detector, "can_embed", True)
     )
-    return Experiment(
+    exp = Experiment(
         splits=splits,
         detector=detector,
         regime=instantiate(cfg.supervision),
@@ -84,6 +86,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         seed=int(cfg.seed),
         metric=instantiate(cfg.metric) if "metric" in cfg else MetricConfig(),
     )
+    check_regime(exp.regime, exp.oracle)
+    return exp
 
 
 def derive_seed(seed: int, round_index: int, purpose: int) -> int:
@@ -100,7 +104,7 @@ def _config_fingerprint(cfg: DictConfig) -> dict[str, Any]:
 
 def initial_selection(exp: Experiment, pool: LabelPool) -> list[str]:
     """Seeded random initial set filled greedily up to ``budget.initial`` (in the budget unit)."""
-    cost_of = unit_cost(exp.budget.unit, exp.oracle, pool)
+    cost_of = unit_cost(exp.budget.unit, exp.oracle, pool, exp.regime.label_kind(LabelRequest(0)))
     total = sum(cost_of(i) for i in pool.unlabelled_ids)
     if exp.budget.initial > total:
         raise BudgetError(
@@ -121,8 +125,8 @@ def initial_selection(exp: Experiment, pool: LabelPool) -> list[str]:
     return picked
 
 
-def unit_cost(unit: str, oracle: SimulatedOracle, pool: LabelPool):
-    return cost_function(unit, oracle, pool.record)
+def unit_cost(unit: str, oracle: SimulatedOracle, pool: LabelPool, kind: str | None = None):
+    return cost_function(unit, oracle, pool.record, kind)
 
 
 class RunDir:
@@ -172,30 +176,14 @@ def _load_state(run_dir: RunDir, cfg: DictConfig) -> dict[str, Any] | None:
 
 def _restore_pool(pool: LabelPool, state: dict[str, Any]) -> None:
     for item in state["labels"]:
-        label = ImageLabels(
-            item["image_id"],
-            item["kind"],
-            np.asarray(item["boxes"], dtype=np.float32).reshape(-1, 4),
-            np.asarray(item["labels"], dtype=np.int64),
-            float(item["cost_s"]),
-        )
-        pool.add([label], int(item["round"]))
+        pool.add([ImageLabels.from_json(item)], int(item["round"]))
 
 
 def _state(cfg, pool: LabelPool, last_completed: int, stopped: str | None, rows) -> dict:
-    labels = []
-    for image_id in pool.labelled_ids:
-        lab = pool.labels[image_id]
-        labels.append(
-            {
-                "image_id": image_id,
-                "round": int(pool.labelled_round[pool.index[image_id]]),
-                "kind": lab.kind,
-                "boxes": lab.boxes.tolist(),
-                "labels": lab.labels.tolist(),
-                "cost_s": lab.cost_s,
-            }
-        )
+    labels = [
+        {**pool.labels[i].to_json(), "round": int(pool.labelled_round[pool.index[i]])}
+        for i in pool.labelled_ids
+    ]
     return {
         "last_completed_round": last_completed,
         "stopped": stopped,
@@ -223,14 +211,15 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
     if state is None:
         start, rows, stopped = 0, [], None
         picked = initial_selection(exp, pool)
-        pool.add(exp.oracle.annotate(pool.records(picked)), 0)
+        pool.add(exp.regime.annotate(exp.oracle, pool.records(picked), LabelRequest(0)), 0)
     else:
         start = state["last_completed_round"] + 1
         rows, stopped = state["results"], state["stopped"]
         _restore_pool(pool, state)
+        exp.regime.load_state_dict(state.get("regime", {}))
         run_dir.discard_incomplete(state["last_completed_round"])
         write_csv(root / "results.csv", rows)  # it may lag state.json if killed in between
-        if start <= rounds and stopped is None and exp.schedule.init == "continue":
+        if start <= rounds and stopped is None and not starts_from_scratch(exp.schedule, start):
             checkpoint = run_dir.round_dir(start - 1) / "checkpoint.pt"
             exp.detector.load_state_dict(torch.load(checkpoint, weights_only=True))
         reporter.info(f"resuming {root} after round {start - 1}")
@@ -245,7 +234,8 @@ def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None
     for r in range(start, rounds + 1):
         row, stopped = run_round(cfg, exp, pool, run_dir, r, reporter, tuple(rows))
         rows.append(row)
-        write_json(run_dir.state_path, _state(cfg, pool, r, stopped, rows))
+        state = {**_state(cfg, pool, r, stopped, rows), "regime": exp.regime.state_dict()}
+        write_json(run_dir.state_path, state)
         write_csv(root / "results.csv", rows)
         if cfg.get("keep_checkpoints", "last") == "last" and r > 0:
             (run_dir.round_dir(r - 1) / "checkpoint.pt").unlink(missing_ok=True)
@@ -298,21 +288,15 @@ def run_round(
             reporter.info(f"WARNING: {message}")
         failures = failure_analysis(exp.splits.test, test_preds, exp.metric.failure_score_threshold)
 
-        acquired = _select(exp, pool, r, reporter, history)
+        history = (*history, {"round": r, **totals, **metrics})
+        acquired = _select(exp, pool, r, reporter, LabelRequest(r + 1, history, exp.detector))
         if cfg.get("save_predictions", False) and acquired.scores is not None:
             save_predictions(tmp / "preds.npz", acquired.preds, acquired.scores)
-        train_set = pool.training_set()
+        labelled = pool.labelled_set()
         write_coco(
-            train_set,
+            labelled,
             tmp / "labelled.json",
-            extra_image_fields={
-                i: {
-                    "label_kind": pool.labels[i].kind,
-                    "round": int(pool.labelled_round[pool.index[i]]),
-                    "cost_s": pool.labels[i].cost_s,
-                }
-                for i in train_set.ids
-            },
+            extra_image_fields={i: pool.describe(i) for i in labelled.ids},
         )
         write_json(tmp / "selection.json", _selection_json(acquired.selection, exp, r))
         write_json(
@@ -379,7 +363,7 @@ def _pool_misses(exp: Experiment, pool: LabelPool, acquired: RoundSelection) -> 
 
 
 def _select(
-    exp: Experiment, pool: LabelPool, r: int, reporter: Reporter, history: Sequence[dict] = ()
+    exp: Experiment, pool: LabelPool, r: int, reporter: Reporter, request: LabelRequest
 ) -> RoundSelection:
     """Score the unlabelled pool and pick within this round's budget (not after the last round).
 
@@ -405,17 +389,18 @@ def _select(
             labelled_embeddings = torch.stack([d.embedding for d in labelled])
         timings["predict_s"] = time.perf_counter() - t0
     amount = exp.budget.amount(r)
+    kind = exp.regime.label_kind(request)
     context = AcquisitionContext(
         pool_ids=tuple(unlabelled),
         seed=exp.seed,
         round=r,
         budget=amount,
-        cost_of=unit_cost(exp.budget.unit, exp.oracle, pool),
+        cost_of=unit_cost(exp.budget.unit, exp.oracle, pool, kind),
         fill=exp.budget.fill,
         preds=None if preds is None else PredictionBatch.from_detections(preds),
         labelled_ids=tuple(pool.labelled_ids),
         labelled_embeddings=labelled_embeddings,
-        history=tuple(history),
+        history=request.history,
         selections=pool.selections(),
     )
     t0 = time.perf_counter()
@@ -427,7 +412,7 @@ def _select(
     if not picked:
         stopped = f"budget.per_round: {amount:g} {exp.budget.unit} buys no remaining image"
         return RoundSelection(empty, [], stopped, timings, preds, scores)
-    labels = exp.oracle.annotate(pool.records(picked))
+    labels = exp.regime.annotate(exp.oracle, pool.records(picked), request)
     selection = Selection(
         tuple(picked),
         tuple(float(scores[i]) for i in picked),

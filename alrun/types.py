@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -152,3 +154,83 @@ class RoundResult:
     predict_s: float
     score_s: float
     select_s: float
+
+
+#: every label kind the simulated oracle can produce (costs in ``oracle.CostModel``)
+LABEL_KINDS = ("box", "extreme", "click", "center_click", "verify", "image_label")
+
+_OPTIONAL_LABEL_FIELDS = {
+    # name: (dtype, shape of one object's entry)
+    "points": (np.float32, (2,)),
+    "extreme_points": (np.float32, (4, 2)),
+    "verified": (np.bool_, ()),
+    "image_classes": (np.int64, ()),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class ImageLabels:
+    """What the oracle returned for one image: one label kind, priced in annotation seconds.
+
+    ``labels[i]`` is the class of the i-th annotated object. Per ``kind`` the objects are:
+
+    * ``box``: ``boxes[i]`` (xyxy pixels) drawn by the annotator;
+    * ``extreme``: ``extreme_points[i]`` (left, top, right, bottom; each x, y) and the tight box
+      they define in ``boxes[i]``;
+    * ``click`` / ``center_click``: ``points[i]`` (x, y), one click per object; ``boxes`` is empty;
+    * ``verify``: proposed ``boxes[i]``; ``verified[i]`` is True when the annotator accepted it;
+    * ``image_label``: no objects; ``image_classes`` lists the classes present in the image.
+    """
+
+    image_id: str
+    kind: str
+    boxes: np.ndarray  # (N, 4), or (0, 4) for kinds without boxes
+    labels: np.ndarray  # (N,)
+    cost_s: float
+    points: np.ndarray | None = None  # (N, 2)
+    extreme_points: np.ndarray | None = None  # (N, 4, 2)
+    verified: np.ndarray | None = None  # (N,) bool
+    image_classes: np.ndarray | None = None  # (K,)
+
+    def box_targets(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(boxes, labels) a detector can train on as they are, or None when the kind has none.
+
+        Boxes come from ``box`` and ``extreme`` labels and from accepted verifications; clicks and
+        image-level labels need a regime to turn them into boxes first.
+        """
+        if self.kind in ("box", "extreme"):
+            return self.boxes, self.labels
+        if self.kind == "verify" and self.verified is not None:
+            return self.boxes[self.verified], self.labels[self.verified]
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain lists (state.json, labelled.json); only the fields this kind fills."""
+        data: dict[str, Any] = {
+            "image_id": self.image_id,
+            "kind": self.kind,
+            "boxes": self.boxes.tolist(),
+            "labels": self.labels.tolist(),
+            "cost_s": self.cost_s,
+        }
+        for name in _OPTIONAL_LABEL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value.tolist()
+        return data
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ImageLabels:
+        optional = {
+            name: np.asarray(data[name], dtype=dtype).reshape(-1, *shape)
+            for name, (dtype, shape) in _OPTIONAL_LABEL_FIELDS.items()
+            if data.get(name) is not None
+        }
+        return ImageLabels(
+            str(data["image_id"]),
+            str(data["kind"]),
+            np.asarray(data["boxes"], dtype=np.float32).reshape(-1, 4),
+            np.asarray(data["labels"], dtype=np.int64),
+            float(data["cost_s"]),
+            **optional,
+        )

@@ -90,6 +90,7 @@ def test_random_initial_set_keeps_the_pool_share_of_empty_images(unit):
     from alrun.loop import initial_selection
     from alrun.oracle import CostModel, SimulatedOracle
     from alrun.pool import LabelPool
+    from alrun.supervision.full import FullSupervision
 
     pool = LabelPool(_pool_with_empty_share())
     amount = 300.0 if unit == "boxes" else 300 * 25.5
@@ -98,6 +99,7 @@ def test_random_initial_set_keeps_the_pool_share_of_empty_images(unit):
         exp = SimpleNamespace(
             budget=Budget.from_config(amount, 10, 1, unit),
             oracle=SimulatedOracle(CostModel()),
+            regime=FullSupervision(),
             seed=seed,
         )
         picked = initial_selection(exp, pool)

@@ -34,8 +34,9 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
-from alrun.data.images import TrainingImages, load_image
+from alrun.data.images import load_image
 from alrun.detectors.base import Progress, TrainSchedule
+from alrun.engine import BatchSource, train
 from alrun.errors import AlrunError
 from alrun.types import NOTHING, Detections, Needs
 
@@ -46,10 +47,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AlrunError(f"detector.device: '{device}' requested but CUDA is not available")
     return torch.device(device)
-
-
-def _collate(batch):
-    return tuple(zip(*batch))
 
 
 class TorchvisionDetector:
@@ -140,7 +137,24 @@ class TorchvisionDetector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
 
-    # --- training ---------------------------------------------------------------------------
+    # --- training (the loop itself is alrun.engine) -------------------------------------------
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def parameters(self) -> list[Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        if self.label_offset:
+            targets = [{**t, "labels": t["labels"] + self.label_offset} for t in targets]
+        return self.model(images, targets)
+
+    def features(self, images: list[Tensor]) -> dict[str, Tensor]:
+        """Backbone (+ FPN) feature maps of ``images``, with gradients in training mode."""
+        batch, _ = self.model.transform(images)
+        features = self.model.backbone(batch.tensors)
+        return {"0": features} if isinstance(features, Tensor) else dict(features)
+
     def fit(
         self,
         dataset: DetectionDataset,
@@ -149,57 +163,9 @@ class TorchvisionDetector:
         from_scratch: bool = False,
         progress: Progress | None = None,
     ) -> dict[str, float]:
-        if len(dataset) == 0:
-            raise AlrunError("trainer: no labelled images to train on")
-        total = schedule.num_iterations(len(dataset), from_scratch)
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        data = TrainingImages(dataset.images, self.label_offset, schedule.hflip)
-        model = self.model
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(
-            params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
-        )
-        lr_at = _warmup_cosine(schedule, total)
-        losses: list[float] = []
-        step = 0
-        loader = torch.utils.data.DataLoader(
-            data,
-            batch_sampler=_batches(len(data), schedule.batch_size, total, generator),
-            num_workers=schedule.num_workers,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-        )
-        for images, targets in loader:
-            images = [im.to(self.device) for im in images]
-            targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-            if not torch.isfinite(loss):
-                raise AlrunError(
-                    f"trainer: loss became {loss.item()} at iteration {step}; "
-                    f"lower trainer.lr (now {schedule.lr})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if schedule.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            if progress:
-                progress(step, total)
-        tail = losses[-max(1, len(losses) // 10) :]
-        head = losses[: max(1, len(losses) // 10)]
-        return {
-            "iterations": float(total),
-            "first_loss": sum(head) / len(head),
-            "final_loss": sum(tail) / len(tail),
-            "from_scratch": float(from_scratch),
-        }
+        """Train on every image of ``dataset`` (one labelled source through the engine)."""
+        source = BatchSource("labelled", dataset)
+        return train(self, [source], schedule, seed, from_scratch, progress=progress)
 
     # --- prediction -------------------------------------------------------------------------
     @torch.no_grad()
