@@ -9,7 +9,7 @@ from alrun.acquisition.scores import entropy, least_confidence, margin
 from alrun.acquisition.select import TopK
 from alrun.acquisition.strategies import BoxUncertainty, RandomScore, Strategy
 from alrun.errors import AlrunError
-from alrun.types import Detections
+from alrun.types import Detections, Needs
 
 
 def make_dets(image_id="img", scores=(0.45, 0.8, 0.05), probs=None, with_feats=False):
@@ -306,3 +306,14 @@ def test_named_callable_aggregator():
     # margins 1.0, 0.0, 0.75 -> two largest sum 1.75
     assert scorer.image_score(make_dets()) == pytest.approx(1.75)
     assert scorer.describe()["aggregator"] == "top2_sum"
+
+
+def test_selector_needing_embeddings_is_refused_for_a_detector_without_them():
+    class NeedsEmbeddings(TopK):
+        needs = Needs(detections=False, embedding=True, labelled_embeddings=True)
+
+    strategy = Strategy("kcenter", RandomScore(), NeedsEmbeddings())
+    assert strategy.needs.embedding and strategy.needs.labelled_embeddings
+    strategy.check_detector("softmax", can_embed=True)
+    with pytest.raises(AlrunError, match="needs image embeddings"):
+        strategy.check_detector("softmax", can_embed=False)
