@@ -9,8 +9,6 @@ not instances, and ``ImageRecord`` has no crowd flag, so they are left out.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from alrun.data.validate import (
     to_arrays,
 )
 from alrun.errors import DatasetError
+from alrun.io import atomic_write_bytes
 
 #: Image fields ``write_coco`` owns; ``extra_image_fields`` may not replace them.
 RESERVED_IMAGE_FIELDS = frozenset(
@@ -259,15 +258,7 @@ def write_coco(
         ],
     }
     target = Path(path).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, json.dumps(data).encode("utf-8"))  # temp + fsync + rename
     return target
 
 
