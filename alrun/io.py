@@ -4,6 +4,8 @@ Every operation that changes a run directory goes through this module, so that a
 (``scripts/fault_drill.py``) can stop the process at each of them:
 
 * ``ALRUN_FAULT_AT=N`` kills the process with SIGKILL at the N-th fault point (1-based);
+  ``ALRUN_FAULT_AT="<op> <path part>"`` (not a number) at the first point whose
+  ``"<op> <path>"`` contains it, e.g. ``"rename-done round_00"``;
   ``ALRUN_FAULT_KIND=enospc`` raises ``OSError(ENOSPC)`` there instead (a full disk);
 * ``ALRUN_FAULT_LOG=<file>`` appends one line per fault point reached (``N <op> <path>``),
   which is how the drill learns how many points a run has.
@@ -45,7 +47,7 @@ def fault_point(op: str, path: Path | str) -> None:
     if log_file:
         with open(log_file, "a") as handle:
             handle.write(f"{_fault_count} {op} {path}\n")
-    if at and int(at) == _fault_count:
+    if at and (int(at) == _fault_count if at.isdigit() else at in f"{op} {path}"):
         if os.environ.get("ALRUN_FAULT_KIND") == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         os.kill(os.getpid(), signal.SIGKILL)
