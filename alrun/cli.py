@@ -54,9 +54,11 @@ def user_error(err: BaseException) -> str | None:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         unexpected = re.search(r"unexpected keyword argument '(\w+)'", detail)
         if unexpected:
+            target = re.search(r"target '([\w.]+)'", str(top))
+            where = f"{target.group(1)} (the chosen {key} config)" if target else f"this {key}"
             return (
-                f"{key}.{unexpected.group(1)}: not a setting of the chosen {key} config "
-                f"(drop {key}.{unexpected.group(1)}=...)"
+                f"{key}.{unexpected.group(1)}: not a setting of {where}; remove the override "
+                "or the preset that sets it"
             )
         return f"{key}: {detail}"
     if isinstance(err, FileNotFoundError):

@@ -1,8 +1,8 @@
 """Fault drill: kill a smoke run at every file operation, resume it, compare with a clean run.
 
-    python scripts/fault_drill.py                       # every kill point of a 2-round smoke run
-    python scripts/fault_drill.py --points 1,17,40      # chosen points
-    python scripts/fault_drill.py --sample 6 -- budget.rounds=1 trainer.iterations=2
+    python scripts/fault_drill.py                  # every kill point of a 2-round smoke run
+    python scripts/fault_drill.py --points 1,17,40 # chosen points
+    python scripts/fault_drill.py --sample 6 -- strategy=random   # extra alrun overrides
 
 A reference run counts the fault points (``ALRUN_FAULT_LOG``, see :mod:`alrun.io`: one before
 and one after every atomic write, rename, unlink and tree removal). For each point K a fresh
@@ -19,26 +19,64 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OVERRIDES = ["experiment=smoke", "quiet=true"]
+#: the smoke preset cut to two rounds (round_00, round_01) of a few iterations each
+DEFAULT_OVERRIDES = [
+    "experiment=smoke",
+    "quiet=true",
+    "budget.rounds=1",
+    "dataset.num_pool=30",
+    "dataset.num_test=10",
+    "trainer.iterations=3",
+    "trainer.first_iterations=5",
+]
 TIMING_COLUMNS = {"train_s", "predict_s", "score_s", "select_s"}
 
 
 def run_cli(run_dir: Path, overrides: list[str], env_extra: dict[str, str]) -> int:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1", **env_extra}
-    for key in ("ALRUN_FAULT_AT", "ALRUN_FAULT_LOG", "ALRUN_FAULT_KIND"):
-        if key not in env_extra:
-            env.pop(key, None)
-    cmd = [sys.executable, "-m", "alrun.cli", *overrides, f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if result.returncode not in (0, -9):
-        sys.stderr.write(result.stderr[-2000:])
-    return result.returncode
+    """Run ``alrun`` in a forked child (imports are paid once, in this process); returns its
+    exit status, ``-9`` when SIGKILL ended it."""
+    argv = ["alrun", *overrides, f"hydra.run.dir={run_dir}"]
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        code = 0
+        try:
+            for key in ("ALRUN_FAULT_AT", "ALRUN_FAULT_LOG", "ALRUN_FAULT_KIND"):
+                os.environ.pop(key, None)
+            os.environ.update(env_extra)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            err_file = os.open(
+                run_dir.parent / f"{run_dir.name}.stderr",
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                0o644,
+            )
+            os.dup2(devnull, 1)
+            os.dup2(err_file, 2)
+            sys.argv = argv
+            import torch
+
+            torch.set_num_threads(1)  # many short runs: threads only fight each other
+            from alrun.cli import main
+
+            main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except BaseException:  # noqa: BLE001 - report and exit non-zero
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
 
 
 def snapshot(run_dir: Path) -> dict[str, object]:
@@ -125,6 +163,9 @@ def drill(overrides: list[str], workdir: Path, points: str | None, sample: int |
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(REPO))
+    import alrun.cli  # noqa: F401 - imported once here, inherited by every forked run
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", help="comma-separated kill points (default: all)")
     parser.add_argument("--sample", type=int, help="drill this many evenly spread points")
