@@ -21,6 +21,17 @@ from tests.helpers import REPO, compose_config
 SMOKE = ["experiment=smoke", "quiet=true"]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: extra threads only fight (10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _run(tmp: Path, overrides: list[str]) -> list[dict]:
     return run_experiment(compose_config(SMOKE + overrides), tmp)
 
@@ -150,7 +161,7 @@ def _cli(run_dir: Path, extra: list[str]) -> list[str]:
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     """Killed by another process inside round 1's training (observed: its temp dir appears)."""
     extra = ["budget.rounds=2", "trainer.iterations=40"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     subprocess.run(
         _cli(tmp_path / "full", extra), check=True, env=env, cwd=REPO, capture_output=True
     )
