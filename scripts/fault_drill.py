@@ -109,7 +109,14 @@ def first_difference(a: dict[str, object], b: dict[str, object]) -> str | None:
     return None
 
 
-def choose_points(total: int, points: str | None, sample: int | None) -> list[int]:
+def choose_points(
+    ops: list[str], points: str | None, sample: int | None, match: str | None = None
+) -> list[int]:
+    total = len(ops)
+    if match:  # the first point whose "<op> <path>" contains each comma-separated part
+        return sorted(
+            {next(i for i, line in enumerate(ops, 1) if part in line) for part in match.split(",")}
+        )
     if points:
         return [int(p) for p in points.split(",")]
     if sample and sample < total:  # evenly spread, always including the first and the last
@@ -129,7 +136,8 @@ def count_points(overrides: list[str], workdir: Path) -> tuple[list[str], dict[s
     reference = workdir / "reference"
     if run_cli(reference, overrides, {"ALRUN_FAULT_LOG": str(log_file)}) != 0:
         raise SystemExit("reference run failed")
-    return log_file.read_text().splitlines(), snapshot(reference)
+    ops = log_file.read_text().replace(f"{reference}/", "").splitlines()
+    return ops, snapshot(reference)
 
 
 def drill_point(k: int, overrides: list[str], workdir: Path, expected: dict[str, object]) -> str:
@@ -148,15 +156,17 @@ def drill_point(k: int, overrides: list[str], workdir: Path, expected: dict[str,
     return "ok"
 
 
-def drill(overrides: list[str], workdir: Path, points: str | None, sample: int | None) -> int:
+def drill(
+    overrides: list[str], workdir: Path, points: str | None, sample: int | None, match: str | None
+) -> int:
     ops, expected = count_points(overrides, workdir)
-    chosen = choose_points(len(ops), points, sample)
+    chosen = choose_points(ops, points, sample, match)
     print(f"{len(ops)} fault points in the reference run; drilling {len(chosen)}", flush=True)
     passed = 0
     for k in chosen:
         verdict = drill_point(k, overrides, workdir, expected)
         passed += verdict == "ok"
-        op = ops[k - 1].split(" ", 1)[1].replace(str(workdir / "reference") + "/", "")
+        op = ops[k - 1].split(" ", 1)[1]
         print(f"  kill at {k:3d} ({op}): {verdict}", flush=True)
     print(f"{passed}/{len(chosen)}")
     return 0 if passed == len(chosen) else 1
@@ -169,15 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", help="comma-separated kill points (default: all)")
     parser.add_argument("--sample", type=int, help="drill this many evenly spread points")
+    parser.add_argument(
+        "--match", help="comma-separated op/path parts, e.g. 'rename-done round_00'"
+    )
     parser.add_argument("--workdir", type=Path, help="keep run dirs here (default: a temp dir)")
     parser.add_argument("overrides", nargs="*", help="extra alrun overrides (after --)")
     args = parser.parse_args(argv)
     overrides = DEFAULT_OVERRIDES + args.overrides
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        return drill(overrides, args.workdir, args.points, args.sample)
+        return drill(overrides, args.workdir, args.points, args.sample, args.match)
     with tempfile.TemporaryDirectory(prefix="alrun-drill-") as tmp:
-        return drill(overrides, Path(tmp), args.points, args.sample)
+        return drill(overrides, Path(tmp), args.points, args.sample, args.match)
 
 
 if __name__ == "__main__":
