@@ -1,4 +1,5 @@
-"""Hydra callbacks: the one-line summary that ends every sweep (``alrun -m ...``).
+"""Hydra callbacks: the one-line summary that ends every sweep (``alrun -m ...``), and a
+writable-output-directory check that runs before Hydra creates it.
 
 Each failed job of a sweep leaves ``error.json`` in its directory (see :mod:`alrun.cli`); the
 summary counts them, says where they are, and lets ``alrun`` exit 1 when every job failed.
@@ -6,6 +7,7 @@ summary counts them, says where they are, and lets ``alrun`` exit 1 when every j
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,3 +61,29 @@ class SweepSummary(Callback):
             f"alrun: sweep finished: {len(outcome.failed)}{total} jobs failed{where}",
             file=sys.stderr,
         )
+
+
+class OutputDirCheck(Callback):
+    """An output directory that cannot be created or written is one line, not Hydra's traceback
+    (Hydra creates it before alrun's code runs)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(str(config.hydra.run.dir)), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
+
+
+def _check_writable(path: Path, key: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+        reason = "not writable"
+    except OSError as err:
+        writable, reason = False, err.strerror or type(err).__name__
+    if not writable:
+        print(
+            f"alrun: error: {key}: cannot create or write {path.absolute()} ({reason})",
+            file=sys.stderr,
+        )
+        sys.exit(2)

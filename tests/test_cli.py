@@ -264,3 +264,15 @@ def test_wrong_key_for_the_chosen_dataset(tmp_path):
     result = alrun(tmp_path, "dataset=voc", "dataset.root=/tmp")
     assert_clean_failure(result, tmp_path, "alrun: error: dataset.num_pool: not a setting of")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_unwritable_output_dir_is_one_line(key):
+    cmd = [sys.executable, "-m", "alrun.cli", "experiment=smoke", f"{key}=/proc/alrun/run"]
+    if key == "hydra.sweep.dir":
+        cmd.insert(3, "-m")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"alrun: error: {key}: cannot create or write /proc/alrun/run (No such file or directory)"
+    )
