@@ -72,6 +72,33 @@ def user_error(err: BaseException) -> str | None:
     return None
 
 
+_GROUP_KEY = re.compile(
+    r"(?<![\w.+/])((?:dataset|detector|supervision|strategy|budget|oracle|trainer)(?:\.\w+)+)"
+)
+
+
+def hint_keys(message: str, cfg: DictConfig) -> str:
+    """Make the hints in ``message`` work as written: a key the composed config lacks can only
+    be set as ``+key=...`` (Hydra refuses ``key=...``). The key the message is about (its
+    start) is left as is."""
+    head, sep, rest = message.partition(": ")
+    if not sep:
+        return message
+
+    def fix(match: re.Match) -> str:
+        key = match.group(1)
+        try:
+            absent = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=True)
+        except MissingMandatoryValue:  # in the schema, just not set yet (???)
+            return key
+        return f"+{key}" if absent is _MISSING else key
+
+    return head + sep + _GROUP_KEY.sub(fix, rest)
+
+
+_MISSING = object()
+
+
 def _hydra_record() -> dict[str, str]:
     """``.hydra/`` as Hydra would write it; alrun writes it once, after checking the config."""
     hydra_cfg = HydraConfig.instance().cfg
@@ -99,6 +126,7 @@ def run(cfg: DictConfig) -> dict[str, str] | None:
         message = user_error(err)
         if message is None:
             raise
+        message = hint_keys(message, cfg)
         log.error(message)
         if multirun:  # one failing job is recorded and the sweep goes on
             write_json(out_dir / "error.json", {"error": message})

@@ -276,3 +276,16 @@ def test_unwritable_output_dir_is_one_line(key):
     assert result.stderr.strip() == (
         f"alrun: error: {key}: cannot create or write /proc/alrun/run (No such file or directory)"
     )
+
+
+def test_hints_name_keys_the_way_they_must_be_typed():
+    from alrun.cli import hint_keys
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["dataset=yolo"])  # dataset.root stays ??? (in the schema)
+    message = "/data: no data.yaml or labels/classes.txt; set dataset.classes explicitly"
+    assert hint_keys(message, cfg) == (
+        "/data: no data.yaml or labels/classes.txt; set +dataset.classes explicitly"
+    )
+    kept = "dataset.root: /x not found; check dataset.root and dataset.pool_split"
+    assert hint_keys(kept, cfg) == kept  # keys in the schema are typed without +
