@@ -192,9 +192,12 @@ class RunDir:
 
     def _recorded_config(self) -> dict[str, Any] | None:
         if self.config_path.exists():
-            return read_json(
-                self.config_path, f"restore it from {self.root / '.hydra'} or start a new run dir"
-            )["config"]
+            recover = (
+                f"delete it: it is rebuilt from {self.state_path}'s copy"
+                if self.state_path.exists()
+                else "delete it to start this run over"
+            )
+            return read_json(self.config_path, recover)["config"]
         if self.state_path.exists():  # a run directory written before config.json existed
             return self._read_top_state().get("config")
         return None

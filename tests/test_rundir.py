@@ -182,3 +182,18 @@ def test_fault_drill_small_version(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert lines[-1] == "4/4", result.stdout
     assert any("(rename-done round_00): ok" in line for line in lines)
+
+
+def test_corrupt_config_record_is_named_and_rebuilt_from_state(tmp_path):
+    run = _committed(tmp_path, 1)
+    run.config_path.write_text('{"config": {"se')
+    with pytest.raises(
+        AlrunError, match=r"config\.json: corrupt JSON .*rebuilt from .*state\.json"
+    ):
+        run.check_config(CONFIG, "auto")
+    run.config_path.unlink()  # the way out the message gives
+    assert run.check_config(CONFIG, "auto") is True
+    with pytest.raises(RunDirError, match=r"different config \(seed: 0 -> 5\)"):
+        run.check_config({**CONFIG, "seed": 5}, "auto")
+    run.record_config(CONFIG, {})
+    assert json.loads(run.config_path.read_text()) == {"config": CONFIG}
