@@ -4,7 +4,12 @@ Policy (documented in the README):
 * ``initial`` larger than what the whole pool costs -> error before any training;
 * zero/negative amounts, an unknown unit, a schedule list whose length is not ``rounds`` -> error;
 * a round asking for more than the pool has left takes what fits and the run stops cleanly
-  after the next training round ("pool exhausted"), recorded in state.json.
+  after the next training round ("pool exhausted"), recorded in state.json;
+* ``fill``: ``stop`` (default) takes images in ranked order until the first one that does not
+  fit; ``skip`` skips it and keeps scanning (spends more, but drifts toward cheap images);
+* every image costs something in every unit (:func:`image_cost`): an image with no object is
+  one image, one box-equivalent (looking at it is not free) or the cost model's
+  ``empty_image_s`` seconds.
 """
 
 from __future__ import annotations
@@ -16,10 +21,38 @@ from typing import TYPE_CHECKING
 from alrun.errors import BudgetError
 
 if TYPE_CHECKING:
+    from alrun.data.dataset import ImageRecord
     from alrun.oracle import SimulatedOracle
     from alrun.pool import LabelPool
 
 UNITS = ("images", "boxes", "seconds")
+#: how a cost budget is filled in ranked order (see the module docstring)
+FILL_POLICIES = ("stop", "skip")
+
+
+def image_cost(
+    unit: str, record: ImageRecord, oracle: SimulatedOracle, kind: str | None = None
+) -> float:
+    """What labelling ``record`` with label ``kind`` costs in ``unit``; never 0 (see the module
+    docstring).
+
+    Box budgets count the ground-truth boxes (the oracle's count: this is a simulation).
+    """
+    if unit == "images":
+        return 1.0
+    if unit == "boxes":
+        return float(max(record.num_boxes, 1))
+    return oracle.cost(record, kind)
+
+
+def cost_function(
+    unit: str,
+    oracle: SimulatedOracle,
+    record_of: Callable[[str], ImageRecord],
+    kind: str | None = None,
+) -> Callable[[str], float]:
+    """``image id -> cost in unit`` for a pool whose records ``record_of`` looks up."""
+    return lambda image_id: image_cost(unit, record_of(image_id), oracle, kind)
 
 
 @dataclass(frozen=True)
@@ -28,10 +61,15 @@ class Budget:
     per_round: float | tuple[float, ...]
     rounds: int
     unit: str = "images"
+    fill: str = "stop"
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
             raise BudgetError(f"budget.unit: expected one of {'|'.join(UNITS)}, got '{self.unit}'")
+        if self.fill not in FILL_POLICIES:
+            raise BudgetError(
+                f"budget.fill: expected one of {'|'.join(FILL_POLICIES)}, got '{self.fill}'"
+            )
         if self.rounds < 0:
             raise BudgetError(f"budget.rounds: expected >= 0, got {self.rounds}")
         if self.initial <= 0:
@@ -48,6 +86,7 @@ class Budget:
         per_round: float | Sequence[float],
         rounds: int,
         unit: str = "images",
+        fill: str = "stop",
     ) -> Budget:
         if isinstance(per_round, (int, float)):
             schedule: float | tuple[float, ...] = float(per_round)
@@ -58,7 +97,7 @@ class Budget:
                     f"budget.per_round: {len(schedule)} amounts listed for {rounds} rounds "
                     f"(budget.rounds); list exactly {rounds}"
                 )
-        return cls(float(initial), schedule, int(rounds), unit)
+        return cls(float(initial), schedule, int(rounds), unit, fill)
 
     def schedule(self) -> list[float]:
         if isinstance(self.per_round, tuple):
@@ -68,15 +107,6 @@ class Budget:
     def amount(self, round_index: int) -> float:
         """What the selection made after training round ``round_index`` may spend."""
         return self.schedule()[round_index]
-
-
-def unit_cost(unit: str, oracle: SimulatedOracle, pool: LabelPool) -> Callable[[str], float]:
-    """What labelling one pool image costs in the budget's ``unit`` (the oracle's prices)."""
-    if unit == "images":
-        return lambda image_id: 1.0
-    if unit == "boxes":
-        return lambda image_id: float(pool.record(image_id).num_boxes)
-    return lambda image_id: oracle.cost(pool.record(image_id))
 
 
 def check_initial_affordable(

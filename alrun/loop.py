@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,22 +19,27 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from alrun.acquisition.strategies import RandomScore, ScoringContext, Strategy
-from alrun.budget import Budget, check_initial_affordable, unit_cost
-from alrun.config import RunOptions
+from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+from alrun.acquisition.select import TopK
+from alrun.acquisition.strategies import RandomScore, Strategy
+from alrun.budget import Budget, check_initial_affordable, cost_function
 from alrun.data.coco import write_coco
-from alrun.data.dataset import DatasetSplits
+from alrun.data.dataset import DatasetSplits, split_record
 from alrun.detectors.base import Detector, TrainSchedule
+from alrun.diagnostics import collapse_reason
+from alrun.engine import starts_from_scratch
 from alrun.errors import AlrunError, BudgetError
-from alrun.io import atomic_write_bytes, save_torch, write_json
-from alrun.metrics import evaluate, failure_modes
-from alrun.oracle import ImageLabels, SimulatedOracle
+from alrun.io import atomic_write_bytes, read_json, save_torch, write_json
+from alrun.logger import NullLogger
+from alrun.metrics import MetricConfig, evaluate, failure_analysis, pool_misses
+from alrun.oracle import SimulatedOracle
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
-from alrun.rundir import RunDir, config_fingerprint, pool_state, restore_pool
-from alrun.types import Detections, Needs, RoundResult, Selection
+from alrun.rundir import RunDir, RunOptions, config_fingerprint, pool_state, restore_pool
+from alrun.supervision.base import LabelRequest, Regime, check_regime
+from alrun.types import Detections, ImageLabels, Needs, RoundResult, Selection
 
 __all__ = ["build_experiment", "run_experiment", "run_round", "unit_cost"]
 
@@ -47,12 +52,13 @@ class Experiment:
 
     splits: DatasetSplits
     detector: Detector
-    regime: Any
+    regime: Regime
     strategy: Strategy
     budget: Budget
     oracle: SimulatedOracle
     schedule: TrainSchedule
     seed: int
+    metric: MetricConfig = MetricConfig()
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -68,18 +74,25 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     strategy = instantiate(cfg.strategy)
     oracle = instantiate(cfg.oracle)
     regime = instantiate(cfg.supervision)
+    check_regime(regime, oracle)
+    metric = instantiate(cfg.metric) if "metric" in cfg else MetricConfig()
     splits = instantiate(cfg.dataset)
     if not isinstance(splits, DatasetSplits):
         raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
+    detector = instantiate(cfg.detector, num_classes=len(splits.classes))
+    strategy.check_detector(
+        getattr(detector, "head_type", "softmax"), getattr(detector, "can_embed", True)
+    )
     return Experiment(
         splits=splits,
-        detector=instantiate(cfg.detector, num_classes=len(splits.classes)),
+        detector=detector,
         regime=regime,
         strategy=strategy,
         budget=budget,
         oracle=oracle,
         schedule=schedule,
         seed=int(cfg.seed),
+        metric=metric,
     )
 
 
@@ -89,14 +102,25 @@ def derive_seed(seed: int, round_index: int, purpose: int) -> int:
 
 
 def initial_selection(exp: Experiment, pool: LabelPool) -> list[str]:
-    """Seeded random initial set filled greedily up to ``budget.initial`` (in the budget unit)."""
-    cost_of = unit_cost(exp.budget.unit, exp.oracle, pool)
+    """Seeded random initial set filled up to ``budget.initial`` (in the budget unit)."""
+    cost_of = unit_cost(exp.budget.unit, exp.oracle, pool, exp.regime.label_kind(LabelRequest(0)))
     check_initial_affordable(exp.budget, cost_of, pool)
-    scores = RandomScore()(None, ScoringContext(tuple(pool.unlabelled_ids), exp.seed, -1))
-    picked = Strategy("random", RandomScore()).select(scores, exp.budget.initial, cost_of)
+    context = AcquisitionContext(
+        tuple(pool.unlabelled_ids),
+        exp.seed,
+        -1,
+        budget=exp.budget.initial,
+        cost_of=cost_of,
+        fill=exp.budget.fill,
+    )
+    picked = TopK()(RandomScore()(context), context)
     if not picked:
         raise BudgetError(f"budget.initial: {exp.budget.initial:g} {exp.budget.unit} buys no image")
     return picked
+
+
+def unit_cost(unit: str, oracle: SimulatedOracle, pool: LabelPool, kind: str | None = None):
+    return cost_function(unit, oracle, pool.record, kind)
 
 
 def run_experiment(
@@ -122,21 +146,28 @@ def run_experiment(
         if state is None:
             start, rows, stopped = 0, [], None
             picked = initial_selection(exp, pool)
-            pool.add(exp.oracle.annotate(pool.records(picked)), 0)
+            pool.add(exp.regime.annotate(exp.oracle, pool.records(picked), LabelRequest(0)), 0)
         else:
             start = state["last_completed_round"] + 1
             rows, stopped = state["results"], state["stopped"]
             restore_pool(pool, state["labels"])
+            exp.regime.load_state_dict(state.get("regime", {}))
         run_dir.record_config(fingerprint, record_files or {})
         _record_skipped(exp, run_dir, reporter)
+        if not (root / "splits.json").exists():
+            write_json(root / "splits.json", split_record(exp.splits))  # the test set, for audit
         rounds = exp.budget.rounds
         if stopped is not None or start > rounds:
             reporter.info(f"run already complete ({stopped or 'all rounds done'})")
             return rows
         if state is not None:
-            if exp.schedule.init == "continue":
+            if not starts_from_scratch(exp.schedule, start):
                 exp.detector.load_state_dict(run_dir.load_checkpoint(start - 1))
             reporter.info(f"resuming {root} after round {start - 1}")
+        logger = instantiate(cfg.logger) if "logger" in cfg else NullLogger()
+        logger.start(
+            OmegaConf.to_container(cfg, resolve=True), root, f"{exp.strategy.name}-seed{exp.seed}"
+        )
         for r in range(start, rounds + 1):
             row, stopped = run_round(options, exp, pool, run_dir, r, reporter, rows)
             rows.append(row)
@@ -144,11 +175,20 @@ def run_experiment(
                 f"round {r}/{rounds}: {row['images']} images, {row['cost_s']:.0f} s labelled, "
                 f"mAP {row['mAP']:.3f}, mAP50 {row['mAP50']:.3f}, train {row['train_s']:.0f} s"
             )
+            _log_round(logger, run_dir, pool, r, row)
             if stopped:
                 reporter.info(f"stopping after round {r}: {stopped}")
                 break
+        logger.finish()  # (a crashed run is closed by wandb's own exit hook)
     reporter.table(rows, title=f"{exp.strategy.name} seed {exp.seed}")
     return rows
+
+
+def _log_round(logger, run_dir: RunDir, pool: LabelPool, r: int, row: dict) -> None:
+    """Hand the committed round to the experiment logger (wandb, or nothing)."""
+    selected = read_json(run_dir.round_dir(r) / "selection.json")["selected"]
+    files = [pool.record(item["image_id"]).file for item in selected]
+    logger.log_round(row, read_json(run_dir.round_dir(r) / "metrics.json"), files)
 
 
 def _record_skipped(exp: Experiment, run_dir: RunDir, reporter: Reporter) -> None:
@@ -167,24 +207,31 @@ def run_round(
     run_dir: RunDir,
     r: int,
     reporter: Reporter,
-    rows: list[dict],
+    rows: Sequence[dict] = (),
 ) -> tuple[dict, str | None]:
-    """One round: train, evaluate, score and select, label, save; commits ``round_XX/``."""
+    """One round: train, evaluate, score and select, label, save; commits ``round_XX/``.
+
+    ``rows`` are the results of the earlier rounds (the history strategies and regimes see).
+    """
     with run_dir.building_round(r) as tmp:
         totals = pool.totals()
         train_stats, train_s = _train(exp, pool, r, reporter)
-        metrics = _evaluate(exp, r, reporter)
-        acquired = _select(exp, pool, r, reporter)
-        _write_round(tmp, options, exp, pool, r, acquired, metrics, train_stats, train_s)
+        metrics, collapsed = _evaluate(exp, r, reporter, train_stats)
+        history = (*rows, {"round": r, **totals, **metrics})
+        request = LabelRequest(r + 1, history, exp.detector)
+        acquired = _select(exp, pool, r, reporter, request)
+        metrics = {**metrics, "pool_misses": _pool_misses(exp, pool, acquired)}
+        _write_round(tmp, options, exp, pool, r, acquired, metrics, train_stats, train_s, collapsed)
         if acquired.labels:
             pool.add(acquired.labels, r + 1)
-        row = _result_row(r, totals, metrics, train_s, acquired.timings)
+        row = _result_row(r, totals, metrics, train_s, acquired.timings, collapsed)
         state = {
             "last_completed_round": r,
             "stopped": acquired.stopped,
             "rng": "all randomness is derived from (seed, round); nothing else to restore",
             "results": [*rows, row],
             "labels": pool_state(pool),
+            "regime": exp.regime.state_dict(),
         }
         run_dir.commit_round(r, tmp, state, options.keep_checkpoints)
     return row, acquired.stopped
@@ -199,11 +246,21 @@ def _train(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> tupl
     return stats, time.perf_counter() - t0
 
 
-def _evaluate(exp: Experiment, r: int, reporter: Reporter) -> dict[str, Any]:
-    """COCO metrics and failure modes of this round's model on the test split."""
+def _evaluate(
+    exp: Experiment, r: int, reporter: Reporter, train_stats: dict
+) -> tuple[dict[str, Any], str | None]:
+    """Metrics and failure modes of this round's model on the test split, and whether the
+    model looks collapsed (said loudly: its selection is suspect)."""
     with reporter.task(f"round {r}/{exp.budget.rounds} test") as progress:
         test_preds = exp.detector.predict(exp.splits.test.images, Needs(), progress)
-    return {**evaluate(exp.splits.test, test_preds), **failure_modes(exp.splits.test, test_preds)}
+    metrics = evaluate(exp.splits.test, test_preds, exp.metric.protocol)
+    collapsed = collapse_reason(metrics["mAP50"], train_stats)
+    if collapsed:
+        message = f"round {r}: model looks collapsed ({collapsed}); its selection is suspect"
+        log.warning(message)
+        reporter.info(f"WARNING: {message}")
+    failures = failure_analysis(exp.splits.test, test_preds, exp.metric.failure_score_threshold)
+    return {**metrics, **failures}, collapsed
 
 
 def _write_round(
@@ -216,33 +273,37 @@ def _write_round(
     metrics: dict[str, Any],
     train_stats: dict,
     train_s: float,
+    collapsed: str | None,
 ) -> None:
     """The round's artifacts, into its not-yet-committed directory."""
     if options.save_predictions and acquired.scores is not None:
         save_predictions(tmp / "preds.npz", acquired.preds, acquired.scores)
-    train_set = pool.training_set()
+    labelled = pool.labelled_set()
     write_coco(
-        train_set,
+        labelled,
         tmp / "labelled.json",
-        extra_image_fields={
-            i: {
-                "label_kind": pool.labels[i].kind,
-                "round": int(pool.labelled_round[pool.index[i]]),
-                "cost_s": pool.labels[i].cost_s,
-            }
-            for i in train_set.ids
-        },
+        extra_image_fields={i: pool.describe(i) for i in labelled.ids},
     )
     write_json(tmp / "selection.json", _selection_json(acquired.selection, exp, r))
     write_json(
         tmp / "metrics.json",
-        {**metrics, "train": train_stats, "timings_s": {"train": train_s, **acquired.timings}},
+        {
+            **metrics,
+            "train": train_stats,
+            "collapsed": collapsed,
+            "timings_s": {"train": train_s, **acquired.timings},
+        },
     )
     save_torch(tmp / "checkpoint.pt", exp.detector.state_dict())
 
 
 def _result_row(
-    r: int, totals: dict, metrics: dict[str, Any], train_s: float, timings: dict[str, float]
+    r: int,
+    totals: dict,
+    metrics: dict[str, Any],
+    train_s: float,
+    timings: dict[str, float],
+    collapsed: str | None,
 ) -> dict:
     return asdict(
         RoundResult(
@@ -258,6 +319,9 @@ def _result_row(
             missed=metrics["missed"],
             wrong_class=metrics["wrong_class"],
             poor_loc=metrics["poor_loc"],
+            both=metrics["both"],
+            dupe=metrics["dupe"],
+            collapsed=int(collapsed is not None),
             train_s=train_s,
             **timings,
         )
@@ -276,7 +340,18 @@ class RoundSelection:
     scores: dict[str, float] | None = None
 
 
-def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> RoundSelection:
+def _pool_misses(exp: Experiment, pool: LabelPool, acquired: RoundSelection) -> dict | None:
+    """Objects the model misses in the selected images vs the rest (None: no pool predictions)."""
+    if not acquired.preds:
+        return None
+    records = pool.records([p.image_id for p in acquired.preds])
+    threshold = exp.metric.failure_score_threshold
+    return pool_misses(records, acquired.preds, acquired.selection.image_ids, threshold)
+
+
+def _select(
+    exp: Experiment, pool: LabelPool, r: int, reporter: Reporter, request: LabelRequest
+) -> RoundSelection:
     """Score the unlabelled pool and pick within this round's budget (not after the last round).
 
     When the pool runs dry the run stops cleanly: either nothing is left to score, or the
@@ -284,36 +359,52 @@ def _select(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> Rou
     """
     timings = {"predict_s": 0.0, "score_s": 0.0, "select_s": 0.0}
     strategy = exp.strategy
-    empty = Selection((), (), (), strategy.name, strategy.aggregator, strategy.score_threshold)
+    empty = Selection((), (), (), strategy.describe())
     if r >= exp.budget.rounds:
         return RoundSelection(empty, [], None, timings)
     unlabelled = pool.unlabelled_ids
     if not unlabelled:
         return RoundSelection(empty, [], "pool exhausted: every image is labelled", timings)
-    preds = None
-    if strategy.needs.detections:
+    preds, labelled_embeddings = None, None
+    needs = strategy.needs
+    if needs.detections or needs.embedding or needs.labelled_embeddings:
         t0 = time.perf_counter()
         with reporter.task(f"round {r}/{exp.budget.rounds} score pool") as progress:
-            preds = exp.detector.predict(pool.records(unlabelled), strategy.needs, progress)
+            preds = exp.detector.predict(pool.records(unlabelled), needs, progress)
+        if needs.labelled_embeddings:
+            labelled = exp.detector.predict(pool.records(pool.labelled_ids), Needs(embedding=True))
+            labelled_embeddings = torch.stack([d.embedding for d in labelled])
         timings["predict_s"] = time.perf_counter() - t0
+    amount = exp.budget.amount(r)
+    kind = exp.regime.label_kind(request)
+    context = AcquisitionContext(
+        pool_ids=tuple(unlabelled),
+        seed=exp.seed,
+        round=r,
+        budget=amount,
+        cost_of=unit_cost(exp.budget.unit, exp.oracle, pool, kind),
+        fill=exp.budget.fill,
+        preds=None if preds is None else PredictionBatch.from_detections(preds),
+        labelled_ids=tuple(pool.labelled_ids),
+        labelled_embeddings=labelled_embeddings,
+        history=request.history,
+        selections=pool.selections(),
+    )
     t0 = time.perf_counter()
-    scores = strategy.score(preds, ScoringContext(tuple(unlabelled), exp.seed, r))
+    scores = strategy.score(context)
     timings["score_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    amount = exp.budget.amount(r)
-    picked = strategy.select(scores, amount, unit_cost(exp.budget.unit, exp.oracle, pool))
+    picked = strategy.select(scores, context)
     timings["select_s"] = time.perf_counter() - t0
     if not picked:
         stopped = f"budget.per_round: {amount:g} {exp.budget.unit} buys no remaining image"
         return RoundSelection(empty, [], stopped, timings, preds, scores)
-    labels = exp.oracle.annotate(pool.records(picked))
+    labels = exp.regime.annotate(exp.oracle, pool.records(picked), request)
     selection = Selection(
         tuple(picked),
         tuple(float(scores[i]) for i in picked),
         tuple(lab.cost_s for lab in labels),
-        strategy.name,
-        strategy.aggregator,
-        strategy.score_threshold,
+        strategy.describe(),
     )
     return RoundSelection(selection, labels, None, timings, preds, scores)
 
@@ -344,11 +435,11 @@ def save_predictions(
 def _selection_json(selection: Selection, exp: Experiment, r: int) -> dict[str, Any]:
     return {
         "round": r,
-        "strategy": selection.strategy,
-        "aggregator": selection.aggregator,
-        "score_threshold": selection.score_threshold,
+        **selection.method,
         "budget": exp.budget.amount(r) if r < exp.budget.rounds else 0.0,
         "unit": exp.budget.unit,
+        "fill": exp.budget.fill,
+        "tie_break": "seeded random order from (seed, round)",
         "total_cost_s": selection.total_cost,
         "selected": [
             {"image_id": i, "score": _finite(s), "cost_s": c}

@@ -10,15 +10,18 @@ image-level label 1.0 s per class (Papadopoulos et al. 2016).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from alrun.data.dataset import ImageRecord
 from alrun.errors import AlrunError
+from alrun.types import LABEL_KINDS, ImageLabels
 
-LABEL_KINDS = ("box", "extreme", "click", "center_click", "verify", "image_label")
+__all__ = ["LABEL_KINDS", "CostModel", "ImageLabels", "SimulatedOracle"]
 
 
 @dataclass(frozen=True)
@@ -53,32 +56,192 @@ class CostModel:
             return max(n_classes, 1) * self.image_label_per_class_s
         raise AlrunError(f"oracle.kind: expected one of {LABEL_KINDS}, got '{kind}'")
 
-
-@dataclass(frozen=True, eq=False)
-class ImageLabels:
-    """What the oracle returned for one image."""
-
-    image_id: str
-    kind: str
-    boxes: np.ndarray  # (N, 4)
-    labels: np.ndarray  # (N,)
-    cost_s: float
+    def verify_cost(self, num_proposals: int) -> float:
+        """Seconds to accept or reject ``num_proposals`` predicted boxes."""
+        return num_proposals * self.verify_s if num_proposals else self.empty_image_s
 
 
 class SimulatedOracle:
-    """Answers label requests from ground truth and charges the cost model's seconds."""
+    """Answers label requests from ground truth and charges the cost model's seconds.
 
-    def __init__(self, cost_model: CostModel, kind: str = "box"):
-        if kind not in LABEL_KINDS:
-            raise AlrunError(f"oracle.kind: expected one of {LABEL_KINDS}, got '{kind}'")
+    ``kind``: ``null`` (default) produces whatever kind the supervision regime asks for; a kind
+    restricts the simulated annotator to that one, and a regime that asks for another kind is a
+    start-up error (see :meth:`require`). Random parts of an answer (where a click lands, where
+    an extreme point sits on a box side, jitter) are drawn from ``(seed, image id, kind)``, so the
+    same image gets the same answer whatever the order or round it is asked in.
+
+    * ``click``: one click per object, uniform inside its box (Bearman et al.'s click-anywhere);
+    * ``center_click``: the box center plus Gaussian jitter of ``center_jitter_px``, kept inside
+      the box;
+    * ``extreme``: the four extreme points, each at a uniform position along its box side plus
+      Gaussian jitter of ``extreme_jitter_px`` (0 recovers the box exactly), clipped to the image;
+    * ``verify``: each proposed box is accepted when its IoU with a ground-truth box of the same
+      class is >= ``verify_iou``; billed per proposal (``verify_s``, or ``empty_image_s`` when
+      there is none). Needs ``proposals`` from the caller (e.g. the detector's predictions);
+    * ``image_label``: the classes present.
+    """
+
+    def __init__(
+        self,
+        cost_model: CostModel,
+        kind: str | None = None,
+        seed: int = 0,
+        verify_iou: float = 0.5,
+        center_jitter_px: float = 0.0,
+        extreme_jitter_px: float = 0.0,
+    ):
+        if kind is not None and kind not in LABEL_KINDS:
+            raise AlrunError(f"oracle.kind: expected null or one of {LABEL_KINDS}, got '{kind}'")
+        if not 0.0 < verify_iou <= 1.0:
+            raise AlrunError(f"oracle.verify_iou: expected a value in (0, 1], got {verify_iou}")
+        for key, value in (
+            ("center_jitter_px", center_jitter_px),
+            ("extreme_jitter_px", extreme_jitter_px),
+        ):
+            if value < 0:
+                raise AlrunError(f"oracle.{key}: expected >= 0, got {value}")
         self.cost_model = cost_model
         self.kind = kind
+        self.seed = int(seed)
+        self.verify_iou = float(verify_iou)
+        self.center_jitter_px = float(center_jitter_px)
+        self.extreme_jitter_px = float(extreme_jitter_px)
 
-    def cost(self, record: ImageRecord) -> float:
-        return self.cost_model.cost(record, self.kind)
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The label kinds this oracle can produce."""
+        return (self.kind,) if self.kind is not None else LABEL_KINDS
 
-    def annotate(self, records: Sequence[ImageRecord]) -> list[ImageLabels]:
-        return [
-            ImageLabels(r.image_id, self.kind, r.boxes.copy(), r.labels.copy(), self.cost(r))
-            for r in records
-        ]
+    def require(self, kinds: Sequence[str], who: str) -> None:
+        """Start-up check: ``who`` (a config group) may ask for each of ``kinds``."""
+        for kind in kinds:
+            if kind not in LABEL_KINDS:
+                raise AlrunError(f"{who}: asks for unknown label kind '{kind}' ({LABEL_KINDS})")
+            if kind not in self.kinds:
+                raise AlrunError(
+                    f"{who}: asks the oracle for '{kind}' labels but oracle.kind={self.kind} "
+                    f"only produces '{self.kind}'; set oracle.kind=null or a regime that asks "
+                    f"for '{self.kind}'"
+                )
+
+    def _kind(self, kind: str | None) -> str:
+        kind = kind or self.kind or "box"
+        self.require([kind], "oracle.annotate")
+        return kind
+
+    def cost(self, record: ImageRecord, kind: str | None = None) -> float:
+        """Seconds to label ``record`` with ``kind`` (for ``verify``: one proposal per object)."""
+        return self.cost_model.cost(record, self._kind(kind))
+
+    def annotate(
+        self,
+        records: Sequence[ImageRecord],
+        kind: str | None = None,
+        proposals: Mapping[str, Any] | None = None,
+    ) -> list[ImageLabels]:
+        """Labels of ``kind`` (default: ``oracle.kind``, else ``box``) for each record.
+
+        ``proposals`` maps image id -> anything with ``boxes`` (N, 4) and ``labels`` (N,)
+        (e.g. :class:`~alrun.types.Detections`); required for ``verify``.
+        """
+        kind = self._kind(kind)
+        if kind == "verify" and proposals is None:
+            raise AlrunError("oracle.annotate: 'verify' labels need proposals (predicted boxes)")
+        return [self._answer(r, kind, proposals) for r in records]
+
+    def _answer(self, record: ImageRecord, kind: str, proposals) -> ImageLabels:
+        rng = np.random.default_rng(
+            [self.seed, zlib.crc32(record.image_id.encode()), LABEL_KINDS.index(kind)]
+        )
+        boxes, labels = record.boxes.astype(np.float32).reshape(-1, 4), record.labels.copy()
+        cost = self.cost_model.cost(record, kind)
+        no_boxes = np.zeros((0, 4), np.float32)
+        if kind == "box":
+            return ImageLabels(record.image_id, kind, boxes.copy(), labels, cost)
+        if kind in ("click", "center_click"):
+            points = _clicks(boxes, kind, self.center_jitter_px, rng)
+            return ImageLabels(record.image_id, kind, no_boxes, labels, cost, points=points)
+        if kind == "extreme":
+            extreme = _extreme_points(
+                boxes, record.width, record.height, self.extreme_jitter_px, rng
+            )
+            tight = np.concatenate([extreme.min(axis=1), extreme.max(axis=1)], axis=1)
+            return ImageLabels(
+                record.image_id,
+                kind,
+                tight.astype(np.float32),
+                labels,
+                cost,
+                extreme_points=extreme,
+            )
+        if kind == "image_label":
+            classes = np.unique(labels).astype(np.int64)
+            return ImageLabels(
+                record.image_id, kind, no_boxes, np.zeros(0, np.int64), cost, image_classes=classes
+            )
+        # verify
+        found = proposals.get(record.image_id)
+        if found is None:
+            raise AlrunError(f"oracle.annotate: no proposals for image '{record.image_id}'")
+        p_boxes = np.asarray(_numpy(found.boxes), dtype=np.float32).reshape(-1, 4)
+        p_labels = np.asarray(_numpy(found.labels), dtype=np.int64).reshape(-1)
+        iou = _iou(p_boxes, boxes)
+        same_class = p_labels[:, None] == labels[None, :]
+        accepted = (np.where(same_class, iou, 0.0) >= self.verify_iou).any(axis=1)
+        return ImageLabels(
+            record.image_id,
+            kind,
+            p_boxes,
+            p_labels,
+            self.cost_model.verify_cost(len(p_boxes)),
+            verified=accepted,
+        )
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def _clicks(boxes: np.ndarray, kind: str, jitter: float, rng: np.random.Generator) -> np.ndarray:
+    x1, y1, x2, y2 = boxes.T
+    if kind == "click":
+        u = rng.random((len(boxes), 2))
+        points = np.stack([x1 + u[:, 0] * (x2 - x1), y1 + u[:, 1] * (y2 - y1)], axis=1)
+    else:
+        center = np.stack([(x1 + x2) / 2, (y1 + y2) / 2], axis=1)
+        points = center + (rng.normal(0.0, jitter, center.shape) if jitter > 0 else 0.0)
+        points = np.clip(points, boxes[:, :2], boxes[:, 2:])
+    return points.astype(np.float32).reshape(-1, 2)
+
+
+def _extreme_points(
+    boxes: np.ndarray, width: int, height: int, jitter: float, rng: np.random.Generator
+) -> np.ndarray:
+    """(N, 4, 2): left, top, right, bottom points, each somewhere along its box side."""
+    x1, y1, x2, y2 = boxes.T
+    u = rng.random((len(boxes), 4))
+    points = np.stack(
+        [
+            np.stack([x1, y1 + u[:, 0] * (y2 - y1)], axis=1),
+            np.stack([x1 + u[:, 1] * (x2 - x1), y1], axis=1),
+            np.stack([x2, y1 + u[:, 2] * (y2 - y1)], axis=1),
+            np.stack([x1 + u[:, 3] * (x2 - x1), y2], axis=1),
+        ],
+        axis=1,
+    ).reshape(-1, 4, 2)
+    if jitter > 0:
+        points = points + rng.normal(0.0, jitter, points.shape)
+    points[..., 0] = np.clip(points[..., 0], 0, width)
+    points[..., 1] = np.clip(points[..., 1], 0, height)
+    return points.astype(np.float32)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) IoU of xyxy boxes."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(axis=1)
+    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)

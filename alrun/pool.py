@@ -13,7 +13,7 @@ import numpy as np
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.errors import AlrunError
-from alrun.oracle import ImageLabels
+from alrun.types import LABEL_KINDS, ImageLabels
 
 
 class LabelPool:
@@ -48,25 +48,71 @@ class LabelPool:
             self.labelled_round[i] = round_index
             self.labels[item.image_id] = item
 
+    def selections(self) -> tuple[tuple[str, ...], ...]:
+        """Ids picked after each earlier round (labelled in round r >= 1), oldest first."""
+        last = int(self.labelled_round.max(initial=0))
+        return tuple(
+            tuple(self.dataset.images[i].image_id for i in np.flatnonzero(self.labelled_round == r))
+            for r in range(1, last + 1)
+        )
+
     def training_set(self) -> DetectionDataset:
-        """The labelled images with the oracle's labels (not the hidden ground truth)."""
+        """The labelled images whose labels give boxes, with those boxes (not the hidden ground
+        truth): box and extreme labels, and the accepted boxes of verified images. Images labelled
+        with clicks or image-level classes are left out: a regime turns them into boxes first."""
+        return self._dataset(only_with_boxes=True)
+
+    def labelled_set(self) -> DetectionDataset:
+        """Every labelled image; those whose label kind gives no boxes have none."""
+        return self._dataset(only_with_boxes=False)
+
+    def _dataset(self, only_with_boxes: bool) -> DetectionDataset:
         records = []
         for image_id in self.labelled_ids:
             rec, lab = self.record(image_id), self.labels[image_id]
+            targets = lab.box_targets()
+            if targets is None and only_with_boxes:
+                continue
+            boxes, labels = targets or (np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
             records.append(
                 ImageRecord(
-                    rec.image_id, rec.file, rec.width, rec.height, lab.boxes, lab.labels, rec.domain
+                    rec.image_id, rec.file, rec.width, rec.height, boxes, labels, rec.domain
                 )
             )
         return DetectionDataset(
             f"{self.dataset.name}:labelled", self.dataset.classes, tuple(records)
         )
 
-    def totals(self) -> dict[str, float]:
-        labs = list(self.labels.values())
+    def describe(self, image_id: str) -> dict[str, object]:
+        """JSON fields recording how a labelled image was labelled (for labelled.json)."""
+        lab = self.labels[image_id]
+        extra = lab.to_json()  # the kind's own fields: points, extreme points, verified flags...
+        for key in ("image_id", "kind", "boxes", "labels", "cost_s"):
+            extra.pop(key)
         return {
+            "label_kind": lab.kind,
+            "round": int(self.labelled_round[self.index[image_id]]),
+            "cost_s": lab.cost_s,
+            **extra,
+        }
+
+    def totals(self) -> dict[str, float]:
+        """Labels bought so far: images, ``boxes`` (drawn or recovered from extreme points),
+        ``clicks``, ``verified`` (proposals answered) and ``accepted``, ``image_classes``, seconds,
+        and ``images_<kind>`` for every label kind."""
+        labs = list(self.labels.values())
+        verified = [x.verified for x in labs if x.kind == "verify" and x.verified is not None]
+        totals: dict[str, float] = {
             "images": len(labs),
             "boxes": int(sum(len(x.labels) for x in labs if x.kind in ("box", "extreme"))),
             "clicks": int(sum(len(x.labels) for x in labs if x.kind in ("click", "center_click"))),
+            "verified": int(sum(len(v) for v in verified)),
+            "accepted": int(sum(int(v.sum()) for v in verified)),
+            "image_classes": int(
+                sum(len(x.image_classes) for x in labs if x.image_classes is not None)
+            ),
             "cost_s": float(sum(x.cost_s for x in labs)),
         }
+        for kind in LABEL_KINDS:
+            totals[f"images_{kind}"] = sum(1 for x in labs if x.kind == kind)
+        return totals

@@ -29,14 +29,13 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from alrun.config import RUN_CONTROL_KEYS
 from alrun.errors import AlrunError
 from alrun.io import (
     atomic_rename,
@@ -48,8 +47,8 @@ from alrun.io import (
     write_csv,
     write_json,
 )
-from alrun.oracle import ImageLabels
 from alrun.pool import LabelPool
+from alrun.types import ImageLabels
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.json"
@@ -57,6 +56,44 @@ LOCK_FILE = ".lock"
 RESULTS_FILE = "results.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
 _ROUND = re.compile(r"round_(\d+)$")
+
+#: config keys that only steer how a run is executed: they may change when a run is resumed
+RUN_CONTROL_KEYS = ("resume", "quiet", "keep_checkpoints", "save_predictions", "logger")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Run control, checked once before any work starts (``alrun resume=... quiet=...``).
+
+    ``resume``: ``"auto"`` continues a run found in the output dir, ``True`` requires one,
+    ``False`` refuses one. ``quiet``: ``None`` means quiet inside sweeps only.
+    """
+
+    resume: str | bool = "auto"
+    quiet: bool | None = None
+    keep_checkpoints: str = "last"
+    save_predictions: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.resume, bool) or self.resume == "auto"):
+            raise AlrunError(f"resume: expected auto|true|false, got {self.resume!r}")
+        if self.quiet is not None and not isinstance(self.quiet, bool):
+            raise AlrunError(f"quiet: expected true|false|null, got {self.quiet!r}")
+        if self.keep_checkpoints not in ("last", "all"):
+            raise AlrunError(f"keep_checkpoints: expected last|all, got {self.keep_checkpoints!r}")
+        if not isinstance(self.save_predictions, bool):
+            raise AlrunError(
+                f"save_predictions: expected true|false, got {self.save_predictions!r}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict[str, Any]) -> RunOptions:
+        return cls(
+            resume=cfg.get("resume", "auto"),
+            quiet=cfg.get("quiet", None),
+            keep_checkpoints=cfg.get("keep_checkpoints", "last"),
+            save_predictions=cfg.get("save_predictions", False),
+        )
 
 
 class RunDirError(AlrunError):
@@ -317,30 +354,13 @@ class RunDir:
 
 def pool_state(pool: LabelPool) -> list[dict[str, Any]]:
     """Every oracle label given so far, with the round it was given in (JSON-ready)."""
-    labels = []
-    for image_id in pool.labelled_ids:
-        lab = pool.labels[image_id]
-        labels.append(
-            {
-                "image_id": image_id,
-                "round": int(pool.labelled_round[pool.index[image_id]]),
-                "kind": lab.kind,
-                "boxes": lab.boxes.tolist(),
-                "labels": lab.labels.tolist(),
-                "cost_s": lab.cost_s,
-            }
-        )
-    return labels
+    return [
+        {**pool.labels[i].to_json(), "round": int(pool.labelled_round[pool.index[i]])}
+        for i in pool.labelled_ids
+    ]
 
 
 def restore_pool(pool: LabelPool, labels: list[dict[str, Any]]) -> None:
     """Give ``pool`` back the labels recorded by :func:`pool_state`."""
     for item in labels:
-        label = ImageLabels(
-            item["image_id"],
-            item["kind"],
-            np.asarray(item["boxes"], dtype=np.float32).reshape(-1, 4),
-            np.asarray(item["labels"], dtype=np.int64),
-            float(item["cost_s"]),
-        )
-        pool.add([label], int(item["round"]))
+        pool.add([ImageLabels.from_json(item)], int(item["round"]))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -14,6 +16,8 @@ class Needs:
 
     ``passes`` > 1 asks for stochastic passes (MC dropout / ensemble members) stored in
     ``Detections.passes``; ``augment`` names test-time views (e.g. ``("hflip",)``).
+    ``labelled_embeddings`` asks the loop to also embed the labelled set (diversity selectors
+    that start from it, e.g. k-center greedy).
     """
 
     detections: bool = True
@@ -23,6 +27,7 @@ class Needs:
     passes: int = 1
     augment: tuple[str, ...] = ()
     grads: bool = False
+    labelled_embeddings: bool = False
 
     def merge(self, other: Needs) -> Needs:
         return Needs(
@@ -33,12 +38,16 @@ class Needs:
             passes=max(self.passes, other.passes),
             augment=tuple(dict.fromkeys(self.augment + other.augment)),
             grads=self.grads or other.grads,
+            labelled_embeddings=self.labelled_embeddings or other.labelled_embeddings,
         )
 
 
 NOTHING = Needs()
 
-_PER_BOX = ("boxes", "scores", "labels", "probs", "feats", "proposals")
+_PER_BOX = ("boxes", "scores", "labels", "probs", "class_probs", "feats", "proposals", "sources")
+
+#: ``Detections.head`` values: how the detector's classification head produced probabilities.
+HEAD_TYPES = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -46,19 +55,38 @@ class Detections:
     """One image, one forward pass, after the detector's own NMS.
 
     Per-box fields are filtered together by :meth:`select` (cf. detectron2 ``Instances``).
-    ``probs`` is the full class distribution; for heads with a background class its last column
-    is background. Every row sums to 1.
+    What the probability fields mean depends on ``head``, the kind of classification head:
+
+    ``head="softmax"`` (Faster R-CNN, SSD): the head predicts one distribution over C classes +
+      background.
+      * ``probs`` (N, C+1): that softmax, background moved to the last column. Rows sum to 1.
+      * ``class_probs`` (N, C): its first C columns (``probs[:, :-1]``), not renormalised.
+    ``head="sigmoid"`` (FCOS, RetinaNet, the tiny FCOS): the head predicts C independent
+      "object of class c here" probabilities and has no background class.
+      * ``class_probs`` (N, C): those independent sigmoids ``sigmoid(logit_c)``: the head's own
+        probabilities. Rows do not sum to 1.
+      * ``probs`` (N, C+1): a *constructed* distribution ``softmax([logits, 0])`` (a background
+        logit fixed at 0) so class-distribution scores can be computed; for one class it equals
+        ``(sigmoid, 1 - sigmoid)``. It is not something the head was trained to predict.
+    ``scores`` is the detector's ranking confidence (softmax: ``p_label``; RetinaNet:
+    ``sigmoid``; FCOS: ``sqrt(sigmoid(cls) * sigmoid(centerness))``).
+    ``sources`` (N,) is the anchor / proposal index each box was decoded from: per-class NMS can
+    keep several boxes (one per class) from one source, and those rows share their
+    probabilities and features, so scorers count each source once.
     """
 
     image_id: str
     boxes: Tensor  # (N, 4) xyxy absolute pixels
     scores: Tensor  # (N,) detector confidence
     labels: Tensor  # (N,) class index into the dataset classes
-    probs: Tensor | None = None  # (N, C or C+1)
+    probs: Tensor | None = None  # (N, C+1), background last (see above)
     feats: Tensor | None = None  # (N, D)
     embedding: Tensor | None = None  # (D,)
     proposals: Tensor | None = None  # (N, 4)
     passes: tuple[Detections, ...] = field(default=())
+    class_probs: Tensor | None = None  # (N, C)
+    sources: Tensor | None = None  # (N,) int64
+    head: str = "softmax"  # softmax | sigmoid
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -96,9 +124,7 @@ class Selection:
     image_ids: tuple[str, ...]
     scores: tuple[float, ...]
     costs: tuple[float, ...]
-    strategy: str
-    aggregator: str | None
-    score_threshold: float
+    method: dict = field(default_factory=dict)  # Strategy.describe(): how the pick was made
 
     @property
     def total_cost(self) -> float:
@@ -121,7 +147,90 @@ class RoundResult:
     missed: int
     wrong_class: int
     poor_loc: int
+    both: int  # wrong class and poor localisation (TIDE); see alrun.metrics
+    dupe: int  # duplicate of an already matched object
+    collapsed: int  # 1: the round's model looks collapsed (alrun.diagnostics)
     train_s: float
     predict_s: float
     score_s: float
     select_s: float
+
+
+#: every label kind the simulated oracle can produce (costs in ``oracle.CostModel``)
+LABEL_KINDS = ("box", "extreme", "click", "center_click", "verify", "image_label")
+
+_OPTIONAL_LABEL_FIELDS = {
+    # name: (dtype, shape of one object's entry)
+    "points": (np.float32, (2,)),
+    "extreme_points": (np.float32, (4, 2)),
+    "verified": (np.bool_, ()),
+    "image_classes": (np.int64, ()),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class ImageLabels:
+    """What the oracle returned for one image: one label kind, priced in annotation seconds.
+
+    ``labels[i]`` is the class of the i-th annotated object. Per ``kind`` the objects are:
+
+    * ``box``: ``boxes[i]`` (xyxy pixels) drawn by the annotator;
+    * ``extreme``: ``extreme_points[i]`` (left, top, right, bottom; each x, y) and the tight box
+      they define in ``boxes[i]``;
+    * ``click`` / ``center_click``: ``points[i]`` (x, y), one click per object; ``boxes`` is empty;
+    * ``verify``: proposed ``boxes[i]``; ``verified[i]`` is True when the annotator accepted it;
+    * ``image_label``: no objects; ``image_classes`` lists the classes present in the image.
+    """
+
+    image_id: str
+    kind: str
+    boxes: np.ndarray  # (N, 4), or (0, 4) for kinds without boxes
+    labels: np.ndarray  # (N,)
+    cost_s: float
+    points: np.ndarray | None = None  # (N, 2)
+    extreme_points: np.ndarray | None = None  # (N, 4, 2)
+    verified: np.ndarray | None = None  # (N,) bool
+    image_classes: np.ndarray | None = None  # (K,)
+
+    def box_targets(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(boxes, labels) a detector can train on as they are, or None when the kind has none.
+
+        Boxes come from ``box`` and ``extreme`` labels and from accepted verifications; clicks and
+        image-level labels need a regime to turn them into boxes first.
+        """
+        if self.kind in ("box", "extreme"):
+            return self.boxes, self.labels
+        if self.kind == "verify" and self.verified is not None:
+            return self.boxes[self.verified], self.labels[self.verified]
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain lists (state.json, labelled.json); only the fields this kind fills."""
+        data: dict[str, Any] = {
+            "image_id": self.image_id,
+            "kind": self.kind,
+            "boxes": self.boxes.tolist(),
+            "labels": self.labels.tolist(),
+            "cost_s": self.cost_s,
+        }
+        for name in _OPTIONAL_LABEL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value.tolist()
+        return data
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ImageLabels:
+        optional = {
+            name: np.asarray(data[name], dtype=dtype).reshape(-1, *shape)
+            for name, (dtype, shape) in _OPTIONAL_LABEL_FIELDS.items()
+            if data.get(name) is not None
+        }
+        return ImageLabels(
+            str(data["image_id"]),
+            str(data["kind"]),
+            np.asarray(data["boxes"], dtype=np.float32).reshape(-1, 4),
+            np.asarray(data["labels"], dtype=np.int64),
+            float(data["cost_s"]),
+            **optional,
+        )

@@ -15,7 +15,7 @@ import time
 import torch
 from hydra.utils import instantiate
 
-from alrun.acquisition.strategies import ScoringContext
+from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.budget import Budget
 from alrun.config import compose_config
 from alrun.loop import build_experiment, unit_cost
@@ -56,9 +56,17 @@ def main() -> None:
                 exp.detector.predict(records, strategy.needs) if strategy.needs.detections else None
             )
             t1 = time.perf_counter()
-            scores = strategy.score(preds, ScoringContext(tuple(unlabelled), 0, 0))
+            context = AcquisitionContext(
+                tuple(unlabelled),
+                0,
+                0,
+                budget=budget.amount(0),
+                cost_of=unit_cost("images", exp.oracle, pool),
+                preds=None if preds is None else PredictionBatch.from_detections(preds),
+            )
+            scores = strategy.score(context)
             t2 = time.perf_counter()
-            strategy.select(scores, budget.amount(0), unit_cost("images", exp.oracle, pool))
+            strategy.select(scores, context)
             t3 = time.perf_counter()
             timing = (t1 - t0, t2 - t1, t3 - t2)
             best = timing if best is None or sum(timing) < sum(best) else best

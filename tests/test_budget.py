@@ -59,3 +59,64 @@ def test_negative_rounds():
 
 def test_budget_error_is_alrun_error():
     assert issubclass(BudgetError, AlrunError)
+
+
+def _pool_with_empty_share(n=500, empty_every=5):
+    """n images, every ``empty_every``-th without objects (20 %), the others 1-5 boxes."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from alrun.data.dataset import DetectionDataset, ImageRecord
+
+    rng = np.random.default_rng(0)
+    records = []
+    for k in range(n):
+        m = 0 if k % empty_every == 0 else int(rng.integers(1, 6))
+        boxes = np.tile(np.array([[1, 1, 9, 9]], dtype=np.float32), (m, 1))
+        records.append(
+            ImageRecord(f"im{k:04d}", Path("x.png"), 16, 16, boxes, np.zeros(m, dtype=np.int64))
+        )
+    return DetectionDataset("toy", ("a",), tuple(records))
+
+
+@pytest.mark.parametrize("unit", ["boxes", "seconds"])
+def test_random_initial_set_keeps_the_pool_share_of_empty_images(unit):
+    from types import SimpleNamespace
+
+    from alrun.loop import initial_selection
+    from alrun.oracle import CostModel, SimulatedOracle
+    from alrun.pool import LabelPool
+    from alrun.supervision.full import FullSupervision
+
+    pool = LabelPool(_pool_with_empty_share())
+    amount = 300.0 if unit == "boxes" else 300 * 25.5
+    shares = []
+    for seed in range(20):
+        exp = SimpleNamespace(
+            budget=Budget.from_config(amount, 10, 1, unit),
+            oracle=SimulatedOracle(CostModel()),
+            regime=FullSupervision(),
+            seed=seed,
+        )
+        picked = initial_selection(exp, pool)
+        shares.append(sum(pool.record(i).num_boxes == 0 for i in picked) / len(picked))
+    # ~115 images a seed; the mean over 20 seeds has a standard error of about 0.008
+    assert sum(shares) / len(shares) == pytest.approx(0.2, abs=0.03)
+
+
+def test_every_image_costs_something_in_every_unit():
+    from alrun.budget import image_cost
+    from alrun.oracle import CostModel, SimulatedOracle
+
+    empty = _pool_with_empty_share(5).images[0]
+    assert empty.num_boxes == 0
+    oracle = SimulatedOracle(CostModel())
+    assert image_cost("images", empty, oracle) == 1.0
+    assert image_cost("boxes", empty, oracle) == 1.0
+    assert image_cost("seconds", empty, oracle) == CostModel().empty_image_s > 0
+
+
+def test_unknown_fill_policy_is_a_budget_error():
+    with pytest.raises(BudgetError, match="budget.fill"):
+        Budget.from_config(10, 5, 2, "images", fill="greedy")

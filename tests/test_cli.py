@@ -127,7 +127,7 @@ def test_budget_unit_typo(tmp_path):
         ("detector.pretrained=/no/such.pt", "detector.pretrained"),
         ("budget.per_round=0", "budget.per_round"),
         ("trainer.init=warm", "trainer.init"),
-        ("strategy.scorer.aggregator=median", "strategy.aggregator"),
+        ("strategy.scorer.aggregator=median", "strategy.scorer.aggregator"),
         ("trainer.lr=-1", "trainer.lr: expected > 0, got -1"),
         ("trainer.epochs=-1", "trainer.epochs: expected >= 0, got -1"),
         ("keep_checkpoints=foo", "keep_checkpoints: expected last|all, got 'foo'"),
@@ -260,8 +260,8 @@ def test_full_disk_is_one_line_naming_the_file(tmp_path):
 
 
 def test_wrong_key_for_the_chosen_dataset(tmp_path):
-    """smoke sizes the synthetic data; with a VOC dataset that key is a one-line config error."""
-    result = alrun(tmp_path, "dataset=voc", "dataset.root=/tmp")
+    """A synthetic-only key with a VOC dataset is a one-line config error naming the key."""
+    result = alrun(tmp_path, "dataset=voc", "dataset.root=/tmp", "+dataset.num_pool=60")
     assert_clean_failure(result, tmp_path, "alrun: error: dataset.num_pool: not a setting of")
     assert len(result.stderr.strip().splitlines()) == 1
 

@@ -95,7 +95,8 @@ def test_random_strategy_skips_prediction(tmp_path):
     rows = _run(tmp_path, ["strategy=random", "budget.rounds=1"])
     assert rows[0]["predict_s"] == 0.0
     sel = json.loads((tmp_path / "round_00/selection.json").read_text())
-    assert sel["strategy"] == "random" and sel["aggregator"] is None
+    assert sel["strategy"] == "random" and sel["scorer"] == "random"
+    assert sel["fill"] == "stop" and "seeded" in sel["tie_break"]
 
 
 @pytest.mark.parametrize("unit,budget", [("boxes", 30), ("seconds", 600)])

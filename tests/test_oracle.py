@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,96 @@ def test_annotate_with_click_kind():
     out = SimulatedOracle(CostModel(), kind="click").annotate([record()])
     assert out[0].kind == "click"
     assert out[0].cost_s == pytest.approx(3.3)
+
+
+# --- every label kind, simulated from ground truth ------------------------------------------
+def boxed(image_id="img"):
+    boxes = np.array([[4.0, 6.0, 20.0, 30.0], [30.0, 2.0, 60.0, 12.0]], np.float32)
+    return ImageRecord(image_id, Path("x.jpg"), 64, 48, boxes, np.array([1, 3], np.int64))
+
+
+def test_clicks_fall_inside_their_boxes_and_are_seeded_per_image():
+    rec = boxed()
+    out = SimulatedOracle(CostModel(), seed=3).annotate([rec], "click")[0]
+    assert out.kind == "click" and out.boxes.shape == (0, 4) and out.box_targets() is None
+    assert out.labels.tolist() == [1, 3] and out.points.shape == (2, 2)
+    assert ((out.points >= rec.boxes[:, :2]) & (out.points <= rec.boxes[:, 2:])).all()
+    assert out.cost_s == pytest.approx(2.4 + 0.9)  # two classes
+    # same (seed, image) -> same clicks, whatever else is asked in the same call
+    again = SimulatedOracle(CostModel(), seed=3).annotate([boxed("other"), rec], "click")[1]
+    np.testing.assert_array_equal(again.points, out.points)
+    other_seed = SimulatedOracle(CostModel(), seed=4).annotate([rec], "click")[0]
+    assert not np.array_equal(other_seed.points, out.points)
+
+
+def test_center_clicks_are_centers_and_jitter_stays_in_the_box():
+    rec = boxed()
+    exact = SimulatedOracle(CostModel()).annotate([rec], "center_click")[0]
+    np.testing.assert_allclose(exact.points, [[12.0, 18.0], [45.0, 7.0]])
+    assert exact.cost_s == pytest.approx(2 * 1.87)
+    noisy = SimulatedOracle(CostModel(), center_jitter_px=50.0).annotate([rec], "center_click")[0]
+    assert not np.allclose(noisy.points, exact.points)
+    assert ((noisy.points >= rec.boxes[:, :2]) & (noisy.points <= rec.boxes[:, 2:])).all()
+
+
+def test_extreme_points_recover_the_box_exactly_without_jitter():
+    rec = boxed()
+    out = SimulatedOracle(CostModel()).annotate([rec], "extreme")[0]
+    assert out.extreme_points.shape == (2, 4, 2)
+    np.testing.assert_allclose(out.boxes, rec.boxes)
+    np.testing.assert_allclose(out.extreme_points[:, 0, 0], rec.boxes[:, 0])  # left point on x1
+    np.testing.assert_allclose(out.extreme_points[:, 3, 1], rec.boxes[:, 3])  # bottom on y2
+    boxes, labels = out.box_targets()
+    assert labels.tolist() == [1, 3] and out.cost_s == pytest.approx(14.0)
+    noisy = SimulatedOracle(CostModel(), extreme_jitter_px=3.0).annotate([rec], "extreme")[0]
+    assert not np.allclose(noisy.boxes, rec.boxes)
+    assert (noisy.boxes >= 0).all() and (noisy.boxes[:, [0, 2]] <= 64).all()
+
+
+def test_image_level_labels_list_the_classes_present():
+    out = SimulatedOracle(CostModel()).annotate([record(labels=(2, 0, 2))], "image_label")[0]
+    assert out.image_classes.tolist() == [0, 2] and len(out.labels) == 0
+    assert out.box_targets() is None and out.cost_s == pytest.approx(2.0)
+
+
+def test_verification_accepts_boxes_that_match_a_same_class_object():
+    rec = boxed()
+    proposals = {
+        "img": ImageLabels(
+            "img",
+            "box",
+            np.array([[5, 6, 20, 29], [5, 6, 20, 29], [40, 30, 60, 40]], np.float32),
+            np.array([1, 3, 3]),  # right box right class / right box wrong class / wrong place
+            0.0,
+        )
+    }
+    out = SimulatedOracle(CostModel()).annotate([rec], "verify", proposals)[0]
+    assert out.verified.tolist() == [True, False, False]
+    assert out.cost_s == pytest.approx(3 * 1.6)  # billed per proposal, not per object
+    boxes, labels = out.box_targets()
+    assert labels.tolist() == [1] and boxes.tolist() == [[5, 6, 20, 29]]
+    back = ImageLabels.from_json(json.loads(json.dumps(out.to_json())))
+    assert back.verified.dtype == np.bool_ and back.verified.tolist() == [True, False, False]
+    with pytest.raises(AlrunError, match="need proposals"):
+        SimulatedOracle(CostModel()).annotate([rec], "verify")
+
+
+def test_restricted_oracle_refuses_other_kinds():
+    oracle = SimulatedOracle(CostModel(), kind="click")
+    assert oracle.kinds == ("click",) and SimulatedOracle(CostModel()).kinds == LABEL_KINDS
+    with pytest.raises(
+        AlrunError, match=r"asks the oracle for 'box' labels but oracle\.kind=click"
+    ):
+        oracle.annotate([boxed()], "box")
+    with pytest.raises(AlrunError, match="unknown label kind 'polygon'"):
+        SimulatedOracle(CostModel()).require(["polygon"], "supervision")
+
+
+@pytest.mark.parametrize("kind", ["box", "extreme", "click", "center_click", "image_label"])
+def test_labels_round_trip_through_json(kind):
+    out = SimulatedOracle(CostModel(), seed=1).annotate([boxed()], kind)[0]
+    back = ImageLabels.from_json(json.loads(json.dumps(out.to_json())))
+    assert back.to_json() == out.to_json()
+    for name in ("boxes", "labels", "points", "extreme_points", "image_classes"):
+        a, b = getattr(out, name), getattr(back, name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b))

@@ -37,7 +37,9 @@ def test_initially_unlabelled(pool):
     assert pool.unlabelled_ids == ["a", "b", "c", "d"]
     assert pool.labelled_ids == []
     assert pool.labelled_round.tolist() == [-1, -1, -1, -1]
-    assert pool.totals() == {"images": 0, "boxes": 0, "clicks": 0, "cost_s": 0.0}
+    totals = pool.totals()
+    assert set(totals.values()) == {0} and totals["cost_s"] == 0.0
+    assert {"images", "boxes", "clicks", "verified", "accepted", "image_classes"} <= set(totals)
     assert len(pool.training_set()) == 0
 
 
@@ -50,12 +52,10 @@ def test_add_tracks_rounds(pool):
     assert pool.labelled_round.tolist() == [-1, 0, 1, 0]
     assert pool.record("d").num_boxes == 3
     # 2 + 0 + 3 boxes; 2*25.5 + 1.0 (empty) + 3*25.5
-    assert pool.totals() == {
-        "images": 3,
-        "boxes": 5,
-        "clicks": 0,
-        "cost_s": pytest.approx(5 * 25.5 + 1.0),
-    }
+    totals = pool.totals()
+    assert (totals["images"], totals["boxes"], totals["clicks"]) == (3, 5, 0)
+    assert totals["cost_s"] == pytest.approx(5 * 25.5 + 1.0)
+    assert totals["images_box"] == 3 and totals["images_click"] == 0
 
 
 def test_totals_counts_clicks_separately(pool):
@@ -67,6 +67,46 @@ def test_totals_counts_clicks_separately(pool):
     assert totals["boxes"] == 2
     assert totals["clicks"] == 3
     assert totals["cost_s"] == pytest.approx(2 * 25.5 + 3 * 1.87 + 1.0)
+    assert totals["image_classes"] == 1  # image 'a' holds one class
+    assert (totals["images_box"], totals["images_center_click"], totals["images_image_label"]) == (
+        1,
+        1,
+        1,
+    )
+
+
+def test_totals_count_every_kind(pool):
+    oracle = SimulatedOracle(CostModel())
+    pool.add(oracle.annotate(pool.records(["a"]), "extreme"), 0)
+    proposals = {
+        "b": ImageLabels(
+            "b", "box", np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), np.array([0, 0]), 0
+        )
+    }
+    pool.add(oracle.annotate(pool.records(["b"]), "verify", proposals), 0)
+    pool.add(oracle.annotate(pool.records(["d"]), "click"), 0)
+    totals = pool.totals()
+    assert (totals["boxes"], totals["verified"], totals["accepted"], totals["clicks"]) == (
+        1,
+        2,
+        1,
+        3,
+    )
+    assert totals["cost_s"] == pytest.approx(7.0 + 2 * 1.6 + 2.4)
+    assert [totals[f"images_{k}"] for k in ("extreme", "verify", "click", "box")] == [1, 1, 1, 0]
+
+
+def test_training_set_keeps_only_images_whose_labels_give_boxes(pool):
+    oracle = SimulatedOracle(CostModel())
+    pool.add(oracle.annotate(pool.records(["a"]), "box"), 0)
+    pool.add(oracle.annotate(pool.records(["d"]), "click"), 0)
+    pool.add(oracle.annotate(pool.records(["b"]), "image_label"), 0)
+    assert pool.training_set().ids == ["a"]  # clicks and classes are not boxes to train on
+    labelled = pool.labelled_set()
+    assert labelled.ids == ["a", "b", "d"] and labelled.images[2].num_boxes == 0
+    described = pool.describe("d")
+    assert described["label_kind"] == "click" and len(described["points"]) == 3
+    assert pool.describe("b")["image_classes"] == [0] and "points" not in pool.describe("a")
 
 
 def test_training_set_uses_oracle_labels(pool):

@@ -1,6 +1,8 @@
 """Per-box uncertainty scores on class distributions. Higher = more informative.
 
-Every function maps probabilities ``(N, K)`` (rows sum to 1) to scores ``(N,)``.
+Every score function maps probabilities ``(N, K)`` (rows sum to 1) to scores ``(N,)``. Which
+distribution a box is scored on is the scorer's ``distribution`` choice (see
+:data:`DISTRIBUTIONS` and :func:`distribution`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,40 @@ def foreground(probs: Tensor) -> Tensor:
     """
     fg = probs[:, :-1]
     return fg / fg.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def binary(class_probs: Tensor, labels: Tensor) -> Tensor:
+    """The box's own detection probability as a Bernoulli ``(p, 1 - p)``, ``p`` the head's
+    probability of the predicted class (DCUS / ALDD view, what PPAL scores).
+
+    Meaningful for any number of classes, one included: a box the detector is unsure is an
+    object at all scores high.
+    """
+    p = class_probs.gather(1, labels.long().reshape(-1, 1)).clamp(0.0, 1.0)
+    return torch.cat([p, 1.0 - p], dim=1)
+
+
+#: ``strategy.scorer.distribution`` choices.
+DISTRIBUTIONS = ("binary", "with_background", "foreground")
+
+
+def distribution(
+    name: str, probs: Tensor, class_probs: Tensor | None, labels: Tensor
+) -> Tensor:
+    """The per-box distribution ``name`` from a detector's outputs (alrun.types.Detections):
+
+    * ``binary``: :func:`binary` on ``class_probs`` (the head's own probabilities);
+    * ``with_background``: the C+1 distribution ``probs`` (softmax heads only);
+    * ``foreground``: :func:`foreground` - class-vs-class confusion only. With one class it is
+      constant (every box scores 0), which is why it is not the default.
+    """
+    if name == "binary":
+        return binary(class_probs if class_probs is not None else probs[:, :-1], labels)
+    if name == "with_background":
+        return probs
+    if name == "foreground":
+        return foreground(probs)
+    raise ValueError(f"unknown distribution '{name}'")
 
 
 def least_confidence(probs: Tensor) -> Tensor:

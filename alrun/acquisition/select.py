@@ -3,33 +3,56 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from alrun.acquisition.context import AcquisitionContext
+from alrun.budget import FILL_POLICIES
+from alrun.errors import AlrunError
 
 
-def ranked(scores: Mapping[str, float]) -> list[str]:
-    """Image ids by descending score; ties (and NaN-free equal scores) broken by ascending id,
-    so the order never depends on dict or filesystem order."""
-    return sorted(scores, key=lambda i: (-scores[i], i))
+def ranked(scores: Mapping[str, float], tie_rank: Mapping[str, int]) -> list[str]:
+    """Image ids by descending score; equal scores in ``tie_rank`` order (a seeded permutation,
+    see :meth:`AcquisitionContext.tie_rank`), so the order never depends on dict order or ids."""
+    return sorted(scores, key=lambda i: (-scores[i], tie_rank[i]))
+
+
+def fill_budget(
+    ordered: Iterable[str], budget: float, cost_of: Callable[[str], float], fill: str
+) -> list[str]:
+    """Take images in ``ordered`` while the budget lasts; never exceeds it.
+
+    ``fill="stop"``: stop at the first image that does not fit - the pick is a prefix of the
+    ranking, so a cost budget does not drift toward cheap images from the tail (the honest
+    default). ``fill="skip"``: skip an image that does not fit and keep scanning for cheaper
+    ones further down, spending the budget more completely.
+    """
+    if fill not in FILL_POLICIES:
+        raise AlrunError(f"budget.fill: expected one of {'|'.join(FILL_POLICIES)}, got '{fill}'")
+    picked: list[str] = []
+    spent = 0.0
+    for image_id in ordered:
+        cost = cost_of(image_id)
+        if spent + cost <= budget + 1e-9:
+            picked.append(image_id)
+            spent += cost
+        elif fill == "stop":
+            break
+    return picked
 
 
 class TopK:
-    """Highest scores first, filled greedily within the budget.
+    """Highest scores first, filled within the budget by the context's ``fill`` policy.
 
-    In score order each image is taken if its cost still fits; an image that does not fit is
-    skipped and smaller ones further down may still be taken, so the budget is never exceeded.
     Images scored ``-inf`` are eligible last; images absent from ``scores`` are never selected.
     """
 
-    def __call__(
-        self, scores: Mapping[str, float], budget: float, cost_of: Callable[[str], float]
-    ) -> list[str]:
-        picked: list[str] = []
-        spent = 0.0
-        for image_id in ranked(scores):
-            if math.isnan(scores[image_id]):
+    def __call__(self, scores: Mapping[str, float], context: AcquisitionContext) -> list[str]:
+        for image_id, score in scores.items():
+            if math.isnan(score):
                 raise ValueError(f"score of image '{image_id}' is NaN")
-            cost = cost_of(image_id)
-            if spent + cost <= budget + 1e-9:
-                picked.append(image_id)
-                spent += cost
-        return picked
+        order = ranked(scores, context.tie_rank())
+        return fill_budget(order, context.budget, context.cost_of, context.fill)
+
+    def describe(self) -> dict[str, Any]:
+        return {"selector": "topk"}

@@ -1,85 +1,129 @@
 """Strategies: an image scorer + a selector, built from configs with ``_target_``.
 
-A scorer declares the detector outputs it ``needs``; the loop computes only those (random needs
-no prediction at all).
+A scorer and a selector each declare the detector outputs they ``needs``; the loop computes
+only those (random needs no prediction at all). Both receive one
+:class:`~alrun.acquisition.context.AcquisitionContext`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from alrun.acquisition.aggregate import AGGREGATORS, aggregate_segments
-from alrun.acquisition.scores import foreground
+from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+from alrun.acquisition.scores import DISTRIBUTIONS, distribution
 from alrun.acquisition.select import TopK
 from alrun.errors import AlrunError
 from alrun.types import Detections, Needs
 
 EMPTY_POLICIES = ("min", "max", "skip")
 
+#: a named aggregator (``AGGREGATORS``) or a callable with :func:`aggregate_segments`'s
+#: signature after ``name``: ``fn(scores, segment, num_segments, confidences) -> (I,)``
+Aggregator = str | Callable[[Tensor, Tensor, int, Tensor | None], Tensor]
 
-@dataclass(frozen=True)
-class ScoringContext:
-    """What a scorer may use besides predictions: ids to score and round-specific seeding."""
 
-    image_ids: tuple[str, ...]
-    seed: int
-    round: int
+def _name_of(fn: Any) -> str:
+    fn = getattr(fn, "func", fn)  # functools.partial from Hydra's _partial_
+    return getattr(fn, "__name__", type(fn).__name__)
 
 
 class RandomScore:
     """Uniform random scores from ``(seed, round)``: the baseline every sweep should include."""
 
     needs = Needs(detections=False)
-    aggregator = None
-    score_threshold = 0.0
 
-    def __call__(
-        self, preds: Sequence[Detections] | None, context: ScoringContext
-    ) -> dict[str, float]:
-        # round -1 is the initial set, hence round + 1 (seed entropy must be non-negative)
-        rng = np.random.default_rng([context.seed, context.round + 1, 0x5E1EC7])
-        ordered = sorted(context.image_ids)
+    def __call__(self, context: AcquisitionContext) -> dict[str, float]:
+        # round -1 is the initial set (context.rng offsets the round by one)
+        rng = context.rng(0x5E1EC7)
+        ordered = sorted(context.pool_ids)
         return dict(zip(ordered, rng.random(len(ordered)).tolist()))
+
+    def describe(self) -> dict[str, Any]:
+        return {"scorer": "random"}
+
+
+def unique_sources(batch: PredictionBatch, keep: Tensor) -> Tensor:
+    """Restrict ``keep`` (bool mask over boxes) to one row per (image, source).
+
+    Per-class NMS may keep one box per class from the same anchor/proposal; those rows share
+    probabilities and features, so counting each would weight exactly the ambiguous sources
+    k times. Of such rows the one with the highest detector score is kept.
+    """
+    if batch.sources is None or not bool(keep.any()):
+        return keep
+    idx = torch.nonzero(keep).flatten()
+    seg = batch.segment[idx]
+    key = seg * (int(batch.sources.max()) + 1) + batch.sources[idx]
+    by_score = torch.argsort(batch.scores[idx], descending=True, stable=True)
+    by_key = by_score[torch.argsort(key[by_score], stable=True)]
+    first = torch.ones(len(by_key), dtype=torch.bool)
+    first[1:] = key[by_key][1:] != key[by_key][:-1]
+    out = torch.zeros_like(keep)
+    out[idx[by_key[first]]] = True
+    return out
 
 
 class BoxUncertainty:
-    """Per-box uncertainty on the foreground class distribution, reduced per image.
+    """Per-box uncertainty on a class distribution, reduced per image.
 
-    ``score_threshold`` drops boxes whose detector confidence is below it before scoring.
-    ``empty`` decides images left with no box: ``min`` ranks them after every image with boxes,
-    ``max`` before, ``skip`` never selects them, a number gives them that score.
+    ``distribution`` picks what a box is scored on (``binary`` | ``with_background`` |
+    ``foreground``, see :func:`alrun.acquisition.scores.distribution`); the default ``binary``
+    never yields constant scores, one-class datasets included.
+    ``score_threshold`` drops boxes whose detector confidence is below it before scoring; each
+    anchor/proposal is counted once (:func:`unique_sources`). ``empty`` decides images left
+    with no box: ``min`` ranks them after every image with boxes, ``max`` before, ``skip``
+    never selects them, a number gives them that score.
     """
 
     def __init__(
         self,
         box_score: Callable[[Tensor], Tensor],
-        aggregator: str = "mean",
+        aggregator: Aggregator = "mean",
         score_threshold: float = 0.1,
         empty: str | float = "min",
-        use_background: bool = False,
+        distribution: str = "binary",
     ):
-        if aggregator not in AGGREGATORS:
+        if isinstance(aggregator, str) and aggregator not in AGGREGATORS:
             raise AlrunError(
-                f"strategy.aggregator: expected one of {AGGREGATORS}, got '{aggregator}'"
+                f"strategy.scorer.aggregator: expected one of {'|'.join(AGGREGATORS)} or a "
+                f"callable, got '{aggregator}'"
             )
         if isinstance(empty, str) and empty not in EMPTY_POLICIES:
             raise AlrunError(
-                f"strategy.empty: expected one of {EMPTY_POLICIES} or a number, got '{empty}'"
+                f"strategy.scorer.empty: expected one of {'|'.join(EMPTY_POLICIES)} or a number, "
+                f"got '{empty}'"
             )
         if not 0.0 <= score_threshold < 1.0:
-            raise AlrunError(f"strategy.score_threshold: expected [0, 1), got {score_threshold}")
+            raise AlrunError(
+                f"strategy.scorer.score_threshold: expected a number in [0, 1), "
+                f"got {score_threshold}"
+            )
+        if distribution not in DISTRIBUTIONS:
+            raise AlrunError(
+                f"strategy.scorer.distribution: expected one of {'|'.join(DISTRIBUTIONS)}, "
+                f"got '{distribution}'"
+            )
         self.box_score = box_score
         self.aggregator = aggregator
         self.score_threshold = float(score_threshold)
         self.empty = empty
-        self.use_background = use_background
+        self.distribution = distribution
         self.needs = Needs(probs=True)
+
+    def check_detector(self, head_type: str) -> None:
+        """Start-up check: ``with_background`` needs a head that predicts background."""
+        if self.distribution == "with_background" and head_type != "softmax":
+            raise AlrunError(
+                "strategy.scorer.distribution: with_background needs a softmax head with a "
+                f"background class, but this detector's head is {head_type} (no background); "
+                "use binary or foreground"
+            )
 
     def _empty_score(self) -> float | None:
         if self.empty == "min":
@@ -92,33 +136,50 @@ class BoxUncertainty:
 
     def image_score(self, det: Detections) -> float | None:
         """One image's score; ``None`` means: do not select (``empty: skip``)."""
-        return self.batch_scores([det])[0]
+        return self.batch_scores(PredictionBatch.from_detections([det]))[0]
 
-    def batch_scores(self, preds: Sequence[Detections]) -> list[float | None]:
-        """Scores of many images in one vectorised pass over all their boxes."""
-        if any(det.probs is None for det in preds):
+    def batch_scores(self, batch: PredictionBatch) -> list[float | None]:
+        """Scores of every image of ``batch`` in one vectorised pass over all its boxes."""
+        if batch.probs is None:
             raise AlrunError("strategy: detector returned no class probabilities")
-        if not preds:
+        if len(batch) == 0:
             return []
-        counts = torch.tensor([len(det) for det in preds])
-        confidences = torch.cat([det.scores for det in preds])
-        probs = torch.cat([det.probs for det in preds])
-        segment = torch.repeat_interleave(torch.arange(len(preds)), counts)
-        keep = confidences >= self.score_threshold
-        probs = probs[keep] if self.use_background else foreground(probs[keep])
-        per_image = aggregate_segments(
-            self.box_score(probs), segment[keep], len(preds), self.aggregator, confidences[keep]
-        ).tolist()
+        keep = unique_sources(batch, batch.scores >= self.score_threshold)
+        dist = distribution(
+            self.distribution,
+            batch.probs[keep],
+            None if batch.class_probs is None else batch.class_probs[keep],
+            batch.labels[keep],
+        )
+        box_scores = self.box_score(dist)
+        segment, confidences = batch.segment[keep], batch.scores[keep]
+        if callable(self.aggregator):
+            per_image = self.aggregator(box_scores, segment, len(batch), confidences)
+        else:
+            per_image = aggregate_segments(
+                box_scores, segment, len(batch), self.aggregator, confidences
+            )
         empty = self._empty_score()
-        return [empty if math.isnan(x) else x for x in per_image]
+        return [empty if math.isnan(x) else x for x in per_image.tolist()]
 
-    def __call__(
-        self, preds: Sequence[Detections] | None, context: ScoringContext
-    ) -> dict[str, float]:
-        if preds is None:
+    def __call__(self, context: AcquisitionContext) -> dict[str, float]:
+        if context.preds is None:
             raise AlrunError("strategy: this scorer needs predictions")
-        scores = self.batch_scores(preds)
-        return {det.image_id: s for det, s in zip(preds, scores) if s is not None}
+        scores = self.batch_scores(context.preds)
+        return {i: s for i, s in zip(context.preds.image_ids, scores) if s is not None}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "scorer": "box_uncertainty",
+            "box_score": _name_of(self.box_score),
+            "distribution": self.distribution,
+            "aggregator": self.aggregator
+            if isinstance(self.aggregator, str)
+            else _name_of(self.aggregator),
+            "score_threshold": self.score_threshold,
+            "empty": self.empty,
+            "sources_counted_once": True,
+        }
 
 
 class Strategy:
@@ -131,23 +192,36 @@ class Strategy:
 
     @property
     def needs(self) -> Needs:
-        return self.scorer.needs
+        return self.scorer.needs.merge(getattr(self.selector, "needs", Needs(detections=False)))
 
     @property
     def aggregator(self) -> str | None:
-        return getattr(self.scorer, "aggregator", None)
+        agg = getattr(self.scorer, "aggregator", None)
+        return agg if agg is None or isinstance(agg, str) else _name_of(agg)
 
     @property
     def score_threshold(self) -> float:
         return float(getattr(self.scorer, "score_threshold", 0.0))
 
-    def score(
-        self, preds: Sequence[Detections] | None, context: ScoringContext
-    ) -> dict[str, float]:
-        with torch.no_grad():
-            return self.scorer(preds, context)
+    def check_detector(self, head_type: str, can_embed: bool = True) -> None:
+        """Start-up checks against the detector, before any training."""
+        check = getattr(self.scorer, "check_detector", None)
+        if check is not None:
+            check(head_type)
+        needs = self.needs
+        if (needs.embedding or needs.labelled_embeddings) and not can_embed:
+            raise AlrunError(
+                f"strategy={self.name}: needs image embeddings, which this detector cannot "
+                "produce; choose another detector or strategy"
+            )
 
-    def select(
-        self, scores: Mapping[str, float], budget: float, cost_of: Callable[[str], float]
-    ) -> list[str]:
-        return self.selector(scores, budget, cost_of)
+    def describe(self) -> dict[str, Any]:
+        """What selection.json records about how a pick was made."""
+        return {"strategy": self.name, **self.scorer.describe(), **self.selector.describe()}
+
+    def score(self, context: AcquisitionContext) -> dict[str, float]:
+        with torch.no_grad():
+            return self.scorer(context)
+
+    def select(self, scores: Mapping[str, float], context: AcquisitionContext) -> list[str]:
+        return self.selector(scores, context)

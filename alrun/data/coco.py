@@ -3,7 +3,9 @@
 Conventions: ``image_id`` is ``str(coco image id)``, except that a file written by ``write_coco``
 keeps alrun's own ids (its ``alrun_id`` field) so a write/read round trip is lossless. COCO boxes
 are ``[x, y, w, h]``; internally they become xyxy. Crowd annotations (``iscrowd: 1``) are regions,
-not instances, and ``ImageRecord`` has no crowd flag, so they are left out.
+not instances: they become ``ImageRecord.ignore_boxes`` (never trained on, ignored in evaluation).
+An annotation's ``area`` (the segmentation area COCOeval uses for small/medium/large) is kept in
+``ImageRecord.areas``; where it is absent the box area stands in.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from alrun.data.dataset import DatasetSplits, DetectionDataset, ImageRecord, seeded_split
+import numpy as np
+
+from alrun.data.dataset import (
+    DEFAULT_SPLIT_SEED,
+    DatasetSplits,
+    DetectionDataset,
+    ImageRecord,
+    limit_splits,
+    seeded_split,
+)
 from alrun.data.validate import (
     Validator,
     format_classes,
@@ -137,6 +148,9 @@ def _build(
 
     boxes: dict[Any, list[tuple[float, float, float, float]]] = {k: [] for k in entries}
     labels: dict[Any, list[int]] = {k: [] for k in entries}
+    areas: dict[Any, list[float | None]] = {k: [] for k in entries}
+    crowd_boxes: dict[Any, list[tuple[float, float, float, float]]] = {k: [] for k in entries}
+    crowd_labels: dict[Any, list[int]] = {k: [] for k in entries}
     for j, ann in enumerate(data.get("annotations", [])):
         if not isinstance(ann, dict):
             val.fail(file, f"annotations[{j}] is not an object")
@@ -158,8 +172,9 @@ def _build(
                 f"known category ids: {sorted(cats)}",
             )
             continue
-        if cat_id not in cat_to_label or ann.get("iscrowd", 0):
-            continue  # a category not selected by ``classes``, or a crowd region
+        if cat_id not in cat_to_label:
+            continue  # a category not selected by ``classes``
+        crowd = bool(ann.get("iscrowd", 0))
         image_id, _, width, height, _ = entries[coco_id]
         item = f"{ann_name} (image {image_id}, {cats[cat_id]})"
         bbox = ann.get("bbox")
@@ -172,14 +187,42 @@ def _build(
             val.fail(file, f"{item} has non-numeric bbox {bbox!r}")
             continue
         box = val.check_box(file, item, (x, y, x + w, y + h), width, height)
-        if box is not None:
-            boxes[coco_id].append(box)
-            labels[coco_id].append(cat_to_label[cat_id])
+        if box is None:
+            continue
+        if crowd:
+            crowd_boxes[coco_id].append(box)
+            crowd_labels[coco_id].append(cat_to_label[cat_id])
+            continue
+        boxes[coco_id].append(box)
+        labels[coco_id].append(cat_to_label[cat_id])
+        area = ann.get("area")
+        usable = isinstance(area, (int, float)) and not isinstance(area, bool) and area > 0
+        areas[coco_id].append(float(area) if usable else None)
 
+    any_area = any(a is not None for per_image in areas.values() for a in per_image)
     records = []
     for coco_id, (image_id, path, width, height, domain) in entries.items():
         box_arr, label_arr = to_arrays(boxes[coco_id], labels[coco_id])
-        records.append(ImageRecord(image_id, path, width, height, box_arr, label_arr, domain))
+        ignore_arr, ignore_label_arr = to_arrays(crowd_boxes[coco_id], crowd_labels[coco_id])
+        area_arr = None
+        if any_area:
+            box_area = (box_arr[:, 2] - box_arr[:, 0]) * (box_arr[:, 3] - box_arr[:, 1])
+            given = [a if a is not None else b for a, b in zip(areas[coco_id], box_area.tolist())]
+            area_arr = np.asarray(given, dtype=np.float32).reshape(-1)
+        records.append(
+            ImageRecord(
+                image_id,
+                path,
+                width,
+                height,
+                box_arr,
+                label_arr,
+                domain,
+                ignore_boxes=ignore_arr if len(ignore_label_arr) else None,
+                ignore_labels=ignore_label_arr if len(ignore_label_arr) else None,
+                areas=area_arr,
+            )
+        )
     records.sort(key=lambda r: r.image_id)
     return DetectionDataset(name, class_names, tuple(records), tuple(val.skipped))
 
@@ -210,7 +253,8 @@ def write_coco(
 
     COCO ids are positions + 1 (images and categories); ``alrun_id`` keeps the image id and
     ``file_name`` is the absolute image path. ``extra_image_fields`` maps image_id -> extra keys
-    for that image entry (e.g. the round it was labelled in).
+    for that image entry (e.g. the round it was labelled in). Ignore regions are written as
+    ``iscrowd: 1`` annotations and ``areas`` as ``area``, so a write/read round trip is lossless.
     """
     extra = dict(extra_image_fields or {})
     unknown = sorted(set(extra) - set(dataset.ids))
@@ -234,7 +278,21 @@ def write_coco(
             raise DatasetError(f"write_coco: extra_image_fields may not set {clash}")
         entry.update(fields)
         images.append(entry)
-        for box, label in zip(rec.boxes.tolist(), rec.labels.tolist(), strict=True):
+        given_areas = rec.areas.tolist() if rec.areas is not None else [None] * rec.num_boxes
+        objects = [
+            (box, label, area, 0)
+            for box, label, area in zip(
+                rec.boxes.tolist(), rec.labels.tolist(), given_areas, strict=True
+            )
+        ]
+        if rec.ignore_boxes is not None and rec.ignore_labels is not None:
+            objects += [
+                (box, label, None, 1)
+                for box, label in zip(
+                    rec.ignore_boxes.tolist(), rec.ignore_labels.tolist(), strict=True
+                )
+            ]
+        for box, label, area, crowd in objects:
             x1, y1, x2, y2 = box
             w, h = x2 - x1, y2 - y1
             annotations.append(
@@ -243,8 +301,8 @@ def write_coco(
                     "image_id": index + 1,
                     "category_id": int(label) + 1,
                     "bbox": [x1, y1, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
+                    "area": area if area is not None else w * h,
+                    "iscrowd": crowd,
                 }
             )
     data = {
@@ -263,26 +321,52 @@ def write_coco(
 
 
 def coco_splits(
-    annotation_file: str | Path,
+    annotation_file: str | Path | None = None,
     image_dir: str | Path | None = None,
     test_annotation_file: str | Path | None = None,
     test_image_dir: str | Path | None = None,
     test_fraction: float = 0.2,
-    seed: int = 0,
+    split_seed: int = DEFAULT_SPLIT_SEED,
     classes: Sequence[str] | None = None,
     skip_invalid: bool = False,
+    max_pool_images: int | None = None,
+    max_test_images: int | None = None,
 ) -> DatasetSplits:
-    """Pool and test from two COCO files, or a seeded split of one (``test_fraction``, ``seed``).
+    """Pool and test from two COCO files, or a split of one (``test_fraction``, ``split_seed``).
 
     With two files the test file must use the pool's classes: a test category the pool lacks is
-    an error rather than silently dropped boxes.
+    an error rather than silently dropped boxes. ``max_pool_images`` / ``max_test_images`` take
+    seeded subsets (``split_seed``, never the run's ``seed``).
     """
+    splits = _coco_splits(
+        annotation_file,
+        image_dir,
+        test_annotation_file,
+        test_image_dir,
+        test_fraction,
+        split_seed,
+        classes,
+        skip_invalid,
+    )
+    return limit_splits(splits, max_pool_images, max_test_images, split_seed)
+
+
+def _coco_splits(
+    annotation_file: str | Path | None,
+    image_dir: str | Path | None,
+    test_annotation_file: str | Path | None,
+    test_image_dir: str | Path | None,
+    test_fraction: float,
+    split_seed: int,
+    classes: Sequence[str] | None,
+    skip_invalid: bool,
+) -> DatasetSplits:
     file = resolve_root(annotation_file, "dataset.annotation_file")
     images = resolve_root(image_dir, "dataset.image_dir") if image_dir is not None else file.parent
     data = _load_json(file)
     if test_annotation_file is None:
         dataset = _build(data, file, images, classes, skip_invalid, file.stem)
-        return seeded_split(dataset, test_fraction, seed)
+        return seeded_split(dataset, test_fraction, split_seed)
     pool = _build(data, file, images, classes, skip_invalid, f"{file.stem}:pool")
     test_file = resolve_root(test_annotation_file, "dataset.test_annotation_file")
     test_images = (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,12 +82,21 @@ class DetectionDataset:
         return DetectionDataset(name or self.name, self.classes, tuple(index[i] for i in ids))
 
 
+#: Default ``dataset.split_seed``: fixed, so every seed of a sweep is tested on the same images.
+DEFAULT_SPLIT_SEED = 0
+
+
 @dataclass(frozen=True, eq=False)
 class DatasetSplits:
-    """What a dataset config builds: the unlabelled pool (train) and the held-out test split."""
+    """What a dataset config builds: the unlabelled pool (train) and the held-out test split.
+
+    ``split_seed`` is the seed of the seeded split or subset that produced them, or None when
+    the dataset's own files fix both (then ``splits.json`` records the ids only).
+    """
 
     pool: DetectionDataset
     test: DetectionDataset
+    split_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.pool.classes != self.test.classes:
@@ -110,15 +119,33 @@ class DatasetSplits:
         return self.pool.classes
 
 
-def seeded_split(dataset: DetectionDataset, test_fraction: float, seed: int) -> DatasetSplits:
-    """Split one dataset into pool/test with a seeded permutation (same seed, same split).
+def _check_split_seed(split_seed: object) -> int:
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise DatasetError(
+            f"dataset.split_seed: expected a non-negative integer, got {split_seed!r}"
+        )
+    return split_seed
 
+
+def seeded_split(
+    dataset: DetectionDataset, test_fraction: float, split_seed: int = DEFAULT_SPLIT_SEED
+) -> DatasetSplits:
+    """Split one dataset into pool/test with a seeded permutation (same split_seed, same split).
+
+    The permutation is over the sorted ids, so it depends on the images only, not on file order.
     The reader's record of skipped items stays on the pool, so the run can report it.
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise DatasetError(f"dataset.test_fraction must be in (0, 1), got {test_fraction}")
+    split_seed = _check_split_seed(split_seed)
+    if (
+        isinstance(test_fraction, bool)
+        or not isinstance(test_fraction, (int, float))
+        or not (0.0 < test_fraction < 1.0)
+    ):
+        raise DatasetError(
+            f"dataset.test_fraction: expected a number in (0, 1), got {test_fraction!r}"
+        )
     ids = sorted(dataset.ids)
-    order = np.random.default_rng(seed).permutation(len(ids))
+    order = np.random.default_rng(split_seed).permutation(len(ids))
     n_test = max(1, int(round(test_fraction * len(ids))))
     test_ids = sorted(ids[i] for i in order[:n_test])
     pool_ids = sorted(ids[i] for i in order[n_test:])
@@ -126,4 +153,66 @@ def seeded_split(dataset: DetectionDataset, test_fraction: float, seed: int) -> 
     return DatasetSplits(
         pool=DetectionDataset(pool.name, pool.classes, pool.images, dataset.skipped),
         test=dataset.subset(test_ids, f"{dataset.name}:test"),
+        split_seed=split_seed,
     )
+
+
+def seeded_subset(
+    dataset: DetectionDataset, max_images: int | None, split_seed: int, key: str
+) -> DetectionDataset:
+    """At most ``max_images`` images drawn with ``split_seed`` (all when None or enough).
+
+    ``key`` (``max_pool_images`` / ``max_test_images``) names the config key in errors and
+    seeds pool and test draws independently. The images keep the dataset's order.
+    """
+    if max_images is None:
+        return dataset
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images <= 0:
+        raise DatasetError(
+            f"dataset.{key}: expected a positive integer or null, got {max_images!r}"
+        )
+    if max_images >= len(dataset):
+        return dataset
+    ids = sorted(dataset.ids)
+    purpose = int.from_bytes(key.encode()[:8], "little")
+    rng = np.random.default_rng([_check_split_seed(split_seed), purpose])
+    chosen = {ids[i] for i in rng.permutation(len(ids))[:max_images]}
+    images = tuple(rec for rec in dataset.images if rec.image_id in chosen)
+    return DetectionDataset(dataset.name, dataset.classes, images, dataset.skipped)
+
+
+def limit_splits(
+    splits: DatasetSplits,
+    max_pool_images: int | None = None,
+    max_test_images: int | None = None,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+) -> DatasetSplits:
+    """Seeded subsets of pool and test (``dataset.max_pool_images`` / ``max_test_images``).
+
+    Every reader ends with this, so ``experiment=smoke`` can shrink any dataset. The subsets
+    depend on ``split_seed`` only, never on the run's ``seed``.
+    """
+    split_seed = _check_split_seed(split_seed)
+    pool = seeded_subset(splits.pool, max_pool_images, split_seed, "max_pool_images")
+    test = seeded_subset(splits.test, max_test_images, split_seed, "max_test_images")
+    if pool is splits.pool and test is splits.test:
+        return splits
+    return DatasetSplits(pool=pool, test=test, split_seed=split_seed)
+
+
+def split_record(splits: DatasetSplits) -> dict:
+    """What ``splits.json`` in a run directory holds: which images were pool and test.
+
+    Anyone can then audit (or reuse) the exact test set of a run.
+    """
+    return {
+        "split_seed": splits.split_seed,
+        "classes": list(splits.classes),
+        "pool": {"name": splits.pool.name, "count": len(splits.pool), "ids": splits.pool.ids},
+        "test": {"name": splits.test.name, "count": len(splits.test), "ids": splits.test.ids},
+    }
+
+
+def with_fields(record: ImageRecord, **changes: object) -> ImageRecord:
+    """A copy of ``record`` with some fields changed (ignore regions and areas kept)."""
+    return replace(record, **changes)

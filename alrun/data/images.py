@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from alrun.data.dataset import ImageRecord
@@ -14,10 +14,12 @@ from alrun.errors import DatasetError
 
 
 def load_image(record: ImageRecord) -> Tensor:
-    """(3, H, W) float32 in [0, 1]; a clear error names the file when it cannot be decoded."""
+    """(3, H, W) float32 in [0, 1], EXIF orientation applied (boxes are drawn on the displayed
+    image); a clear error names the file when it cannot be decoded."""
     try:
         with Image.open(record.file) as img:
-            array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            upright = ImageOps.exif_transpose(img)
+            array = np.asarray(upright.convert("RGB"), dtype=np.uint8)
     except (OSError, ValueError) as err:
         raise DatasetError(f"{record.file}: cannot read image ({err})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)

@@ -26,7 +26,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from alrun.data.dataset import DatasetSplits, DetectionDataset, ImageRecord
+from alrun.data.dataset import (
+    DEFAULT_SPLIT_SEED,
+    DatasetSplits,
+    DetectionDataset,
+    ImageRecord,
+    with_fields,
+)
 from alrun.errors import DatasetError
 
 CLASSES = ("circle", "rectangle", "triangle", "cross")
@@ -207,7 +213,15 @@ def synthetic_dataset(
 
 
 def _with_domain(rec: ImageRecord, domain: str) -> ImageRecord:
-    return ImageRecord(rec.image_id, rec.file, rec.width, rec.height, rec.boxes, rec.labels, domain)
+    return with_fields(rec, domain=domain)
+
+
+def _capped(number: int, cap: int | None, key: str) -> int:
+    if cap is None:
+        return number
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
+        raise DatasetError(f"dataset.{key}: expected a positive integer or null, got {cap!r}")
+    return min(number, cap)
 
 
 def synthetic_splits(
@@ -217,10 +231,22 @@ def synthetic_splits(
     domain: str = "source",
     data_seed: int = 0,
     cache_dir: str | Path | None = None,
+    max_pool_images: int | None = None,
+    max_test_images: int | None = None,
+    split_seed: int = DEFAULT_SPLIT_SEED,
 ) -> DatasetSplits:
     """Pool and test splits of the synthetic default (``data_seed`` fixes the images themselves;
-    the run's ``seed`` fixes the initial set, training and selection)."""
+    the run's ``seed`` fixes the initial set, training and selection).
+
+    ``max_pool_images`` / ``max_test_images`` (the generic subset keys of every dataset) cap the
+    number generated: images are drawn independently from one seeded stream, so the first k are
+    already a random sample, the same k images a larger run starts with. ``split_seed`` is
+    accepted for uniformity and unused: the images come from ``data_seed``.
+    """
+    del split_seed
+    n_pool = _capped(num_pool, max_pool_images, "max_pool_images")
+    n_test = _capped(num_test, max_test_images, "max_test_images")
     return DatasetSplits(
-        pool=synthetic_dataset(num_pool, image_size, domain, data_seed, "pool", cache_dir),
-        test=synthetic_dataset(num_test, image_size, domain, data_seed, "test", cache_dir),
+        pool=synthetic_dataset(n_pool, image_size, domain, data_seed, "pool", cache_dir),
+        test=synthetic_dataset(n_test, image_size, domain, data_seed, "test", cache_dir),
     )

@@ -23,18 +23,48 @@ BOX_TOLERANCE_PX = 1.0
 Box = tuple[float, float, float, float]
 
 
-def resolve_root(root: str | Path, what: str = "dataset.root") -> Path:
-    """Absolute path of a dataset root; a missing root is a config error, not a traceback."""
+#: EXIF orientations (tag 0x0112) that turn the stored image by 90 degrees (width <-> height).
+TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def resolve_root(root: str | Path | None, what: str = "dataset.root") -> Path:
+    """Absolute path of a dataset root; a missing root is a config error, not a traceback.
+
+    Messages name the resolved absolute path (a relative root is relative to the working
+    directory, which is rarely where the user thinks it is).
+    """
+    if root is None or str(root).strip() in ("", "???"):
+        raise DatasetError(f"{what}: required; set {what}=<path>")
     path = Path(root).expanduser().resolve()
     if not path.exists():
-        raise DatasetError(f"{what}: {root} does not exist")
+        given = "" if Path(root).is_absolute() else f" (given as '{root}')"
+        raise DatasetError(f"{what}: {path} does not exist{given}")
     return path
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored) without decoding any pixels."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is treated as no orientation
+        return 1
+    return int(value) if isinstance(value, int) else 1
+
+
 def read_image_size(file: Path) -> tuple[int, int]:
-    """(width, height) from the image header only; PIL does not decode pixels for ``.size``."""
+    """(width, height) as displayed, from the header only (PIL does not decode for ``.size``).
+
+    The EXIF orientation is applied, as ``load_image`` applies it: annotation tools draw boxes
+    on the displayed image, so a phone photo stored sideways reports its upright size.
+    """
     with Image.open(file) as im:
-        return int(im.size[0]), int(im.size[1])
+        width, height = int(im.size[0]), int(im.size[1])
+        if exif_orientation(im) in TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+    if width <= 0 or height <= 0:
+        raise OSError(f"image header gives size {width}x{height}")
+    return width, height
 
 
 def to_arrays(boxes: Sequence[Box], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -149,19 +179,31 @@ class Validator:
         height: object = None,
         annotation: str | Path | None = None,
     ) -> tuple[int, int] | None:
-        """The size from the annotation when it has a usable one, else from the image header."""
+        """The displayed size from the image header; None (recorded) for an unreadable image.
+
+        Every reader calls this for every image, so a corrupt or non-image file is found when
+        the dataset is loaded rather than when a round first decodes it. A size declared in the
+        annotation (``width``/``height``, when usable) must match the file: boxes drawn on
+        another size would be silently wrong.
+        """
+        where = annotation if annotation is not None else file
+        try:
+            actual = read_image_size(file)
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            self.fail(where, f"cannot read image {file}: {err}")
+            return None
         try:
             w, h = int(float(width)), int(float(height))  # type: ignore[arg-type]
         except (TypeError, ValueError):
             w = h = 0
-        if w > 0 and h > 0:
-            return w, h
-        try:
-            return read_image_size(file)
-        except (OSError, UnidentifiedImageError) as err:
-            where = annotation if annotation is not None else file
-            self.fail(where, f"cannot read image size of {file}: {err}")
+        if w > 0 and h > 0 and (w, h) != actual:
+            self.fail(
+                where,
+                f"image {file} is {actual[0]}x{actual[1]} (as displayed, EXIF orientation "
+                f"applied) but the annotation declares {w}x{h}",
+            )
             return None
+        return actual
 
     def check_unique(self, file: str | Path, image_id: str, seen: set[str]) -> bool:
         """Whether ``image_id`` is new (then it is added to ``seen``); a repeat drops the image."""

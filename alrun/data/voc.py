@@ -1,19 +1,35 @@
 """Pascal VOC XML: one XML per image, either listed by ImageSets/Main/<split>.txt or a whole folder.
 
 ``image_id`` is the XML stem. Coordinates are kept as written (VOC's 1-based pixel corners are not
-shifted). ``difficult`` objects are kept as ordinary boxes.
+shifted). ``difficult`` objects become ignore regions (``ImageRecord.ignore_boxes``: not trained
+on, ignored in evaluation), as the VOC devkit and MMDetection treat them; ``use_difficult=True``
+keeps them as ordinary boxes. A folder without ``ImageSets/Main`` (e.g. ``annotations/`` +
+``images/``) is split into pool and test with ``split_seed``.
 """
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from alrun.data.dataset import DatasetSplits, DetectionDataset, ImageRecord, seeded_split
+from alrun.data.dataset import (
+    DEFAULT_SPLIT_SEED,
+    DatasetSplits,
+    DetectionDataset,
+    ImageRecord,
+    limit_splits,
+    seeded_split,
+)
 from alrun.data.validate import Box, Validator, resolve_root, to_arrays
 from alrun.errors import DatasetError
+
+log = logging.getLogger("alrun")
+
+#: ``test_fraction`` of the seeded split used when a folder has no ImageSets/Main split files.
+FALLBACK_TEST_FRACTION = 0.2
 
 #: Tried, in this order, after the XML's <filename>, when looking for an image by its XML stem.
 IMAGE_SUFFIXES = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG")
@@ -28,7 +44,7 @@ class _Parsed:
     file: Path
     width: int
     height: int
-    objects: list[tuple[str, str, Box]]  # (item description, class name, clipped box)
+    objects: list[tuple[str, str, Box, bool]]  # (item description, class name, box, difficult)
 
 
 def _split_ids(root: Path, split: str, val: Validator) -> list[str]:
@@ -99,7 +115,8 @@ def _parse_xml(xml: Path, image_id: str, images_dir: Path, val: Validator) -> _P
             continue
         box = val.check_box(xml, item, coords, width, height)  # type: ignore[arg-type]
         if box is not None:
-            objects.append((item, name, box))
+            difficult = (obj.findtext("difficult") or "0").strip() not in ("", "0")
+            objects.append((item, name, box, difficult))
     return _Parsed(image_id, xml, image, width, height, objects)
 
 
@@ -134,25 +151,46 @@ def _parse(
 
 
 def _classes_of(parsed: Sequence[_Parsed]) -> tuple[str, ...]:
-    return tuple(sorted({name for p in parsed for _, name, _ in p.objects}))
+    return tuple(sorted({name for p in parsed for _, name, _, _ in p.objects}))
 
 
 def _assemble(
-    parsed: Sequence[_Parsed], classes: Sequence[str], val: Validator, name: str
+    parsed: Sequence[_Parsed],
+    classes: Sequence[str],
+    val: Validator,
+    name: str,
+    use_difficult: bool = False,
 ) -> DetectionDataset:
-    """Map class names to label indices (unknown names fail or are skipped); build the dataset."""
+    """Map class names to label indices (unknown names fail or are skipped); build the dataset.
+
+    Difficult objects become ignore regions unless ``use_difficult``.
+    """
     index = {c: i for i, c in enumerate(classes)}
     records = []
     for p in parsed:
-        boxes: list[Box] = []
-        labels: list[int] = []
-        for item, cls, box in p.objects:
+        kept: tuple[list[Box], list[int]] = ([], [])
+        ignored: tuple[list[Box], list[int]] = ([], [])
+        for item, cls, box, difficult in p.objects:
             label = val.check_class_name(p.xml, item, cls, index)
             if label is not None:
-                boxes.append(box)
-                labels.append(label)
-        box_arr, label_arr = to_arrays(boxes, labels)
-        records.append(ImageRecord(p.image_id, p.file, p.width, p.height, box_arr, label_arr))
+                target = ignored if difficult and not use_difficult else kept
+                target[0].append(box)
+                target[1].append(label)
+        box_arr, label_arr = to_arrays(*kept)
+        ignore_arr, ignore_label_arr = to_arrays(*ignored)
+        has_ignore = len(ignore_label_arr) > 0
+        records.append(
+            ImageRecord(
+                p.image_id,
+                p.file,
+                p.width,
+                p.height,
+                box_arr,
+                label_arr,
+                ignore_boxes=ignore_arr if has_ignore else None,
+                ignore_labels=ignore_label_arr if has_ignore else None,
+            )
+        )
     return DetectionDataset(name, tuple(classes), tuple(records), tuple(val.skipped))
 
 
@@ -173,6 +211,7 @@ def read_voc(
     classes: Sequence[str] | None = None,
     skip_invalid: bool = False,
     name: str | None = None,
+    use_difficult: bool = False,
 ) -> DetectionDataset:
     """Read a VOC split (ImageSets/Main/<split>.txt) or, with ``split=None``, every XML in a folder.
 
@@ -183,11 +222,12 @@ def read_voc(
     val = Validator(name or path.name, skip_invalid)
     parsed = _parse(path, split, annotations_dir, images_dir, val)
     label = name or f"{path.name}:{split if split is not None else annotations_dir}"
-    return _assemble(parsed, checked if checked is not None else _classes_of(parsed), val, label)
+    names = checked if checked is not None else _classes_of(parsed)
+    return _assemble(parsed, names, val, label, use_difficult)
 
 
 def voc_splits(
-    root: str | Path,
+    root: str | Path | None = None,
     pool_split: str | None = "trainval",
     test_split: str | None = "test",
     annotations_dir: str = "Annotations",
@@ -197,22 +237,73 @@ def voc_splits(
     classes: Sequence[str] | None = None,
     skip_invalid: bool = False,
     test_fraction: float | None = None,
-    seed: int = 0,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    use_difficult: bool = False,
+    max_pool_images: int | None = None,
+    max_test_images: int | None = None,
 ) -> DatasetSplits:
     """Pool and test splits sharing one class list (the union of both when ``classes`` is None).
 
-    Where the test set comes from, first match wins: ``test_fraction`` (a seeded split of the
-    pool); ``test_annotations_dir`` (every XML in it, images in ``test_images_dir``, default
-    ``images_dir``); else ``ImageSets/Main/<test_split>.txt`` with the pool's folders.
+    Where the test set comes from, first match wins: ``test_fraction`` (a split of the pool
+    seeded by ``split_seed``); ``test_annotations_dir`` (every XML in it, images in
+    ``test_images_dir``, default ``images_dir``); ``ImageSets/Main/<test_split>.txt`` with the
+    pool's folders; and when the root has no ``ImageSets/Main`` at all, every XML of
+    ``annotations_dir`` split with ``split_seed`` (test fraction 0.2).
     """
+    splits = _voc_splits(
+        root,
+        pool_split,
+        test_split,
+        annotations_dir,
+        images_dir,
+        test_annotations_dir,
+        test_images_dir,
+        classes,
+        skip_invalid,
+        test_fraction,
+        split_seed,
+        use_difficult,
+    )
+    return limit_splits(splits, max_pool_images, max_test_images, split_seed)
+
+
+def _voc_splits(
+    root: str | Path | None,
+    pool_split: str | None,
+    test_split: str | None,
+    annotations_dir: str,
+    images_dir: str,
+    test_annotations_dir: str | None,
+    test_images_dir: str | None,
+    classes: Sequence[str] | None,
+    skip_invalid: bool,
+    test_fraction: float | None,
+    split_seed: int,
+    use_difficult: bool,
+) -> DatasetSplits:
     path = resolve_root(root)
     checked = _check_classes(classes)
+    if (
+        pool_split is not None
+        and test_annotations_dir is None
+        and not (path / "ImageSets" / "Main").is_dir()
+    ):
+        log.info(
+            "%s: no ImageSets/Main split files; every XML in %s is split into pool and test "
+            "with dataset.split_seed=%s",
+            path,
+            path / annotations_dir,
+            split_seed,
+        )
+        pool_split = None
+        test_fraction = FALLBACK_TEST_FRACTION if test_fraction is None else test_fraction
     pool_val = Validator(path.name, skip_invalid)
     pool_name = f"{path.name}:{pool_split if pool_split is not None else annotations_dir}"
     pool = _parse(path, pool_split, annotations_dir, images_dir, pool_val)
     if test_fraction is not None:
         names = checked if checked is not None else _classes_of(pool)
-        return seeded_split(_assemble(pool, names, pool_val, path.name), test_fraction, seed)
+        dataset = _assemble(pool, names, pool_val, path.name, use_difficult)
+        return seeded_split(dataset, test_fraction, split_seed)
 
     test_val = Validator(path.name, skip_invalid)
     if test_annotations_dir is not None:
@@ -229,6 +320,6 @@ def voc_splits(
         )
     names = checked if checked is not None else _classes_of([*pool, *test])
     return DatasetSplits(
-        pool=_assemble(pool, names, pool_val, pool_name),
-        test=_assemble(test, names, test_val, test_name),
+        pool=_assemble(pool, names, pool_val, pool_name, use_difficult),
+        test=_assemble(test, names, test_val, test_name, use_difficult),
     )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from alrun.data.dataset import DetectionDataset, ImageRecord
+import torch
+from torch import Tensor
+
+from alrun.data.dataset import ImageRecord
 from alrun.errors import AlrunError
 from alrun.types import Detections, Needs
 
@@ -76,22 +79,29 @@ def _check_ranges(schedule: TrainSchedule) -> None:
 
 @runtime_checkable
 class Detector(Protocol):
-    """What the loop needs from a detector. Classes are indices 0..C-1 of the dataset classes."""
+    """What the loop and the training engine need from a detector backend.
+
+    Classes are indices 0..C-1 of the dataset classes, in targets and in predictions alike (a
+    backend whose head reserves class 0 for background shifts them itself). Training goes through
+    :mod:`alrun.engine`, which needs only ``device``, ``train_mode``, ``parameters`` and
+    ``losses``; the backend owns its model, its losses and its post-processing.
+    """
 
     num_classes: int
+    device: torch.device
 
     def reset(self, seed: int) -> None:
         """Re-initialise weights (``trainer.init: scratch``) deterministically from ``seed``."""
 
-    def fit(
-        self,
-        dataset: DetectionDataset,
-        schedule: TrainSchedule,
-        seed: int,
-        from_scratch: bool = False,
-        progress: Progress | None = None,
-    ) -> dict[str, float]:
-        """Train on every image of ``dataset``; returns summary stats (e.g. final loss)."""
+    def train_mode(self) -> None:
+        """Put the model in training mode (dropout, BatchNorm statistics)."""
+
+    def parameters(self) -> Iterable[Tensor]:
+        """The parameters the optimiser updates."""
+
+    def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Named scalar training losses for a batch: ``images`` (3, H, W) floats in [0, 1],
+        ``targets`` with ``boxes`` (N, 4) xyxy pixels and ``labels`` (N,) class indices."""
 
     def predict(
         self,
@@ -104,3 +114,12 @@ class Detector(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class FeatureDetector(Detector, Protocol):
+    """A backend that also exposes intermediate features, with gradients, in training mode (for
+    hooks such as domain-adversarial alignment or consistency on feature maps)."""
+
+    def features(self, images: list[Tensor]) -> dict[str, Tensor]:
+        """Named feature maps (B, C, h, w) of a batch of images."""

@@ -54,6 +54,7 @@ def tiny_fcos(
     score_thresh: float = 0.05,
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
+    regression_bias: float = 0.0,
     weights: None = None,
     weights_backbone: None = None,
 ) -> FCOS:
@@ -65,7 +66,7 @@ def tiny_fcos(
         )
     backbone = TinyBackbone(widths, fpn_channels)
     anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((1.0,),) * len(anchor_sizes))
-    return FCOS(
+    model = FCOS(
         backbone,
         num_classes=num_classes,
         min_size=image_size,
@@ -78,3 +79,8 @@ def tiny_fcos(
         detections_per_img=detections_per_img,
         topk_candidates=1000,
     )
+    # FCOS's box regression ends in a ReLU; torchvision starts its bias at 0, so about half the
+    # outputs start in the ReLU's dead zone. A positive bias starts every box alive (see
+    # scripts/round0_seeds.py for the measurement behind the default in configs/detector).
+    nn.init.constant_(model.head.regression_head.bbox_reg.bias, regression_bias)
+    return model

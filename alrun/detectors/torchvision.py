@@ -4,10 +4,10 @@ Owns post-processing so that every kept box carries its full class-probability v
 feature vector (torchvision's stock ``postprocess_detections`` drops both), and every image an
 embedding. Two families are handled:
 
-* dense heads (FCOS, RetinaNet): per-anchor class logits are sigmoid scores; the distribution
-  stored in ``probs`` is ``softmax([logits, 0])`` - background is the last column with logit 0,
-  which for one class is exactly the sigmoid. Box features are the FPN feature at the anchor's
-  location.
+* dense heads (FCOS, RetinaNet): per-anchor class logits are independent sigmoids, kept as
+  ``class_probs``; ``probs`` is the constructed ``softmax([logits, 0])`` (background last with
+  logit 0, for one class exactly the sigmoid) - see ``alrun.types.Detections``. Box features
+  are the FPN feature at the anchor's location.
 * two-stage heads (Faster R-CNN): ``softmax`` over C+1 classes, background moved to the last
   column; box features are the box head's output; ``proposals`` are the RPN boxes.
 
@@ -20,9 +20,11 @@ The image embedding is the concatenation of every feature level's global average
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +34,9 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
-from alrun.data.images import TrainingImages, load_image
+from alrun.data.images import load_image
 from alrun.detectors.base import Progress, TrainSchedule
+from alrun.engine import BatchSource, train
 from alrun.errors import AlrunError
 from alrun.types import NOTHING, Detections, Needs
 
@@ -46,17 +49,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _collate(batch):
-    return tuple(zip(*batch))
-
-
 class TorchvisionDetector:
     """A torchvision detection model behind the :class:`~alrun.detectors.base.Detector` protocol.
 
     ``builder(num_classes=..., **weights)`` builds the model (a ``functools.partial`` from Hydra's
     ``_partial_: true``). ``pretrained``: ``false`` (random init), ``true`` (ImageNet backbone via
-    ``weights_backbone="DEFAULT"``, needs the network once) or a path to a local checkpoint
-    (a ``state_dict`` or a dict with a ``model`` key).
+    ``weights_backbone="DEFAULT"``, needs the network once or the file in torch's hub cache) or a
+    path to a local checkpoint of the whole model (a ``state_dict`` or a dict with a ``model``
+    key). ``pretrained_backbone``: a local ImageNet backbone ``state_dict`` (what the paper
+    protocols start from), loaded exactly where torchvision would load its download, so the model
+    is built as with ``pretrained=true`` (frozen BatchNorm, frozen early stages).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class TorchvisionDetector:
         num_classes: int,
         pretrained: bool | str = False,
         device: str = "auto",
+        pretrained_backbone: str | None = None,
         label_offset: int = 0,
         predict_batch_size: int = 16,
     ):
@@ -76,6 +79,17 @@ class TorchvisionDetector:
         self.predict_batch_size = int(predict_batch_size)
         if isinstance(pretrained, str) and not Path(pretrained).is_file():
             raise AlrunError(f"detector.pretrained: checkpoint '{pretrained}' does not exist")
+        if pretrained_backbone is not None and not Path(pretrained_backbone).is_file():
+            raise AlrunError(
+                f"detector.pretrained_backbone: file '{Path(pretrained_backbone).resolve()}' "
+                "does not exist"
+            )
+        if pretrained_backbone is not None and pretrained is True:
+            raise AlrunError(
+                "detector.pretrained_backbone: set either pretrained=true (download) or a local "
+                "pretrained_backbone file, not both"
+            )
+        self.pretrained_backbone = pretrained_backbone
         self.model = self._build(seed=0)
 
     # --- construction ---------------------------------------------------------------------
@@ -84,7 +98,14 @@ class TorchvisionDetector:
         kwargs: dict[str, Any] = {"num_classes": self.num_classes + self.label_offset}
         if self.pretrained is True:
             kwargs["weights_backbone"] = "DEFAULT"
-        model = self.builder(**kwargs)
+            try:
+                model = self.builder(**kwargs)
+            except OSError as err:  # urllib's URLError is an OSError
+                raise AlrunError(_offline_message(self.builder, err)) from None
+        elif self.pretrained_backbone is not None:
+            model = _build_with_local_backbone(self.builder, kwargs, self.pretrained_backbone)
+        else:
+            model = self.builder(**kwargs)
         if not isinstance(model, (FCOS, RetinaNet, FasterRCNN, SSD)):
             raise AlrunError(
                 f"detector: {type(model).__name__} is not supported by the torchvision backend "
@@ -102,6 +123,11 @@ class TorchvisionDetector:
                 ) from None
         return model.to(self.device)
 
+    @property
+    def head_type(self) -> str:
+        """``sigmoid`` for dense heads (FCOS, RetinaNet), ``softmax`` otherwise."""
+        return "sigmoid" if isinstance(self.model, (FCOS, RetinaNet)) else "softmax"
+
     def reset(self, seed: int) -> None:
         self.model = self._build(seed)
 
@@ -111,7 +137,24 @@ class TorchvisionDetector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
 
-    # --- training ---------------------------------------------------------------------------
+    # --- training (the loop itself is alrun.engine) -------------------------------------------
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def parameters(self) -> list[Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        if self.label_offset:
+            targets = [{**t, "labels": t["labels"] + self.label_offset} for t in targets]
+        return self.model(images, targets)
+
+    def features(self, images: list[Tensor]) -> dict[str, Tensor]:
+        """Backbone (+ FPN) feature maps of ``images``, with gradients in training mode."""
+        batch, _ = self.model.transform(images)
+        features = self.model.backbone(batch.tensors)
+        return {"0": features} if isinstance(features, Tensor) else dict(features)
+
     def fit(
         self,
         dataset: DetectionDataset,
@@ -120,51 +163,9 @@ class TorchvisionDetector:
         from_scratch: bool = False,
         progress: Progress | None = None,
     ) -> dict[str, float]:
-        if len(dataset) == 0:
-            raise AlrunError("trainer: no labelled images to train on")
-        total = schedule.num_iterations(len(dataset), from_scratch)
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        data = TrainingImages(dataset.images, self.label_offset, schedule.hflip)
-        model = self.model
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(
-            params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
-        )
-        lr_at = _warmup_cosine(schedule, total)
-        losses: list[float] = []
-        step = 0
-        loader = torch.utils.data.DataLoader(
-            data,
-            batch_sampler=_batches(len(data), schedule.batch_size, total, generator),
-            num_workers=schedule.num_workers,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-        )
-        for images, targets in loader:
-            images = [im.to(self.device) for im in images]
-            targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-            if not torch.isfinite(loss):
-                raise AlrunError(
-                    f"trainer: loss became {loss.item()} at iteration {step}; "
-                    f"lower trainer.lr (now {schedule.lr})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if schedule.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            if progress:
-                progress(step, total)
-        tail = losses[-max(1, len(losses) // 10) :]
-        return {"iterations": float(total), "final_loss": sum(tail) / len(tail)}
+        """Train on every image of ``dataset`` (one labelled source through the engine)."""
+        source = BatchSource("labelled", dataset)
+        return train(self, [source], schedule, seed, from_scratch, progress=progress)
 
     # --- prediction -------------------------------------------------------------------------
     @torch.no_grad()
@@ -216,6 +217,7 @@ class TorchvisionDetector:
         for i, (record, found) in enumerate(zip(records, per_image)):
             boxes = resize_boxes(found["boxes"], batch.image_sizes[i], original_sizes[i])
             probs = found["probs"]
+            class_probs = found["class_probs"]
             results.append(
                 Detections(
                     image_id=record.image_id,
@@ -223,6 +225,9 @@ class TorchvisionDetector:
                     scores=found["scores"].cpu(),
                     labels=(found["labels"] - self.label_offset).cpu(),
                     probs=probs.cpu() if needs.probs else None,
+                    class_probs=class_probs.cpu() if needs.probs else None,
+                    sources=found["sources"].cpu(),
+                    head=self.head_type,
                     feats=found["feats"].cpu() if needs.feats else None,
                     embedding=embeddings[i].cpu() if needs.embedding else None,
                     proposals=(
@@ -235,6 +240,90 @@ class TorchvisionDetector:
                 )
             )
         return results
+
+
+def _backbone_weights_enum(builder: Callable[..., nn.Module]) -> Any:
+    """The torchvision ``WeightsEnum`` class of a builder's ``weights_backbone``, or None."""
+    fn = getattr(builder, "func", builder)
+    try:
+        hint = typing.get_type_hints(fn).get("weights_backbone")
+    except Exception:  # noqa: BLE001 - introspection is best effort, for a message only
+        return None
+    for arg in typing.get_args(hint) or (hint,):
+        if isinstance(arg, type) and hasattr(arg, "DEFAULT"):
+            return arg
+    return None
+
+
+def _offline_message(builder: Callable[..., nn.Module], err: BaseException) -> str:
+    """Say which file ``pretrained=true`` needs, where torchvision looks for it, and the
+    offline alternative, instead of a bare ``urlopen`` error."""
+    enum = _backbone_weights_enum(builder)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    if enum is None:
+        what = "the ImageNet backbone weights"
+    else:
+        url = enum.DEFAULT.url
+        what = f"{url.rsplit('/', 1)[-1]} ({url})"
+    return (
+        f"detector.pretrained=true: could not download {what}: {err}. Put that file in {cache}/ "
+        "or pass a local copy with detector.pretrained_backbone=<path> (and pretrained=false)"
+    )
+
+
+def _read_state_dict(path: str, key: str) -> dict[str, Tensor]:
+    """A state_dict from a file; unwraps ``{"state_dict"|"model": ...}`` and ``module.``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise AlrunError(f"{key}: cannot read '{path}' as a torch state_dict ({err})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise AlrunError(f"{key}: '{path}' holds {type(state).__name__}, not a state_dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_error(err: RuntimeError) -> str:
+    """The gist of a ``load_state_dict`` error: its first two lines, shortened."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300]
+
+
+def _build_with_local_backbone(
+    builder: Callable[..., nn.Module], kwargs: dict[str, Any], path: str
+) -> nn.Module:
+    """Build as ``weights_backbone="DEFAULT"`` would, but read the weights from ``path``.
+
+    torchvision's builders call ``WeightsEnum.get_state_dict`` to download; patching that one
+    call for the duration of the build makes torchvision load the local file with its own
+    strict ``load_state_dict`` and build the pretrained variant (frozen BatchNorm, trainable
+    layers) exactly as online. Builders without published backbones (tiny_fcos) get the file
+    loaded strictly into ``model.backbone``.
+    """
+    from torchvision.models._api import WeightsEnum
+
+    state = _read_state_dict(path, "detector.pretrained_backbone")
+    if _backbone_weights_enum(builder) is None:
+        model = builder(**kwargs)
+        target = model.backbone
+    else:
+        with mock.patch.object(WeightsEnum, "get_state_dict", lambda *_a, **_k: state):
+            try:
+                return builder(**{**kwargs, "weights_backbone": "DEFAULT"})
+            except RuntimeError as err:
+                raise AlrunError(
+                    f"detector.pretrained_backbone: {path} does not fit this backbone "
+                    f"({_load_error(err)})"
+                ) from None
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as err:
+        raise AlrunError(
+            f"detector.pretrained_backbone: {path} does not fit this backbone ({_load_error(err)})"
+        ) from None
+    return model
 
 
 def _batches(
@@ -295,7 +384,16 @@ def _dense(model: FCOS | RetinaNet, batch, levels: list[Tensor]) -> list[dict[st
         regress = head_outputs["bbox_regression"][b].split(num_per_level)
         ctr = head_outputs["bbox_ctrness"][b].split(num_per_level) if is_fcos else None
         anchors_b = anchors[b].split(num_per_level)
-        kept = {"boxes": [], "scores": [], "labels": [], "probs": [], "feats": []}
+        kept = {
+            "boxes": [],
+            "scores": [],
+            "labels": [],
+            "probs": [],
+            "class_probs": [],
+            "feats": [],
+            "sources": [],
+        }
+        level_start = 0
         for lvl in range(len(levels)):
             num_classes = logits[lvl].shape[-1]
             if is_fcos:
@@ -318,7 +416,10 @@ def _dense(model: FCOS | RetinaNet, batch, levels: list[Tensor]) -> list[dict[st
             kept["scores"].append(scores)
             kept["labels"].append(candidates % num_classes)
             kept["probs"].append(_with_background_last(logits[lvl][anchor_idx]))
+            kept["class_probs"].append(torch.sigmoid(logits[lvl][anchor_idx]))
             kept["feats"].append(flat_feats[lvl][b][anchor_idx // num_anchors_per_loc])
+            kept["sources"].append(anchor_idx + level_start)
+            level_start += num_per_level[lvl]
         merged = {k: torch.cat(v) for k, v in kept.items()}
         keep = box_ops.batched_nms(
             merged["boxes"], merged["scores"], merged["labels"], model.nms_thresh
@@ -360,8 +461,10 @@ def _two_stage(model: FasterRCNN, batch, features: dict[str, Tensor]) -> list[di
                 "scores": cand_scores[keep],
                 "labels": labels[keep],
                 "probs": dist[row[keep]],
+                "class_probs": probs[row[keep]][:, 1:],
                 "feats": feats[row[keep]],
                 "proposals": props[row[keep]],
+                "sources": row[keep],
             }
         )
     return results
@@ -395,7 +498,9 @@ def _ssd(model: SSD, batch, levels: list[Tensor]) -> list[dict[str, Tensor]]:
                 "scores": score[keep],
                 "labels": label[keep],
                 "probs": dist[row[keep]],
+                "class_probs": probs[row[keep]][:, 1:],
                 "feats": None,
+                "sources": row[keep],
             }
         )
     return results

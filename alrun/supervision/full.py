@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from alrun.detectors.base import Detector, Progress, TrainSchedule
+from alrun.engine import BatchSource, train_round
 from alrun.pool import LabelPool
+from alrun.supervision.base import BaseRegime
 
 
-class FullSupervision:
-    """Box labels only. ``trainer.init``: ``scratch`` re-initialises every round, ``continue``
-    starts each round from the previous round's weights (round 0 always starts fresh)."""
+class FullSupervision(BaseRegime):
+    """Box labels only, every round. ``trainer.init`` decides whether each round starts from the
+    previous weights (``continue``) or from scratch (see :func:`alrun.engine.train_round`)."""
 
-    label_kind = "box"
+    label_kinds = ("box",)
 
     def train(
         self,
@@ -21,7 +23,5 @@ class FullSupervision:
         round_index: int,
         progress: Progress | None = None,
     ) -> dict[str, float]:
-        from_scratch = schedule.init == "scratch" or round_index == 0
-        if from_scratch:
-            detector.reset(seed)
-        return detector.fit(pool.training_set(), schedule, seed, from_scratch, progress)
+        source = BatchSource("labelled", pool.training_set())
+        return train_round(detector, [source], schedule, seed, round_index, progress=progress)

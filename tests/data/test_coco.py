@@ -207,8 +207,8 @@ def test_write_coco_rejects_reserved_extra_fields(tmp_path: Path) -> None:
 def test_coco_splits_seeded_and_with_test_file(tmp_path: Path) -> None:
     ds = sample_dataset(tmp_path)
     pool_file = write_coco(ds, tmp_path / "pool.json")
-    s1 = coco_splits(pool_file, test_fraction=0.34, seed=3)
-    s2 = coco_splits(pool_file, test_fraction=0.34, seed=3)
+    s1 = coco_splits(pool_file, test_fraction=0.34, split_seed=3)
+    s2 = coco_splits(pool_file, test_fraction=0.34, split_seed=3)
     assert s1.test.ids == s2.test.ids and len(s1.test) == 1 and len(s1.pool) == 2
 
     test_ds = DetectionDataset("t", ds.classes, (ds.images[0],))
@@ -219,3 +219,40 @@ def test_coco_splits_seeded_and_with_test_file(tmp_path: Path) -> None:
     )
     assert split.pool.ids == ["x1", "x2"] and split.test.ids == ["x0"]
     assert split.classes == ("cat", "dog")
+
+
+# --- ignore regions, areas, declared sizes (issue 6 item 6, issue 7) ------------------------
+
+
+def test_crowd_annotations_become_ignore_regions_and_area_is_kept(coco_dir: Path) -> None:
+    data = coco_dict()
+    data["annotations"][2]["area"] = 17.5  # image 2's instance: its segmentation area
+    ds = read_coco(write_json(coco_dir / "ann.json", data))
+    a, b = ds.images
+    assert a.ignore_boxes is None and b.num_boxes == 1
+    np.testing.assert_array_equal(b.boxes, [[5, 5, 10, 10]])
+    np.testing.assert_array_equal(b.ignore_boxes, [[0, 0, 9, 9]])  # the iscrowd=1 annotation
+    np.testing.assert_array_equal(b.ignore_labels, [1])
+    np.testing.assert_allclose(b.areas, [17.5])
+    np.testing.assert_allclose(a.areas, [50.0, 1200.0])  # no area field: the box area
+    # a round trip through write_coco keeps both
+    back = read_coco(write_coco(ds, coco_dir / "out" / "again.json"))
+    np.testing.assert_array_equal(back.images[1].ignore_boxes, b.ignore_boxes)
+    np.testing.assert_allclose(back.images[1].areas, [17.5])
+
+
+def test_no_area_field_anywhere_leaves_areas_unset(coco_dir: Path) -> None:
+    ds = read_coco(write_json(coco_dir / "ann.json", coco_dict()))
+    assert all(rec.areas is None for rec in ds.images)
+
+
+def test_declared_size_differing_from_the_file_is_an_error(coco_dir: Path) -> None:
+    data = coco_dict()
+    data["images"][0]["width"] = 64  # b.png is 40x30 on disk
+    file = write_json(coco_dir / "ann.json", data)
+    with pytest.raises(DatasetError) as err:
+        read_coco(file)
+    assert str(err.value).startswith(f"{file}: image {coco_dir / 'b.png'} is 40x30")
+    assert "declares 64x30" in str(err.value)
+    ds = read_coco(file, skip_invalid=True)
+    assert ds.ids == ["1"] and len(ds.skipped) == 1 and "b.png is 40x30" in ds.skipped[0]

@@ -72,3 +72,24 @@ def test_bad_parameters(tmp_path, kwargs, match):
     params = {"num_images": 4, "cache_dir": tmp_path, **kwargs}
     with pytest.raises(DatasetError, match=match):
         synthetic_dataset(**params)
+
+
+def test_max_images_caps_to_the_first_images_of_the_same_stream(tmp_path):
+    full = synthetic_splits(num_pool=12, num_test=6, image_size=64, cache_dir=tmp_path)
+    capped = synthetic_splits(
+        num_pool=12,
+        num_test=6,
+        image_size=64,
+        cache_dir=tmp_path,
+        max_pool_images=5,
+        max_test_images=2,
+    )
+    assert capped.pool.ids == full.pool.ids[:5] and capped.test.ids == full.test.ids[:2]
+    for a, b in zip(capped.pool.images, full.pool.images[:5]):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        with Image.open(a.file) as ia, Image.open(b.file) as ib:
+            assert np.array_equal(np.asarray(ia), np.asarray(ib))
+    with pytest.raises(DatasetError, match=r"dataset\.max_test_images: expected a positive"):
+        synthetic_splits(
+            num_pool=4, num_test=2, image_size=64, cache_dir=tmp_path, max_test_images=0
+        )

@@ -86,14 +86,14 @@ def test_cards_directory_layout_and_upper_case_extensions(cards: Path) -> None:
 # --- malformed inputs built under tmp_path ---------------------------------------------------
 
 
-def voc_xml(
-    filename: str, objects: list[tuple[str, tuple]], size: tuple[int, int] | None = (40, 30)
-):
+def voc_xml(filename: str, objects: list[tuple], size: tuple[int, int] | None = (40, 30)):
+    """An annotation; an object is ``(name, box)`` or ``(name, box, difficult)``."""
     size_xml = f"<size><width>{size[0]}</width><height>{size[1]}</height></size>" if size else ""
     objs = "".join(
-        f"<object><name>{n}</name><difficult>1</difficult><bndbox><xmin>{b[0]}</xmin>"
-        f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
-        for n, b in objects
+        f"<object><name>{o[0]}</name><difficult>{int(o[2]) if len(o) > 2 else 0}</difficult>"
+        f"<bndbox><xmin>{o[1][0]}</xmin><ymin>{o[1][1]}</ymin><xmax>{o[1][2]}</xmax>"
+        f"<ymax>{o[1][3]}</ymax></bndbox></object>"
+        for o in objects
     )
     return f"<annotation><filename>{filename}</filename>{size_xml}{objs}</annotation>"
 
@@ -112,7 +112,7 @@ def make_voc(
     return root
 
 
-def test_tmp_voc_reads_and_keeps_difficult(tmp_path: Path) -> None:
+def test_tmp_voc_reads(tmp_path: Path) -> None:
     root = make_voc(
         tmp_path / "voc",
         {
@@ -126,6 +126,30 @@ def test_tmp_voc_reads_and_keeps_difficult(tmp_path: Path) -> None:
     assert ds.images[0].boxes.shape == (0, 4) and ds.images[0].labels.shape == (0,)
     np.testing.assert_array_equal(ds.images[2].boxes, [[0, 0, 40, 30], [5, 5, 6, 6]])  # clipped
     np.testing.assert_array_equal(ds.images[2].labels, [1, 0])
+    assert ds.images[2].ignore_boxes is None
+
+
+def test_difficult_objects_are_ignore_regions_unless_use_difficult(tmp_path: Path) -> None:
+    items = {"a": [("dog", (0, 0, 20, 30)), ("cat", (5, 5, 9, 9), True), ("cat", (1, 1, 3, 3))]}
+    root = make_voc(tmp_path / "voc", items)
+    rec = read_voc(root, split="all").images[0]
+    np.testing.assert_array_equal(rec.boxes, [[0, 0, 20, 30], [1, 1, 3, 3]])
+    np.testing.assert_array_equal(rec.labels, [1, 0])
+    np.testing.assert_array_equal(rec.ignore_boxes, [[5, 5, 9, 9]])
+    np.testing.assert_array_equal(rec.ignore_labels, [0])
+    kept = read_voc(root, split="all", use_difficult=True).images[0]
+    assert kept.num_boxes == 3 and kept.ignore_boxes is None
+    (root / "Pool").mkdir()
+    (root / "Pool" / "p.xml").write_text(voc_xml("a.jpg", []))
+    for use_difficult, boxes in ((False, 2), (True, 3)):
+        splits = voc_splits(
+            root,
+            pool_split=None,
+            annotations_dir="Pool",
+            test_annotations_dir="Annotations",
+            use_difficult=use_difficult,
+        )
+        assert splits.test.images[0].num_boxes == boxes
 
 
 def test_missing_root_and_split(tmp_path: Path) -> None:
@@ -176,7 +200,7 @@ def test_unknown_class_name(tmp_path: Path) -> None:
     ) as e:
         read_voc(root, classes=["cat", "dog"])
     assert "'cat', 'dog'" in str(e.value)
-    ds = read_voc(root, classes=["cat", "dog"], skip_invalid=True)
+    ds = read_voc(root, classes=["cat", "dog"], skip_invalid=True, use_difficult=True)
     assert ds.images[0].num_boxes == 1 and len(ds.skipped) == 1
 
 
@@ -215,5 +239,14 @@ def test_splits_share_union_of_classes(tmp_path: Path) -> None:
     (main / "test.txt").write_text("b\n")
     splits = voc_splits(root)
     assert splits.pool.classes == splits.test.classes == ("cat", "dog")
-    seeded = voc_splits(root, pool_split="all", test_fraction=0.5, seed=1)
+    seeded = voc_splits(root, pool_split="all", test_fraction=0.5, split_seed=1)
     assert len(seeded.pool) == len(seeded.test) == 1
+
+
+def test_declared_size_must_match_the_image(tmp_path: Path) -> None:
+    root = make_voc(tmp_path / "voc", {"a": [("cat", (1, 1, 5, 5))], "b": []})
+    Image.new("RGB", (30, 40)).save(root / "JPEGImages" / "b.jpg")  # the XML says 40x30
+    with pytest.raises(DatasetError, match=r"b\.xml: image .*b\.jpg is 30x40 .* declares 40x30"):
+        read_voc(root)
+    ds = read_voc(root, skip_invalid=True)
+    assert ds.ids == ["a"] and "b.xml" in ds.skipped[0]

@@ -141,7 +141,7 @@ def test_duplicate_stems(tmp_path: Path) -> None:
 def test_unreadable_image(tmp_path: Path) -> None:
     root = make_yolo(tmp_path / "y", {"a": ""})
     (root / "images" / "train" / "z.jpg").write_bytes(b"not an image")
-    with pytest.raises(DatasetError, match=r"z\.jpg: cannot read image size"):
+    with pytest.raises(DatasetError, match=r"z\.jpg: cannot read image"):
         read_yolo(root)
 
 
@@ -154,8 +154,107 @@ def test_missing_root_split_and_classes(tmp_path: Path) -> None:
     (root / "labels" / "classes.txt").write_text("cat\ndog\n")
     assert read_yolo(root).classes == ("cat", "dog")
     with pytest.raises(
-        DatasetError, match=r"val does not exist; available splits: \['test', 'train'\]"
+        DatasetError, match=r"val/images exists; available splits: \['test', 'train'\]"
     ):
         read_yolo(root, "val")
     with pytest.raises(DatasetError, match=r"domains\.csv does not exist"):
         yolo_splits(root, domains=["lab"])
+
+
+# --- data.yaml and the layouts exporters write (issue 6 item 14) ----------------------------
+
+
+def _assert_fabricated(splits) -> None:
+    """The splits of tests/data/builders.make_yolo: 8 train images, 4 val, one box each."""
+    from tests.data.builders import OBJECTS
+
+    assert splits.pool.ids == list(OBJECTS)[:8] and splits.test.ids == list(OBJECTS)[8:]
+    assert splits.classes == ("cat", "dog")
+    rec = splits.pool.images[3]
+    np.testing.assert_allclose(rec.boxes, [OBJECTS["im03"][0][1]], atol=1e-4)
+    np.testing.assert_array_equal(rec.labels, [1])
+
+
+@pytest.mark.parametrize("layout", ["images/split", "split/images"])
+def test_data_yaml_splits_in_both_layouts(tmp_path: Path, layout: str) -> None:
+    from tests.data.builders import make_yolo as build
+
+    sub = "images/{}" if layout == "images/split" else "{}/images"
+    text = (
+        f"path: .\ntrain: {sub.format('train')}\nval: {sub.format('val')}\n"
+        "names:\n  0: cat\n  1: dog\n"
+    )
+    root = build(tmp_path / "ds", layout, text)
+    _assert_fabricated(yolo_splits(root, "train", "val"))
+    # root may also be the yaml file itself
+    _assert_fabricated(yolo_splits(root / "data.yaml", "train", "val"))
+
+
+def test_split_images_layout_without_split_keys(tmp_path: Path) -> None:
+    from tests.data.builders import make_yolo as build
+
+    root = build(tmp_path / "ds", "split/images")  # data.yaml has names only
+    _assert_fabricated(yolo_splits(root, "train", "val"))
+
+
+def test_data_yaml_roboflow_paths_txt_lists_and_lists_of_dirs(tmp_path: Path) -> None:
+    from tests.data.builders import make_yolo as build
+
+    root = build(tmp_path / "ds", "split/images", "names: [cat, dog]\n")
+    # Roboflow writes ../train/images relative to a yaml inside the dataset folder
+    (root / "data.yaml").write_text("train: ../train/images\nval: [val.txt]\nnames: [cat, dog]\n")
+    (root / "val.txt").write_text(
+        "".join(f"./val/images/{p.name}\n" for p in sorted((root / "val" / "images").iterdir()))
+    )
+    _assert_fabricated(yolo_splits(root, "train", "val"))
+    (root / "data.yaml").write_text("train: [train/images, val/images]\nnames: [cat, dog]\n")
+    both = read_yolo(root, "train")
+    assert len(both) == 12 and both.num_boxes == 12
+
+
+def test_data_yaml_missing_directory_is_one_line(tmp_path: Path) -> None:
+    from tests.data.builders import make_yolo as build
+
+    root = build(
+        tmp_path / "ds",
+        "images/split",
+        "train: images/train\nval: images/valid\nnames: [cat, dog]\n",
+    )
+    with pytest.raises(DatasetError) as err:
+        yolo_splits(root, "train", "val")
+    message = str(err.value)
+    assert message == (
+        f"{root / 'data.yaml'}: 'val' names {root / 'images' / 'valid'}, which does not exist"
+    )
+    with pytest.raises(DatasetError, match=r"no 'test' split \(it names \['train', 'val'\]\)"):
+        (root / "images" / "val").rename(root / "images" / "valid")
+        yolo_splits(root, "train", "test")
+
+
+def test_test_split_null_is_a_seeded_split_by_split_seed(tmp_path: Path) -> None:
+    from tests.data.builders import make_yolo as build
+
+    root = build(tmp_path / "ds")
+    a = yolo_splits(root, "train", None, test_fraction=0.25, split_seed=0)
+    b = yolo_splits(root, "train", None, test_fraction=0.25, split_seed=0)
+    c = yolo_splits(root, "train", None, test_fraction=0.25, split_seed=5)
+    assert a.test.ids == b.test.ids and len(a.test) == 2 and len(a.pool) == 6
+    assert a.split_seed == 0 and c.test.ids != a.test.ids
+
+
+def test_every_label_file_empty_warns(tmp_path: Path, caplog) -> None:
+    from tests.data.builders import make_yolo as build
+
+    root = build(tmp_path / "ds")
+    for label in (root / "labels" / "train").iterdir():
+        label.write_text("")
+    with caplog.at_level("WARNING", logger="alrun"):
+        ds = read_yolo(root, "train")
+    assert ds.num_boxes == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "every label file of its 8 images is missing or empty" in warned[0]
+    assert str(root / "labels" / "train" / "im00.txt") in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alrun"):
+        read_yolo(root, "val")  # labelled: no warning
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -187,3 +187,153 @@ def test_worker_processes_do_not_change_training(images):
         states.append(det.state_dict())
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+def _stock(det, records):
+    from alrun.data.images import load_image
+
+    det.model.eval()
+    with torch.no_grad():
+        return det.model([load_image(r) for r in records])
+
+
+def _assert_same_as_stock(det, records):
+    ours = det.predict(records, Needs(probs=True))
+    stock = _stock(det, records)
+    assert sum(len(p) for p in ours) > 0
+    for a, b in zip(ours, stock):
+        torch.testing.assert_close(a.boxes, b["boxes"])
+        torch.testing.assert_close(a.scores, b["scores"])
+        assert torch.equal(a.labels + det.label_offset, b["labels"])
+    return ours
+
+
+def test_retinanet_post_processing_matches_torchvision(images):
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    builder = partial(
+        retinanet_resnet50_fpn,
+        weights=None,
+        weights_backbone=None,
+        min_size=64,
+        max_size=64,
+        score_thresh=0.01,
+    )
+    det = TorchvisionDetector(builder, num_classes=3, device="cpu")
+    assert det.head_type == "sigmoid"
+    for p in _assert_same_as_stock(det, images.images[:2]):
+        # a sigmoid head: class_probs are the independent sigmoids and the score is one of them
+        torch.testing.assert_close(p.class_probs[torch.arange(len(p)), p.labels], p.scores)
+        assert p.head == "sigmoid"
+
+
+def test_faster_rcnn_post_processing_matches_torchvision(images):
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    builder = partial(
+        fasterrcnn_mobilenet_v3_large_320_fpn,
+        weights=None,
+        weights_backbone=None,
+        min_size=64,
+        max_size=64,
+        box_score_thresh=0.0,
+    )
+    det = TorchvisionDetector(builder, num_classes=3, label_offset=1, device="cpu")
+    assert det.head_type == "softmax"
+    for p in _assert_same_as_stock(det, images.images[:2]):
+        torch.testing.assert_close(p.class_probs, p.probs[:, :-1])
+        # per-class NMS keeps one row per (proposal, class): rows of one proposal share probs
+        pairs = set(zip(p.sources.tolist(), p.labels.tolist()))
+        assert len(pairs) == len(p)
+        for src in p.sources.unique():
+            rows = p.probs[p.sources == src]
+            assert torch.equal(rows, rows[:1].expand_as(rows))
+
+
+def test_ssd_post_processing_matches_torchvision(images):
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    builder = partial(
+        ssdlite320_mobilenet_v3_large, weights=None, weights_backbone=None, score_thresh=0.01
+    )
+    det = TorchvisionDetector(builder, num_classes=3, label_offset=1, device="cpu")
+    _assert_same_as_stock(det, images.images[:1])
+
+
+def test_fit_lowers_the_loss(images):
+    det = TorchvisionDetector(partial(tiny_fcos, image_size=64), num_classes=4, device="cpu")
+    det.reset(seed=0)
+    schedule = TrainSchedule(iterations=40, warmup_iters=5, batch_size=4, lr=0.01)
+    stats = det.fit(images, schedule, seed=0, from_scratch=True)
+    assert stats["final_loss"] < 0.8 * stats["first_loss"], stats
+
+
+def _mobilenet_builder(**kw):
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    return partial(fasterrcnn_mobilenet_v3_large_320_fpn, weights=None, weights_backbone=None, **kw)
+
+
+def test_pretrained_backbone_loads_a_local_imagenet_state_dict(tmp_path):
+    torch.manual_seed(7)
+    imagenet = torchvision.models.mobilenet_v3_large()
+    path = tmp_path / "mobilenet_v3_large-local.pth"
+    torch.save({"state_dict": imagenet.state_dict()}, path)
+    det = TorchvisionDetector(
+        _mobilenet_builder(),
+        num_classes=3,
+        label_offset=1,
+        device="cpu",
+        pretrained_backbone=str(path),
+    )
+    body = det.model.backbone.body
+    assert torch.equal(body["0"][0].weight, imagenet.state_dict()["features.0.0.weight"])
+    # built as the pretrained variant: frozen BatchNorm, like weights_backbone="DEFAULT"
+    assert type(body["1"].block[0][1]).__name__ == "FrozenBatchNorm2d"
+
+
+def test_pretrained_backbone_for_another_architecture_is_a_clear_error(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(AlrunError, match="detector.pretrained_backbone: .*does not fit"):
+        TorchvisionDetector(
+            _mobilenet_builder(),
+            num_classes=3,
+            label_offset=1,
+            device="cpu",
+            pretrained_backbone=str(path),
+        )
+    with pytest.raises(AlrunError, match="detector.pretrained_backbone: file .* does not exist"):
+        TorchvisionDetector(
+            _mobilenet_builder(), num_classes=3, device="cpu", pretrained_backbone="/no/x.pth"
+        )
+
+
+def test_pretrained_backbone_without_published_weights_loads_into_the_backbone(tmp_path):
+    source = tiny_fcos(4, image_size=64)
+    path = tmp_path / "tiny_backbone.pth"
+    torch.save(source.backbone.state_dict(), path)
+    det = TorchvisionDetector(
+        partial(tiny_fcos, image_size=64),
+        num_classes=2,
+        device="cpu",
+        pretrained_backbone=str(path),
+    )
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(det.model.backbone.state_dict()[key], value), key
+
+
+def test_pretrained_true_offline_names_the_file_and_the_local_option(monkeypatch):
+    from urllib.error import URLError
+
+    def offline(*_args, **_kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    import torchvision.models._api as weights_api
+
+    monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
+    with pytest.raises(AlrunError) as err:
+        TorchvisionDetector(_mobilenet_builder(), num_classes=3, pretrained=True, device="cpu")
+    message = str(err.value)
+    assert "mobilenet_v3_large-" in message and ".pth" in message
+    assert "hub" in message and "detector.pretrained_backbone=" in message

@@ -1,7 +1,9 @@
-"""Full supervision: when weights are re-initialised and what the detector trains on."""
+"""Full supervision: box labels only, trained through the engine; kind mismatches fail at start."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,23 +11,14 @@ import pytest
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.detectors.base import TrainSchedule
+from alrun.errors import AlrunError
+from alrun.loop import build_experiment
 from alrun.oracle import CostModel, SimulatedOracle
 from alrun.pool import LabelPool
+from alrun.supervision import full
+from alrun.supervision.base import LabelRequest, Regime, check_regime
 from alrun.supervision.full import FullSupervision
-
-
-class RecordingDetector:
-    num_classes = 1
-
-    def __init__(self):
-        self.calls: list[tuple] = []
-
-    def reset(self, seed):
-        self.calls.append(("reset", seed))
-
-    def fit(self, dataset, schedule, seed, from_scratch=False, progress=None):
-        self.calls.append(("fit", tuple(dataset.ids), seed, from_scratch))
-        return {}
+from tests.helpers import REPO, compose_config
 
 
 def _pool() -> LabelPool:
@@ -41,20 +34,68 @@ def _pool() -> LabelPool:
         for i in range(4)
     )
     pool = LabelPool(DetectionDataset("toy", ("a",), records))
-    pool.add(SimulatedOracle(CostModel()).annotate(pool.records(["im2", "im0"])), 0)
+    oracle = SimulatedOracle(CostModel())
+    pool.add(oracle.annotate(pool.records(["im2", "im0"])), 0)
+    pool.add(oracle.annotate(pool.records(["im3"]), "click"), 1)
     return pool
 
 
-@pytest.mark.parametrize(
-    "init,resets", [("continue", [True, False, False]), ("scratch", [True, True, True])]
-)
-def test_reset_policy(init, resets):
-    detector, pool = RecordingDetector(), _pool()
-    schedule = TrainSchedule(iterations=1, init=init)
-    for r in range(3):
-        detector.calls.clear()
-        FullSupervision().train(detector, pool, schedule, seed=10 + r, round_index=r)
-        did_reset = detector.calls[0] == ("reset", 10 + r)
-        assert did_reset == resets[r]
-        fit = detector.calls[-1]
-        assert fit == ("fit", ("im0", "im2"), 10 + r, resets[r])
+def test_trains_on_the_box_labelled_images_through_the_engine(monkeypatch):
+    calls = []
+
+    def fake_train_round(detector, sources, schedule, seed, round_index, hooks=(), progress=None):
+        calls.append(([(s.name, s.role, tuple(s.dataset.ids)) for s in sources], seed, round_index))
+        return {"iterations": 1.0}
+
+    monkeypatch.setattr(full, "train_round", fake_train_round)
+    stats = FullSupervision().train(object(), _pool(), TrainSchedule(iterations=1), 7, 2)
+    assert stats == {"iterations": 1.0}
+    assert calls == [([("labelled", "labelled", ("im0", "im2"))], 7, 2)]  # not the clicked im3
+
+
+def test_asks_for_boxes_and_annotates_them():
+    regime, pool = FullSupervision(), _pool()
+    assert isinstance(regime, Regime) and regime.state_dict() == {}
+    assert regime.label_kind(LabelRequest(3)) == "box"
+    labels = regime.annotate(SimulatedOracle(CostModel()), pool.records(["im1"]), LabelRequest(3))
+    assert labels[0].kind == "box" and labels[0].cost_s == pytest.approx(25.5)
+    with pytest.raises(AlrunError, match="keeps none"):
+        regime.load_state_dict({"switched": True})
+
+
+def test_regime_and_oracle_kinds_are_checked_at_start_up():
+    check_regime(FullSupervision(), SimulatedOracle(CostModel(), kind="box"))
+    with pytest.raises(AlrunError, match=r"supervision \(FullSupervision\): asks the oracle for "):
+        check_regime(FullSupervision(), SimulatedOracle(CostModel(), kind="click"))
+    with pytest.raises(AlrunError, match="must build a Regime"):
+        check_regime(object(), SimulatedOracle(CostModel()))
+    with pytest.raises(AlrunError, match=r"oracle\.kind=center_click"):
+        build_experiment(compose_config(["experiment=smoke", "oracle.kind=center_click"]))
+
+
+def test_full_with_click_oracle_is_a_one_line_error_and_writes_nothing(tmp_path):
+    """Before: boxes were trained on and billed as clicks. Now: refused before any work."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alrun.cli",
+            "experiment=smoke",
+            "supervision=full",
+            "oracle.kind=click",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("alrun: error:")]
+    assert errors == [
+        "alrun: error: supervision (FullSupervision): asks the oracle for 'box' labels but "
+        "oracle.kind=click only produces 'click'; set oracle.kind=null or a regime that asks for "
+        "'click'"
+    ]
+    assert not (out / "state.json").exists() and not list(out.glob("round_*"))

@@ -1,0 +1,139 @@
+"""What scorers and selectors see: one :class:`AcquisitionContext` per acquisition step.
+
+Pool predictions arrive as a :class:`PredictionBatch`, a ragged batch (flat per-box tensors +
+per-image offsets) built once, so no scorer or selector flattens a list of Detections by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from alrun.types import Detections, Needs
+
+_RAGGED = ("boxes", "scores", "labels", "probs", "class_probs", "feats", "proposals", "sources")
+
+
+@dataclass(frozen=True)
+class PredictionBatch:
+    """Detections of many images as flat per-box tensors; image i owns rows
+    ``offsets[i]:offsets[i+1]``. Optional fields are None unless every image has them."""
+
+    image_ids: tuple[str, ...]
+    offsets: Tensor  # (I + 1,) int64
+    boxes: Tensor  # (B, 4)
+    scores: Tensor  # (B,)
+    labels: Tensor  # (B,)
+    probs: Tensor | None = None  # (B, C+1)
+    class_probs: Tensor | None = None  # (B, C)
+    feats: Tensor | None = None  # (B, D)
+    proposals: Tensor | None = None  # (B, 4)
+    sources: Tensor | None = None  # (B,)
+    embeddings: Tensor | None = None  # (I, D)
+    head: str = "softmax"
+
+    @classmethod
+    def from_detections(cls, preds: Sequence[Detections]) -> PredictionBatch:
+        counts = torch.tensor([len(d) for d in preds], dtype=torch.int64)
+        offsets = torch.zeros(len(preds) + 1, dtype=torch.int64)
+        offsets[1:] = counts.cumsum(0)
+        fields: dict[str, Any] = {}
+        for name in _RAGGED:
+            parts = [getattr(d, name) for d in preds]
+            if preds and all(p is not None for p in parts):
+                fields[name] = torch.cat(parts)
+        for name in ("boxes", "scores", "labels"):
+            fields.setdefault(name, torch.zeros((0, 4) if name == "boxes" else (0,)))
+        embeddings = [d.embedding for d in preds]
+        if preds and all(e is not None for e in embeddings):
+            fields["embeddings"] = torch.stack(embeddings)
+        heads = {d.head for d in preds}
+        return cls(
+            image_ids=tuple(d.image_id for d in preds),
+            offsets=offsets,
+            head=heads.pop() if len(heads) == 1 else "softmax",
+            **fields,
+        )
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_boxes(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def counts(self) -> Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def segment(self) -> Tensor:
+        """(B,) image index of every box."""
+        return torch.repeat_interleave(torch.arange(len(self)), self.counts)
+
+
+@dataclass(frozen=True)
+class AcquisitionContext:
+    """Everything an acquisition step may use, handed to scorers *and* selectors.
+
+    ``pool_ids``: the unlabelled images that may be picked. ``preds``: their predictions (None
+    when the strategy needs no detections, e.g. random). ``budget`` / ``cost_of`` / ``fill``:
+    this round's amount, the cost of one image in the budget unit, and the fill policy.
+    ``labelled_ids`` / ``labelled_embeddings``: the labelled set (embeddings only when the
+    strategy's ``needs.labelled_embeddings`` asks). ``history``: results rows of earlier rounds;
+    ``selections``: ids picked in earlier rounds, oldest first.
+    """
+
+    pool_ids: tuple[str, ...]
+    seed: int
+    round: int
+    budget: float = math.inf
+    cost_of: Callable[[str], float] = field(default=lambda _id: 1.0)
+    fill: str = "stop"
+    preds: PredictionBatch | None = None
+    labelled_ids: tuple[str, ...] = ()
+    labelled_embeddings: Tensor | None = None
+    history: tuple[Mapping[str, Any], ...] = ()
+    selections: tuple[tuple[str, ...], ...] = ()
+
+    def rng(self, purpose: int) -> np.random.Generator:
+        """A generator fixed by ``(seed, round, purpose)``; round -1 is the initial set."""
+        return np.random.default_rng([self.seed, self.round + 1, purpose])
+
+    def tie_rank(self) -> dict[str, int]:
+        """A seeded random order of the pool ids used to break score ties.
+
+        Ties broken by image id would follow capture order on many datasets (file names are
+        timestamps or sequence numbers), which is a systematic bias; a permutation drawn from
+        ``(seed, round)`` is deterministic per seed and unrelated to names.
+        """
+        ordered = sorted(self.pool_ids)
+        perm = self.rng(0x71E).permutation(len(ordered))
+        return {ordered[i]: rank for rank, i in enumerate(perm.tolist())}
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores the pool: image id -> score (higher = more worth labelling). Images left out of
+    the mapping are never selected."""
+
+    needs: Needs
+
+    def __call__(self, context: AcquisitionContext) -> dict[str, float]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Selector(Protocol):
+    """Turns scores into an ordered pick within ``context.budget``."""
+
+    def __call__(self, scores: Mapping[str, float], context: AcquisitionContext) -> list[str]: ...
+
+    def describe(self) -> dict[str, Any]: ...

@@ -1,0 +1,340 @@
+"""One optimisation loop for every detector backend and every supervision regime.
+
+A round's training is: apply the ``trainer.init`` policy (:func:`train_round`), then run
+``schedule``'s iterations (:func:`train`). Every iteration draws one batch from each
+:class:`BatchSource`, asks the backend for its losses on the sources that carry targets, adds what
+each :class:`TrainingHook` contributes, and takes one SGD step (warmup + cosine learning rate,
+gradient-norm clipping). The backend only has to expose the training pieces of the
+:class:`~alrun.detectors.base.Detector` protocol: ``device``, ``train_mode()``, ``parameters()``
+and ``losses(images, targets)``.
+
+Determinism: the global torch seed is ``seed`` and the first source's batches are drawn from a
+generator seeded with ``seed`` (so one labelled source trains exactly as ``fit`` always did);
+further sources draw from generators seeded by ``(seed, source position)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from alrun.data.dataset import DetectionDataset, ImageRecord
+from alrun.data.images import TrainingImages
+from alrun.detectors.base import Detector, Progress, TrainSchedule
+from alrun.errors import AlrunError
+
+log = logging.getLogger("alrun")
+
+#: what a source's targets are: oracle labels, pseudo-labels (loss scaled by ``weight``), none
+SOURCE_ROLES = ("labelled", "pseudo", "unlabelled")
+
+
+class TrainingHookError(AlrunError):
+    """A training hook raised; the round is abandoned (the loop discards its directory)."""
+
+
+@dataclass(frozen=True)
+class BatchSource:
+    """Images the engine draws one batch from every iteration.
+
+    ``role``: ``labelled`` (boxes from the oracle), ``pseudo`` (boxes a regime made, e.g. from
+    clicks or teacher predictions; its losses are multiplied by ``weight``) or ``unlabelled``
+    (no targets are built, even if the records carry ground truth: hooks use the images, e.g.
+    for consistency or domain alignment). ``batch_size`` defaults to ``trainer.batch_size``.
+    """
+
+    name: str
+    dataset: DetectionDataset
+    role: str = "labelled"
+    weight: float = 1.0
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in SOURCE_ROLES:
+            raise AlrunError(f"trainer: source '{self.name}' role must be one of {SOURCE_ROLES}")
+        if self.weight < 0:
+            raise AlrunError(f"trainer: source '{self.name}' weight must be >= 0")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One source's batch of one iteration, on the detector's device."""
+
+    source: BatchSource
+    images: list[Tensor]
+    targets: list[dict[str, Tensor]] | None  # None for unlabelled sources
+    image_ids: tuple[str, ...]
+    flipped: tuple[bool, ...]
+
+
+@dataclass
+class Step:
+    """What hooks see at one iteration. ``losses`` holds the backend's losses (the first source's
+    under their own names, others prefixed ``<source>/``) before hooks add theirs."""
+
+    index: int
+    total: int
+    lr: float
+    detector: Detector
+    batches: Mapping[str, Batch]
+    losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+class TrainingHook:
+    """Base class for per-round training extensions; override what you need.
+
+    ``before_training`` may build modules (it runs before the optimiser is made);
+    ``parameters`` are optimised with the detector's (e.g. a domain classifier, a loss-prediction
+    head); ``extra_losses`` returns named loss tensors added to the step's total (e.g.
+    consistency, domain-adversarial); ``after_step`` acts after the optimiser step (an EMA teacher);
+    ``after_training`` returns summary numbers recorded in the round's metrics.json.
+    An exception in any of them abandons the round with a one-line :class:`TrainingHookError`.
+    """
+
+    name = "hook"
+
+    def before_training(self, detector: Detector, total: int) -> None:
+        pass
+
+    def parameters(self) -> Sequence[Tensor]:
+        return ()
+
+    def extra_losses(self, step: Step) -> Mapping[str, Tensor]:
+        return {}
+
+    def after_step(self, step: Step) -> None:
+        pass
+
+    def after_training(self) -> Mapping[str, float]:
+        return {}
+
+
+def starts_from_scratch(schedule: TrainSchedule, round_index: int) -> bool:
+    """The ``trainer.init`` policy: ``scratch`` re-initialises every round, ``continue`` only in
+    round 0 (later rounds fine-tune the previous round's weights)."""
+    return schedule.init == "scratch" or round_index == 0
+
+
+def train_round(
+    detector: Detector,
+    sources: Sequence[BatchSource],
+    schedule: TrainSchedule,
+    seed: int,
+    round_index: int,
+    hooks: Sequence[TrainingHook] = (),
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Apply the ``trainer.init`` policy (reset from ``seed``), then :func:`train`."""
+    from_scratch = starts_from_scratch(schedule, round_index)
+    if from_scratch:
+        detector.reset(seed)
+    return train(detector, sources, schedule, seed, from_scratch, hooks, progress)
+
+
+def train(
+    detector: Detector,
+    sources: Sequence[BatchSource],
+    schedule: TrainSchedule,
+    seed: int,
+    from_scratch: bool = False,
+    hooks: Sequence[TrainingHook] = (),
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Run one round's iterations; returns ``iterations``, ``first_loss`` / ``final_loss`` (mean
+    of the first / last tenth), ``from_scratch``
+    and each hook's ``after_training`` numbers as ``<hook>/<name>``.
+
+    The number of iterations follows the first source (``schedule.num_iterations``).
+    """
+    if not sources or len(sources[0].dataset) == 0:
+        raise AlrunError("trainer: no labelled images to train on")
+    for source in sources[1:]:
+        if len(source.dataset) == 0:
+            raise AlrunError(f"trainer: batch source '{source.name}' has no images")
+    if len({s.name for s in sources}) != len(sources):
+        raise AlrunError("trainer: batch source names must be unique")
+    total = schedule.num_iterations(len(sources[0].dataset), from_scratch)
+    torch.manual_seed(seed)
+    streams = [
+        _stream(source, schedule, total, _source_seed(seed, i), detector.device)
+        for i, source in enumerate(sources)
+    ]
+    detector.train_mode()
+    for hook in hooks:
+        _call(hook, "before_training", -1, total, detector, total)
+    params = [p for p in detector.parameters() if p.requires_grad]
+    for hook in hooks:
+        params += [p for p in _call(hook, "parameters", -1, total) if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
+    )
+    lr_at = warmup_cosine(schedule, total)
+    losses: list[float] = []
+    for index, drawn in enumerate(zip(*streams)):
+        lr = lr_at(index)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step = Step(index, total, lr, detector, {b.source.name: b for b in drawn})
+        step.losses.update(_backend_losses(detector, drawn))
+        step.losses.update(_hook_losses(hooks, step))
+        loss = sum(step.losses.values())
+        if not isinstance(loss, Tensor):
+            raise AlrunError("trainer: no loss this iteration (no source with targets, no hook)")
+        if not torch.isfinite(loss):
+            raise AlrunError(
+                f"trainer: loss became {loss.item()} at iteration {index}; "
+                f"lower trainer.lr (now {schedule.lr})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if schedule.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
+        optimizer.step()
+        for hook in hooks:
+            _call(hook, "after_step", index, total, step)
+        losses.append(float(loss.detach()))
+        if progress:
+            progress(index + 1, total)
+    tail = losses[-max(1, len(losses) // 10) :]
+    head = losses[: max(1, len(losses) // 10)]
+    stats = {
+        "iterations": float(total),
+        "first_loss": sum(head) / len(head),  # mean of the first tenth (alrun.diagnostics)
+        "final_loss": sum(tail) / len(tail),
+        "from_scratch": float(from_scratch),
+    }
+    for hook in hooks:
+        summary = _call(hook, "after_training", total, total)
+        stats.update({f"{hook.name}/{key}": float(value) for key, value in summary.items()})
+    return stats
+
+
+def _backend_losses(detector: Detector, drawn: Sequence[Batch]) -> dict[str, Tensor]:
+    """The backend's losses on every source with targets: the first source's under their own
+    names, the others' as ``<source>/<name>`` scaled by the source's weight."""
+    losses: dict[str, Tensor] = {}
+    for n, batch in enumerate(drawn):
+        if batch.targets is None:
+            continue
+        weight = batch.source.weight
+        for key, value in detector.losses(batch.images, batch.targets).items():
+            name = key if n == 0 else f"{batch.source.name}/{key}"
+            losses[name] = value if weight == 1.0 else value * weight
+    return losses
+
+
+def _hook_losses(hooks: Sequence[TrainingHook], step: Step) -> dict[str, Tensor]:
+    """Every hook's extra losses as ``<hook>/<name>``; hooks all see the backend's losses only."""
+    extra: dict[str, Tensor] = {}
+    for hook in hooks:
+        added = _call(hook, "extra_losses", step.index, step.total, step)
+        extra.update({f"{hook.name}/{key}": value for key, value in added.items()})
+    return extra
+
+
+def _call(hook: TrainingHook, method: str, index: int, total: int, *args):
+    """Run one hook method; any exception becomes a one-line error naming hook and iteration."""
+    try:
+        return getattr(hook, method)(*args)
+    except Exception as err:  # noqa: BLE001 - reported as a user-facing one-liner
+        log.debug("hook %s.%s failed", hook.name, method, exc_info=True)
+        where = f"at iteration {index + 1} of {total}" if 0 <= index < total else f"in {method}"
+        raise TrainingHookError(
+            f"trainer: hook '{hook.name}' failed {where}: {type(err).__name__}: {err} "
+            "(round discarded; hydra.verbose=alrun shows the traceback)"
+        ) from err
+
+
+def _source_seed(seed: int, position: int) -> int:
+    if position == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, position]).generate_state(1)[0] >> 1)
+
+
+def _collate(batch):
+    return tuple(zip(*batch))
+
+
+def _stream(
+    source: BatchSource,
+    schedule: TrainSchedule,
+    total: int,
+    seed: int,
+    device: torch.device,
+) -> Iterator[Batch]:
+    """``total`` batches of ``source`` in a seeded order (the same whatever ``num_workers``)."""
+    records = source.dataset.images
+    if source.role == "unlabelled":  # never hand hidden ground truth to training
+        records = tuple(_without_targets(r) for r in records)
+    plan = batch_plan(
+        len(records),
+        source.batch_size or schedule.batch_size,
+        total,
+        torch.Generator().manual_seed(seed),
+    )
+    loader = torch.utils.data.DataLoader(
+        TrainingImages(records, 0, schedule.hflip),
+        batch_sampler=plan,
+        num_workers=schedule.num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    for drawn, (images, targets) in zip(plan, loader):
+        yield Batch(
+            source,
+            [im.to(device) for im in images],
+            None
+            if source.role == "unlabelled"
+            else [{k: v.to(device) for k, v in t.items()} for t in targets],
+            tuple(records[i].image_id for i, _ in drawn),
+            tuple(flip and schedule.hflip for _, flip in drawn),
+        )
+
+
+def _without_targets(record: ImageRecord) -> ImageRecord:
+    return replace(
+        record,
+        boxes=np.zeros((0, 4), np.float32),
+        labels=np.zeros(0, np.int64),
+        ignore_boxes=None,
+        ignore_labels=None,
+        areas=None,
+    )
+
+
+def batch_plan(
+    num_images: int, batch_size: int, total: int, generator: torch.Generator
+) -> list[list[tuple[int, bool]]]:
+    """Exactly ``total`` batches of (image index, flip) drawn epoch by epoch from ``generator``.
+
+    Drawn up front, so the order is the same whatever ``trainer.num_workers`` is.
+    """
+    batches: list[list[tuple[int, bool]]] = []
+    while len(batches) < total:
+        order = torch.randperm(num_images, generator=generator).tolist()
+        flips = torch.rand(num_images, generator=generator).lt(0.5).tolist()
+        for start in range(0, num_images, batch_size):
+            if len(batches) == total:
+                break
+            batches.append([(i, flips[i]) for i in order[start : start + batch_size]])
+    return batches
+
+
+def warmup_cosine(schedule: TrainSchedule, total: int) -> Callable[[int], float]:
+    """Learning rate at each step: linear warmup from 10 % then cosine decay to ``min_lr_ratio``."""
+    warmup = min(schedule.warmup_iters, max(total - 1, 0))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return schedule.lr * (0.1 + 0.9 * step / warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        low = schedule.min_lr_ratio
+        return schedule.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return lr_at

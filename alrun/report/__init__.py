@@ -1,0 +1,1 @@
+"""``alrun-report``: gather runs, compare strategies over seeds, write HTML/PNG/CSV."""

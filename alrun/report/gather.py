@@ -1,0 +1,195 @@
+"""Find run directories under the paths given and check that they can be compared.
+
+A run directory holds ``.hydra/config.yaml`` and, once a round is complete, ``results.csv``
+and ``state.json``; a failed sweep job holds ``error.json`` instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from alrun.errors import AlrunError
+
+
+class ReportError(AlrunError):
+    """The runs given cannot be reported or compared."""
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    config: dict[str, Any]
+    group: str
+    seed: int
+    rows: tuple[dict[str, float], ...]
+    planned_rounds: int | None
+    stopped: str | None = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    @property
+    def partial(self) -> bool:
+        """Still running, killed, or crashed: fewer rounds than planned and not stopped cleanly."""
+        if self.failed:
+            return False
+        if self.planned_rounds is None:
+            return True
+        return self.stopped is None and len(self.rows) < self.planned_rounds + 1
+
+    @property
+    def status(self) -> str:
+        if self.failed:
+            return "failed"
+        if self.partial:
+            return f"partial ({len(self.rows)} of {(self.planned_rounds or 0) + 1} rounds)"
+        return "complete" if self.stopped is None else f"stopped: {self.stopped}"
+
+
+@dataclass(frozen=True)
+class RunSet:
+    runs: tuple[Run, ...]  # every run with at least one completed round
+    failed: tuple[Run, ...]
+    empty: tuple[Run, ...]  # no round completed (crashed or still in round 0)
+    group_key: str
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def groups(self) -> dict[str, list[Run]]:
+        out: dict[str, list[Run]] = {}
+        for run in self.runs:
+            out.setdefault(run.group, []).append(run)
+        return {g: sorted(rs, key=lambda r: r.seed) for g, rs in sorted(out.items())}
+
+
+def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
+    found: dict[Path, None] = {}
+    for path in paths:
+        if not path.exists():
+            raise ReportError(f"{path}: no such directory")
+        if (path / ".hydra" / "config.yaml").is_file():
+            found[path.resolve()] = None
+            continue
+        for cfg in sorted(path.rglob(".hydra/config.yaml")):
+            found[cfg.parent.parent.resolve()] = None
+    return list(found)
+
+
+def _config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = OmegaConf.load(path / ".hydra" / "config.yaml")
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception as err:  # noqa: BLE001 - any unreadable config becomes one line
+        raise ReportError(f"{path / '.hydra/config.yaml'}: cannot read ({err})") from err
+
+
+def config_value(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _rows(path: Path) -> tuple[dict[str, float], ...]:
+    csv_path = path / "results.csv"
+    if not csv_path.is_file() or not csv_path.read_text().strip():
+        return ()
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    try:
+        return tuple({k: float(v) for k, v in row.items()} for row in rows)
+    except (TypeError, ValueError) as err:
+        raise ReportError(f"{csv_path}: expected numbers in every column ({err})") from err
+
+
+def load_run(path: Path, group_key: str) -> Run:
+    config = _config(path)
+    group = config_value(config, group_key)
+    if group is None:
+        raise ReportError(f"--group-by: {path} has no config key '{group_key}'")
+    error = None
+    if (path / "error.json").is_file():
+        error = json.loads((path / "error.json").read_text()).get("error", "unknown error")
+    stopped = None
+    if (path / "state.json").is_file():
+        stopped = json.loads((path / "state.json").read_text()).get("stopped")
+    rounds = config_value(config, "budget.rounds")
+    return Run(
+        path=path,
+        config=config,
+        group=str(group),
+        seed=int(config.get("seed", 0)),
+        rows=_rows(path),
+        planned_rounds=int(rounds) if isinstance(rounds, int) else None,
+        stopped=stopped,
+        error=error,
+    )
+
+
+def _dataset_identity(config: dict[str, Any]) -> str:
+    """The dataset block, without where images are cached and without a split ``seed`` tied
+    to the run seed (older configs split with ``seed: ${seed}``; seeds are replicates)."""
+    dataset = dict(config.get("dataset") or {})
+    dataset.pop("cache_dir", None)
+    if dataset.get("seed") == config.get("seed"):
+        dataset.pop("seed")
+    return json.dumps(dataset, sort_keys=True, default=str)
+
+
+def _schedule(config: dict[str, Any]) -> str:
+    budget = config.get("budget") or {}
+    keys = ("unit", "initial", "per_round", "rounds")
+    return ", ".join(f"{k}={budget.get(k)}" for k in keys)
+
+
+def _must_agree(runs: Sequence[Run], what: str, key_of) -> None:
+    seen: dict[str, Run] = {}
+    for run in runs:
+        seen.setdefault(key_of(run.config), run)
+    if len(seen) > 1:
+        examples = "; ".join(f"{run.path}: {value}" for value, run in list(seen.items())[:3])
+        raise ReportError(
+            f"runs use {len(seen)} different {what}, cannot compare them ({examples})"
+        )
+
+
+def gather(paths: Sequence[Path], group_key: str = "strategy.name") -> RunSet:
+    """Load every run under ``paths`` and check that the runs are comparable."""
+    dirs = find_run_dirs(paths)
+    if not dirs:
+        shown = ", ".join(str(p) for p in paths)
+        raise ReportError(f"{shown}: no run directories found (a run holds .hydra/config.yaml)")
+    loaded = [load_run(d, group_key) for d in dirs]
+    failed = tuple(r for r in loaded if r.failed)
+    empty = tuple(r for r in loaded if not r.failed and not r.rows)
+    runs = tuple(r for r in loaded if not r.failed and r.rows)
+    if not runs:
+        raise ReportError(
+            f"{len(dirs)} run directories found but none completed a round "
+            f"({len(failed)} failed, {len(empty)} without results)"
+        )
+    _must_agree(runs, "datasets", _dataset_identity)
+    _must_agree(runs, "budget schedules", _schedule)
+    _must_agree(runs, "metric protocols", lambda c: str(config_value(c, "metric.protocol")))
+    pairs: dict[tuple[str, int], Run] = {}
+    for run in runs:
+        other = pairs.setdefault((run.group, run.seed), run)
+        if other is not run:
+            raise ReportError(
+                f"two runs of {group_key}={run.group} seed {run.seed}: {other.path} and {run.path}"
+            )
+    warnings = [f"{r.path}: {r.status}" for r in runs if r.partial]
+    warnings += [f"{r.path}: failed: {r.error}" for r in failed]
+    warnings += [f"{r.path}: no completed round, left out" for r in empty]
+    return RunSet(runs, failed, empty, group_key, tuple(warnings))
