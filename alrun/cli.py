@@ -24,7 +24,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from alrun import callbacks
 from alrun.errors import AlrunError
-from alrun.io import remove_file, write_json
+from alrun.io import atomic_write_bytes, remove_file, write_json
 from alrun.loop import run_experiment
 from alrun.progress import Reporter
 
@@ -123,6 +123,8 @@ def run(cfg: DictConfig) -> dict[str, str] | None:
         print(f"alrun: {INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - user errors become one line; bugs re-raise
+        if multirun:  # a sweep job's dir is its own: the report finds it by .hydra/config.yaml
+            _write_absent(out_dir, record)
         message = user_error(err)
         if message is None:
             raise
@@ -134,6 +136,12 @@ def run(cfg: DictConfig) -> dict[str, str] | None:
         print(f"alrun: error: {message}", file=sys.stderr)
         sys.exit(2)
     return None
+
+
+def _write_absent(out_dir: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        if not (out_dir / name).exists():
+            atomic_write_bytes(out_dir / name, text.encode())
 
 
 def alrun_version() -> str:
