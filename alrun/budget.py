@@ -2,7 +2,7 @@
 
 Policy (documented in the README):
 * ``initial`` larger than what the whole pool costs -> error before any training;
-* zero/negative amounts, an unknown unit, a schedule list shorter than ``rounds`` -> error;
+* zero/negative amounts, an unknown unit, a schedule list whose length is not ``rounds`` -> error;
 * a round asking for more than the pool has left takes what fits and the run stops cleanly
   after the next training round ("pool exhausted"), recorded in state.json;
 * ``fill``: ``stop`` (default) takes images in ranked order until the first one that does not
@@ -23,6 +23,7 @@ from alrun.errors import BudgetError
 if TYPE_CHECKING:
     from alrun.data.dataset import ImageRecord
     from alrun.oracle import SimulatedOracle
+    from alrun.pool import LabelPool
 
 UNITS = ("images", "boxes", "seconds")
 #: how a cost budget is filled in ranked order (see the module docstring)
@@ -91,9 +92,10 @@ class Budget:
             schedule: float | tuple[float, ...] = float(per_round)
         else:
             schedule = tuple(float(x) for x in per_round)
-            if len(schedule) < rounds:
+            if len(schedule) != rounds:  # extra amounts would be silently dropped
                 raise BudgetError(
-                    f"budget.per_round: {len(schedule)} amounts listed for {rounds} rounds"
+                    f"budget.per_round: {len(schedule)} amounts listed for {rounds} rounds "
+                    f"(budget.rounds); list exactly {rounds}"
                 )
         return cls(float(initial), schedule, int(rounds), unit, fill)
 
@@ -105,3 +107,15 @@ class Budget:
     def amount(self, round_index: int) -> float:
         """What the selection made after training round ``round_index`` may spend."""
         return self.schedule()[round_index]
+
+
+def check_initial_affordable(
+    budget: Budget, cost_of: Callable[[str], float], pool: LabelPool
+) -> None:
+    """``budget.initial`` larger than the whole unlabelled pool costs is an error up front."""
+    total = sum(cost_of(i) for i in pool.unlabelled_ids)
+    if budget.initial > total:
+        raise BudgetError(
+            f"budget.initial: {budget.initial:g} {budget.unit} requested but the pool "
+            f"'{pool.dataset.name}' only holds {total:g} {budget.unit} ({len(pool)} images)"
+        )

@@ -1,64 +1,166 @@
-"""Command-line entry point: ``alrun`` (Hydra app: run, ``-m`` sweeps, ``--cfg``, ``--help``)."""
+"""Command-line entry point: ``alrun`` (Hydra app: run, ``-m`` sweeps, ``--cfg``, ``--help``).
+
+User mistakes end as one line ``alrun: error: <key or file>: <what was expected>`` and exit 2;
+Ctrl-C ends as ``alrun: interrupted; re-run the same command to resume`` and exit 130. Inside a
+sweep a failing job writes ``error.json`` into its directory and the sweep goes on; the sweep
+ends with a count of failed jobs (:mod:`alrun.callbacks`) and exits 1 when every job failed.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
+from alrun import callbacks
 from alrun.errors import AlrunError
-from alrun.io import write_json
+from alrun.io import atomic_write_bytes, remove_file, write_json
 from alrun.loop import run_experiment
 from alrun.progress import Reporter
 
 log = logging.getLogger("alrun")
+
+INTERRUPTED = "interrupted; re-run the same command to resume"
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 def user_error(err: BaseException) -> str | None:
     """The one-line message for a user mistake, or None for a genuine bug.
 
     Anything raised while instantiating a config group is the config's fault (a wrong key, a
-    wrong type): it is reported as ``<group>: <error>`` naming the config key Hydra names.
+    wrong type): it is reported as ``<key>: <error>`` naming the config key the user types.
     """
     top = err
     while isinstance(err, InstantiationException) and err.__cause__ is not None:
         err = err.__cause__
     if isinstance(err, AlrunError):
         return str(err)
+    if isinstance(err, MissingMandatoryValue):
+        key = err.full_key or "config"
+        return f"{key}: required but not set; pass {key}=<value>"
     if isinstance(top, InstantiationException):
-        key = re.search(r"full_key: (\S+)", str(top))
+        match = re.search(r"full_key: (\S+)", str(top))
+        key = match.group(1) if match else "config"
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return f"{key.group(1) if key else 'config'}: {detail}"
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", detail)
+        if unexpected:
+            target = re.search(r"target '([\w.]+)'", str(top))
+            where = f"{target.group(1)} (the chosen {key} config)" if target else f"this {key}"
+            return (
+                f"{key}.{unexpected.group(1)}: not a setting of {where}; remove the override "
+                "or the preset that sets it"
+            )
+        return f"{key}: {detail}"
     if isinstance(err, FileNotFoundError):
         return f"file not found: {err.filename}"
+    if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+        where = err.filename or "output directory"
+        return (
+            f"{where}: cannot write ({err.strerror}); free space or choose a writable "
+            "hydra.run.dir, then re-run the same command to resume"
+        )
     return None
 
 
+_GROUP_KEY = re.compile(
+    r"(?<![\w.+/])((?:dataset|detector|supervision|strategy|budget|oracle|trainer)(?:\.\w+)+)"
+)
+
+
+def hint_keys(message: str, cfg: DictConfig) -> str:
+    """Make the hints in ``message`` work as written: a key the composed config lacks can only
+    be set as ``+key=...`` (Hydra refuses ``key=...``). The key the message is about (its
+    start) is left as is."""
+    head, sep, rest = message.partition(": ")
+    if not sep:
+        return message
+
+    def fix(match: re.Match) -> str:
+        key = match.group(1)
+        try:
+            absent = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=True)
+        except MissingMandatoryValue:  # in the schema, just not set yet (???)
+            return key
+        return f"+{key}" if absent is _MISSING else key
+
+    return head + sep + _GROUP_KEY.sub(fix, rest)
+
+
+_MISSING = object()
+
+
+def _hydra_record() -> dict[str, str]:
+    """``.hydra/`` as Hydra would write it; alrun writes it once, after checking the config."""
+    hydra_cfg = HydraConfig.instance().cfg
+    return {
+        ".hydra/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+        ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+    }
+
+
 @hydra.main(config_path="configs", config_name="run", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> dict[str, str] | None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    quiet = multirun if cfg.get("quiet") is None else bool(cfg.quiet)
+    quiet = multirun if cfg.get("quiet") is None else cfg.quiet is True
     out_dir = Path(hydra_cfg.runtime.output_dir)
+    record = {".hydra/config.yaml": OmegaConf.to_yaml(cfg), **_hydra_record()}
     try:
-        run_experiment(cfg, out_dir, Reporter(quiet=quiet))
+        if multirun:
+            remove_file(out_dir / "error.json")  # from an earlier failed attempt of this job
+        run_experiment(cfg, out_dir, Reporter(quiet=quiet), record_files=record)
+    except KeyboardInterrupt:
+        print(f"alrun: {INTERRUPTED}", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:  # noqa: BLE001 - user errors become one line; bugs re-raise
+        if multirun:  # a sweep job's dir is its own: the report finds it by .hydra/config.yaml
+            _write_absent(out_dir, record)
         message = user_error(err)
         if message is None:
             raise
+        message = hint_keys(message, cfg)
         log.error(message)
         if multirun:  # one failing job is recorded and the sweep goes on
             write_json(out_dir / "error.json", {"error": message})
-            return
+            return {"error": message}
         print(f"alrun: error: {message}", file=sys.stderr)
         sys.exit(2)
+    return None
+
+
+def _write_absent(out_dir: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        if not (out_dir / name).exists():
+            atomic_write_bytes(out_dir / name, text.encode())
+
+
+def alrun_version() -> str:
+    try:
+        return version("alrun")
+    except PackageNotFoundError:  # running from a checkout that is not installed
+        from alrun import __version__
+
+        return __version__
+
+
+def main() -> None:
+    """``alrun``: alrun's own ``--version``, then the Hydra app, then the sweep's exit code."""
+    if "--version" in sys.argv[1:]:
+        print(f"alrun {alrun_version()}")
+        return
+    run()
+    if callbacks.LAST_SWEEP is not None and callbacks.LAST_SWEEP.all_failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ from __future__ import annotations
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from alrun.rundir import RUN_CONTROL_KEYS, RunOptions
+
+__all__ = ["RUN_CONTROL_KEYS", "RunOptions", "compose_config"]
+
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The config ``alrun <overrides>`` would run, without starting a Hydra app."""

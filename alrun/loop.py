@@ -1,18 +1,17 @@
 """The active-learning round loop: train, evaluate, score the pool, select, label, save.
 
-Every round is written to ``.round_XX.tmp/`` and renamed to ``round_XX/`` when complete; only
-then is ``state.json`` rewritten (atomically). A killed run therefore resumes from the last
-round named in ``state.json``; a half-written round directory is discarded and redone. All
-randomness is derived from ``(seed, round)`` so a resumed run makes the same choices.
+Persistence (lock, config record, atomic round commits, resume from what is on disk) lives in
+:mod:`alrun.rundir`; budget costing in :mod:`alrun.budget`; run-control options in
+:class:`alrun.config.RunOptions`. All randomness is derived from ``(seed, round)`` so a resumed
+run makes the same choices as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,27 +24,26 @@ from omegaconf import DictConfig, OmegaConf
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.select import TopK
 from alrun.acquisition.strategies import RandomScore, Strategy
-from alrun.budget import Budget, cost_function
+from alrun.budget import Budget, check_initial_affordable, cost_function
 from alrun.data.coco import write_coco
 from alrun.data.dataset import DatasetSplits, split_record
 from alrun.detectors.base import Detector, TrainSchedule
 from alrun.diagnostics import collapse_reason
 from alrun.engine import starts_from_scratch
 from alrun.errors import AlrunError, BudgetError
-from alrun.io import atomic_write_bytes, read_json, save_torch, write_csv, write_json
+from alrun.io import atomic_write_bytes, read_json, save_torch, write_json
 from alrun.logger import NullLogger
 from alrun.metrics import MetricConfig, evaluate, failure_analysis, pool_misses
 from alrun.oracle import SimulatedOracle
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
+from alrun.rundir import RunDir, RunOptions, config_fingerprint, pool_state, restore_pool
 from alrun.supervision.base import LabelRequest, Regime, check_regime
 from alrun.types import Detections, ImageLabels, Needs, RoundResult, Selection
 
-log = logging.getLogger("alrun")
+__all__ = ["build_experiment", "run_experiment", "run_round", "unit_cost"]
 
-STATE_FILE = "state.json"
-#: config keys that may change between a run and its resumption
-_RESUME_FREE_KEYS = ("resume", "quiet", "keep_checkpoints", "save_predictions")
+log = logging.getLogger("alrun")
 
 
 @dataclass
@@ -64,30 +62,38 @@ class Experiment:
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
-    """Instantiate every config group (``_target_`` + ``hydra.utils.instantiate``)."""
-    if not isinstance(cfg.seed, int) or cfg.seed < 0:
+    """Instantiate every config group (``_target_`` + ``hydra.utils.instantiate``).
+
+    The cheap groups are built (and so validated) first, so a bad value is reported before a
+    dataset is read or a model is built.
+    """
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise AlrunError(f"seed: expected a non-negative integer, got {cfg.seed!r}")
+    schedule = instantiate(cfg.trainer)
+    budget = instantiate(cfg.budget)
+    strategy = instantiate(cfg.strategy)
+    oracle = instantiate(cfg.oracle)
+    regime = instantiate(cfg.supervision)
+    check_regime(regime, oracle)
+    metric = instantiate(cfg.metric) if "metric" in cfg else MetricConfig()
     splits = instantiate(cfg.dataset)
     if not isinstance(splits, DatasetSplits):
         raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
     detector = instantiate(cfg.detector, num_classes=len(splits.classes))
-    strategy = instantiate(cfg.strategy)
     strategy.check_detector(
         getattr(detector, "head_type", "softmax"), getattr(detector, "can_embed", True)
     )
-    exp = Experiment(
+    return Experiment(
         splits=splits,
         detector=detector,
-        regime=instantiate(cfg.supervision),
+        regime=regime,
         strategy=strategy,
-        budget=instantiate(cfg.budget),
-        oracle=instantiate(cfg.oracle),
-        schedule=instantiate(cfg.trainer),
+        budget=budget,
+        oracle=oracle,
+        schedule=schedule,
         seed=int(cfg.seed),
-        metric=instantiate(cfg.metric) if "metric" in cfg else MetricConfig(),
+        metric=metric,
     )
-    check_regime(exp.regime, exp.oracle)
-    return exp
 
 
 def derive_seed(seed: int, round_index: int, purpose: int) -> int:
@@ -95,22 +101,10 @@ def derive_seed(seed: int, round_index: int, purpose: int) -> int:
     return int(np.random.SeedSequence([seed, round_index + 1, purpose]).generate_state(1)[0] >> 1)
 
 
-def _config_fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for key in _RESUME_FREE_KEYS:
-        data.pop(key, None)
-    return data
-
-
 def initial_selection(exp: Experiment, pool: LabelPool) -> list[str]:
-    """Seeded random initial set filled greedily up to ``budget.initial`` (in the budget unit)."""
+    """Seeded random initial set filled up to ``budget.initial`` (in the budget unit)."""
     cost_of = unit_cost(exp.budget.unit, exp.oracle, pool, exp.regime.label_kind(LabelRequest(0)))
-    total = sum(cost_of(i) for i in pool.unlabelled_ids)
-    if exp.budget.initial > total:
-        raise BudgetError(
-            f"budget.initial: {exp.budget.initial:g} {exp.budget.unit} requested but the pool "
-            f"'{pool.dataset.name}' only holds {total:g} {exp.budget.unit} ({len(pool)} images)"
-        )
+    check_initial_affordable(exp.budget, cost_of, pool)
     context = AcquisitionContext(
         tuple(pool.unlabelled_ids),
         exp.seed,
@@ -129,195 +123,189 @@ def unit_cost(unit: str, oracle: SimulatedOracle, pool: LabelPool, kind: str | N
     return cost_function(unit, oracle, pool.record, kind)
 
 
-class RunDir:
-    """Paths and persistence of one run directory."""
+def run_experiment(
+    cfg: DictConfig,
+    root: Path,
+    reporter: Reporter | None = None,
+    record_files: Mapping[str, str] | None = None,
+) -> list[dict]:
+    """Run (or resume) one experiment into ``root``; returns the results rows.
 
-    def __init__(self, root: Path):
-        self.root = root
-
-    def round_dir(self, r: int) -> Path:
-        return self.root / f"round_{r:02d}"
-
-    def tmp_round_dir(self, r: int) -> Path:
-        return self.root / f".round_{r:02d}.tmp"
-
-    @property
-    def state_path(self) -> Path:
-        return self.root / STATE_FILE
-
-    def discard_incomplete(self, last_completed: int) -> None:
-        for path in self.root.glob(".round_*.tmp"):
-            shutil.rmtree(path)
-        for path in self.root.glob("round_*"):
-            if path.is_dir() and int(path.name.split("_")[1]) > last_completed:
-                shutil.rmtree(path)
-
-
-def _load_state(run_dir: RunDir, cfg: DictConfig) -> dict[str, Any] | None:
-    mode = cfg.get("resume", "auto")
-    exists = run_dir.state_path.exists()
-    if mode is True and not exists:
-        raise AlrunError(f"resume=true: no {STATE_FILE} in {run_dir.root}")
-    if not exists:
-        return None
-    if mode is False:
-        raise AlrunError(
-            f"{run_dir.root} already holds a run ({STATE_FILE}); resume it (resume=auto) "
-            "or choose another hydra.run.dir"
-        )
-    state = read_json(run_dir.state_path)
-    if state["config"] != _config_fingerprint(cfg):
-        raise AlrunError(
-            f"{run_dir.root} holds a run with a different config; choose another hydra.run.dir "
-            "(compare with its .hydra/config.yaml)"
-        )
-    return state
-
-
-def _restore_pool(pool: LabelPool, state: dict[str, Any]) -> None:
-    for item in state["labels"]:
-        pool.add([ImageLabels.from_json(item)], int(item["round"]))
-
-
-def _state(cfg, pool: LabelPool, last_completed: int, stopped: str | None, rows) -> dict:
-    labels = [
-        {**pool.labels[i].to_json(), "round": int(pool.labelled_round[pool.index[i]])}
-        for i in pool.labelled_ids
-    ]
-    return {
-        "last_completed_round": last_completed,
-        "stopped": stopped,
-        "rng": "all randomness is derived from (seed, round); nothing else to restore",
-        "config": _config_fingerprint(cfg),
-        "results": rows,
-        "labels": labels,
-    }
-
-
-def run_experiment(cfg: DictConfig, root: Path, reporter: Reporter | None = None) -> list[dict]:
-    """Run (or resume) one experiment into ``root``; returns the results rows."""
+    ``record_files`` (relative path -> text, e.g. ``.hydra/config.yaml``) are written into the
+    run directory once, after the config has been checked against the one recorded there.
+    """
     reporter = reporter or Reporter(quiet=True)
-    root.mkdir(parents=True, exist_ok=True)
-    run_dir = RunDir(root)
-    state = _load_state(run_dir, cfg)
+    options = RunOptions.from_config(cfg)
     exp = build_experiment(cfg)
-    skipped = [*exp.splits.pool.skipped, *exp.splits.test.skipped]
-    if skipped:
-        write_json(root / "skipped.json", {"count": len(skipped), "items": skipped})
-        reporter.info(f"dataset: skipped {len(skipped)} invalid items (listed in skipped.json)")
-    write_json(root / "splits.json", split_record(exp.splits))  # the test set, for audit
-    pool = LabelPool(exp.splits.pool)
-    rounds = exp.budget.rounds
-    if state is None:
-        start, rows, stopped = 0, [], None
-        picked = initial_selection(exp, pool)
-        pool.add(exp.regime.annotate(exp.oracle, pool.records(picked), LabelRequest(0)), 0)
-    else:
-        start = state["last_completed_round"] + 1
-        rows, stopped = state["results"], state["stopped"]
-        _restore_pool(pool, state)
-        exp.regime.load_state_dict(state.get("regime", {}))
-        run_dir.discard_incomplete(state["last_completed_round"])
-        write_csv(root / "results.csv", rows)  # it may lag state.json if killed in between
-        if start <= rounds and stopped is None and not starts_from_scratch(exp.schedule, start):
-            checkpoint = run_dir.round_dir(start - 1) / "checkpoint.pt"
-            exp.detector.load_state_dict(torch.load(checkpoint, weights_only=True))
-        reporter.info(f"resuming {root} after round {start - 1}")
-    if stopped is not None or start > rounds:
-        reporter.info(f"run already complete ({stopped or 'all rounds done'})")
-        return rows
-
-    logger = instantiate(cfg.logger) if "logger" in cfg else NullLogger()
-    logger.start(
-        OmegaConf.to_container(cfg, resolve=True), root, f"{exp.strategy.name}-seed{exp.seed}"
-    )
-    for r in range(start, rounds + 1):
-        row, stopped = run_round(cfg, exp, pool, run_dir, r, reporter, tuple(rows))
-        rows.append(row)
-        state = {**_state(cfg, pool, r, stopped, rows), "regime": exp.regime.state_dict()}
-        write_json(run_dir.state_path, state)
-        write_csv(root / "results.csv", rows)
-        if cfg.get("keep_checkpoints", "last") == "last" and r > 0:
-            (run_dir.round_dir(r - 1) / "checkpoint.pt").unlink(missing_ok=True)
-        reporter.info(
-            f"round {r}/{rounds}: {row['images']} images, {row['cost_s']:.0f} s labelled, "
-            f"mAP {row['mAP']:.3f}, mAP50 {row['mAP50']:.3f}, train {row['train_s']:.0f} s"
+    fingerprint = config_fingerprint(cfg)
+    run_dir = RunDir(root)
+    with run_dir.lock():
+        run_dir.check_config(fingerprint, options.resume)
+        state = run_dir.load_state(options.keep_checkpoints)
+        pool = LabelPool(exp.splits.pool)
+        if state is None:
+            start, rows, stopped = 0, [], None
+            picked = initial_selection(exp, pool)
+            pool.add(exp.regime.annotate(exp.oracle, pool.records(picked), LabelRequest(0)), 0)
+        else:
+            start = state["last_completed_round"] + 1
+            rows, stopped = state["results"], state["stopped"]
+            restore_pool(pool, state["labels"])
+            exp.regime.load_state_dict(state.get("regime", {}))
+        run_dir.record_config(fingerprint, record_files or {})
+        _record_skipped(exp, run_dir, reporter)
+        if not (root / "splits.json").exists():
+            write_json(root / "splits.json", split_record(exp.splits))  # the test set, for audit
+        rounds = exp.budget.rounds
+        if stopped is not None or start > rounds:
+            reporter.info(f"run already complete ({stopped or 'all rounds done'})")
+            return rows
+        if state is not None:
+            if not starts_from_scratch(exp.schedule, start):
+                exp.detector.load_state_dict(run_dir.load_checkpoint(start - 1))
+            reporter.info(f"resuming {root} after round {start - 1}")
+        logger = instantiate(cfg.logger) if "logger" in cfg else NullLogger()
+        logger.start(
+            OmegaConf.to_container(cfg, resolve=True), root, f"{exp.strategy.name}-seed{exp.seed}"
         )
-        selected = read_json(run_dir.round_dir(r) / "selection.json")["selected"]
-        files = [pool.record(item["image_id"]).file for item in selected]
-        logger.log_round(row, read_json(run_dir.round_dir(r) / "metrics.json"), files)
-        if stopped:
-            reporter.info(f"stopping after round {r}: {stopped}")
-            break
-    logger.finish()  # (a crashed run is closed by wandb's own exit hook)
+        for r in range(start, rounds + 1):
+            row, stopped = run_round(options, exp, pool, run_dir, r, reporter, rows)
+            rows.append(row)
+            reporter.info(
+                f"round {r}/{rounds}: {row['images']} images, {row['cost_s']:.0f} s labelled, "
+                f"mAP {row['mAP']:.3f}, mAP50 {row['mAP50']:.3f}, train {row['train_s']:.0f} s"
+            )
+            _log_round(logger, run_dir, pool, r, row)
+            if stopped:
+                reporter.info(f"stopping after round {r}: {stopped}")
+                break
+        logger.finish()  # (a crashed run is closed by wandb's own exit hook)
     reporter.table(rows, title=f"{exp.strategy.name} seed {exp.seed}")
     return rows
 
 
+def _log_round(logger, run_dir: RunDir, pool: LabelPool, r: int, row: dict) -> None:
+    """Hand the committed round to the experiment logger (wandb, or nothing)."""
+    selected = read_json(run_dir.round_dir(r) / "selection.json")["selected"]
+    files = [pool.record(item["image_id"]).file for item in selected]
+    logger.log_round(row, read_json(run_dir.round_dir(r) / "metrics.json"), files)
+
+
+def _record_skipped(exp: Experiment, run_dir: RunDir, reporter: Reporter) -> None:
+    skipped = [*exp.splits.pool.skipped, *exp.splits.test.skipped]
+    if skipped:
+        path = run_dir.root / "skipped.json"
+        if not path.exists():
+            write_json(path, {"count": len(skipped), "items": skipped})
+        reporter.info(f"dataset: skipped {len(skipped)} invalid items (listed in skipped.json)")
+
+
 def run_round(
-    cfg: DictConfig,
+    options: RunOptions,
     exp: Experiment,
     pool: LabelPool,
     run_dir: RunDir,
     r: int,
     reporter: Reporter,
-    history: Sequence[dict] = (),
+    rows: Sequence[dict] = (),
 ) -> tuple[dict, str | None]:
-    """Train, evaluate, select and label one round; writes ``round_XX/`` atomically."""
-    rounds = exp.budget.rounds
-    tmp = run_dir.tmp_round_dir(r)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        totals = pool.totals()
-        train_seed = derive_seed(exp.seed, r, 1)
-        t0 = time.perf_counter()
-        with reporter.task(f"round {r}/{rounds} train") as progress:
-            train_stats = exp.regime.train(
-                exp.detector, pool, exp.schedule, train_seed, r, progress
-            )
-        train_s = time.perf_counter() - t0
-        with reporter.task(f"round {r}/{rounds} test") as progress:
-            test_preds = exp.detector.predict(exp.splits.test.images, Needs(), progress)
-        metrics = evaluate(exp.splits.test, test_preds, exp.metric.protocol)
-        collapsed = collapse_reason(metrics["mAP50"], train_stats)
-        if collapsed:
-            message = f"round {r}: model looks collapsed ({collapsed}); its selection is suspect"
-            log.warning(message)
-            reporter.info(f"WARNING: {message}")
-        failures = failure_analysis(exp.splits.test, test_preds, exp.metric.failure_score_threshold)
+    """One round: train, evaluate, score and select, label, save; commits ``round_XX/``.
 
-        history = (*history, {"round": r, **totals, **metrics})
-        acquired = _select(exp, pool, r, reporter, LabelRequest(r + 1, history, exp.detector))
-        if cfg.get("save_predictions", False) and acquired.scores is not None:
-            save_predictions(tmp / "preds.npz", acquired.preds, acquired.scores)
-        labelled = pool.labelled_set()
-        write_coco(
-            labelled,
-            tmp / "labelled.json",
-            extra_image_fields={i: pool.describe(i) for i in labelled.ids},
+    ``rows`` are the results of the earlier rounds (the history strategies and regimes see).
+    """
+    with run_dir.building_round(r) as tmp:
+        totals = pool.totals()
+        train_stats, train_s = _train(exp, pool, r, reporter)
+        metrics, collapsed = _evaluate(exp, r, reporter, train_stats)
+        history = (*rows, {"round": r, **totals, **metrics})
+        request = LabelRequest(r + 1, history, exp.detector)
+        acquired = _select(exp, pool, r, reporter, request)
+        metrics = {**metrics, "pool_misses": _pool_misses(exp, pool, acquired)}
+        _write_round(tmp, options, exp, pool, r, acquired, metrics, train_stats, train_s, collapsed)
+        if acquired.labels:
+            pool.add(acquired.labels, r + 1)
+        row = _result_row(r, totals, metrics, train_s, acquired.timings, collapsed)
+        state = {
+            "last_completed_round": r,
+            "stopped": acquired.stopped,
+            "rng": "all randomness is derived from (seed, round); nothing else to restore",
+            "results": [*rows, row],
+            "labels": pool_state(pool),
+            "regime": exp.regime.state_dict(),
+        }
+        run_dir.commit_round(r, tmp, state, options.keep_checkpoints)
+    return row, acquired.stopped
+
+
+def _train(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    with reporter.task(f"round {r}/{exp.budget.rounds} train") as progress:
+        stats = exp.regime.train(
+            exp.detector, pool, exp.schedule, derive_seed(exp.seed, r, 1), r, progress
         )
-        write_json(tmp / "selection.json", _selection_json(acquired.selection, exp, r))
-        write_json(
-            tmp / "metrics.json",
-            {
-                **metrics,
-                **failures,
-                "pool_misses": _pool_misses(exp, pool, acquired),
-                "train": train_stats,
-                "collapsed": collapsed,
-                "timings_s": {"train": train_s, **acquired.timings},
-            },
-        )
-        save_torch(tmp / "checkpoint.pt", exp.detector.state_dict())
-        tmp.rename(run_dir.round_dir(r))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if acquired.labels:
-        pool.add(acquired.labels, r + 1)
-    row = asdict(
+    return stats, time.perf_counter() - t0
+
+
+def _evaluate(
+    exp: Experiment, r: int, reporter: Reporter, train_stats: dict
+) -> tuple[dict[str, Any], str | None]:
+    """Metrics and failure modes of this round's model on the test split, and whether the
+    model looks collapsed (said loudly: its selection is suspect)."""
+    with reporter.task(f"round {r}/{exp.budget.rounds} test") as progress:
+        test_preds = exp.detector.predict(exp.splits.test.images, Needs(), progress)
+    metrics = evaluate(exp.splits.test, test_preds, exp.metric.protocol)
+    collapsed = collapse_reason(metrics["mAP50"], train_stats)
+    if collapsed:
+        message = f"round {r}: model looks collapsed ({collapsed}); its selection is suspect"
+        log.warning(message)
+        reporter.info(f"WARNING: {message}")
+    failures = failure_analysis(exp.splits.test, test_preds, exp.metric.failure_score_threshold)
+    return {**metrics, **failures}, collapsed
+
+
+def _write_round(
+    tmp: Path,
+    options: RunOptions,
+    exp: Experiment,
+    pool: LabelPool,
+    r: int,
+    acquired: RoundSelection,
+    metrics: dict[str, Any],
+    train_stats: dict,
+    train_s: float,
+    collapsed: str | None,
+) -> None:
+    """The round's artifacts, into its not-yet-committed directory."""
+    if options.save_predictions and acquired.scores is not None:
+        save_predictions(tmp / "preds.npz", acquired.preds, acquired.scores)
+    labelled = pool.labelled_set()
+    write_coco(
+        labelled,
+        tmp / "labelled.json",
+        extra_image_fields={i: pool.describe(i) for i in labelled.ids},
+    )
+    write_json(tmp / "selection.json", _selection_json(acquired.selection, exp, r))
+    write_json(
+        tmp / "metrics.json",
+        {
+            **metrics,
+            "train": train_stats,
+            "collapsed": collapsed,
+            "timings_s": {"train": train_s, **acquired.timings},
+        },
+    )
+    save_torch(tmp / "checkpoint.pt", exp.detector.state_dict())
+
+
+def _result_row(
+    r: int,
+    totals: dict,
+    metrics: dict[str, Any],
+    train_s: float,
+    timings: dict[str, float],
+    collapsed: str | None,
+) -> dict:
+    return asdict(
         RoundResult(
             round=r,
             images=int(totals["images"]),
@@ -327,18 +315,17 @@ def run_round(
             mAP=metrics["mAP"],
             mAP50=metrics["mAP50"],
             mAR=metrics["mAR"],
-            fp=failures["fp"],
-            missed=failures["missed"],
-            wrong_class=failures["wrong_class"],
-            poor_loc=failures["poor_loc"],
-            both=failures["both"],
-            dupe=failures["dupe"],
+            fp=metrics["fp"],
+            missed=metrics["missed"],
+            wrong_class=metrics["wrong_class"],
+            poor_loc=metrics["poor_loc"],
+            both=metrics["both"],
+            dupe=metrics["dupe"],
             collapsed=int(collapsed is not None),
             train_s=train_s,
-            **acquired.timings,
+            **timings,
         )
     )
-    return row, acquired.stopped
 
 
 @dataclass

@@ -20,9 +20,10 @@ def test_list_schedule():
     assert [budget.amount(r) for r in range(3)] == pytest.approx([100.0, 200.5, 50.0])
 
 
-def test_list_longer_than_rounds_is_truncated():
-    budget = Budget.from_config(initial=5, per_round=[1, 2, 3, 4], rounds=2, unit="boxes")
-    assert budget.schedule() == [1.0, 2.0]
+def test_list_longer_than_rounds_is_an_error():
+    """Extra amounts used to be dropped silently (issue 7)."""
+    with pytest.raises(BudgetError, match=r"budget\.per_round: 4 amounts listed for 2 rounds"):
+        Budget.from_config(initial=5, per_round=[1, 2, 3, 4], rounds=2, unit="boxes")
 
 
 def test_zero_rounds():
@@ -44,10 +45,6 @@ def test_non_positive_initial(initial):
 def test_non_positive_per_round(per_round):
     with pytest.raises(BudgetError, match=r"budget\.per_round"):
         Budget.from_config(initial=5, per_round=per_round, rounds=3)
-
-
-def test_bad_amount_beyond_rounds_is_ignored():
-    assert Budget.from_config(initial=5, per_round=[1, 2, 0], rounds=2).schedule() == [1.0, 2.0]
 
 
 def test_list_shorter_than_rounds():

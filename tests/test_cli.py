@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import REPO
+
+#: one torch thread per test process: on a shared 2-core machine threads only fight
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
 
 
 def alrun(tmp_path: Path, *overrides: str, preset: str = "smoke") -> subprocess.CompletedProcess:
@@ -25,8 +32,7 @@ def alrun(tmp_path: Path, *overrides: str, preset: str = "smoke") -> subprocess.
         f"hydra.run.dir={run_dir}",
         *overrides,
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, tmp_path: Path, *needles: str):
@@ -34,23 +40,45 @@ def assert_clean_failure(result: subprocess.CompletedProcess, tmp_path: Path, *n
     assert "Traceback" not in result.stderr, result.stderr
     for needle in needles:
         assert needle in result.stderr, result.stderr
-    assert not list((tmp_path / "run").glob("round_*")), "a partial round dir was left behind"
-    assert not list((tmp_path / "run").glob(".round_*"))
+    run = tmp_path / "run"
+    assert not list(run.glob("round_*")), "a partial round dir was left behind"
+    assert not list(run.glob(".round_*"))
+    written = {p.name for p in run.glob("*")} - {"cli.log", ".lock"}  # Hydra's log, the lock
+    assert not written, f"bad input must write nothing, found {sorted(written)}"
 
 
-def test_smoke_runs_and_prints_help(tmp_path):
+def test_smoke_runs_and_help_introduces_alrun(tmp_path):
     help_text = subprocess.run(
         [sys.executable, "-m", "alrun.cli", "--help"],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=ENV,
         cwd=REPO,
         check=True,
     ).stdout
+    assert help_text.startswith("alrun - active learning for object detection")
+    assert "powered by Hydra" not in help_text
     assert "strategy: entropy, least_confidence, margin, random" in help_text
+    assert "resume=auto|true|false" in help_text and "keep_checkpoints=last|all" in help_text
+    assert "alrun -m experiment=demo strategy=random,entropy,margin seed=0,1,2" in help_text
     result = alrun(tmp_path, "budget.rounds=1")
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "run" / "round_01" / "selection.json").exists()
+    run = tmp_path / "run"
+    assert json.loads((run / "round_01" / "selection.json").read_text())["round"] == 1
+    recorded = (run / ".hydra" / "overrides.yaml").read_text()
+    assert "budget.rounds=1" in recorded and "experiment=smoke" in recorded
+
+
+def test_version_is_alruns():
+    result = subprocess.run(
+        [sys.executable, "-m", "alrun.cli", "--version"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        check=True,
+    )
+    assert result.stdout.strip() == f"alrun {version('alrun')}"
 
 
 def test_unknown_strategy(tmp_path):
@@ -100,6 +128,12 @@ def test_budget_unit_typo(tmp_path):
         ("budget.per_round=0", "budget.per_round"),
         ("trainer.init=warm", "trainer.init"),
         ("strategy.scorer.aggregator=median", "strategy.scorer.aggregator"),
+        ("trainer.lr=-1", "trainer.lr: expected > 0, got -1"),
+        ("trainer.epochs=-1", "trainer.epochs: expected >= 0, got -1"),
+        ("keep_checkpoints=foo", "keep_checkpoints: expected last|all, got 'foo'"),
+        ("save_predictions=maybe", "save_predictions: expected true|false, got 'maybe'"),
+        ("resume=foo", "resume: expected auto|true|false, got 'foo'"),
+        ("budget.per_round=[5,5,5]", "budget.per_round: 3 amounts listed for 2 rounds"),
     ],
 )
 def test_bad_values(tmp_path, override, needle):
@@ -107,30 +141,152 @@ def test_bad_values(tmp_path, override, needle):
     assert_clean_failure(result, tmp_path, "alrun: error:", needle)
 
 
-def test_sweep_writes_one_run_per_job(tmp_path):
+def _sweep(sweep: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "alrun.cli", "-m", *overrides, f"hydra.sweep.dir={sweep}"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
+
+
+def test_sweep_writes_one_run_per_job_and_counts_failures(tmp_path):
     sweep = tmp_path / "sweep"
+    result = _sweep(sweep, "experiment=smoke", "budget.rounds=0,-1", "strategy=random,entropy")
+    assert result.returncode == 0, result.stderr
+    runs = sorted(p.parent.relative_to(sweep).as_posix() for p in sweep.glob("*/results.csv"))
+    assert runs == [
+        "budget.rounds=0,experiment=smoke,strategy=entropy",
+        "budget.rounds=0,experiment=smoke,strategy=random",
+    ]
+    errors = sorted(sweep.glob("*/error.json"))
+    assert len(errors) == 2
+    assert "budget.rounds: expected >= 0" in json.loads(errors[0].read_text())["error"]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"alrun: sweep finished: 2 of 4 jobs failed; errors in {sweep}/*/error.json"
+
+
+def test_sweep_in_which_every_job_failed_exits_non_zero(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = _sweep(sweep, "experiment=smoke", "budget.unit=imgs,pixels")
+    assert result.returncode == 1, result.stderr
+    assert "alrun: sweep finished: 2 of 2 jobs failed" in result.stderr
+    assert len(list(sweep.glob("*/error.json"))) == 2
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} never appeared: {proc.communicate()}")
+        time.sleep(0.01)
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
     cmd = [
         sys.executable,
         "-m",
         "alrun.cli",
-        "-m",
         "experiment=smoke",
-        "budget.rounds=1",
-        "strategy=random,entropy",
-        f"hydra.sweep.dir={sweep}",
+        "quiet=true",
+        "trainer.first_iterations=200",
+        f"hydra.run.dir={run}",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert result.returncode == 0, result.stderr
-    runs = sorted(p.parent.relative_to(sweep).as_posix() for p in sweep.glob("*/results.csv"))
-    assert runs == [
-        "budget.rounds=1,experiment=smoke,strategy=entropy",
-        "budget.rounds=1,experiment=smoke,strategy=random",
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    _wait_for(run / ".round_00.tmp", proc)  # round 0 is training (200 iterations)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines()[-1] == (
+        "alrun: interrupted; re-run the same command to resume"
+    )
+    assert "Traceback" not in stderr
+    assert not (run / ".round_00.tmp").exists() and not (run / "round_00").exists()
+
+
+def test_second_process_in_the_same_run_dir_is_refused(tmp_path):
+    run = tmp_path / "run"
+    code = (
+        "import time; from pathlib import Path; from alrun.rundir import RunDir\n"
+        f"with RunDir(Path({str(run)!r})).lock():\n"
+        "    print('locked', flush=True); time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], env=ENV, cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = alrun(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"alrun: error: {run}: in use by another alrun process (PID {holder.pid}); wait for it "
+        "to finish or choose another hydra.run.dir"
+    )
+    assert not (run / "config.json").exists()
+
+
+def test_refused_rerun_names_the_keys_and_keeps_the_record(tmp_path):
+    first = alrun(tmp_path, "budget.rounds=0")
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "run"
+    record = {p: p.read_bytes() for p in [run / "config.json", *run.glob(".hydra/*.yaml")]}
+    result = alrun(tmp_path, "budget.rounds=0", "trainer.lr=0.02", "seed=3")
+    assert result.returncode == 2
+    assert "different config (" in result.stderr
+    assert "; seed: 0 -> 3; trainer.lr: 0.01 -> 0.02)" in result.stderr  # sorted dotted keys
+    assert {p: p.read_bytes() for p in record} == record
+    assert len(record) == 4  # config.json + .hydra/{config,hydra,overrides}.yaml
+
+
+def test_full_disk_is_one_line_naming_the_file(tmp_path):
+    target = tmp_path / "run" / ".round_00.tmp" / "metrics.json"
+    cmd_env = {**ENV, "ALRUN_FAULT_KIND": "enospc", "ALRUN_FAULT_AT": f"write {target}"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "alrun.cli",
+        "experiment=smoke",
+        "quiet=true",
+        "budget.rounds=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
     ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=cmd_env, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"alrun: error: {target}: cannot write (No space left on device); free space or choose "
+        "a writable hydra.run.dir, then re-run the same command to resume"
+    )
+    assert not list((tmp_path / "run").glob("*round_00*"))
 
 
 def test_wrong_key_for_the_chosen_dataset(tmp_path):
-    """A synthetic-only key with a VOC dataset is a one-line config error."""
+    """A synthetic-only key with a VOC dataset is a one-line config error naming the key."""
     result = alrun(tmp_path, "dataset=voc", "dataset.root=/tmp", "+dataset.num_pool=60")
-    assert_clean_failure(result, tmp_path, "alrun: error: dataset:", "num_pool")
+    assert_clean_failure(result, tmp_path, "alrun: error: dataset.num_pool: not a setting of")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_unwritable_output_dir_is_one_line(key):
+    cmd = [sys.executable, "-m", "alrun.cli", "experiment=smoke", f"{key}=/proc/alrun/run"]
+    if key == "hydra.sweep.dir":
+        cmd.insert(3, "-m")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"alrun: error: {key}: cannot create or write /proc/alrun/run (No such file or directory)"
+    )
+
+
+def test_hints_name_keys_the_way_they_must_be_typed():
+    from alrun.cli import hint_keys
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["dataset=yolo"])  # dataset.root stays ??? (in the schema)
+    message = "/data: no data.yaml or labels/classes.txt; set dataset.classes explicitly"
+    assert hint_keys(message, cfg) == (
+        "/data: no data.yaml or labels/classes.txt; set +dataset.classes explicitly"
+    )
+    kept = "dataset.root: /x not found; check dataset.root and dataset.pool_split"
+    assert hint_keys(kept, cfg) == kept  # keys in the schema are typed without +

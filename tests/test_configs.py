@@ -6,11 +6,18 @@ from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
+from alrun.acquisition.strategies import Strategy
+from alrun.budget import Budget
 from alrun.data.coco import write_coco
 from alrun.data.dataset import DatasetSplits
 from alrun.data.synthetic import synthetic_dataset
+from alrun.detectors.base import Detector, TrainSchedule
+from alrun.logger import NullLogger
 from alrun.loop import build_experiment
+from alrun.oracle import SimulatedOracle
+from alrun.supervision.base import LabelRequest, Regime
 from tests.helpers import compose_config, shared_dataset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "alrun" / "configs"
@@ -34,17 +41,31 @@ def _dataset_overrides(option: str, tmp_path: Path) -> list[str]:
     return ["dataset.num_pool=20", "dataset.num_test=5", "dataset.image_size=64"]
 
 
-def test_every_group_file_is_covered():
-    groups = {g for g, _ in GROUP_FILES}
-    assert {
-        "dataset",
-        "detector",
-        "strategy",
-        "budget",
-        "oracle",
-        "trainer",
-        "supervision",
-    } <= groups
+def test_every_group_has_a_default_and_every_default_exists():
+    """run.yaml's defaults list and the group directories must agree both ways: a group
+    without a default is unreachable by default, a default without a file breaks every run."""
+    defaults = {}
+    for entry in OmegaConf.load(CONFIGS / "run.yaml").defaults:
+        if isinstance(entry, DictConfig) or isinstance(entry, dict):
+            ((group, option),) = dict(entry).items()
+            if not group.startswith("override "):
+                defaults[group] = option
+    on_disk = {g for g, _ in GROUP_FILES}
+    assert on_disk == {g for g, o in defaults.items() if o is not None}
+    for group, option in defaults.items():
+        if option is not None:
+            assert (CONFIGS / group / f"{option}.yaml").is_file(), f"{group}={option}"
+
+
+#: what each group's ``_target_`` must build (a config pointing elsewhere fails here)
+GROUP_TYPES = {
+    "budget": Budget,
+    "oracle": SimulatedOracle,
+    "strategy": Strategy,
+    "trainer": TrainSchedule,
+    "dataset": DatasetSplits,
+    "logger": NullLogger,  # WandbLogger is one too; it imports wandb only when a run starts
+}
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_FILES, ids=[f"{g}/{o}" for g, o in GROUP_FILES])
@@ -56,11 +77,14 @@ def test_group_config_instantiates(group: str, option: str, tmp_path: Path):
     if group == "detector":
         obj = instantiate(cfg.detector, num_classes=3, device="cpu")
         assert obj.num_classes == 3
+        assert isinstance(obj, Detector)
+    elif group == "supervision":
+        obj = instantiate(cfg[group])
+        assert isinstance(obj, Regime) and obj.label_kind(LabelRequest(0)) == "box"
     else:
         obj = instantiate(cfg[group])
-    assert obj is not None
+        assert isinstance(obj, GROUP_TYPES[group]), type(obj)
     if group == "dataset":
-        assert isinstance(obj, DatasetSplits)
         assert len(obj.pool) > 0 and len(obj.test) > 0
 
 

@@ -13,11 +13,23 @@ from pathlib import Path
 
 import pytest
 
+from alrun import io as alrun_io
 from alrun.errors import AlrunError, BudgetError
 from alrun.loop import run_experiment
 from tests.helpers import REPO, compose_config
 
 SMOKE = ["experiment=smoke", "quiet=true"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: extra threads only fight (10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _run(tmp: Path, overrides: list[str]) -> list[dict]:
@@ -131,7 +143,7 @@ def test_initial_budget_larger_than_pool_is_an_error(tmp_path):
 
 def test_changed_config_in_same_dir_is_refused(tmp_path):
     _run(tmp_path, ["budget.rounds=1"])
-    with pytest.raises(AlrunError, match="different config"):
+    with pytest.raises(AlrunError, match=r"different config \(trainer\.lr: 0\.01 -> 0\.02\)"):
         _run(tmp_path, ["budget.rounds=1", "trainer.lr=0.02"])
 
 
@@ -148,9 +160,9 @@ def _cli(run_dir: Path, extra: list[str]) -> list[str]:
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    # round 1 trains long enough (~5 s) to be killed in the middle of it
+    """Killed by another process inside round 1's training (observed: its temp dir appears)."""
     extra = ["budget.rounds=2", "trainer.iterations=40"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     subprocess.run(
         _cli(tmp_path / "full", extra), check=True, env=env, cwd=REPO, capture_output=True
     )
@@ -159,17 +171,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(
         _cli(killed, extra), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    state = killed / "state.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if state.exists() and json.loads(state.read_text())["last_completed_round"] == 0:
-            break
-        if proc.poll() is not None:
-            pytest.fail("run finished before it could be killed")
-        time.sleep(0.02)
-    time.sleep(0.5)  # inside round 1's training
+    building = killed / ".round_01.tmp"  # created just before round 1 trains (40 iterations)
+    deadline = time.monotonic() + 300
+    while not building.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("round 1 never started")
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    state = killed / "state.json"
     assert json.loads(state.read_text())["last_completed_round"] == 0
     assert not (killed / "round_01").exists()
 
@@ -178,6 +189,59 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert _selections(killed) == _selections(tmp_path / "full")
     assert len(_selections(killed)) == 3
     assert not list(killed.glob(".round_*"))
+
+
+def _crash(tmp: Path, overrides: list[str], point: str, monkeypatch) -> None:
+    """Stop a run at the first file operation matching ``point`` as a full disk would."""
+    monkeypatch.setattr(alrun_io, "_fault_count", 0)
+    monkeypatch.setenv("ALRUN_FAULT_KIND", "enospc")
+    monkeypatch.setenv("ALRUN_FAULT_AT", point)
+    with pytest.raises(OSError, match="No space left"):
+        _run(tmp, overrides)
+    monkeypatch.delenv("ALRUN_FAULT_AT")
+
+
+def _labelled_ids(run_dir: Path) -> dict[str, list[str]]:
+    return {
+        p.parent.name: [im["alrun_id"] for im in json.loads(p.read_text())["images"]]
+        for p in sorted(run_dir.glob("round_*/labelled.json"))
+    }
+
+
+def test_state_lagging_a_finished_round_resumes_without_redoing_it(tmp_path, monkeypatch):
+    """Crash right after round 1's directory was committed, before state.json caught up;
+    with init=scratch and keep_checkpoints=all."""
+    overrides = ["budget.rounds=2", "trainer.init=scratch", "keep_checkpoints=all"]
+    reference = _run(tmp_path / "ref", overrides)
+    run = tmp_path / "run"
+    _crash(run, overrides, "rename-done " + str(run / "round_01"), monkeypatch)
+    assert json.loads((run / "state.json").read_text())["last_completed_round"] == 0
+    mtime = (run / "round_01" / "metrics.json").stat().st_mtime_ns
+    rows = _run(run, overrides)
+    assert (run / "round_01" / "metrics.json").stat().st_mtime_ns == mtime  # not redone
+    assert [r["images"] for r in rows] == [r["images"] for r in reference]
+    assert [r["mAP50"] for r in rows] == [r["mAP50"] for r in reference]
+    assert _selections(run) == _selections(tmp_path / "ref")
+    assert _labelled_ids(run) == _labelled_ids(tmp_path / "ref")
+    assert len(list(run.glob("round_*/checkpoint.pt"))) == 3  # keep_checkpoints=all
+
+
+def test_resume_true_continues_from_checkpoint_and_resume_false_refuses(tmp_path, monkeypatch):
+    overrides = ["budget.rounds=1"]
+    _run(tmp_path / "ref", overrides)
+    run = tmp_path / "run"
+    _crash(run, overrides, "write " + str(run / ".round_01.tmp" / "metrics.json"), monkeypatch)
+    assert not (run / "round_01").exists() and (run / "round_00" / "checkpoint.pt").exists()
+    with pytest.raises(AlrunError, match="already holds a run; resume it"):
+        _run(run, [*overrides, "resume=false"])
+    _run(run, [*overrides, "resume=true"])
+    ref = json.loads((tmp_path / "ref/round_01/metrics.json").read_text())
+    got = json.loads((run / "round_01/metrics.json").read_text())
+    assert got["train"] == ref["train"]  # same final loss: continued from round 0's weights
+    assert _selections(run) == _selections(tmp_path / "ref")
+    assert [p.parent.name for p in run.glob("round_*/checkpoint.pt")] == ["round_01"]
+    with pytest.raises(AlrunError, match="resume=true: no run to resume"):
+        _run(tmp_path / "empty", [*overrides, "resume=true"])
 
 
 def test_real_voc_dataset_with_recorded_skips(tmp_path):

@@ -11,8 +11,6 @@ An annotation's ``area`` (the segmentation area COCOeval uses for small/medium/l
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from alrun.data.validate import (
     to_arrays,
 )
 from alrun.errors import DatasetError
+from alrun.io import atomic_write_bytes
 
 #: Image fields ``write_coco`` owns; ``extra_image_fields`` may not replace them.
 RESERVED_IMAGE_FIELDS = frozenset(
@@ -317,15 +316,7 @@ def write_coco(
         ],
     }
     target = Path(path).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, json.dumps(data).encode("utf-8"))  # temp + fsync + rename
     return target
 
 

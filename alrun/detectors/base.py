@@ -48,6 +48,7 @@ class TrainSchedule:
             raise AlrunError(f"trainer.num_workers: expected >= 0, got {self.num_workers}")
         if self.batch_size <= 0:
             raise AlrunError(f"trainer.batch_size: expected > 0, got {self.batch_size}")
+        _check_ranges(self)
 
     def num_iterations(self, num_images: int, from_scratch: bool) -> int:
         if self.iterations > 0:
@@ -55,6 +56,25 @@ class TrainSchedule:
                 return self.first_iterations
             return self.iterations
         return self.epochs * max(1, -(-num_images // self.batch_size))
+
+
+def _check_ranges(schedule: TrainSchedule) -> None:
+    """Numbers a negative or out-of-range value of would silently train nonsense."""
+    checks = (
+        ("lr", schedule.lr > 0, "> 0"),
+        ("epochs", schedule.epochs >= 0, ">= 0"),
+        ("iterations", schedule.iterations >= 0, ">= 0"),
+        ("first_iterations", schedule.first_iterations is None or schedule.first_iterations > 0,
+         "> 0 or null"),
+        ("momentum", 0 <= schedule.momentum < 1, "in [0, 1)"),
+        ("weight_decay", schedule.weight_decay >= 0, ">= 0"),
+        ("grad_clip", schedule.grad_clip >= 0, ">= 0 (0: no clipping)"),
+        ("warmup_iters", schedule.warmup_iters >= 0, ">= 0"),
+        ("min_lr_ratio", 0 <= schedule.min_lr_ratio <= 1, "in [0, 1]"),
+    )
+    for key, ok, expected in checks:
+        if not ok:
+            raise AlrunError(f"trainer.{key}: expected {expected}, got {getattr(schedule, key)}")
 
 
 @runtime_checkable

@@ -1,0 +1,89 @@
+"""Hydra callbacks: the one-line summary that ends every sweep (``alrun -m ...``), and a
+writable-output-directory check that runs before Hydra creates it.
+
+Each failed job of a sweep leaves ``error.json`` in its directory (see :mod:`alrun.cli`); the
+summary counts them, says where they are, and lets ``alrun`` exit 1 when every job failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+@dataclass
+class SweepOutcome:
+    jobs: int = 0
+    failed: list[Path] = field(default_factory=list)
+
+    @property
+    def all_failed(self) -> bool:
+        return self.jobs > 0 and len(self.failed) == self.jobs
+
+
+#: outcome of the last sweep run in this process (read by ``alrun.cli.main`` for its exit code)
+LAST_SWEEP: SweepOutcome | None = None
+
+
+class SweepSummary(Callback):
+    """Counts failed jobs (``error.json``) and prints one line when the sweep ends."""
+
+    def __init__(self) -> None:
+        self.outcome = SweepOutcome()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.outcome = SweepOutcome()
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        self.outcome.jobs += 1
+        value = job_return._return_value
+        if job_return.status == JobStatus.FAILED or (isinstance(value, dict) and "error" in value):
+            self.outcome.failed.append(Path(config.hydra.runtime.output_dir) / "error.json")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global LAST_SWEEP
+        sweep_dir = Path(config.hydra.sweep.dir)
+        outcome = self.outcome
+        if outcome.jobs == 0:  # jobs ran in other processes (e.g. a cluster launcher)
+            errors = sorted(sweep_dir.glob("**/error.json"))
+            outcome = SweepOutcome(jobs=0, failed=errors)  # total unknown here
+        LAST_SWEEP = outcome
+        where = f"; errors in {sweep_dir}/*/error.json" if outcome.failed else ""
+        total = f" of {outcome.jobs}" if outcome.jobs else ""
+        print(
+            f"alrun: sweep finished: {len(outcome.failed)}{total} jobs failed{where}",
+            file=sys.stderr,
+        )
+
+
+class OutputDirCheck(Callback):
+    """An output directory that cannot be created or written is one line, not Hydra's traceback
+    (Hydra creates it before alrun's code runs)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(str(config.hydra.run.dir)), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
+
+
+def _check_writable(path: Path, key: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+        reason = "not writable"
+    except OSError as err:
+        writable, reason = False, err.strerror or type(err).__name__
+    if not writable:
+        print(
+            f"alrun: error: {key}: cannot create or write {path.absolute()} ({reason})",
+            file=sys.stderr,
+        )
+        sys.exit(2)
