@@ -6,6 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# One torch thread per test process (and its alrun subprocesses): tests run tiny models, where
+# a second thread buys little and oversubscribed cores cost a lot (a smoke run took ~2 min with
+# 2 threads on a loaded 2-core machine, 11 s with 1). Results are deterministic per thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -49,7 +49,10 @@ class OneBoxDetector(nn.Module):  # nn.Module gives parameters(), state_dict(), 
         for i, r in enumerate(images):
             p = probs[i : i + 1]
             box = (boxes * scale)[i : i + 1]
-            out.append(Detections(r.image_id, box, p.max(1).values, p.argmax(1), p))
+            with_bg = torch.cat([p, p.new_zeros(1, 1)], 1)  # probs: C + background (never here)
+            out.append(
+                Detections(r.image_id, box, p.max(1).values, p.argmax(1), with_bg, class_probs=p)
+            )
         return out
 
 
