@@ -134,6 +134,10 @@ def test_budget_unit_typo(tmp_path):
         ("save_predictions=maybe", "save_predictions: expected true|false, got 'maybe'"),
         ("resume=foo", "resume: expected auto|true|false, got 'foo'"),
         ("budget.per_round=[5,5,5]", "budget.per_round: 3 amounts listed for 2 rounds"),
+        ("strategy.scorer.distribution=softmax", "strategy.scorer.distribution: expected one of"),
+        ("strategy.scorer.distribution=with_background", "needs a softmax head"),
+        ("budget.fill=greedy", "budget.fill: expected one of stop|skip, got 'greedy'"),
+        ("detector.pretrained_backbone=/no/such.pth", "detector.pretrained_backbone: file"),
     ],
 )
 def test_bad_values(tmp_path, override, needle):
@@ -290,3 +294,13 @@ def test_hints_name_keys_the_way_they_must_be_typed():
     )
     kept = "dataset.root: /x not found; check dataset.root and dataset.pool_split"
     assert hint_keys(kept, cfg) == kept  # keys in the schema are typed without +
+
+
+def test_pretrained_backbone_of_another_architecture(tmp_path):
+    import torch
+    import torchvision
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    result = alrun(tmp_path, f"detector.pretrained_backbone={path}")
+    assert_clean_failure(result, tmp_path, "detector.pretrained_backbone:", "does not fit")
