@@ -19,7 +19,6 @@ The image embedding is the concatenation of every feature level's global average
 
 from __future__ import annotations
 
-import math
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -324,37 +323,6 @@ def _build_with_local_backbone(
             f"detector.pretrained_backbone: {path} does not fit this backbone ({_load_error(err)})"
         ) from None
     return model
-
-
-def _batches(
-    num_images: int, batch_size: int, total: int, generator: torch.Generator
-) -> list[list[tuple[int, bool]]]:
-    """Exactly ``total`` batches of (image index, flip) drawn epoch by epoch from ``generator``.
-
-    Drawn up front, so the order is the same whatever ``trainer.num_workers`` is.
-    """
-    batches: list[list[tuple[int, bool]]] = []
-    while len(batches) < total:
-        order = torch.randperm(num_images, generator=generator).tolist()
-        flips = torch.rand(num_images, generator=generator).lt(0.5).tolist()
-        for start in range(0, num_images, batch_size):
-            if len(batches) == total:
-                break
-            batches.append([(i, flips[i]) for i in order[start : start + batch_size]])
-    return batches
-
-
-def _warmup_cosine(schedule: TrainSchedule, total: int) -> Callable[[int], float]:
-    warmup = min(schedule.warmup_iters, max(total - 1, 0))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return schedule.lr * (0.1 + 0.9 * step / warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        low = schedule.min_lr_ratio
-        return schedule.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    return lr_at
 
 
 def _with_background_last(logits: Tensor) -> Tensor:
