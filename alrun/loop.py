@@ -258,7 +258,6 @@ def _evaluate(
     if collapsed:
         message = f"round {r}: model looks collapsed ({collapsed}); its selection is suspect"
         log.warning(message)
-        reporter.info(f"WARNING: {message}")
     failures = failure_analysis(exp.splits.test, test_preds, exp.metric.failure_score_threshold)
     return {**metrics, **failures}, collapsed
 
