@@ -283,3 +283,14 @@ def test_saved_predictions_explain_the_selection(tmp_path):
             expected = float(expected)
         assert by_id[item["image_id"]] == pytest.approx(expected)
     assert not (tmp_path / "round_01" / "preds.npz").exists()  # the last round selects nothing
+
+
+def test_a_collapsed_round_is_said_loudly(tmp_path, caplog):
+    # lr so small that nothing is learnt: every round's model scores mAP50 ~ 0
+    rows = _run(tmp_path, ["budget.rounds=1", "trainer.lr=1e-6"])
+    assert [r["collapsed"] for r in rows] == [1, 1]
+    metrics = json.loads((tmp_path / "round_00" / "metrics.json").read_text())
+    assert "mAP50" in metrics["collapsed"]
+    with open(tmp_path / "results.csv") as handle:
+        assert [row["collapsed"] for row in csv.DictReader(handle)] == ["1", "1"]
+    assert any("looks collapsed" in rec.message for rec in caplog.records)
