@@ -194,7 +194,16 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
         "trainer.first_iterations=200",
         f"hydra.run.dir={run}",
     ]
-    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # a background job of a non-interactive shell (as CI may run us) inherits SIGINT ignored;
+    # give the child the default disposition so it sees Ctrl-C as a terminal user's alrun would
+    proc = subprocess.Popen(
+        cmd,
+        env=ENV,
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     _wait_for(run / ".round_00.tmp", proc)  # round 0 is training (200 iterations)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
