@@ -276,7 +276,7 @@ def _write_round(
 ) -> None:
     """The round's artifacts, into its not-yet-committed directory."""
     if options.save_predictions and acquired.scores is not None:
-        save_predictions(tmp / "preds.npz", acquired.preds, acquired.scores)
+        save_predictions(tmp / "preds.npz", acquired.batch, acquired.scores)
     labelled = pool.labelled_set()
     write_coco(
         labelled,
@@ -337,6 +337,7 @@ class RoundSelection:
     timings: dict[str, float]
     preds: list[Detections] | None = None
     scores: dict[str, float] | None = None
+    batch: PredictionBatch | None = None  # ``preds`` as the ragged batch the strategy saw
 
 
 def _pool_misses(exp: Experiment, pool: LabelPool, acquired: RoundSelection) -> dict | None:
@@ -397,7 +398,7 @@ def _select(
     timings["select_s"] = time.perf_counter() - t0
     if not picked:
         stopped = f"budget.per_round: {amount:g} {exp.budget.unit} buys no remaining image"
-        return RoundSelection(empty, [], stopped, timings, preds, scores)
+        return RoundSelection(empty, [], stopped, timings, preds, scores, context.preds)
     labels = exp.regime.annotate(exp.oracle, pool.records(picked), request)
     selection = Selection(
         tuple(picked),
@@ -405,27 +406,26 @@ def _select(
         tuple(lab.cost_s for lab in labels),
         strategy.describe(),
     )
-    return RoundSelection(selection, labels, None, timings, preds, scores)
+    return RoundSelection(selection, labels, None, timings, preds, scores, context.preds)
 
 
 def save_predictions(
-    path: Path, preds: list[Detections] | None, scores: dict[str, float] | None
+    path: Path, batch: PredictionBatch | None, scores: dict[str, float] | None
 ) -> None:
     """The pool predictions and image scores behind a selection, so it can be audited later.
 
-    Per-box arrays are concatenated over images; ``offsets[i]:offsets[i+1]`` are image i's boxes.
+    Per-box arrays are the batch's flat ones; ``offsets[i]:offsets[i+1]`` are image i's boxes.
     """
-    preds = preds or []
-    ids = [d.image_id for d in preds] if preds else sorted(scores or {})
+    has_boxes = batch is not None and len(batch) > 0
+    ids = list(batch.image_ids) if has_boxes else sorted(scores or {})
     arrays: dict[str, np.ndarray] = {
         "image_ids": np.asarray(ids, dtype=str),
         "image_scores": np.asarray([(scores or {}).get(i, np.nan) for i in ids], dtype=np.float64),
-        "offsets": np.cumsum([0, *[len(d) for d in preds]]).astype(np.int64),
+        "offsets": batch.offsets.numpy() if has_boxes else np.zeros(1, dtype=np.int64),
     }
     for name in ("boxes", "scores", "labels", "probs"):
-        parts = [getattr(d, name) for d in preds if getattr(d, name) is not None]
-        if preds and len(parts) == len(preds):
-            arrays[name] = torch.cat(parts).numpy()
+        if has_boxes and getattr(batch, name) is not None:
+            arrays[name] = getattr(batch, name).numpy()
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())

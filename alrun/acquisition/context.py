@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -72,7 +73,7 @@ class PredictionBatch:
     def counts(self) -> Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
-    @property
+    @cached_property  # read by every scorer of a round; computed once per batch
     def segment(self) -> Tensor:
         """(B,) image index of every box."""
         return torch.repeat_interleave(torch.arange(len(self)), self.counts)
