@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import hydra
+import hydra._internal.utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from alrun import callbacks
 from alrun.errors import AlrunError
@@ -153,12 +156,46 @@ def alrun_version() -> str:
         return __version__
 
 
+def composition_error(err: HydraException | OmegaConfBaseException) -> str:
+    """Hydra's multi-line message for a bad override or group option, as one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = " ".join(lines[:2]) if lines[:1] and lines[0].startswith("Could not") else lines[0]
+    if isinstance(err, MissingConfigException) and err.options:
+        message += f"; available: {', '.join(err.options)}"
+    return message
+
+
+def _one_line_composition_errors(report: Callable) -> Callable:
+    """Wrap Hydra's ``run_and_report`` so that config composition errors (a typo in a key or a
+    group option) end as one ``alrun: error:`` line, exit 2; everything else, including
+    ``HYDRA_FULL_ERROR=1``, keeps Hydra's own reporting."""
+
+    def run_and_report(func: Callable):
+        def guarded():
+            try:
+                return func()
+            except (HydraException, OmegaConfBaseException) as err:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"alrun: error: {composition_error(err)}", file=sys.stderr)
+                sys.exit(2)
+
+        return report(guarded)
+
+    return run_and_report
+
+
 def main() -> None:
     """``alrun``: alrun's own ``--version``, then the Hydra app, then the sweep's exit code."""
     if "--version" in sys.argv[1:]:
         print(f"alrun {alrun_version()}")
         return
-    run()
+    report = hydra_utils.run_and_report
+    hydra_utils.run_and_report = _one_line_composition_errors(report)
+    try:
+        run()
+    finally:
+        hydra_utils.run_and_report = report
     if callbacks.LAST_SWEEP is not None and callbacks.LAST_SWEEP.all_failed:
         sys.exit(1)
 

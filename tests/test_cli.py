@@ -84,11 +84,19 @@ def test_version_is_alruns():
 def test_unknown_strategy(tmp_path):
     result = alrun(tmp_path, "strategy=entropyy")
     assert_clean_failure(result, tmp_path, "strategy/entropyy")
+    assert result.stderr.strip().splitlines() == [
+        "alrun: error: In 'run': Could not find 'strategy/entropyy'; "
+        "available: entropy, least_confidence, margin, random"
+    ]
 
 
 def test_config_key_typo(tmp_path):
     result = alrun(tmp_path, "trainer.lrr=0.1")
     assert_clean_failure(result, tmp_path, "lrr")
+    assert result.stderr.strip().splitlines() == [
+        "alrun: error: Could not override 'trainer.lrr'. "
+        "To append to your config use +trainer.lrr=0.1"
+    ]
 
 
 def test_missing_dataset_path(tmp_path):
