@@ -2,7 +2,8 @@
 
 User mistakes end as one line ``alrun: error: <key or file>: <what was expected>`` and exit 2;
 Ctrl-C ends as ``alrun: interrupted; re-run the same command to resume`` and exit 130. Inside a
-sweep a failing job writes ``error.json`` into its directory and the sweep goes on; the sweep
+sweep a failing job (a user error or a bug) writes ``error.json`` into its directory (a bug also
+``traceback.txt``) and the sweep goes on; the sweep
 ends with a count of failed jobs (:mod:`alrun.callbacks`) and exits 1 when every job failed.
 """
 
@@ -13,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -130,7 +132,9 @@ def run(cfg: DictConfig) -> dict[str, str] | None:
             _write_absent(out_dir, record)
         message = user_error(err)
         if message is None:
-            raise
+            if not multirun:
+                raise
+            return _record_bug(out_dir, err)
         message = hint_keys(message, cfg)
         log.error(message)
         if multirun:  # one failing job is recorded and the sweep goes on
@@ -139,6 +143,19 @@ def run(cfg: DictConfig) -> dict[str, str] | None:
         print(f"alrun: error: {message}", file=sys.stderr)
         sys.exit(2)
     return None
+
+
+def _record_bug(out_dir: Path, err: Exception) -> dict[str, str]:
+    """A sweep job that hit a bug: its traceback goes to ``traceback.txt`` and the log, the
+    one-line summary to ``error.json``; the job returns normally so the sweep goes on (Hydra's
+    sweepers re-raise a failed job's exception and would stop the whole sweep)."""
+    trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    message = "".join(traceback.format_exception_only(type(err), err)).strip().splitlines()[0]
+    message = f"bug: {message} (traceback: {out_dir / 'traceback.txt'})"
+    log.error("%s\n%s", message, trace)
+    atomic_write_bytes(out_dir / "traceback.txt", trace.encode())
+    write_json(out_dir / "error.json", {"error": message})
+    return {"error": message}
 
 
 def _write_absent(out_dir: Path, files: dict[str, str]) -> None:

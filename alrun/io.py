@@ -6,7 +6,8 @@ Every operation that changes a run directory goes through this module, so that a
 * ``ALRUN_FAULT_AT=N`` kills the process with SIGKILL at the N-th fault point (1-based);
   ``ALRUN_FAULT_AT="<op> <path part>"`` (not a number) at the first point whose
   ``"<op> <path>"`` contains it, e.g. ``"rename-done round_00"``;
-  ``ALRUN_FAULT_KIND=enospc`` raises ``OSError(ENOSPC)`` there instead (a full disk);
+  ``ALRUN_FAULT_KIND=enospc`` raises ``OSError(ENOSPC)`` there instead (a full disk),
+  ``ALRUN_FAULT_KIND=bug`` a ``RuntimeError`` (a genuine bug: the sweep tests use it);
 * ``ALRUN_FAULT_LOG=<file>`` appends one line per fault point reached (``N <op> <path>``),
   which is how the drill learns how many points a run has.
 
@@ -34,6 +35,7 @@ import torch
 from alrun.errors import AlrunError
 
 _fault_count = 0
+_bug_raised: list[Path | str] = []
 
 
 def fault_point(op: str, path: Path | str) -> None:
@@ -48,8 +50,14 @@ def fault_point(op: str, path: Path | str) -> None:
         with open(log_file, "a") as handle:
             handle.write(f"{_fault_count} {op} {path}\n")
     if at and (int(at) == _fault_count if at.isdigit() else at in f"{op} {path}"):
-        if os.environ.get("ALRUN_FAULT_KIND") == "enospc":
+        kind = os.environ.get("ALRUN_FAULT_KIND")
+        if kind == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        if kind == "bug":
+            if _bug_raised:  # once: the job's error handling writes files too
+                return
+            _bug_raised.append(path)
+            raise RuntimeError(f"injected fault at {op} {path}")
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -237,6 +237,27 @@ def test_gallery_draws_predicted_boxes_or_says_none(tmp_path):
     assert images[0][60, 60].tolist() == [90, 90, 90]  # box outline only, inside untouched
 
 
+@pytest.mark.parametrize(
+    ("which", "seeds_shown"), [("all", [0, 1, 2]), ("first", [0]), ("none", [])]
+)
+def test_gallery_covers_every_seed_unless_asked_otherwise(tmp_path, which, seeds_shown):
+    root = tmp_path / "sweep"
+    for seed in (2, 0, 1):  # made out of order: the gallery sorts by seed
+        run = make_run(root, "entropy", seed, [0.1, 0.2])
+        write_image(run / f"img_{seed}.png")
+        selection = {"selected": [{"image_id": f"s{seed}", "score": 0.5, "cost_s": 25.5}]}
+        (run / "round_00" / "selection.json").write_text(json.dumps(selection))
+        labelled = {"images": [{"alrun_id": f"s{seed}", "file_name": str(run / f"img_{seed}.png")}]}
+        (run / "round_01" / "labelled.json").write_text(json.dumps(labelled))
+    _, _, files = build([root], tmp_path / "out", gallery=which)
+    page = files["html"].read_text()
+    assert re.findall(r"<summary>entropy · seed (\d)</summary>", page) == [
+        str(s) for s in seeds_shown
+    ]
+    assert re.findall(r"<img alt='s(\d)'", page) == [str(s) for s in seeds_shown]
+    assert page.count("<details open>") == (1 if seeds_shown else 0)  # the first seed unfolded
+
+
 def test_cli_error_is_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "alrun.report.cli", str(tmp_path)],

@@ -80,3 +80,46 @@ def test_sweep_ends_with_report_and_failed_job_listed(tmp_path):
     summary = (sweep_dir / "report" / "summary.csv").read_text().splitlines()
     assert len(summary) == 2 and summary[1].startswith("random,0,complete")
     assert "mAP by strategy.name" in result.stdout
+
+
+def test_a_job_that_hits_a_bug_is_recorded_and_the_sweep_goes_on(tmp_path):
+    """A genuine bug (not a user error) in one job: traceback.txt + error.json there, the other
+    job still runs, the sweep's report lists the failed job, exit 0."""
+    sweep_dir = tmp_path / "sweep"
+    env = {
+        **os.environ,
+        "ALRUN_CACHE": str(tmp_path / "cache"),
+        "ALRUN_FAULT_AT": "strategy=entropy",  # the first file written by the entropy job
+        "ALRUN_FAULT_KIND": "bug",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alrun.cli",
+            "-m",
+            "experiment=smoke",
+            "strategy=entropy,random",  # the failing job first: nothing after it may be lost
+            "trainer.iterations=1",
+            "trainer.first_iterations=1",
+            "budget.rounds=1",
+            "dataset.num_pool=20",
+            "dataset.num_test=6",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (failed,) = sweep_dir.glob("*strategy=entropy*")
+    (succeeded,) = sweep_dir.glob("*strategy=random*")
+    error = json.loads((failed / "error.json").read_text())["error"]
+    assert error.startswith("bug: RuntimeError: injected fault at write"), error
+    assert "Traceback" in (failed / "traceback.txt").read_text()
+    assert (succeeded / "results.csv").is_file() and not (succeeded / "error.json").exists()
+    assert "1 of 2 jobs failed" in result.stderr
+    page = (sweep_dir / "report" / "report.html").read_text()
+    assert "failed: bug: RuntimeError" in page

@@ -10,7 +10,7 @@ from pathlib import Path
 from alrun.errors import AlrunError
 from alrun.report.analysis import Comparison, compare, table_rows
 from alrun.report.gather import RunSet, gather
-from alrun.report.render import write_report
+from alrun.report.render import GALLERY_CHOICES, write_report
 
 
 def build(
@@ -19,10 +19,11 @@ def build(
     group_by: str = "strategy.name",
     metric: str = "mAP",
     baseline: str = "random",
+    gallery: str = "all",
 ) -> tuple[RunSet, Comparison, dict[str, Path]]:
     run_set = gather(paths, group_by)
     comparison = compare(run_set, metric, baseline)
-    return run_set, comparison, write_report(run_set, comparison, out_dir)
+    return run_set, comparison, write_report(run_set, comparison, out_dir, gallery)
 
 
 def print_summary(run_set: RunSet, comparison: Comparison, files: dict[str, Path]) -> None:
@@ -52,6 +53,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="mAP", help="results.csv column (default mAP)")
     p.add_argument("--baseline", default="random", help="group compared against (default random)")
     p.add_argument(
+        "--gallery",
+        choices=GALLERY_CHOICES,
+        default="all",
+        help="selected-image galleries: every seed (default), the first seed, or none",
+    )
+    p.add_argument(
         "--out", type=Path, default=None, help="output dir (default: <first path>/report)"
     )
     return p
@@ -62,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or args.paths[0] / "report"
     try:
         run_set, comparison, files = build(
-            args.paths, out, args.group_by, args.metric, args.baseline
+            args.paths, out, args.group_by, args.metric, args.baseline, args.gallery
         )
     except AlrunError as err:
         print(f"alrun-report: error: {err}", file=sys.stderr)

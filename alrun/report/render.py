@@ -218,7 +218,31 @@ img.curves{max-width:100%}
 """
 
 
-def write_report(run_set: RunSet, comparison: Comparison, out_dir: Path) -> dict[str, Path]:
+GALLERY_CHOICES = ("all", "first", "none")
+
+
+def galleries_html(run_set: RunSet, which: str = "all") -> str:
+    """Galleries per group: ``all`` seeds (the first one unfolded, the others folded), the
+    ``first`` seed only, or ``none`` (a smaller page)."""
+    if which not in GALLERY_CHOICES:
+        raise ValueError(f"gallery: expected one of {'|'.join(GALLERY_CHOICES)}, got {which!r}")
+    if which == "none":
+        return "<p>(galleries left out: --gallery none)</p>"
+    parts = []
+    for runs in run_set.groups.values():
+        ordered = sorted(runs, key=lambda r: r.seed)
+        for k, run in enumerate(ordered[: 1 if which == "first" else None]):
+            summary = f"{html.escape(run.group)} · seed {run.seed}"
+            parts.append(
+                f"<details{' open' if k == 0 else ''}><summary>{summary}</summary>"
+                f"{gallery_html(run)}</details>"
+            )
+    return "\n".join(parts)
+
+
+def write_report(
+    run_set: RunSet, comparison: Comparison, out_dir: Path, gallery: str = "all"
+) -> dict[str, Path]:
     """Write report.html (self-contained), curves.png, summary.csv, curves.csv, errors.csv."""
     out_dir.mkdir(parents=True, exist_ok=True)
     png = plot_curves(comparison)
@@ -240,7 +264,7 @@ def write_report(run_set: RunSet, comparison: Comparison, out_dir: Path) -> dict
         {"run": str(r.path), run_set.group_key: r.group, "seed": str(r.seed), "status": r.status}
         for r in (*run_set.runs, *run_set.failed, *run_set.empty)
     ]
-    galleries = "\n".join(gallery_html(runs_[0]) for runs_ in run_set.groups.values())
+    galleries = galleries_html(run_set, gallery)
     png_b64 = base64.b64encode(png).decode()
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>alrun report</title><style>{STYLE}</style></head><body>
@@ -259,7 +283,7 @@ curves but not in the final, AULC or paired numbers.</p>
 that error type (Bolya et al. 2020); pool missed/img: ground-truth objects the round's model
 misses per image among the images it selected vs the rest of the pool.</p>{_table(errors)}
 <h2>Runs</h2>{_table(runs)}
-<h2>Selected images (first seed of each group)</h2>{galleries}
+<h2>Selected images (per group and seed; click a seed to unfold it)</h2>{galleries}
 </body></html>
 """
     atomic_write_bytes(paths["html"], page.encode())
