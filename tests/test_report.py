@@ -228,13 +228,13 @@ def test_gallery_draws_predicted_boxes_or_says_none(tmp_path):
     page = files["html"].read_text()
     assert page.count("no predicted boxes stored for this run") == 1  # the random run
     assert "image score 0.75<br>1 of 2 boxes ≥ 0.3" in page
-    thumbs = re.findall(r"<img alt='a' src='data:image/png;base64,([^']+)'>", page)
+    thumbs = re.findall(r"<img alt='a' src='data:image/jpeg;base64,([^']+)'>", page)
     assert len(thumbs) == 2
     images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(t)))) for t in thumbs]
     red = [((im[..., 0] > 200) & (im[..., 1] < 80)).sum() for im in images]
     # entropy (sorted first) has its 0.9 box drawn at 160/64 = 2.5x; random shows the bare image
     assert red[0] > 100 and red[1] == 0
-    assert images[0][60, 60].tolist() == [90, 90, 90]  # box outline only, inside untouched
+    assert np.abs(images[0][60, 60].astype(int) - 90).max() <= 3  # outline only, inside untouched
 
 
 @pytest.mark.parametrize(
@@ -251,7 +251,7 @@ def test_gallery_covers_every_seed_unless_asked_otherwise(tmp_path, which, seeds
         (run / "round_01" / "labelled.json").write_text(json.dumps(labelled))
     _, _, files = build([root], tmp_path / "out", gallery=which)
     page = files["html"].read_text()
-    assert re.findall(r"<summary>entropy · seed (\d)</summary>", page) == [
+    assert re.findall(r"<summary><b>entropy · seed (\d)</b></summary>", page) == [
         str(s) for s in seeds_shown
     ]
     assert re.findall(r"<img alt='s(\d)'", page) == [str(s) for s in seeds_shown]

@@ -36,9 +36,7 @@ def binary(class_probs: Tensor, labels: Tensor) -> Tensor:
 DISTRIBUTIONS = ("binary", "with_background", "foreground")
 
 
-def distribution(
-    name: str, probs: Tensor, class_probs: Tensor | None, labels: Tensor
-) -> Tensor:
+def distribution(name: str, probs: Tensor, class_probs: Tensor | None, labels: Tensor) -> Tensor:
     """The per-box distribution ``name`` from a detector's outputs (alrun.types.Detections):
 
     * ``binary``: :func:`binary` on ``class_probs`` (the head's own probabilities);

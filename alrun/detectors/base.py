@@ -64,8 +64,11 @@ def _check_ranges(schedule: TrainSchedule) -> None:
         ("lr", schedule.lr > 0, "> 0"),
         ("epochs", schedule.epochs >= 0, ">= 0"),
         ("iterations", schedule.iterations >= 0, ">= 0"),
-        ("first_iterations", schedule.first_iterations is None or schedule.first_iterations > 0,
-         "> 0 or null"),
+        (
+            "first_iterations",
+            schedule.first_iterations is None or schedule.first_iterations > 0,
+            "> 0 or null",
+        ),
         ("momentum", 0 <= schedule.momentum < 1, "in [0, 1)"),
         ("weight_decay", schedule.weight_decay >= 0, ">= 0"),
         ("grad_clip", schedule.grad_clip >= 0, ">= 0 (0: no clipping)"),
