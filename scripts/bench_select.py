@@ -27,6 +27,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's alrun
 
 
 def rss_mb() -> float:
@@ -49,6 +52,19 @@ def make_features(n: int, d: int, kind: str, seed: int):
             block += centres[torch.randint(0, 1000, (stop - start,), generator=g)]
         x[start:stop] = block
     return x
+
+
+def covering_radius(x, start, picked) -> float:
+    """max over points of the distance to the nearest centre (labelled set + picks), in float64
+    (after the peak memory was read): the quantity greedy k-center minimises."""
+    import torch
+
+    centres = torch.cat([start, x[picked]]).double()
+    worst = 0.0
+    for s in range(0, len(x), 2048):
+        d = torch.cdist(x[s : s + 2048].double(), centres).amin(dim=1)
+        worst = max(worst, float(d.max()))
+    return worst
 
 
 def run_one(n: int, d: int, k: int, kind: str, method: str, naive_picks: int, threads: int):
@@ -86,7 +102,9 @@ def run_one(n: int, d: int, k: int, kind: str, method: str, naive_picks: int, th
     if extrapolated:
         seconds *= picks / len(picked)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    radius = covering_radius(x, start, picked) if n <= 100_000 and not extrapolated else None
     return {
+        "radius": radius,
         "n": n,
         "kind": kind,
         "method": method,
@@ -96,6 +114,7 @@ def run_one(n: int, d: int, k: int, kind: str, method: str, naive_picks: int, th
         "feature_mb": feature_mb,
         "extra_mb": peak_mb - base,
         "picks_sha1": hashlib.sha1(json.dumps(picked).encode()).hexdigest()[:12],
+        "picks": picked if n <= 100_000 else None,
     }
 
 
@@ -159,7 +178,14 @@ def main() -> None:
         other = by_key.get((n, kind, "naive"))
         if method == "batched" and other and not other["extrapolated"]:
             same = row["picks_sha1"] == other["picks_sha1"]
-            print(f"N={n:,} {kind}: batched picks == naive picks (all {row['k']:,}): {same}")
+            diff = next(
+                (i for i, (p, q) in enumerate(zip(row["picks"], other["picks"])) if p != q), None
+            )
+            print(
+                f"N={n:,} {kind}: batched picks == naive picks (all {row['k']:,}): {same}"
+                + ("" if same else f" (first difference at pick {diff})")
+                + f"; covering radius batched {row['radius']:.6f}, naive {other['radius']:.6f}"
+            )
 
 
 def _line(row: dict) -> str:
