@@ -8,8 +8,8 @@ was allocated, so it counts the matrix itself plus everything the selection adds
 
 Methods:
   batched   alrun.acquisition.diversity.k_center_greedy (exact greedy, O(N d) memory)
-  naive     one pass over the matrix per pick (O(N d) memory, k passes); above --naive-picks
-            picks it is timed on that many picks and extrapolated linearly (marked ~)
+  naive     one pass over the matrix per pick (O(N d) memory, k passes); above --naive-max-n
+            points it is timed on 1,000 picks and extrapolated linearly (marked ~)
   matrix    the textbook version with the N x N distance matrix (only where it fits:
             --matrix-max-n)
 
@@ -102,7 +102,7 @@ def run_one(n: int, d: int, k: int, kind: str, method: str, naive_picks: int, th
     if extrapolated:
         seconds *= picks / len(picked)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    radius = covering_radius(x, start, picked) if n <= 100_000 and not extrapolated else None
+    radius = covering_radius(x, start, picked) if n <= 10_000 and not extrapolated else None
     return {
         "radius": radius,
         "n": n,
@@ -114,7 +114,7 @@ def run_one(n: int, d: int, k: int, kind: str, method: str, naive_picks: int, th
         "feature_mb": feature_mb,
         "extra_mb": peak_mb - base,
         "picks_sha1": hashlib.sha1(json.dumps(picked).encode()).hexdigest()[:12],
-        "picks": picked if n <= 100_000 else None,
+        "picks": picked if n <= 10_000 else None,
     }
 
 
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["batched", "naive", "matrix"])
     parser.add_argument("--matrix-max-n", type=int, default=20_000)
     parser.add_argument("--naive-picks", type=int, default=10_000, help="picks timed")
-    parser.add_argument("--naive-max-n", type=int, default=100_000, help="above: 300 picks timed")
+    parser.add_argument("--naive-max-n", type=int, default=10_000, help="above: 1,000 picks timed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,7 +141,7 @@ def main() -> None:
             for method in args.methods:
                 if method == "matrix" and n > args.matrix_max_n:
                     continue
-                picks = args.naive_picks if n <= args.naive_max_n else 300
+                picks = args.naive_picks if n <= args.naive_max_n else 1000
                 cmd = [
                     sys.executable,
                     __file__,
