@@ -160,6 +160,7 @@ def train(
     if len({s.name for s in sources}) != len(sources):
         raise AlrunError("trainer: batch source names must be unique")
     total = schedule.num_iterations(len(sources[0].dataset), from_scratch)
+    hooks = (*hooks, *getattr(detector, "strategy_hooks", ()))  # learned scorers' heads
     torch.manual_seed(seed)
     streams = [
         _stream(source, schedule, total, _source_seed(seed, i), detector.device)

@@ -83,6 +83,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     strategy.check_detector(
         getattr(detector, "head_type", "softmax"), getattr(detector, "can_embed", True)
     )
+    if strategy.training_hooks:  # learned scorers train their heads with the detector
+        detector.strategy_hooks = strategy.training_hooks
     return Experiment(
         splits=splits,
         detector=detector,
@@ -366,6 +368,7 @@ def _select(
     if not unlabelled:
         return RoundSelection(empty, [], "pool exhausted: every image is labelled", timings)
     preds, labelled_embeddings = None, None
+    labelled_preds, labelled_targets = None, None
     needs = strategy.needs
     if needs.detections or needs.embedding or needs.labelled_embeddings:
         t0 = time.perf_counter()
@@ -374,6 +377,8 @@ def _select(
         if needs.labelled_embeddings:
             labelled = exp.detector.predict(pool.records(pool.labelled_ids), Needs(embedding=True))
             labelled_embeddings = torch.stack([d.embedding for d in labelled])
+        if needs.labelled_detections:  # (issue 13: PPAL difficulty, false-negative targets)
+            labelled_preds, labelled_targets = _labelled_detections(exp, pool, needs)
         timings["predict_s"] = time.perf_counter() - t0
     amount = exp.budget.amount(r)
     kind = exp.regime.label_kind(request)
@@ -389,6 +394,8 @@ def _select(
         labelled_embeddings=labelled_embeddings,
         history=request.history,
         selections=pool.selections(),
+        labelled_preds=labelled_preds,
+        labelled_targets=labelled_targets,
     )
     t0 = time.perf_counter()
     scores = strategy.score(context)
@@ -407,6 +414,14 @@ def _select(
         strategy.describe(),
     )
     return RoundSelection(selection, labels, None, timings, preds, scores, context.preds)
+
+
+def _labelled_detections(exp: Experiment, pool: LabelPool, needs: Needs):
+    """Predictions on the labelled images with boxes, and those (oracle) boxes."""
+    records = pool.training_set().images
+    preds = PredictionBatch.from_detections(exp.detector.predict(records, needs))
+    targets = {r.image_id: (torch.as_tensor(r.boxes), torch.as_tensor(r.labels)) for r in records}
+    return preds, targets
 
 
 def save_predictions(

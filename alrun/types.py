@@ -28,6 +28,7 @@ class Needs:
     augment: tuple[str, ...] = ()
     grads: bool = False
     labelled_embeddings: bool = False
+    labelled_detections: bool = False  # predictions on the labelled set + its boxes (PPAL, FN)
 
     def merge(self, other: Needs) -> Needs:
         return Needs(
@@ -39,6 +40,7 @@ class Needs:
             augment=tuple(dict.fromkeys(self.augment + other.augment)),
             grads=self.grads or other.grads,
             labelled_embeddings=self.labelled_embeddings or other.labelled_embeddings,
+            labelled_detections=self.labelled_detections or other.labelled_detections,
         )
 
 

@@ -102,6 +102,11 @@ class AcquisitionContext:
     labelled_embeddings: Tensor | None = None
     history: tuple[Mapping[str, Any], ...] = ()
     selections: tuple[tuple[str, ...], ...] = ()
+    #: predictions on the labelled images that have boxes, and those boxes (from the oracle, not
+    #: hidden ground truth): ``{image_id: (boxes (N, 4) xyxy, labels (N,))}``; only when the
+    #: strategy's ``needs.labelled_detections`` asks (per-class difficulty, missed objects)
+    labelled_preds: PredictionBatch | None = None
+    labelled_targets: Mapping[str, tuple[Tensor, Tensor]] | None = None
 
     def rng(self, purpose: int) -> np.random.Generator:
         """A generator fixed by ``(seed, round, purpose)``; round -1 is the initial set."""

@@ -195,6 +195,14 @@ class Strategy:
         return self.scorer.needs.merge(getattr(self.selector, "needs", Needs(detections=False)))
 
     @property
+    def training_hooks(self) -> tuple:
+        """Engine hooks of learned scorers/selectors (auxiliary heads trained with the detector)."""
+        return (
+            *getattr(self.scorer, "training_hooks", ()),
+            *getattr(self.selector, "training_hooks", ()),
+        )
+
+    @property
     def aggregator(self) -> str | None:
         agg = getattr(self.scorer, "aggregator", None)
         return agg if agg is None or isinstance(agg, str) else _name_of(agg)

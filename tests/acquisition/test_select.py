@@ -107,3 +107,72 @@ def test_topk_nan_raises():
     # even when the budget would be spent before reaching the NaN image
     with pytest.raises(ValueError, match="'b'"):
         topk(scores, 1, unit_cost)
+
+
+# --- end to end: one smoke round per strategy of issue 13 -----------------------------------
+
+DIVERSITY_STRATEGIES = {
+    # strategy: (selection.json keys that must be there, metrics.json train keys)
+    "coreset": ({"selector": "k_center_greedy"}, ()),
+    "kmeans_pp": ({"selector": "kmeans_pp"}, ()),
+    "entropy_coreset": ({"selector": "two_phase", "diversity": "k_center_greedy"}, ()),
+    "weighted": ({"scorer": "weighted_sum"}, ()),
+    "ccms": ({"selector": "ccms_k_centroid"}, ()),
+    "ppal": ({"scorer": "ppal_dcus", "diversity": "ccms_k_centroid"}, ()),
+    "badge": ({"selector": "badge"}, ()),
+    "has_detection": ({"scorer": "has_detection"}, ()),
+    "detection_count": ({"scorer": "detection_count"}, ()),
+    "box_in_box": ({"scorer": "box_in_box", "diversity": "k_center_greedy"}, ()),
+    "loss_prediction": ({"scorer": "loss_prediction"}, ("loss_prediction/final_loss",)),
+    "fn_prediction": ({"scorer": "fn_prediction"}, ("fn_prediction/final_loss",)),
+    "failure_aware": ({"scorer": "failure_mode_weighted"}, ("fn_prediction/final_loss",)),
+}
+
+
+def _one_round(tmp_path, strategy, seed=0):
+    import json
+
+    from alrun.loop import run_experiment
+    from tests.helpers import compose_config
+
+    cfg = compose_config(
+        [
+            "experiment=smoke",
+            "quiet=true",
+            "budget.rounds=1",
+            f"strategy={strategy}",
+            f"seed={seed}",
+        ]
+    )
+    run_experiment(cfg, tmp_path)
+    selection = json.loads((tmp_path / "round_00" / "selection.json").read_text())
+    metrics = json.loads((tmp_path / "round_00" / "metrics.json").read_text())
+    labelled = json.loads((tmp_path / "round_00" / "labelled.json").read_text())
+    return selection, metrics, {im["id"] for im in labelled["images"]}
+
+
+@pytest.mark.parametrize("strategy", sorted(DIVERSITY_STRATEGIES))
+def test_each_diversity_strategy_runs_one_round(tmp_path, strategy):
+    expected, train_keys = DIVERSITY_STRATEGIES[strategy]
+    selection, metrics, labelled = _one_round(tmp_path, strategy)
+    picked = [s["image_id"] for s in selection["selected"]]
+    assert len(picked) == len(set(picked)) == 10
+    assert selection["strategy"] == strategy
+    for key, value in expected.items():
+        assert selection[key] == value
+    for key in train_keys:
+        assert math.isfinite(metrics["train"][key])
+    if strategy == "weighted":
+        assert selection["weights_this_round"] == {"uncertainty": 1.0, "diversity": 0.0}
+    if strategy == "ppal":
+        assert len(selection["class_quality"]) == len(selection["class_weights"]) == 4
+        assert selection["candidates"] == 40  # expand_ratio 4 x budget 10
+    if strategy == "failure_aware":
+        assert selection["dominant_failure_mode"] in ("missed", "poor_loc", "wrong_class", "none")
+        assert sum(selection["weights_this_round"].values()) == pytest.approx(1.0, abs=0.02)
+
+
+def test_ppal_selection_is_deterministic_per_seed(tmp_path):
+    first, _, _ = _one_round(tmp_path / "a", "ppal")
+    again, _, _ = _one_round(tmp_path / "b", "ppal")
+    assert [s["image_id"] for s in first["selected"]] == [s["image_id"] for s in again["selected"]]

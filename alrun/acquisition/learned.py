@@ -1,0 +1,340 @@
+"""Learned scorers: small auxiliary heads trained alongside the detector through engine hooks.
+
+Both heads read the image embedding - the global average of every backbone/FPN level,
+concatenated (what ``Detections.embedding`` holds) - so the scorer can apply them to the pool
+embeddings the loop already computes. A strategy's hooks join every regime's training through
+``Strategy.training_hooks`` (the loop attaches them to the detector; ``alrun.engine.train``
+runs them with the regime's own hooks).
+
+* :class:`LossPrediction` (Yoo & Kweon 2019): a head predicting each image's detection loss,
+  trained *during* the detector's training (``parameters`` + ``extra_losses``) with their
+  margin ranking loss on pairs of the labelled batch. The per-image target losses come from an
+  extra no-grad forward per image (BatchNorm statistics restored after), and the head reads
+  detached features, so the detector trains exactly as without it. Score = predicted loss.
+* :class:`FalseNegativePrediction` (Nakamura et al. 2024): a head predicting how many objects
+  the detector misses in an image. Its targets need the *trained* model's detections, so it is
+  fitted in ``after_training``: the labelled images seen in the round's batches are run through
+  the final model, each labelled box without a same-class detection (score >= threshold,
+  IoU >= 0.5, greedy in score order) counts as missed, and the head is fitted on (embedding,
+  misses). Score = predicted misses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+from alrun.acquisition.context import AcquisitionContext
+from alrun.engine import Step, TrainingHook
+from alrun.errors import AlrunError
+from alrun.types import Needs
+
+
+def _backbone(detector) -> nn.Module:
+    backbone = getattr(getattr(detector, "model", None), "backbone", None)
+    if backbone is None or not hasattr(detector, "features"):
+        raise AlrunError(
+            "strategy.scorer: learned heads need a detector with a torchvision-style "
+            "model.backbone and features() (the torchvision backend)"
+        )
+    return backbone
+
+
+def pooled(levels) -> Tensor:
+    """The image embedding: every level's global average, concatenated (B, sum C)."""
+    values = [levels] if isinstance(levels, Tensor) else list(levels.values())
+    return torch.cat([f.mean(dim=(2, 3)) for f in values], dim=1)
+
+
+def _embedding_width(detector) -> int:
+    model = detector.model
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        dim = pooled(detector.features([torch.zeros((3, 64, 64), device=detector.device)]))
+    model.train(was_training)
+    return int(dim.shape[1])
+
+
+def _head(width: int, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    tenth = max(1, len(values) // 10)
+    return {
+        "first_loss": sum(values[:tenth]) / tenth,
+        "final_loss": sum(values[-tenth:]) / tenth,
+        "updates": float(len(values)),
+    }
+
+
+def margin_ranking(pred: Tensor, target: Tensor, margin: float) -> Tensor | None:
+    """Yoo & Kweon's loss on pairs (i, i + B/2): ``max(0, -sign(l_i - l_j) (p_i - p_j) + m)``."""
+    half = len(pred) // 2
+    if half == 0:
+        return None
+    a, b = pred[:half], pred[half : 2 * half]
+    sign = torch.sign(target[:half] - target[half : 2 * half])
+    return torch.clamp(-sign * (a - b) + margin, min=0).mean()
+
+
+class LossPredictionHook(TrainingHook):
+    """Trains the loss-prediction head with the detector (see the module docstring)."""
+
+    name = "loss_prediction"
+
+    def __init__(self, hidden: int = 64, margin: float = 1.0, weight: float = 1.0):
+        self.hidden, self.margin, self.weight = int(hidden), float(margin), float(weight)
+        self.head: nn.Module | None = None
+        self.losses: list[float] = []
+        self._captured: list[Tensor] = []
+        self._capturing = True
+        self._handle = None
+
+    def before_training(self, detector, total: int) -> None:
+        backbone = _backbone(detector)
+        self.detector = detector
+        self.head = _head(_embedding_width(detector), self.hidden).to(detector.device)
+        self.losses = []
+        self._captured = []
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = backbone.register_forward_hook(self._capture)
+
+    def _capture(self, _module, _inputs, output) -> None:
+        if self._capturing:
+            self._captured.append(pooled(output).detach())
+
+    def parameters(self) -> Sequence[Tensor]:
+        return list(self.head.parameters()) if self.head is not None else []
+
+    def extra_losses(self, step: Step) -> dict[str, Tensor]:
+        batch = next((b for b in step.batches.values() if b.targets is not None), None)
+        if batch is None or not self._captured or len(batch.images) < 2:
+            return {}
+        features = self._captured[0]  # the forward of the first source with targets
+        target = self._per_image_losses(batch.images, batch.targets)
+        loss = margin_ranking(self.head(features).squeeze(1), target, self.margin)
+        if loss is None:
+            return {}
+        self.losses.append(float(loss.detach()))
+        return {"ranking": loss * self.weight}
+
+    def _per_image_losses(self, images, targets) -> Tensor:
+        # BatchNorm running statistics: the extra forwards update copies, and the originals
+        # (which the step's autograd graph holds) are put back untouched
+        saved = [
+            (m, name, buf)
+            for m in self.detector.model.modules()
+            for name, buf in m._buffers.items()
+            if buf is not None
+        ]
+        for m, name, buf in saved:
+            m._buffers[name] = buf.clone()
+        self._capturing = False
+        try:
+            with torch.no_grad():
+                values = [
+                    sum(self.detector.losses([im], [t]).values()) for im, t in zip(images, targets)
+                ]
+        finally:
+            self._capturing = True
+            for m, name, buf in saved:
+                m._buffers[name] = buf
+        return torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values]).to(
+            self.detector.device
+        )
+
+    def after_step(self, step: Step) -> None:
+        self._captured = []
+
+    def after_training(self) -> dict[str, float]:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return _summary(self.losses)
+
+
+def missed_counts(
+    detections: Sequence[dict[str, Tensor]],
+    targets: Sequence[dict[str, Tensor]],
+    score_threshold: float,
+    iou_threshold: float = 0.5,
+) -> Tensor:
+    """Per image: labelled boxes with no same-class detection (score >= threshold, IoU >=
+    ``iou_threshold``), matching greedily in score order, one box per detection."""
+    out = []
+    for det, tgt in zip(detections, targets):
+        gt_boxes, gt_labels = tgt["boxes"], tgt["labels"]
+        keep = det["scores"] >= score_threshold
+        boxes, labels, scores = det["boxes"][keep], det["labels"][keep], det["scores"][keep]
+        found = torch.zeros(len(gt_labels), dtype=torch.bool)
+        if len(boxes) and len(gt_labels):
+            iou = box_iou(boxes.float(), gt_boxes.float())
+            for d in torch.argsort(scores, descending=True, stable=True).tolist():
+                free = torch.where((gt_labels == labels[d]) & ~found, iou[d], 0.0)
+                if float(free.max()) >= iou_threshold:
+                    found[int(free.argmax())] = True
+        out.append(float((~found).sum()))
+    return torch.tensor(out)
+
+
+class FalseNegativeHook(TrainingHook):
+    """Fits the missed-objects head on the round's final model (see the module docstring)."""
+
+    name = "fn_prediction"
+
+    def __init__(
+        self,
+        hidden: int = 64,
+        score_threshold: float = 0.5,
+        fit_steps: int = 200,
+        lr: float = 0.01,
+        max_images: int = 1024,
+    ):
+        self.hidden = int(hidden)
+        self.score_threshold = float(score_threshold)
+        self.fit_steps = int(fit_steps)
+        self.lr = float(lr)
+        self.max_images = int(max_images)
+        self.head: nn.Module | None = None
+        self.losses: list[float] = []
+        self.seen: dict[str, tuple[Tensor, dict[str, Tensor]]] = {}
+
+    def before_training(self, detector, total: int) -> None:
+        _backbone(detector)
+        self.detector = detector
+        self.seen = {}
+        self.losses = []
+
+    def after_step(self, step: Step) -> None:
+        batch = next((b for b in step.batches.values() if b.source.role == "labelled"), None)
+        if batch is None or batch.targets is None:
+            return
+        for image_id, image, target in zip(batch.image_ids, batch.images, batch.targets):
+            if len(self.seen) >= self.max_images:
+                break
+            if image_id not in self.seen:  # (a flipped view comes with flipped boxes)
+                self.seen[image_id] = (image.detach(), {k: v.detach() for k, v in target.items()})
+
+    def after_training(self) -> dict[str, float]:
+        if not self.seen:
+            return {}
+        model = self.detector.model
+        images = [im for im, _ in self.seen.values()]
+        targets = [t for _, t in self.seen.values()]
+        offset = int(getattr(self.detector, "label_offset", 0))
+        model.eval()
+        with torch.no_grad():
+            features, detections = [], []
+            for start in range(0, len(images), 16):
+                chunk = images[start : start + 16]
+                features.append(pooled(self.detector.features(chunk)))
+                for det in model(chunk):
+                    detections.append({**det, "labels": det["labels"] - offset})
+        model.train()
+        x = torch.cat(features).float()
+        y = missed_counts(
+            [{k: v.cpu() for k, v in d.items()} for d in detections],
+            [{k: v.cpu() for k, v in t.items()} for t in targets],
+            self.score_threshold,
+        ).to(x.device)
+        self.head = _head(x.shape[1], self.hidden).to(x.device)
+        optimiser = torch.optim.Adam(self.head.parameters(), lr=self.lr)
+        self.losses = []
+        with torch.enable_grad():
+            for _ in range(self.fit_steps):
+                loss = torch.nn.functional.mse_loss(self.predict(x), y)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                self.losses.append(float(loss.detach()))
+        return {**_summary(self.losses), "mean_missed": float(y.mean()), "images": len(y)}
+
+    def predict(self, embeddings: Tensor) -> Tensor:
+        """Predicted misses (>= 0) from image embeddings."""
+        return torch.nn.functional.softplus(self.head(embeddings).squeeze(1))
+
+
+class _HeadScorer:
+    """Scores pool images with a hook's trained head applied to their embeddings."""
+
+    needs = Needs(detections=False, embedding=True)
+    label = "head"
+
+    def __init__(self, hook: TrainingHook):
+        self.hook = hook
+
+    @property
+    def training_hooks(self) -> tuple[TrainingHook, ...]:
+        return (self.hook,)
+
+    def _apply(self, embeddings: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, context: AcquisitionContext) -> dict[str, float]:
+        if self.hook.head is None:
+            raise AlrunError(
+                f"strategy.scorer: the {self.label} head has not been trained (its training "
+                "hook did not run: is the detector a torchvision one?)"
+            )
+        if context.preds is None or context.preds.embeddings is None:
+            raise AlrunError(f"strategy.scorer: {self.label} needs pool image embeddings")
+        head = self.hook.head
+        device = next(head.parameters()).device
+        with torch.no_grad():
+            scores = self._apply(context.preds.embeddings.float().to(device)).cpu()
+        values = scores.tolist()
+        for image_id, value in zip(context.preds.image_ids, values):
+            if math.isnan(value):
+                raise AlrunError(
+                    f"strategy.scorer: {self.label} head gave NaN for image '{image_id}' "
+                    "(diverged head?)"
+                )
+        return dict(zip(context.preds.image_ids, values))
+
+
+class LossPrediction(_HeadScorer):
+    """Score = the loss the head predicts for the image (Yoo & Kweon 2019)."""
+
+    label = "loss prediction"
+
+    def __init__(self, hidden: int = 64, margin: float = 1.0, weight: float = 1.0):
+        super().__init__(LossPredictionHook(hidden, margin, weight))
+
+    def _apply(self, embeddings: Tensor) -> Tensor:
+        return self.hook.head(embeddings).squeeze(1)
+
+    def describe(self) -> dict[str, Any]:
+        h = self.hook
+        return {"scorer": "loss_prediction", "margin": h.margin, "loss_weight": h.weight}
+
+
+class FalseNegativePrediction(_HeadScorer):
+    """Score = the number of objects the head predicts the detector misses (Nakamura et al.)."""
+
+    label = "false-negative prediction"
+
+    def __init__(
+        self,
+        hidden: int = 64,
+        score_threshold: float = 0.5,
+        fit_steps: int = 200,
+        lr: float = 0.01,
+        max_images: int = 1024,
+    ):
+        super().__init__(FalseNegativeHook(hidden, score_threshold, fit_steps, lr, max_images))
+
+    def _apply(self, embeddings: Tensor) -> Tensor:
+        return self.hook.predict(embeddings)
+
+    def describe(self) -> dict[str, Any]:
+        return {"scorer": "fn_prediction", "score_threshold": self.hook.score_threshold}

@@ -1,0 +1,150 @@
+"""PPAL's difficulty-calibrated uncertainty sampling (DCUS; Yang et al. 2024).
+
+Per-class difficulty comes from how well the current model does on the *labelled* images
+(their oracle boxes, never hidden ground truth): for each labelled box of class c, the quality
+of its best same-class detection ``q = P^xi * IoU^(1 - xi)`` (P: the detection's class-c
+probability; 0 when nothing overlaps), averaged per class. PPAL tracks the same quantity as a
+running average during training; measuring it after training on the labelled set gives the
+per-round value without touching the detector. A class never seen in the labelled set has
+quality 0 (hardest).
+
+Class weights follow PPAL's sampler (``DCUSSampler._get_classwise_weight``)::
+
+    w_c = 1 + alpha * log(b * (1 - q_c) + 1) * ub,   b = exp(1 / alpha) - 1
+
+so an easy class (q = 1) weighs 1 and a hard one (q = 0) weighs 1 + ub. An image's score is
+the sum over its boxes with score >= ``score_threshold`` of ``w_label * entropy(box)``, entropy
+on the box's binary (detected / not) distribution; images without such a box score 0.
+Defaults follow PPAL's configs: score_thr 0.05, class_weight_ub 0.2, class_weight_alpha 0.3.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+from alrun.acquisition.scores import binary, entropy
+from alrun.acquisition.strategies import unique_sources
+from alrun.errors import AlrunError
+from alrun.types import Needs
+
+
+def class_quality(
+    preds: PredictionBatch | None,
+    targets: Mapping[str, tuple[Tensor, Tensor]] | None,
+    num_classes: int,
+    xi: float,
+) -> tuple[list[float], list[int]]:
+    """Mean ``P^xi * IoU^(1-xi)`` of the best same-class detection per labelled box, per class
+    (0 for a class without labelled boxes), and the number of labelled boxes per class."""
+    total = [0.0] * num_classes
+    count = [0] * num_classes
+    if preds is None or not targets:
+        return total, count
+    row = {i: n for n, i in enumerate(preds.image_ids)}
+    for image_id, (gt_boxes, gt_labels) in targets.items():
+        if len(gt_labels) == 0:
+            continue
+        n = row.get(image_id)
+        lo, hi = (0, 0) if n is None else (int(preds.offsets[n]), int(preds.offsets[n + 1]))
+        boxes, labels = preds.boxes[lo:hi], preds.labels[lo:hi]
+        probs = _class_probs(preds, lo, hi)
+        iou = box_iou(gt_boxes.float(), boxes.float()) if hi > lo else None
+        for g, c in enumerate(gt_labels.tolist()):
+            if c >= num_classes:
+                raise AlrunError(f"strategy.scorer: labelled box of class {c} >= {num_classes}")
+            best = 0.0
+            if iou is not None:
+                same = labels == c
+                if bool(same.any()):
+                    p = probs[same, c].double().clamp(0, 1)
+                    q = p.pow(xi) * iou[g, same].double().clamp(0, 1).pow(1.0 - xi)
+                    best = float(q.max())
+            total[c] += best
+            count[c] += 1
+    return [t / k if k else 0.0 for t, k in zip(total, count)], count
+
+
+def _class_probs(preds: PredictionBatch, lo: int, hi: int) -> Tensor:
+    if preds.class_probs is not None:
+        return preds.class_probs[lo:hi]
+    if preds.probs is not None:
+        return preds.probs[lo:hi, :-1]
+    raise AlrunError("strategy.scorer: PPAL needs class probabilities on the labelled set")
+
+
+def class_weights(quality: list[float], upper_bound: float, alpha: float) -> list[float]:
+    """PPAL's difficulty weights: 1 for quality 1, ``1 + upper_bound`` for quality 0."""
+    b = math.exp(1.0 / alpha) - 1.0
+    return [1.0 + alpha * math.log(b * (1.0 - q) + 1.0) * upper_bound for q in quality]
+
+
+class DifficultyCalibratedUncertainty:
+    """Scorer: class-difficulty-weighted sum of per-box binary entropies (PPAL's DCUS)."""
+
+    def __init__(
+        self,
+        score_threshold: float = 0.05,
+        class_weight_ub: float = 0.2,
+        class_weight_alpha: float = 0.3,
+        xi: float = 0.6,
+    ):
+        if not 0.0 <= score_threshold < 1.0:
+            raise AlrunError(
+                f"strategy.scorer.score_threshold: expected a number in [0, 1), got "
+                f"{score_threshold}"
+            )
+        if class_weight_alpha <= 0 or class_weight_ub < 0:
+            raise AlrunError(
+                "strategy.scorer: expected class_weight_alpha > 0 and class_weight_ub >= 0"
+            )
+        if not 0.0 <= xi <= 1.0:
+            raise AlrunError(f"strategy.scorer.xi: expected a number in [0, 1], got {xi}")
+        self.score_threshold = float(score_threshold)
+        self.class_weight_ub = float(class_weight_ub)
+        self.class_weight_alpha = float(class_weight_alpha)
+        self.xi = float(xi)
+        self.needs = Needs(probs=True, labelled_detections=True)
+        self.last_quality: list[float] = []
+        self.last_weights: list[float] = []
+
+    def __call__(self, context: AcquisitionContext) -> dict[str, float]:
+        batch = context.preds
+        if batch is None or batch.probs is None:
+            raise AlrunError("strategy.scorer: PPAL needs class probabilities of the pool")
+        num_classes = batch.probs.shape[1] - 1
+        quality, _ = class_quality(
+            context.labelled_preds, context.labelled_targets, num_classes, self.xi
+        )
+        weights = class_weights(quality, self.class_weight_ub, self.class_weight_alpha)
+        self.last_quality, self.last_weights = quality, weights
+        if len(batch) == 0:
+            return {}
+        keep = unique_sources(batch, batch.scores >= self.score_threshold)
+        labels = batch.labels[keep]
+        class_probs = batch.class_probs[keep] if batch.class_probs is not None else None
+        dist = binary(class_probs if class_probs is not None else batch.probs[keep, :-1], labels)
+        box = entropy(dist).double() * torch.tensor(weights, dtype=torch.float64)[labels]
+        per_image = torch.zeros(len(batch), dtype=torch.float64).index_add_(
+            0, batch.segment[keep], box
+        )
+        if not bool(torch.isfinite(per_image).all()):
+            raise AlrunError("strategy.scorer: PPAL uncertainty is NaN or inf (diverged model?)")
+        return dict(zip(batch.image_ids, per_image.tolist()))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "scorer": "ppal_dcus",
+            "score_threshold": self.score_threshold,
+            "class_weight_ub": self.class_weight_ub,
+            "class_weight_alpha": self.class_weight_alpha,
+            "xi": self.xi,
+            "class_quality": self.last_quality,
+            "class_weights": self.last_weights,
+        }

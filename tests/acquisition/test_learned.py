@@ -1,0 +1,112 @@
+"""Learned scorers: each head trains with the tiny detector and its loss decreases."""
+
+from functools import partial
+
+import pytest
+import torch
+
+from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+from alrun.acquisition.learned import (
+    FalseNegativePrediction,
+    LossPrediction,
+    margin_ranking,
+    missed_counts,
+)
+from alrun.data.synthetic import synthetic_dataset
+from alrun.detectors.base import TrainSchedule
+from alrun.detectors.tiny import tiny_fcos
+from alrun.detectors.torchvision import TorchvisionDetector
+from alrun.engine import BatchSource, train
+from alrun.errors import AlrunError
+from alrun.types import Needs
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_dataset(16, image_size=64, split="learned-heads")
+
+
+def detector():
+    return TorchvisionDetector(partial(tiny_fcos, image_size=64), num_classes=4, device="cpu")
+
+
+def schedule(iterations, grad_clip=10.0):
+    return TrainSchedule(
+        iterations=iterations, batch_size=8, lr=0.01, warmup_iters=2, grad_clip=grad_clip
+    )
+
+
+def test_margin_ranking_loss_values():
+    pred = torch.tensor([2.0, 0.0, 0.0, 0.5])
+    target = torch.tensor([5.0, 1.0, 1.0, 3.0])
+    # pairs (0, 2): right order by 2 >= margin -> 0; (1, 3): right order but only by 0.5 -> 0.5
+    assert float(margin_ranking(pred, target, 1.0)) == pytest.approx(0.25)
+    # reversed predictions: (2 + 1) and (0.5 + 1)
+    assert float(margin_ranking(-pred, target, 1.0)) == pytest.approx(2.25)
+    assert margin_ranking(pred[:1], target[:1], 1.0) is None
+
+
+def test_missed_counts_greedy_same_class():
+    dets = [
+        {
+            "boxes": torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]]),
+            "scores": torch.tensor([0.9, 0.8]),
+            "labels": torch.tensor([0, 1]),
+        }
+    ]
+    targets = [
+        {
+            "boxes": torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]]),
+            "labels": torch.tensor([0, 0, 1]),
+        }
+    ]
+    # one class-0 detection matches one of the two class-0 boxes; the class-1 box is elsewhere
+    assert missed_counts(dets, targets, 0.5).tolist() == [2.0]
+    assert missed_counts(dets, targets, 0.95).tolist() == [3.0]
+
+
+def test_loss_prediction_head_trains_with_the_detector_and_its_loss_decreases(data):
+    det = detector()
+    scorer = LossPrediction(hidden=32)
+    det.strategy_hooks = scorer.training_hooks  # what the loop does
+    stats = train(det, [BatchSource("labelled", data)], schedule(40), seed=0, from_scratch=True)
+    assert stats["loss_prediction/updates"] == 40
+    assert stats["loss_prediction/final_loss"] < stats["loss_prediction/first_loss"]
+    assert any(k.startswith("loss_prediction/") for k in stats)
+    preds = det.predict(data.images[:6], Needs(embedding=True))
+    batch = PredictionBatch.from_detections(preds)
+    scores = scorer(AcquisitionContext(batch.image_ids, 0, 0, preds=batch))
+    assert set(scores) == set(batch.image_ids)
+    assert len(set(scores.values())) > 1  # a function of the image, not a constant
+
+
+def test_loss_prediction_leaves_the_detector_weights_alone(data):
+    """Detached features + restored BatchNorm statistics: without gradient clipping (whose
+    global norm includes the head's gradients) the detector trains exactly as without it."""
+    plain, with_head = detector(), detector()
+    with_head.strategy_hooks = LossPrediction(hidden=16).training_hooks
+    sources = [BatchSource("labelled", data)]
+    train(plain, sources, schedule(6, grad_clip=0.0), seed=1, from_scratch=True)
+    train(with_head, sources, schedule(6, grad_clip=0.0), seed=1, from_scratch=True)
+    for p, q in zip(plain.model.state_dict().values(), with_head.model.state_dict().values()):
+        assert torch.allclose(p.float(), q.float(), atol=1e-5)
+
+
+def test_false_negative_head_fits_missed_counts_and_scores_the_pool(data):
+    det = detector()
+    scorer = FalseNegativePrediction(hidden=32, fit_steps=150, score_threshold=0.3)
+    det.strategy_hooks = scorer.training_hooks
+    stats = train(det, [BatchSource("labelled", data)], schedule(20), seed=0, from_scratch=True)
+    assert stats["fn_prediction/images"] == 16
+    assert stats["fn_prediction/mean_missed"] > 0  # an undertrained detector misses objects
+    assert stats["fn_prediction/final_loss"] < 0.5 * stats["fn_prediction/first_loss"]
+    preds = det.predict(data.images, Needs(embedding=True))
+    batch = PredictionBatch.from_detections(preds)
+    scores = scorer(AcquisitionContext(batch.image_ids, 0, 0, preds=batch))
+    assert all(v >= 0 for v in scores.values())
+
+
+def test_untrained_head_is_a_clear_error():
+    ctx = AcquisitionContext(("a",), 0, 0)
+    with pytest.raises(AlrunError, match="not been trained"):
+        LossPrediction()(ctx)
