@@ -83,6 +83,9 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     strategy.check_detector(
         getattr(detector, "head_type", "softmax"), getattr(detector, "can_embed", True)
     )
+    prepare = getattr(detector, "prepare", None)  # multi-pass set-up: MC dropout, ensembles
+    if prepare is not None:
+        prepare(strategy.needs)
     return Experiment(
         splits=splits,
         detector=detector,

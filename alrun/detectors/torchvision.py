@@ -19,13 +19,17 @@ The image embedding is the concatenation of every feature level's global average
 
 from __future__ import annotations
 
+import copy
 import typing
+import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.ssd import SSD
@@ -35,6 +39,7 @@ from torchvision.ops import boxes as box_ops
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.data.images import load_image
 from alrun.detectors.base import Progress, TrainSchedule
+from alrun.detectors.views import apply_view, boxes_to_original, parse_view
 from alrun.engine import BatchSource, train
 from alrun.errors import AlrunError
 from alrun.types import NOTHING, Detections, Needs
@@ -69,6 +74,7 @@ class TorchvisionDetector:
         pretrained_backbone: str | None = None,
         label_offset: int = 0,
         predict_batch_size: int = 16,
+        head_dropout: float = 0.0,
     ):
         self.builder = builder
         self.num_classes = int(num_classes)
@@ -76,6 +82,13 @@ class TorchvisionDetector:
         self.device = resolve_device(device)
         self.label_offset = int(label_offset)
         self.predict_batch_size = int(predict_batch_size)
+        if not 0.0 <= float(head_dropout) < 1.0:
+            raise AlrunError(
+                f"detector.head_dropout: expected a number in [0, 1), got {head_dropout}"
+            )
+        self.head_dropout = float(head_dropout)
+        self.ensemble_kind = "independent"
+        self.members: list[TorchvisionDetector] = []  # ensemble members 1..K-1 (prepare())
         if isinstance(pretrained, str) and not Path(pretrained).is_file():
             raise AlrunError(f"detector.pretrained: checkpoint '{pretrained}' does not exist")
         if pretrained_backbone is not None and not Path(pretrained_backbone).is_file():
@@ -120,6 +133,13 @@ class TorchvisionDetector:
                 raise AlrunError(
                     f"detector.pretrained: {self.pretrained} does not fit this model ({first})"
                 ) from None
+        if self.head_dropout > 0:
+            if not isinstance(model, (FCOS, RetinaNet)):
+                raise AlrunError(
+                    "detector.head_dropout: head dropout (MC dropout) is implemented for dense "
+                    f"heads (FCOS, RetinaNet), not {type(model).__name__}; set it to 0"
+                )
+            install_head_dropout(model, self.head_dropout)
         return model.to(self.device)
 
     @property
@@ -131,10 +151,80 @@ class TorchvisionDetector:
         self.model = self._build(seed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        """The model's weights, plus each ensemble member's under ``member<k>.`` (k = 1..K-1),
+        so a round's checkpoint stores the whole ensemble."""
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        for k, member in enumerate(self.members, start=1):
+            state.update({f"member{k}.{name}": v for name, v in member.state_dict().items()})
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state)
+        own = {k: v for k, v in state.items() if not _is_member_key(k)}
+        self.model.load_state_dict(own)
+        for k, member in enumerate(self.members, start=1):
+            prefix = f"member{k}."
+            part = {n[len(prefix) :]: v for n, v in state.items() if n.startswith(prefix)}
+            if part:
+                member.model.load_state_dict(part)
+
+    # --- multi-pass set-up (MC dropout, ensembles), before any training ----------------------
+    def prepare(self, needs: Needs) -> None:
+        """Build what a strategy's ``needs`` require, at start-up (before any training):
+        dropout in the heads for MC dropout (the model trains with it), ensemble members.
+        Impossible requests are one-line errors here, not after a round of training."""
+        if needs.proposals and not isinstance(self.model, FasterRCNN):
+            raise AlrunError(
+                f"strategy: needs region proposals (localization tightness), which only "
+                f"two-stage detectors have; this detector ({type(self.model).__name__}) is "
+                "one-stage: choose detector=fasterrcnn_* or another strategy"
+            )
+        kinds = [needs.head_dropout > 0, needs.ensemble > 0, bool(needs.augment)]
+        if sum(kinds) > 1:
+            raise AlrunError(
+                "strategy: one kind of extra passes at a time (MC dropout, ensemble or "
+                "test-time views)"
+            )
+        if needs.augment and not isinstance(self.model, (FCOS, RetinaNet, FasterRCNN, SSD)):
+            raise AlrunError("strategy: test-time views need a torchvision detector")
+        if needs.head_dropout > 0:
+            if needs.passes < 1:
+                raise AlrunError(f"strategy.scorer.passes: expected >= 1, got {needs.passes}")
+            if not isinstance(self.model, (FCOS, RetinaNet)):
+                raise AlrunError(
+                    "strategy: MC dropout is implemented for the dense heads (FCOS, RetinaNet); "
+                    f"this detector is {type(self.model).__name__}: use an ensemble or "
+                    "test-time views"
+                )
+            if self.head_dropout == 0:  # detector.head_dropout wins when set
+                self.head_dropout = float(needs.head_dropout)
+                self.model = self._build(seed=0)
+        if needs.ensemble:
+            if needs.ensemble < 2:
+                raise AlrunError(
+                    f"strategy.scorer.members: an ensemble needs >= 2 members, got {needs.ensemble}"
+                )
+            if needs.ensemble_kind not in ENSEMBLE_KINDS:
+                raise AlrunError(
+                    f"strategy.scorer.ensemble_kind: expected one of {'|'.join(ENSEMBLE_KINDS)}, "
+                    f"got '{needs.ensemble_kind}'"
+                )
+            self.ensemble_kind = needs.ensemble_kind
+            self.members = [self._member(k) for k in range(1, needs.ensemble)]
+
+    def _member(self, k: int) -> TorchvisionDetector:
+        member = copy.copy(self)
+        member.members = []
+        member.model = self._build(seed=k)
+        return member
+
+    def ensemble_members(self) -> list[TorchvisionDetector]:
+        """Members 1..K-1 of the ensemble (this detector is member 0); the engine trains them
+        (``alrun.engine.train_round``) and ``state_dict`` stores them as ``member<k>.*``."""
+        return list(self.members)
+
+    def snapshot_member(self, k: int) -> None:
+        """Copy the current weights into member ``k`` (1..K-1): a snapshot ensemble."""
+        self.members[k - 1].model.load_state_dict(self.model.state_dict())
 
     # --- training (the loop itself is alrun.engine) -------------------------------------------
     def train_mode(self) -> None:
@@ -174,24 +264,81 @@ class TorchvisionDetector:
         needs: Needs = NOTHING,
         progress: Progress | None = None,
     ) -> list[Detections]:
-        if needs.passes > 1 or needs.augment or needs.grads:
+        """Detections per record; extra passes only when ``needs`` asks for them:
+
+        * ``head_dropout > 0``: ``passes`` MC-dropout passes. The backbone, FPN and the head
+          towers run once; only the last layers (dropout + class / box logits) run per pass,
+          read at the reference boxes' anchors (row i of a pass = row i of the reference).
+        * ``augment``: one pass per test-time view (:mod:`alrun.detectors.views`), boxes mapped
+          back to the original image.
+        * ``ensemble``: one pass per member, this model first.
+
+        The returned ``Detections`` are the deterministic, un-augmented pass; the extra ones are
+        in ``Detections.passes`` (probabilities always kept).
+        """
+        if needs.grads:
             raise AlrunError(
-                "detector: multi-pass, test-time augmentation and gradient outputs are not "
-                "implemented by the torchvision backend yet"
+                "detector: gradient outputs are not implemented by the torchvision backend yet"
             )
+        if needs.passes > 1 and not needs.head_dropout and not needs.ensemble:
+            raise AlrunError(
+                f"detector: {needs.passes} multi-pass predictions asked without a source: MC "
+                "dropout (needs.head_dropout > 0) or an ensemble (needs.ensemble)"
+            )
+        mc_passes = needs.passes if needs.head_dropout > 0 else 0
+        if mc_passes and not _head_dropouts(self.model):
+            raise AlrunError(
+                "detector: MC-dropout passes asked but the heads have no dropout (the strategy "
+                "sets it up at start-up through detector.prepare, or set detector.head_dropout)"
+            )
+        if needs.ensemble and len(self.members) + 1 < needs.ensemble:
+            raise AlrunError(
+                f"detector: {needs.ensemble} ensemble members asked, {len(self.members) + 1} "
+                "prepared (detector.prepare)"
+            )
+        views = [parse_view(v, "needs.augment") for v in needs.augment]
         self.model.eval()
+        for member in self.members:
+            member.model.eval()
         out: list[Detections] = []
         records = list(images)
         for start in range(0, len(records), self.predict_batch_size):
             chunk = records[start : start + self.predict_batch_size]
             tensors = [load_image(r).to(self.device) for r in chunk]
-            out.extend(self._forward(chunk, tensors, needs))
+            found = self._forward(chunk, tensors, needs, mc_passes)
+            if views:
+                found = self._with_views(chunk, tensors, found, views)
+            if needs.ensemble:
+                found = self._with_members(chunk, tensors, found)
+            out.extend(found)
             if progress:
                 progress(len(out), len(records))
         return out
 
+    def _with_views(self, chunk, tensors, found: list[Detections], views) -> list[Detections]:
+        per_view = []
+        for view in views:
+            viewed = [apply_view(t, view, r.image_id) for r, t in zip(chunk, tensors)]
+            dets = self._forward(chunk, viewed, PASS_NEEDS, 0)
+            per_view.append(
+                [
+                    replace(d, boxes=boxes_to_original(d.boxes, view, tuple(t.shape[-2:])))
+                    for d, t in zip(dets, tensors)
+                ]
+            )
+        return [replace(d, passes=tuple(v[i] for v in per_view)) for i, d in enumerate(found)]
+
+    def _with_members(self, chunk, tensors, found: list[Detections]) -> list[Detections]:
+        own = [_plain(d) for d in found]
+        members = [m._forward(chunk, tensors, PASS_NEEDS, 0) for m in self.members]
+        return [replace(d, passes=(own[i], *(m[i] for m in members))) for i, d in enumerate(found)]
+
     def _forward(
-        self, records: Sequence[ImageRecord], tensors: list[Tensor], needs: Needs
+        self,
+        records: Sequence[ImageRecord],
+        tensors: list[Tensor],
+        needs: Needs,
+        mc_passes: int = 0,
     ) -> list[Detections]:
         model = self.model
         original_sizes = [tuple(t.shape[-2:]) for t in tensors]
@@ -201,6 +348,7 @@ class TorchvisionDetector:
             features = {"0": features}
         levels = list(features.values())
         embeddings = torch.cat([f.mean(dim=(2, 3)) for f in levels], dim=1)  # (B, sum D)
+        extra: list[list[dict[str, Tensor]]] = []
         if isinstance(model, FasterRCNN):
             per_image = _two_stage(model, batch, features)
         elif isinstance(model, SSD):
@@ -211,34 +359,158 @@ class TorchvisionDetector:
                 )
             per_image = _ssd(model, batch, levels)
         else:
-            per_image = _dense(model, batch, levels)
+            anchors = model.anchor_generator(batch, levels)
+            towers = _head_towers(model, levels)  # run once, whatever the number of passes
+            per_image = _dense(model, batch, levels, _head_last(model, towers), anchors)
+            if mc_passes:
+                seed = zlib.crc32("|".join(r.image_id for r in records).encode())
+                devices = [self.device.index or 0] if self.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices), _stochastic(model):
+                    torch.manual_seed(seed)
+                    for _ in range(mc_passes):
+                        outputs = _head_last(model, towers)
+                        extra.append(_dense_at_sources(model, batch, outputs, anchors, per_image))
+        geometry = (batch.image_sizes, original_sizes)
         results = []
         for i, (record, found) in enumerate(zip(records, per_image)):
-            boxes = resize_boxes(found["boxes"], batch.image_sizes[i], original_sizes[i])
-            probs = found["probs"]
-            class_probs = found["class_probs"]
-            results.append(
-                Detections(
-                    image_id=record.image_id,
-                    boxes=boxes.cpu(),
-                    scores=found["scores"].cpu(),
-                    labels=(found["labels"] - self.label_offset).cpu(),
-                    probs=probs.cpu() if needs.probs else None,
-                    class_probs=class_probs.cpu() if needs.probs else None,
-                    sources=found["sources"].cpu(),
-                    head=self.head_type,
-                    feats=found["feats"].cpu() if needs.feats else None,
-                    embedding=embeddings[i].cpu() if needs.embedding else None,
-                    proposals=(
-                        resize_boxes(
-                            found["proposals"], batch.image_sizes[i], original_sizes[i]
-                        ).cpu()
-                        if found.get("proposals") is not None
-                        else None
-                    ),
-                )
+            det = self._detections(record, found, i, geometry, needs, embeddings[i])
+            passes = tuple(
+                self._detections(record, p[i], i, geometry, PASS_NEEDS, None) for p in extra
             )
+            results.append(replace(det, passes=passes) if passes else det)
         return results
+
+    def _detections(
+        self,
+        record: ImageRecord,
+        found: dict[str, Tensor],
+        i: int,
+        geometry: tuple[list, list],
+        needs: Needs,
+        embedding: Tensor | None,
+    ) -> Detections:
+        """One image's post-processed outputs as Detections in original-image pixels."""
+        image_sizes, original_sizes = geometry
+        boxes = resize_boxes(found["boxes"], image_sizes[i], original_sizes[i])
+        proposals = found.get("proposals")
+        return Detections(
+            image_id=record.image_id,
+            boxes=boxes.cpu(),
+            scores=found["scores"].cpu(),
+            labels=(found["labels"] - self.label_offset).cpu(),
+            probs=found["probs"].cpu() if needs.probs else None,
+            class_probs=found["class_probs"].cpu() if needs.probs else None,
+            sources=found["sources"].cpu(),
+            head=self.head_type,
+            feats=found["feats"].cpu() if needs.feats else None,
+            embedding=embedding.cpu() if needs.embedding and embedding is not None else None,
+            proposals=(
+                resize_boxes(proposals, image_sizes[i], original_sizes[i]).cpu()
+                if proposals is not None
+                else None
+            ),
+        )
+
+
+#: what every extra pass keeps: probabilities (for the scores), boxes, sources
+PASS_NEEDS = Needs(probs=True)
+
+#: ``strategy.scorer.ensemble_kind`` choices
+ENSEMBLE_KINDS = ("independent", "snapshot")
+
+
+def _plain(det: Detections) -> Detections:
+    """``det`` as an extra pass: probabilities kept, no features, embedding or passes."""
+    return replace(det, feats=None, embedding=None, passes=())
+
+
+def _is_member_key(name: str) -> bool:
+    head = name.split(".", 1)[0]
+    return head.startswith("member") and head[len("member") :].isdigit()
+
+
+class HeadDropout:
+    """Forward pre-hook: dropout on the input of a head's last layer (the class / box logits).
+
+    Active in training (the model trains with it) and, for MC-dropout passes, in evaluation
+    while ``active`` is set. A hook keeps the module tree and ``state_dict`` keys unchanged,
+    so checkpoints load with or without it.
+    """
+
+    def __init__(self, p: float):
+        self.p = float(p)
+        self.active = False
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        on = module.training or self.active
+        return (F.dropout(args[0], self.p, training=on), *args[1:])
+
+
+def _last_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers that produce the class and box logits of a dense head."""
+    if isinstance(model, (FCOS, RetinaNet)):
+        return [model.head.classification_head.cls_logits, model.head.regression_head.bbox_reg]
+    return []
+
+
+def install_head_dropout(model: nn.Module, p: float) -> None:
+    """Insert dropout of probability ``p`` before the class and box logits of a dense head."""
+    for layer in _last_layers(model):
+        layer.register_forward_pre_hook(HeadDropout(p))
+
+
+def _head_dropouts(model: nn.Module) -> list[HeadDropout]:
+    return [
+        hook
+        for layer in _last_layers(model)
+        for hook in layer._forward_pre_hooks.values()
+        if isinstance(hook, HeadDropout)
+    ]
+
+
+class _stochastic:
+    """Context manager: head dropout active in evaluation (MC-dropout passes)."""
+
+    def __init__(self, model: nn.Module):
+        self.hooks = _head_dropouts(model)
+
+    def __enter__(self) -> None:
+        for hook in self.hooks:
+            hook.active = True
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.active = False
+
+
+def _head_towers(model: FCOS | RetinaNet, levels: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """Per level, the classification and regression towers' outputs (deterministic)."""
+    heads = model.head
+    return [(heads.classification_head.conv(x), heads.regression_head.conv(x)) for x in levels]
+
+
+def _to_anchor_rows(t: Tensor, width: int) -> Tensor:
+    """(N, A*width, H, W) -> (N, HWA, width), as torchvision's heads reshape."""
+    n, _, h, w = t.shape
+    return t.view(n, -1, width, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, width)
+
+
+def _head_last(model: FCOS | RetinaNet, towers: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """The head's outputs from cached tower features: what ``model.head(levels)`` returns,
+    running only the last layers (so MC-dropout passes re-run only those)."""
+    cls_head, reg_head = model.head.classification_head, model.head.regression_head
+    cls, reg, ctr = [], [], []
+    for cls_feat, reg_feat in towers:
+        cls.append(_to_anchor_rows(cls_head.cls_logits(cls_feat), cls_head.num_classes))
+        regression = reg_head.bbox_reg(reg_feat)
+        if isinstance(model, FCOS):
+            regression = F.relu(regression)
+            ctr.append(_to_anchor_rows(reg_head.bbox_ctrness(reg_feat), 1))
+        reg.append(_to_anchor_rows(regression, 4))
+    out = {"cls_logits": torch.cat(cls, dim=1), "bbox_regression": torch.cat(reg, dim=1)}
+    if ctr:
+        out["bbox_ctrness"] = torch.cat(ctr, dim=1)
+    return out
 
 
 def _backbone_weights_enum(builder: Callable[..., nn.Module]) -> Any:
@@ -336,10 +608,20 @@ def _move_background_last(probs: Tensor) -> Tensor:
     return torch.cat([probs[:, 1:], probs[:, :1]], dim=1)
 
 
-def _dense(model: FCOS | RetinaNet, batch, levels: list[Tensor]) -> list[dict[str, Tensor]]:
-    """FCOS / RetinaNet post-processing that keeps each box's logits row and feature row."""
-    head_outputs = model.head(levels)
-    anchors = model.anchor_generator(batch, levels)
+def _dense(
+    model: FCOS | RetinaNet,
+    batch,
+    levels: list[Tensor],
+    head_outputs: dict[str, Tensor] | None = None,
+    anchors: list[Tensor] | None = None,
+) -> list[dict[str, Tensor]]:
+    """FCOS / RetinaNet post-processing that keeps each box's logits row and feature row.
+
+    ``head_outputs`` / ``anchors`` may be passed in (computed once for several passes)."""
+    if head_outputs is None:
+        head_outputs = model.head(levels)
+    if anchors is None:
+        anchors = model.anchor_generator(batch, levels)
     num_per_level = [f.shape[2] * f.shape[3] for f in levels]
     num_anchors_per_loc = head_outputs["cls_logits"].shape[1] // sum(num_per_level)
     num_per_level = [n * num_anchors_per_loc for n in num_per_level]
@@ -393,6 +675,49 @@ def _dense(model: FCOS | RetinaNet, batch, levels: list[Tensor]) -> list[dict[st
             merged["boxes"], merged["scores"], merged["labels"], model.nms_thresh
         )[: model.detections_per_img]
         results.append({k: v[keep] for k, v in merged.items()})
+    return results
+
+
+def _dense_at_sources(
+    model: FCOS | RetinaNet,
+    batch,
+    head_outputs: dict[str, Tensor],
+    anchors: list[Tensor],
+    found: list[dict[str, Tensor]],
+) -> list[dict[str, Tensor]]:
+    """One MC-dropout pass read at the anchors the reference boxes were decoded from.
+
+    Under MC dropout the anchors do not move, only the head's outputs do: each reference box's
+    anchor gives its class probabilities, score and regressed box in this pass, row for row
+    (same ``sources``, same labels), without a new top-k and NMS. That keeps T passes cheap and
+    the correspondence exact; :func:`alrun.acquisition.multipass.match_passes` then compares
+    row i with row i (and still applies the overlap threshold).
+    """
+    is_fcos = isinstance(model, FCOS)
+    results = []
+    for b, ref in enumerate(found):
+        src, labels = ref["sources"], ref["labels"]
+        logits = head_outputs["cls_logits"][b][src]
+        regress = head_outputs["bbox_regression"][b][src]
+        if is_fcos:
+            boxes = model.box_coder.decode(regress, anchors[b][src])
+        else:
+            boxes = model.box_coder.decode_single(regress, anchors[b][src])
+        class_probs = torch.sigmoid(logits)
+        p = class_probs.gather(1, labels.reshape(-1, 1)).reshape(-1)
+        if is_fcos:
+            p = torch.sqrt(p * torch.sigmoid(head_outputs["bbox_ctrness"][b][src].reshape(-1)))
+        results.append(
+            {
+                "boxes": box_ops.clip_boxes_to_image(boxes, batch.image_sizes[b]),
+                "scores": p,
+                "labels": labels,
+                "probs": _with_background_last(logits),
+                "class_probs": class_probs,
+                "feats": ref["feats"],
+                "sources": src,
+            }
+        )
     return results
 
 
