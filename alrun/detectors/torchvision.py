@@ -19,6 +19,7 @@ The image embedding is the concatenation of every feature level's global average
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import typing
 import zlib
@@ -134,10 +135,10 @@ class TorchvisionDetector:
                     f"detector.pretrained: {self.pretrained} does not fit this model ({first})"
                 ) from None
         if self.head_dropout > 0:
-            if not isinstance(model, (FCOS, RetinaNet)):
+            if not isinstance(model, (FCOS, RetinaNet, FasterRCNN)):
                 raise AlrunError(
-                    "detector.head_dropout: head dropout (MC dropout) is implemented for dense "
-                    f"heads (FCOS, RetinaNet), not {type(model).__name__}; set it to 0"
+                    "detector.head_dropout: head dropout (MC dropout) is implemented for FCOS, "
+                    f"RetinaNet and Faster R-CNN heads, not {type(model).__name__}; set it to 0"
                 )
             install_head_dropout(model, self.head_dropout)
         return model.to(self.device)
@@ -189,10 +190,10 @@ class TorchvisionDetector:
         if needs.head_dropout > 0:
             if needs.passes < 1:
                 raise AlrunError(f"strategy.scorer.passes: expected >= 1, got {needs.passes}")
-            if not isinstance(self.model, (FCOS, RetinaNet)):
+            if not isinstance(self.model, (FCOS, RetinaNet, FasterRCNN)):
                 raise AlrunError(
-                    "strategy: MC dropout is implemented for the dense heads (FCOS, RetinaNet); "
-                    f"this detector is {type(self.model).__name__}: use an ensemble or "
+                    "strategy: MC dropout is implemented for FCOS, RetinaNet and Faster R-CNN "
+                    f"heads; this detector is {type(self.model).__name__}: use an ensemble or "
                     "test-time views"
                 )
             if self.head_dropout == 0:  # detector.head_dropout wins when set
@@ -350,7 +351,12 @@ class TorchvisionDetector:
         embeddings = torch.cat([f.mean(dim=(2, 3)) for f in levels], dim=1)  # (B, sum D)
         extra: list[list[dict[str, Tensor]]] = []
         if isinstance(model, FasterRCNN):
-            per_image = _two_stage(model, batch, features)
+            cached = _two_stage_features(model, batch, features)
+            per_image = _two_stage(model, batch, features, cached)
+            if mc_passes:
+                with _mc_rng(self.device, records), _stochastic(model):
+                    for _ in range(mc_passes):
+                        extra.append(_two_stage_at_sources(model, batch, *cached, per_image))
         elif isinstance(model, SSD):
             if needs.feats:
                 raise AlrunError(
@@ -363,10 +369,7 @@ class TorchvisionDetector:
             towers = _head_towers(model, levels)  # run once, whatever the number of passes
             per_image = _dense(model, batch, levels, _head_last(model, towers), anchors)
             if mc_passes:
-                seed = zlib.crc32("|".join(r.image_id for r in records).encode())
-                devices = [self.device.index or 0] if self.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices), _stochastic(model):
-                    torch.manual_seed(seed)
+                with _mc_rng(self.device, records), _stochastic(model):
                     for _ in range(mc_passes):
                         outputs = _head_last(model, towers)
                         extra.append(_dense_at_sources(model, batch, outputs, anchors, per_image))
@@ -447,9 +450,12 @@ class HeadDropout:
 
 
 def _last_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers that produce the class and box logits of a dense head."""
+    """The layers that produce the class and box logits: of a dense head, or the box predictor
+    of a two-stage head (one dropout on the box features feeds both its outputs)."""
     if isinstance(model, (FCOS, RetinaNet)):
         return [model.head.classification_head.cls_logits, model.head.regression_head.bbox_reg]
+    if isinstance(model, FasterRCNN):
+        return [model.roi_heads.box_predictor]
     return []
 
 
@@ -466,6 +472,16 @@ def _head_dropouts(model: nn.Module) -> list[HeadDropout]:
         for hook in layer._forward_pre_hooks.values()
         if isinstance(hook, HeadDropout)
     ]
+
+
+@contextlib.contextmanager
+def _mc_rng(device: torch.device, records: Sequence[ImageRecord]):
+    """MC-dropout masks from a generator seeded by the batch's image ids (same images, same
+    passes), without touching the global random state."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(zlib.crc32("|".join(r.image_id for r in records).encode()))
+        yield
 
 
 class _stochastic:
@@ -721,11 +737,58 @@ def _dense_at_sources(
     return results
 
 
-def _two_stage(model: FasterRCNN, batch, features: dict[str, Tensor]) -> list[dict[str, Tensor]]:
-    """Faster R-CNN post-processing that keeps probs (background last), box features, proposals."""
+def _two_stage_features(
+    model: FasterRCNN, batch, features: dict[str, Tensor]
+) -> tuple[list[Tensor], Tensor]:
+    """RPN proposals and their box-head features (what MC-dropout passes reuse)."""
     proposals, _ = model.rpn(batch, features)
     heads = model.roi_heads
-    box_feats = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+    return proposals, heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+
+
+def _two_stage_at_sources(
+    model: FasterRCNN,
+    batch,
+    proposals: list[Tensor],
+    box_feats: Tensor,
+    found: list[dict[str, Tensor]],
+) -> list[dict[str, Tensor]]:
+    """One MC-dropout pass of the box predictor, read at the reference boxes' proposals (row i
+    of the pass = row i of the reference: same proposal, same class)."""
+    heads = model.roi_heads
+    class_logits, box_regression = heads.box_predictor(box_feats)
+    decoded = heads.box_coder.decode(box_regression, proposals)  # (sum N, C+1, 4)
+    counts = [len(p) for p in proposals]
+    results = []
+    for b, (boxes, logits, ref) in enumerate(
+        zip(decoded.split(counts), class_logits.split(counts), found)
+    ):
+        rows, labels = ref["sources"], ref["labels"]
+        probs = torch.softmax(logits[rows], -1)
+        results.append(
+            {
+                "boxes": box_ops.clip_boxes_to_image(boxes[rows, labels], batch.image_sizes[b]),
+                "scores": probs.gather(1, labels.reshape(-1, 1)).reshape(-1),
+                "labels": labels,
+                "probs": _move_background_last(probs),
+                "class_probs": probs[:, 1:],
+                "feats": ref["feats"],
+                "proposals": ref["proposals"],
+                "sources": rows,
+            }
+        )
+    return results
+
+
+def _two_stage(
+    model: FasterRCNN,
+    batch,
+    features: dict[str, Tensor],
+    cached: tuple[list[Tensor], Tensor] | None = None,
+) -> list[dict[str, Tensor]]:
+    """Faster R-CNN post-processing that keeps probs (background last), box features, proposals."""
+    proposals, box_feats = cached or _two_stage_features(model, batch, features)
+    heads = model.roi_heads
     class_logits, box_regression = heads.box_predictor(box_feats)
     decoded = heads.box_coder.decode(box_regression, proposals)  # (sum N, C+1, 4)
     probs_all = torch.softmax(class_logits, -1)

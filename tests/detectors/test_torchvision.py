@@ -583,3 +583,34 @@ def test_two_stage_proposals_feed_localization_tightness(images):
     scores = scorer(AcquisitionContext(batch.image_ids, 0, 0, preds=batch))
     assert set(scores) == set(batch.image_ids)
     assert all(0.0 <= s <= 1.0 for s in scores.values())
+
+
+def test_faster_rcnn_mc_dropout_reruns_only_the_box_predictor(images):
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    builder = partial(
+        fasterrcnn_mobilenet_v3_large_320_fpn,
+        weights=None,
+        weights_backbone=None,
+        min_size=64,
+        max_size=64,
+        box_score_thresh=0.0,
+    )
+    det = TorchvisionDetector(builder, num_classes=3, label_offset=1, device="cpu")
+    needs = Needs(probs=True, passes=3, head_dropout=0.5)
+    det.prepare(needs)
+    calls = _Calls(
+        backbone=det.model.backbone,
+        box_head=det.model.roi_heads.box_head,
+        predictor=det.model.roi_heads.box_predictor,
+    )
+    preds = det.predict(images.images[:2], needs)
+    assert calls.counts == {"backbone": 1, "box_head": 1, "predictor": 4}
+    assert sum(len(p) for p in preds) > 0
+    for p in preds:
+        assert len(p.passes) == 3
+        for q in p.passes:
+            assert torch.equal(q.sources, p.sources) and torch.equal(q.labels, p.labels)
+            torch.testing.assert_close(q.probs.sum(1), torch.ones(len(q)))
+    first = next(p for p in preds if len(p))
+    assert not torch.allclose(first.passes[0].probs, first.probs)
