@@ -402,14 +402,22 @@ def test_head_from_cached_towers_equals_the_stock_head(images, family):
         torch.testing.assert_close(ours[key], stock[key])
 
 
-def test_mc_dropout_reruns_only_the_last_head_layers(images):
+def test_mc_dropout_reruns_only_the_last_head_layers(images, monkeypatch):
+    from alrun.detectors import torchvision as tv
+
     det = _mc_detector()
     det.predict_batch_size = 4  # 6 images -> 2 batches
     calls = _calls(det)
+    at_boxes = []
+    real = tv._ConvAt.__call__
+    monkeypatch.setattr(tv._ConvAt, "__call__", lambda *a: at_boxes.append(1) or real(*a))
     preds = det.predict(images.images, MC)
-    # 2 batches x 3 FPN levels: backbone once per batch, towers once per level, class / box
-    # logits once + 4 MC passes per level
-    assert calls.counts == {"backbone": 2, "cls_tower": 6, "cls_logits": 30, "bbox_reg": 30}
+    # 2 batches x 3 FPN levels: backbone once per batch, towers and the full-map class / box
+    # logits once per level (the reference pass) ...
+    assert calls.counts == {"backbone": 2, "cls_tower": 6, "cls_logits": 6, "bbox_reg": 6}
+    # ... and each of the 4 MC passes evaluates only the last layers (class, box, centerness)
+    # at the reference boxes' locations: 2 batches x 4 passes x 3 layers
+    assert len(at_boxes) == 24
     assert all(len(p.passes) == 4 for p in preds)
     assert all(q.class_probs is not None for p in preds for q in p.passes)
     # each pass is read at the reference boxes' anchors: row i of a pass is row i of the
@@ -616,3 +624,53 @@ def test_faster_rcnn_mc_dropout_reruns_only_the_box_predictor(images):
             torch.testing.assert_close(q.probs.sum(1), torch.ones(len(q)))
     first = next(p for p in preds if len(p))
     assert not torch.allclose(first.passes[0].probs, first.probs)
+
+
+@pytest.mark.parametrize("family", ["fcos", "retinanet"])
+def test_mc_passes_at_box_locations_equal_a_full_masked_pass(images, family, monkeypatch):
+    """A pass evaluated only at the reference boxes' locations gives exactly what the full head
+    with the same channel-dropout masks gives there (RetinaNet: 9 anchors per location)."""
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    from alrun.data.images import load_image
+    from alrun.detectors import torchvision as tv
+
+    if family == "fcos":
+        model = _low_threshold_fcos(3)
+    else:
+        model = retinanet_resnet50_fpn(
+            weights=None,
+            weights_backbone=None,
+            num_classes=3,
+            min_size=64,
+            max_size=64,
+            score_thresh=0.01,
+        )
+    model.eval()
+    masks = []
+
+    def recording(*args, **kwargs):
+        masks.append(real(*args, **kwargs))
+        return masks[-1]
+
+    real = tv._channel_mask
+    monkeypatch.setattr(tv, "_channel_mask", recording)
+    with torch.no_grad():
+        batch, _ = model.transform([load_image(r) for r in images.images[:3]])
+        levels = list(model.backbone(batch.tensors).values())
+        anchors = model.anchor_generator(batch, levels)
+        towers = tv._head_towers(model, levels)
+        found = tv._dense(model, batch, levels, tv._head_last(model, towers), anchors)
+        torch.manual_seed(0)
+        (ours,) = tv._dense_mc_passes(model, batch, levels, towers, anchors, found, 0.5, 1)
+        cls_mask, reg_mask = masks
+        assert set(cls_mask.unique().tolist()) == {0.0, 2.0}  # p = 0.5: dropped or x 1/(1-p)
+        masked = [
+            (c * cls_mask[:, :, None, None], r * reg_mask[:, :, None, None]) for c, r in towers
+        ]
+        full = tv._dense_at_sources(model, batch, tv._head_last(model, masked), anchors, found)
+    assert sum(len(f["sources"]) for f in found) > 0
+    for a, b in zip(ours, full):
+        for key in ("boxes", "scores", "probs", "class_probs"):
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+        assert torch.equal(a["sources"], b["sources"]) and torch.equal(a["labels"], b["labels"])
