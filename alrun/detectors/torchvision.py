@@ -805,27 +805,32 @@ def _dense_mc_passes(
     per_loc = len(anchors[0]) // sum(h * w for h, w in sizes)  # anchors per location
     starts = torch.tensor([0] + [h * w * per_loc for h, w in sizes]).cumsum(0)
     counts = [len(f["sources"]) for f in found]
+    if sum(counts) == 0:  # no reference box in the whole batch
+        return [[dict(f) for f in found] for _ in range(passes)]
     device = levels[0].device
+    total = int(starts[-1])
     b = torch.repeat_interleave(
         torch.arange(len(found), device=device), torch.tensor(counts, device=device)
     )
     src = torch.cat([f["sources"] for f in found]).to(device)
     labels = torch.cat([f["labels"] for f in found]).to(device)
-    level = torch.searchsorted(starts[1:].to(device), src, right=True)
+    # per-class NMS keeps several rows per anchor: compute each (image, anchor) once
+    keys, inverse = torch.unique(b * total + src, return_inverse=True)
+    ub, usrc = torch.div(keys, total, rounding_mode="floor"), keys % total
+    level = torch.searchsorted(starts[1:].to(device), usrc, right=True)
     rows = {"cls": [], "reg": [], "index": []}
     for lvl, (_h, w) in enumerate(sizes):
         at = torch.nonzero(level == lvl).flatten()
         if at.numel() == 0:
             continue
-        loc = torch.div(src[at] - int(starts[lvl]), per_loc, rounding_mode="floor")
+        loc = torch.div(usrc[at] - int(starts[lvl]), per_loc, rounding_mode="floor")
         y, x = torch.div(loc, w, rounding_mode="floor"), loc % w
-        rows["cls"].append(_patches(towers[lvl][0], b[at], y, x))
-        rows["reg"].append(_patches(towers[lvl][1], b[at], y, x))
+        rows["cls"].append(_patches(towers[lvl][0], ub[at], y, x))
+        rows["reg"].append(_patches(towers[lvl][1], ub[at], y, x))
         rows["index"].append(at)
-    order = torch.cat(rows["index"]) if rows["index"] else torch.zeros(0, dtype=torch.int64)
-    cls_patch = torch.cat(rows["cls"]) if rows["cls"] else None
-    reg_patch = torch.cat(rows["reg"]) if rows["reg"] else None
-    b_o, src_o, labels_o = b[order], src[order], labels[order]
+    order = torch.cat(rows["index"])
+    cls_patch, reg_patch = torch.cat(rows["cls"]), torch.cat(rows["reg"])
+    b_o, src_o = ub[order], usrc[order]
     a = (src_o - starts.to(device)[level[order]]) % per_loc  # anchor index at the location
     cls_channels = (a * num_classes)[:, None] + torch.arange(num_classes, device=device)
     reg_channels = (a * 4)[:, None] + torch.arange(4, device=device)
@@ -833,15 +838,12 @@ def _dense_mc_passes(
     limits = torch.tensor([[w, h, w, h] for h, w in batch.image_sizes], device=device)[b_o]
     back = torch.empty_like(order)
     back[order] = torch.arange(len(order), device=device)
-    if cls_patch is not None:
-        cls_at = _ConvAt(cls_patch, cls_head.cls_logits, cls_channels)
-        reg_at = _ConvAt(reg_patch, reg_head.bbox_reg, reg_channels)
-        ctr_at = _ConvAt(reg_patch, reg_head.bbox_ctrness, a[:, None]) if is_fcos else None
+    row_at = back[inverse]  # each box row's position among the computed anchors
+    cls_at = _ConvAt(cls_patch, cls_head.cls_logits, cls_channels)
+    reg_at = _ConvAt(reg_patch, reg_head.bbox_reg, reg_channels)
+    ctr_at = _ConvAt(reg_patch, reg_head.bbox_ctrness, a[:, None]) if is_fcos else None
     passes_out = []
     for _ in range(passes):
-        if cls_patch is None:  # no reference box in the whole batch
-            passes_out.append([dict(f) for f in found])
-            continue
         cls_mask = _channel_mask(len(found), cls_patch.shape[1], p, device)[b_o]
         reg_mask = _channel_mask(len(found), reg_patch.shape[1], p, device)[b_o]
         logits, regress = cls_at(cls_mask), reg_at(reg_mask)
@@ -849,17 +851,18 @@ def _dense_mc_passes(
             boxes = model.box_coder.decode(F.relu(regress), anchor_boxes)
         else:
             boxes = model.box_coder.decode_single(regress, anchor_boxes)
-        boxes = torch.minimum(boxes.clamp_min(0), limits)
+        boxes = torch.minimum(boxes.clamp_min(0), limits)[row_at]
+        logits = logits[row_at]
         class_probs = torch.sigmoid(logits)
-        score = class_probs.gather(1, labels_o.reshape(-1, 1)).reshape(-1)
+        score = class_probs.gather(1, labels.reshape(-1, 1)).reshape(-1)
         if is_fcos:
-            ctr = ctr_at(reg_mask).reshape(-1)
+            ctr = ctr_at(reg_mask).reshape(-1)[row_at]
             score = torch.sqrt(score * torch.sigmoid(ctr))
         out = {
-            "boxes": boxes[back],
-            "scores": score[back],
-            "probs": _with_background_last(logits)[back],
-            "class_probs": class_probs[back],
+            "boxes": boxes,
+            "scores": score,
+            "probs": _with_background_last(logits),
+            "class_probs": class_probs,
         }
         split = {k: v.split(counts) for k, v in out.items()}
         passes_out.append(
