@@ -184,6 +184,31 @@ def _required_inputs(fn: Callable) -> tuple[str, ...]:
     )
 
 
+def _dry_run(box_score: Callable[..., Tensor], inputs: Sequence[str], name: str) -> None:
+    """Call the score once on a tiny made-up input, so a bad setting bound in the config (e.g.
+    ``box_score.reduce=median``) is a start-up error, not a failure after a round of training."""
+    box = torch.tensor([[0.0, 0.0, 4.0, 4.0]])
+    sample = {
+        "pass_probs": torch.full((1, 2, 2), 0.5),
+        "ref_probs": torch.full((1, 2), 0.5),
+        "iou": torch.ones(1, 2),
+        "pass_boxes": box.expand(2, 4)[None].clone(),
+        "matched": torch.ones(1, 2, dtype=torch.bool),
+        "boxes": box,
+        "proposals": box,
+        "confidence": torch.full((1,), 0.5),
+    }
+    try:
+        out = box_score(**{k: sample[k] for k in inputs})
+    except Exception as err:  # noqa: BLE001 - any failure here is a configuration error
+        raise AlrunError(f"strategy.scorer.box_score: '{name}' fails: {err}") from None
+    if not isinstance(out, Tensor) or out.shape != (1,):
+        raise AlrunError(
+            f"strategy.scorer.box_score: '{name}' must return one score per box, got "
+            f"{getattr(out, 'shape', type(out).__name__)}"
+        )
+
+
 class PassUncertainty:
     """Per-box uncertainty across extra prediction passes, reduced per image.
 
@@ -283,6 +308,7 @@ class PassUncertainty:
                 f"strategy.scorer.distribution: expected one of {'|'.join(PASS_DISTRIBUTIONS)} "
                 f"for multi-pass scores (an unmatched box is background), got '{distribution}'"
             )
+        _dry_run(box_score, inputs, name)
         self.box_score = box_score
         self.inputs = inputs
         self.source = source

@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.multipass import PassUncertainty, match_passes
 from alrun.acquisition.scores import (
+    box_disagreement,
     entropy,
     entropy_of_mean,
     localization_instability,
@@ -198,6 +200,10 @@ def test_needs_follow_the_score_and_source():
         ({"source": "magic"}, "strategy.scorer.source"),
         ({"distribution": "foreground"}, "strategy.scorer.distribution"),
         ({"class_weights": [-1.0]}, "strategy.scorer.class_weights"),
+        (
+            {"box_score": partial(box_disagreement, reduce="median"), "source": "ensemble"},
+            "'box_disagreement' fails: box_disagreement: reduce must be 'min' or 'mean'",
+        ),
     ],
 )
 def test_bad_configuration_is_a_one_line_error(kwargs, needle):
