@@ -134,7 +134,13 @@ def train_round(
     from_scratch = starts_from_scratch(schedule, round_index)
     if from_scratch:
         detector.reset(seed)
-    return train(detector, sources, schedule, seed, from_scratch, hooks, progress)
+    members, kind = ensemble_of(detector)
+    if members and kind == "snapshot":
+        hooks = [*hooks, SnapshotHook(len(members))]
+    stats = train(detector, sources, schedule, seed, from_scratch, hooks, progress)
+    if members and kind == "independent":
+        stats.update(train_members(members, sources, schedule, seed, round_index))
+    return stats
 
 
 def train(
@@ -339,3 +345,55 @@ def warmup_cosine(schedule: TrainSchedule, total: int) -> Callable[[int], float]
         return schedule.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     return lr_at
+
+
+# --- ensembles (strategies that compare K models: alrun.acquisition.multipass) --------------
+def ensemble_of(detector: Detector) -> tuple[list[Detector], str]:
+    """The extra ensemble members of ``detector`` (``ensemble_members()``: members 1..K-1; the
+    detector itself is member 0) and their kind, ``independent`` or ``snapshot``."""
+    members = getattr(detector, "ensemble_members", None)
+    if members is None:
+        return [], "independent"
+    return list(members()), getattr(detector, "ensemble_kind", "independent")
+
+
+def member_seed(seed: int, member: int) -> int:
+    """Member ``member``'s own seed (init and batch order) for a round seeded ``seed``."""
+    return int(np.random.SeedSequence([seed, 0xE45E, member]).generate_state(1)[0] >> 1)
+
+
+def train_members(
+    members: Sequence[Detector],
+    sources: Sequence[BatchSource],
+    schedule: TrainSchedule,
+    seed: int,
+    round_index: int,
+) -> dict[str, float]:
+    """Independent ensemble: each member trains like the main model, with its own seed (its own
+    init under ``trainer.init``, its own batch order). Regime hooks (EMA teachers, extra
+    losses) belong to the main model and are not applied to members."""
+    stats: dict[str, float] = {}
+    for k, member in enumerate(members, start=1):
+        result = train_round(member, sources, schedule, member_seed(seed, k), round_index)
+        stats[f"member{k}/final_loss"] = result["final_loss"]
+    return stats
+
+
+class SnapshotHook(TrainingHook):
+    """Snapshot ensemble: copies the weights into member k (of ``count`` extra members) after
+    ``k / (count + 1)`` of the round's iterations; the final weights are member 0 itself."""
+
+    name = "snapshot"
+
+    def __init__(self, count: int):
+        self.count = count
+        self.taken: list[int] = []
+
+    def after_step(self, step: Step) -> None:
+        k = len(self.taken) + 1
+        if k <= self.count and step.index + 1 >= round(step.total * k / (self.count + 1)):
+            step.detector.snapshot_member(k)
+            self.taken.append(step.index + 1)
+
+    def after_training(self) -> Mapping[str, float]:
+        return {"members": float(len(self.taken))}

@@ -85,6 +85,9 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     )
     if strategy.training_hooks:  # learned scorers train their heads with the detector
         detector.strategy_hooks = strategy.training_hooks
+    prepare = getattr(detector, "prepare", None)  # multi-pass set-up: MC dropout, ensembles
+    if prepare is not None:
+        prepare(strategy.needs)
     return Experiment(
         splits=splits,
         detector=detector,

@@ -29,6 +29,14 @@ class Needs:
     grads: bool = False
     labelled_embeddings: bool = False
     labelled_detections: bool = False  # predictions on the labelled set + its boxes (PPAL, FN)
+    # MC dropout: > 0 asks for ``passes`` stochastic passes with dropout of this p in the heads
+    # (the detector is built, and trained, with it); ensembles: ``ensemble`` members (>= 2),
+    # ``independent`` inits or ``snapshot`` checkpoints of one run; ``proposals``: the
+    # pre-regression boxes (two-stage detectors only)
+    head_dropout: float = 0.0
+    ensemble: int = 0
+    ensemble_kind: str = "independent"
+    proposals: bool = False
 
     def merge(self, other: Needs) -> Needs:
         return Needs(
@@ -41,6 +49,10 @@ class Needs:
             grads=self.grads or other.grads,
             labelled_embeddings=self.labelled_embeddings or other.labelled_embeddings,
             labelled_detections=self.labelled_detections or other.labelled_detections,
+            head_dropout=max(self.head_dropout, other.head_dropout),
+            ensemble=max(self.ensemble, other.ensemble),
+            ensemble_kind=self.ensemble_kind if self.ensemble else other.ensemble_kind,
+            proposals=self.proposals or other.proposals,
         )
 
 

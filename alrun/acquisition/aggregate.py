@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from alrun.errors import AlrunError
+
 AGGREGATORS = ("sum", "mean", "max", "min", "weighted")
 
 
@@ -60,3 +62,30 @@ def aggregate_segments(
     else:
         raise ValueError(f"strategy.aggregator: expected one of {AGGREGATORS}, got '{name}'")
     return torch.where(count > 0, out, torch.full_like(out, torch.nan))
+
+
+def check_class_weights(weights, key: str = "strategy.scorer.class_weights") -> tuple | None:
+    """Validate a per-class weighting option: null, or a list of numbers >= 0 (one per class)."""
+    if weights is None:
+        return None
+    try:
+        values = tuple(float(w) for w in weights)
+    except (TypeError, ValueError):
+        raise AlrunError(f"{key}: expected null or a list of numbers, got {weights!r}") from None
+    if not values or any(w < 0 or w != w for w in values):
+        raise AlrunError(f"{key}: expected a non-empty list of numbers >= 0, got {list(weights)}")
+    return values
+
+
+def class_weighted(scores: Tensor, labels: Tensor, weights: tuple[float, ...] | None) -> Tensor:
+    """Multiply each box score by the weight of its predicted class (e.g. to favour rare
+    classes); ``None`` leaves the scores as they are. Applied before any aggregator."""
+    if weights is None:
+        return scores
+    table = torch.tensor(weights, dtype=scores.dtype)
+    if labels.numel() and int(labels.max()) >= len(weights):
+        raise AlrunError(
+            f"strategy.scorer.class_weights: {len(weights)} weights but a box of class "
+            f"{int(labels.max())}; give one weight per class"
+        )
+    return scores * table[labels.long()]

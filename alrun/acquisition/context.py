@@ -38,6 +38,9 @@ class PredictionBatch:
     sources: Tensor | None = None  # (B,)
     embeddings: Tensor | None = None  # (I, D)
     head: str = "softmax"
+    # extra prediction passes (MC dropout, ensemble members, test-time views), each a batch of
+    # the same images in the same order; () unless every image has the same number of passes
+    passes: tuple[PredictionBatch, ...] = ()
 
     @classmethod
     def from_detections(cls, preds: Sequence[Detections]) -> PredictionBatch:
@@ -55,6 +58,11 @@ class PredictionBatch:
         if preds and all(e is not None for e in embeddings):
             fields["embeddings"] = torch.stack(embeddings)
         heads = {d.head for d in preds}
+        num_passes = {len(d.passes) for d in preds}
+        if len(num_passes) == 1 and (t := num_passes.pop()) > 0:
+            fields["passes"] = tuple(
+                cls.from_detections([d.passes[i] for d in preds]) for i in range(t)
+            )
         return cls(
             image_ids=tuple(d.image_id for d in preds),
             offsets=offsets,

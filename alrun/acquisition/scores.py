@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from alrun.acquisition.match import paired_iou
+
 
 def foreground(probs: Tensor) -> Tensor:
     """Drop the background column (last, by alrun's convention) and renormalise the rest.
@@ -71,3 +73,95 @@ def entropy(probs: Tensor) -> Tensor:
     """Shannon entropy -sum p log p in nats (Settles 2009; Roy et al. 2018 for detection)."""
     logp = torch.log(probs.clamp_min(1e-12))
     return -(probs * logp).sum(dim=1)
+
+
+# --- multi-pass scores (MC dropout, ensembles, test-time views) ---------------------------
+# Each is a plain function of tensors. ``PassUncertainty`` (alrun.acquisition.strategies)
+# calls it with the arguments its parameter names ask for:
+#   pass_probs (N, T, K)  each reference box's distribution in each of T passes, taken from the
+#                         matched box of that pass (alrun.acquisition.match: unmatched =
+#                         background)
+#   ref_probs  (N, K)     the reference (deterministic, un-augmented) pass's distribution
+#   iou        (N, T)     overlap of the matched box with the reference box (0: unmatched)
+#   pass_boxes (N, T, 4)  the matched boxes (xyxy; unmatched rows are zeros)
+#   matched    (N, T)     bool, whether the pass had a matching box
+#   boxes, proposals (N, 4), confidence (N,): the reference box, the proposal it was regressed
+#                         from (two-stage heads only) and its max class probability
+
+
+def _entropy_last(probs: Tensor) -> Tensor:
+    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1)
+
+
+def entropy_of_mean(pass_probs: Tensor) -> Tensor:
+    """Entropy of the mean distribution over passes (MC-dropout / ensemble entropy)."""
+    return entropy(pass_probs.mean(dim=1))
+
+
+def mutual_information(pass_probs: Tensor) -> Tensor:
+    """BALD: entropy of the mean minus the mean of the per-pass entropies (Houlsby et al. 2011;
+    for detection Haussmann et al. 2020). The epistemic part; 0 when every pass agrees."""
+    mean_of_entropies = _entropy_last(pass_probs).mean(dim=1)
+    return (entropy_of_mean(pass_probs) - mean_of_entropies).clamp_min(0.0)
+
+
+def variation_ratio(pass_probs: Tensor) -> Tensor:
+    """1 - (passes voting for the modal class) / T (Freeman 1965; Gal et al. 2017)."""
+    votes = pass_probs.argmax(dim=-1)  # (N, T)
+    counts = torch.nn.functional.one_hot(votes, pass_probs.shape[-1]).sum(dim=1)  # (N, K)
+    return 1.0 - counts.max(dim=1).values.to(pass_probs.dtype) / pass_probs.shape[1]
+
+
+def margin_of_mean(pass_probs: Tensor) -> Tensor:
+    """:func:`margin` of the mean distribution over passes."""
+    return margin(pass_probs.mean(dim=1))
+
+
+def js_divergence(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence (nats, in [0, ln 2]) between rows of ``p`` and ``q`` (..., K)."""
+    m = 0.5 * (p + q)
+    return _entropy_last(m) - 0.5 * (_entropy_last(p) + _entropy_last(q))
+
+
+def augmentation_inconsistency(
+    ref_probs: Tensor, pass_probs: Tensor, iou: Tensor, box_weight: float = 1.0
+) -> Tensor:
+    """Mean over views of ``JS(ref, view) + box_weight * (1 - IoU(ref box, view box))``
+    (Elezi et al. 2022; CALD, Yu et al. 2022): disagreement of the class distribution and of
+    the box under test-time augmentation."""
+    js = js_divergence(ref_probs.unsqueeze(1).expand_as(pass_probs), pass_probs)  # (N, T)
+    return (js + box_weight * (1.0 - iou)).mean(dim=1)
+
+
+def localization_instability(iou: Tensor) -> Tensor:
+    """1 - localization stability (Kao et al. 2018): 1 - mean IoU between the reference box and
+    its matches under Gaussian input noise. Kao's image score weights boxes by their max class
+    probability: use it with ``aggregator: weighted``."""
+    return 1.0 - iou.mean(dim=1)
+
+
+def localization_tightness(proposals: Tensor, boxes: Tensor, confidence: Tensor) -> Tensor:
+    """1 - |T + P - 1| with T = IoU(proposal, final box) and P the max class probability (Kao et
+    al. 2018): high when tightness and confidence disagree. Kao select the image of the
+    smallest |T + P - 1|: ``aggregator: max``. Two-stage detectors only (needs proposals)."""
+    tightness = paired_iou(proposals, boxes)
+    return 1.0 - (tightness + confidence - 1.0).abs()
+
+
+def box_disagreement(pass_boxes: Tensor, matched: Tensor, reduce: str = "min") -> Tensor:
+    """1 - the ``min`` or ``mean`` pairwise IoU of the matched boxes of the passes (ensemble
+    localization disagreement, Schmidt et al. 2020). A pass without a match overlaps every
+    other pass by 0. Needs T >= 2."""
+    t = pass_boxes.shape[1]
+    if t < 2:
+        raise ValueError("box_disagreement needs at least 2 passes")
+    pairs = paired_iou(pass_boxes.unsqueeze(2), pass_boxes.unsqueeze(1))  # (N, T, T)
+    both = matched.unsqueeze(2) & matched.unsqueeze(1)
+    pairs = torch.where(both, pairs, torch.zeros_like(pairs))
+    upper = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+    values = pairs[:, upper]  # (N, T(T-1)/2)
+    if reduce == "min":
+        return 1.0 - values.min(dim=1).values
+    if reduce == "mean":
+        return 1.0 - values.mean(dim=1)
+    raise ValueError(f"box_disagreement: reduce must be 'min' or 'mean', got '{reduce}'")

@@ -14,7 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alrun.acquisition.aggregate import AGGREGATORS, aggregate_segments
+from alrun.acquisition.aggregate import (
+    AGGREGATORS,
+    aggregate_segments,
+    check_class_weights,
+    class_weighted,
+)
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.scores import DISTRIBUTIONS, distribution
 from alrun.acquisition.select import TopK
@@ -88,6 +93,7 @@ class BoxUncertainty:
         score_threshold: float = 0.1,
         empty: str | float = "min",
         distribution: str = "binary",
+        class_weights: list[float] | None = None,
     ):
         if isinstance(aggregator, str) and aggregator not in AGGREGATORS:
             raise AlrunError(
@@ -114,6 +120,7 @@ class BoxUncertainty:
         self.score_threshold = float(score_threshold)
         self.empty = empty
         self.distribution = distribution
+        self.class_weights = check_class_weights(class_weights)
         self.needs = Needs(probs=True)
 
     def check_detector(self, head_type: str) -> None:
@@ -151,7 +158,7 @@ class BoxUncertainty:
             None if batch.class_probs is None else batch.class_probs[keep],
             batch.labels[keep],
         )
-        box_scores = self.box_score(dist)
+        box_scores = class_weighted(self.box_score(dist), batch.labels[keep], self.class_weights)
         segment, confidences = batch.segment[keep], batch.scores[keep]
         if callable(self.aggregator):
             per_image = self.aggregator(box_scores, segment, len(batch), confidences)
@@ -179,6 +186,7 @@ class BoxUncertainty:
             "score_threshold": self.score_threshold,
             "empty": self.empty,
             "sources_counted_once": True,
+            "class_weights": None if self.class_weights is None else list(self.class_weights),
         }
 
 

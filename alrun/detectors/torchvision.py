@@ -19,13 +19,18 @@ The image embedding is the concatenation of every feature level's global average
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import typing
+import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.ssd import SSD
@@ -35,6 +40,7 @@ from torchvision.ops import boxes as box_ops
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.data.images import load_image
 from alrun.detectors.base import Progress, TrainSchedule
+from alrun.detectors.views import apply_view, boxes_to_original, parse_view
 from alrun.engine import BatchSource, train
 from alrun.errors import AlrunError
 from alrun.types import NOTHING, Detections, Needs
@@ -69,6 +75,7 @@ class TorchvisionDetector:
         pretrained_backbone: str | None = None,
         label_offset: int = 0,
         predict_batch_size: int = 16,
+        head_dropout: float = 0.0,
     ):
         self.builder = builder
         self.num_classes = int(num_classes)
@@ -76,6 +83,13 @@ class TorchvisionDetector:
         self.device = resolve_device(device)
         self.label_offset = int(label_offset)
         self.predict_batch_size = int(predict_batch_size)
+        if not 0.0 <= float(head_dropout) < 1.0:
+            raise AlrunError(
+                f"detector.head_dropout: expected a number in [0, 1), got {head_dropout}"
+            )
+        self.head_dropout = float(head_dropout)
+        self.ensemble_kind = "independent"
+        self.members: list[TorchvisionDetector] = []  # ensemble members 1..K-1 (prepare())
         if isinstance(pretrained, str) and not Path(pretrained).is_file():
             raise AlrunError(f"detector.pretrained: checkpoint '{pretrained}' does not exist")
         if pretrained_backbone is not None and not Path(pretrained_backbone).is_file():
@@ -120,6 +134,13 @@ class TorchvisionDetector:
                 raise AlrunError(
                     f"detector.pretrained: {self.pretrained} does not fit this model ({first})"
                 ) from None
+        if self.head_dropout > 0:
+            if not isinstance(model, (FCOS, RetinaNet, FasterRCNN)):
+                raise AlrunError(
+                    "detector.head_dropout: head dropout (MC dropout) is implemented for FCOS, "
+                    f"RetinaNet and Faster R-CNN heads, not {type(model).__name__}; set it to 0"
+                )
+            install_head_dropout(model, self.head_dropout)
         return model.to(self.device)
 
     @property
@@ -131,10 +152,80 @@ class TorchvisionDetector:
         self.model = self._build(seed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        """The model's weights, plus each ensemble member's under ``member<k>.`` (k = 1..K-1),
+        so a round's checkpoint stores the whole ensemble."""
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        for k, member in enumerate(self.members, start=1):
+            state.update({f"member{k}.{name}": v for name, v in member.state_dict().items()})
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state)
+        own = {k: v for k, v in state.items() if not _is_member_key(k)}
+        self.model.load_state_dict(own)
+        for k, member in enumerate(self.members, start=1):
+            prefix = f"member{k}."
+            part = {n[len(prefix) :]: v for n, v in state.items() if n.startswith(prefix)}
+            if part:
+                member.model.load_state_dict(part)
+
+    # --- multi-pass set-up (MC dropout, ensembles), before any training ----------------------
+    def prepare(self, needs: Needs) -> None:
+        """Build what a strategy's ``needs`` require, at start-up (before any training):
+        dropout in the heads for MC dropout (the model trains with it), ensemble members.
+        Impossible requests are one-line errors here, not after a round of training."""
+        if needs.proposals and not isinstance(self.model, FasterRCNN):
+            raise AlrunError(
+                f"strategy: needs region proposals (localization tightness), which only "
+                f"two-stage detectors have; this detector ({type(self.model).__name__}) is "
+                "one-stage: choose detector=fasterrcnn_* or another strategy"
+            )
+        kinds = [needs.head_dropout > 0, needs.ensemble > 0, bool(needs.augment)]
+        if sum(kinds) > 1:
+            raise AlrunError(
+                "strategy: one kind of extra passes at a time (MC dropout, ensemble or "
+                "test-time views)"
+            )
+        if needs.augment and not isinstance(self.model, (FCOS, RetinaNet, FasterRCNN, SSD)):
+            raise AlrunError("strategy: test-time views need a torchvision detector")
+        if needs.head_dropout > 0:
+            if needs.passes < 1:
+                raise AlrunError(f"strategy.scorer.passes: expected >= 1, got {needs.passes}")
+            if not isinstance(self.model, (FCOS, RetinaNet, FasterRCNN)):
+                raise AlrunError(
+                    "strategy: MC dropout is implemented for FCOS, RetinaNet and Faster R-CNN "
+                    f"heads; this detector is {type(self.model).__name__}: use an ensemble or "
+                    "test-time views"
+                )
+            if self.head_dropout == 0:  # detector.head_dropout wins when set
+                self.head_dropout = float(needs.head_dropout)
+                self.model = self._build(seed=0)
+        if needs.ensemble:
+            if needs.ensemble < 2:
+                raise AlrunError(
+                    f"strategy.scorer.members: an ensemble needs >= 2 members, got {needs.ensemble}"
+                )
+            if needs.ensemble_kind not in ENSEMBLE_KINDS:
+                raise AlrunError(
+                    f"strategy.scorer.ensemble_kind: expected one of {'|'.join(ENSEMBLE_KINDS)}, "
+                    f"got '{needs.ensemble_kind}'"
+                )
+            self.ensemble_kind = needs.ensemble_kind
+            self.members = [self._member(k) for k in range(1, needs.ensemble)]
+
+    def _member(self, k: int) -> TorchvisionDetector:
+        member = copy.copy(self)
+        member.members = []
+        member.model = self._build(seed=k)
+        return member
+
+    def ensemble_members(self) -> list[TorchvisionDetector]:
+        """Members 1..K-1 of the ensemble (this detector is member 0); the engine trains them
+        (``alrun.engine.train_round``) and ``state_dict`` stores them as ``member<k>.*``."""
+        return list(self.members)
+
+    def snapshot_member(self, k: int) -> None:
+        """Copy the current weights into member ``k`` (1..K-1): a snapshot ensemble."""
+        self.members[k - 1].model.load_state_dict(self.model.state_dict())
 
     # --- training (the loop itself is alrun.engine) -------------------------------------------
     def train_mode(self) -> None:
@@ -174,24 +265,81 @@ class TorchvisionDetector:
         needs: Needs = NOTHING,
         progress: Progress | None = None,
     ) -> list[Detections]:
-        if needs.passes > 1 or needs.augment or needs.grads:
+        """Detections per record; extra passes only when ``needs`` asks for them:
+
+        * ``head_dropout > 0``: ``passes`` MC-dropout passes. The backbone, FPN and the head
+          towers run once; only the last layers (dropout + class / box logits) run per pass,
+          read at the reference boxes' anchors (row i of a pass = row i of the reference).
+        * ``augment``: one pass per test-time view (:mod:`alrun.detectors.views`), boxes mapped
+          back to the original image.
+        * ``ensemble``: one pass per member, this model first.
+
+        The returned ``Detections`` are the deterministic, un-augmented pass; the extra ones are
+        in ``Detections.passes`` (probabilities always kept).
+        """
+        if needs.grads:
             raise AlrunError(
-                "detector: multi-pass, test-time augmentation and gradient outputs are not "
-                "implemented by the torchvision backend yet"
+                "detector: gradient outputs are not implemented by the torchvision backend yet"
             )
+        if needs.passes > 1 and not needs.head_dropout and not needs.ensemble:
+            raise AlrunError(
+                f"detector: {needs.passes} multi-pass predictions asked without a source: MC "
+                "dropout (needs.head_dropout > 0) or an ensemble (needs.ensemble)"
+            )
+        mc_passes = needs.passes if needs.head_dropout > 0 else 0
+        if mc_passes and not _head_dropouts(self.model):
+            raise AlrunError(
+                "detector: MC-dropout passes asked but the heads have no dropout (the strategy "
+                "sets it up at start-up through detector.prepare, or set detector.head_dropout)"
+            )
+        if needs.ensemble and len(self.members) + 1 < needs.ensemble:
+            raise AlrunError(
+                f"detector: {needs.ensemble} ensemble members asked, {len(self.members) + 1} "
+                "prepared (detector.prepare)"
+            )
+        views = [parse_view(v, "needs.augment") for v in needs.augment]
         self.model.eval()
+        for member in self.members:
+            member.model.eval()
         out: list[Detections] = []
         records = list(images)
         for start in range(0, len(records), self.predict_batch_size):
             chunk = records[start : start + self.predict_batch_size]
             tensors = [load_image(r).to(self.device) for r in chunk]
-            out.extend(self._forward(chunk, tensors, needs))
+            found = self._forward(chunk, tensors, needs, mc_passes)
+            if views:
+                found = self._with_views(chunk, tensors, found, views)
+            if needs.ensemble:
+                found = self._with_members(chunk, tensors, found)
+            out.extend(found)
             if progress:
                 progress(len(out), len(records))
         return out
 
+    def _with_views(self, chunk, tensors, found: list[Detections], views) -> list[Detections]:
+        per_view = []
+        for view in views:
+            viewed = [apply_view(t, view, r.image_id) for r, t in zip(chunk, tensors)]
+            dets = self._forward(chunk, viewed, PASS_NEEDS, 0)
+            per_view.append(
+                [
+                    replace(d, boxes=boxes_to_original(d.boxes, view, tuple(t.shape[-2:])))
+                    for d, t in zip(dets, tensors)
+                ]
+            )
+        return [replace(d, passes=tuple(v[i] for v in per_view)) for i, d in enumerate(found)]
+
+    def _with_members(self, chunk, tensors, found: list[Detections]) -> list[Detections]:
+        own = [_plain(d) for d in found]
+        members = [m._forward(chunk, tensors, PASS_NEEDS, 0) for m in self.members]
+        return [replace(d, passes=(own[i], *(m[i] for m in members))) for i, d in enumerate(found)]
+
     def _forward(
-        self, records: Sequence[ImageRecord], tensors: list[Tensor], needs: Needs
+        self,
+        records: Sequence[ImageRecord],
+        tensors: list[Tensor],
+        needs: Needs,
+        mc_passes: int = 0,
     ) -> list[Detections]:
         model = self.model
         original_sizes = [tuple(t.shape[-2:]) for t in tensors]
@@ -201,8 +349,14 @@ class TorchvisionDetector:
             features = {"0": features}
         levels = list(features.values())
         embeddings = torch.cat([f.mean(dim=(2, 3)) for f in levels], dim=1)  # (B, sum D)
+        extra: list[list[dict[str, Tensor]]] = []
         if isinstance(model, FasterRCNN):
-            per_image = _two_stage(model, batch, features)
+            cached = _two_stage_features(model, batch, features)
+            per_image = _two_stage(model, batch, features, cached)
+            if mc_passes:
+                with _mc_rng(self.device, records), _stochastic(model):
+                    for _ in range(mc_passes):
+                        extra.append(_two_stage_at_sources(model, batch, *cached, per_image))
         elif isinstance(model, SSD):
             if needs.feats:
                 raise AlrunError(
@@ -211,34 +365,175 @@ class TorchvisionDetector:
                 )
             per_image = _ssd(model, batch, levels)
         else:
-            per_image = _dense(model, batch, levels)
+            anchors = model.anchor_generator(batch, levels)
+            towers = _head_towers(model, levels)  # run once, whatever the number of passes
+            per_image = _dense(model, batch, levels, _head_last(model, towers), anchors)
+            if mc_passes:
+                p = _head_dropouts(model)[0].p
+                with _mc_rng(self.device, records):
+                    extra = _dense_mc_passes(
+                        model, batch, levels, towers, anchors, per_image, p, mc_passes
+                    )
+        geometry = (batch.image_sizes, original_sizes)
         results = []
         for i, (record, found) in enumerate(zip(records, per_image)):
-            boxes = resize_boxes(found["boxes"], batch.image_sizes[i], original_sizes[i])
-            probs = found["probs"]
-            class_probs = found["class_probs"]
-            results.append(
-                Detections(
-                    image_id=record.image_id,
-                    boxes=boxes.cpu(),
-                    scores=found["scores"].cpu(),
-                    labels=(found["labels"] - self.label_offset).cpu(),
-                    probs=probs.cpu() if needs.probs else None,
-                    class_probs=class_probs.cpu() if needs.probs else None,
-                    sources=found["sources"].cpu(),
-                    head=self.head_type,
-                    feats=found["feats"].cpu() if needs.feats else None,
-                    embedding=embeddings[i].cpu() if needs.embedding else None,
-                    proposals=(
-                        resize_boxes(
-                            found["proposals"], batch.image_sizes[i], original_sizes[i]
-                        ).cpu()
-                        if found.get("proposals") is not None
-                        else None
-                    ),
-                )
+            det = self._detections(record, found, i, geometry, needs, embeddings[i])
+            passes = tuple(
+                self._detections(record, p[i], i, geometry, PASS_NEEDS, None) for p in extra
             )
+            results.append(replace(det, passes=passes) if passes else det)
         return results
+
+    def _detections(
+        self,
+        record: ImageRecord,
+        found: dict[str, Tensor],
+        i: int,
+        geometry: tuple[list, list],
+        needs: Needs,
+        embedding: Tensor | None,
+    ) -> Detections:
+        """One image's post-processed outputs as Detections in original-image pixels."""
+        image_sizes, original_sizes = geometry
+        boxes = resize_boxes(found["boxes"], image_sizes[i], original_sizes[i])
+        proposals = found.get("proposals")
+        return Detections(
+            image_id=record.image_id,
+            boxes=boxes.cpu(),
+            scores=found["scores"].cpu(),
+            labels=(found["labels"] - self.label_offset).cpu(),
+            probs=found["probs"].cpu() if needs.probs else None,
+            class_probs=found["class_probs"].cpu() if needs.probs else None,
+            sources=found["sources"].cpu(),
+            head=self.head_type,
+            feats=found["feats"].cpu() if needs.feats else None,
+            embedding=embedding.cpu() if needs.embedding and embedding is not None else None,
+            proposals=(
+                resize_boxes(proposals, image_sizes[i], original_sizes[i]).cpu()
+                if proposals is not None
+                else None
+            ),
+        )
+
+
+#: what every extra pass keeps: probabilities (for the scores), boxes, sources
+PASS_NEEDS = Needs(probs=True)
+
+#: ``strategy.scorer.ensemble_kind`` choices
+ENSEMBLE_KINDS = ("independent", "snapshot")
+
+
+def _plain(det: Detections) -> Detections:
+    """``det`` as an extra pass: probabilities kept, no features, embedding or passes."""
+    return replace(det, feats=None, embedding=None, passes=())
+
+
+def _is_member_key(name: str) -> bool:
+    head = name.split(".", 1)[0]
+    return head.startswith("member") and head[len("member") :].isdigit()
+
+
+class HeadDropout:
+    """Forward pre-hook: dropout on the input of a head's last layer (the class / box logits).
+
+    On feature maps it is channel-wise (spatial) dropout (Tompson et al. 2015: one mask per
+    image and channel, the usual choice for conv features, whose neighbours are correlated), so
+    an MC pass can be evaluated exactly at just the locations of the reference boxes
+    (:func:`_dense_mc_passes`); on box features (Faster R-CNN) element-wise. Active in training
+    (the model trains with it) and, for MC-dropout passes, in evaluation while ``active`` is
+    set. A hook keeps the module tree and ``state_dict`` keys unchanged, so checkpoints load
+    with or without it.
+    """
+
+    def __init__(self, p: float):
+        self.p = float(p)
+        self.active = False
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        on = module.training or self.active
+        x = args[0]
+        dropped = F.dropout2d(x, self.p, on) if x.dim() == 4 else F.dropout(x, self.p, on)
+        return (dropped, *args[1:])
+
+
+def _last_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers that produce the class and box logits: of a dense head, or the box predictor
+    of a two-stage head (one dropout on the box features feeds both its outputs)."""
+    if isinstance(model, (FCOS, RetinaNet)):
+        return [model.head.classification_head.cls_logits, model.head.regression_head.bbox_reg]
+    if isinstance(model, FasterRCNN):
+        return [model.roi_heads.box_predictor]
+    return []
+
+
+def install_head_dropout(model: nn.Module, p: float) -> None:
+    """Insert dropout of probability ``p`` before the class and box logits of a dense head."""
+    for layer in _last_layers(model):
+        layer.register_forward_pre_hook(HeadDropout(p))
+
+
+def _head_dropouts(model: nn.Module) -> list[HeadDropout]:
+    return [
+        hook
+        for layer in _last_layers(model)
+        for hook in layer._forward_pre_hooks.values()
+        if isinstance(hook, HeadDropout)
+    ]
+
+
+@contextlib.contextmanager
+def _mc_rng(device: torch.device, records: Sequence[ImageRecord]):
+    """MC-dropout masks from a generator seeded by the batch's image ids (same images, same
+    passes), without touching the global random state."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(zlib.crc32("|".join(r.image_id for r in records).encode()))
+        yield
+
+
+class _stochastic:
+    """Context manager: head dropout active in evaluation (MC-dropout passes)."""
+
+    def __init__(self, model: nn.Module):
+        self.hooks = _head_dropouts(model)
+
+    def __enter__(self) -> None:
+        for hook in self.hooks:
+            hook.active = True
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.active = False
+
+
+def _head_towers(model: FCOS | RetinaNet, levels: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """Per level, the classification and regression towers' outputs (deterministic)."""
+    heads = model.head
+    return [(heads.classification_head.conv(x), heads.regression_head.conv(x)) for x in levels]
+
+
+def _to_anchor_rows(t: Tensor, width: int) -> Tensor:
+    """(N, A*width, H, W) -> (N, HWA, width), as torchvision's heads reshape."""
+    n, _, h, w = t.shape
+    return t.view(n, -1, width, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, width)
+
+
+def _head_last(model: FCOS | RetinaNet, towers: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """The head's outputs from cached tower features: what ``model.head(levels)`` returns,
+    running only the last layers (so MC-dropout passes re-run only those)."""
+    cls_head, reg_head = model.head.classification_head, model.head.regression_head
+    cls, reg, ctr = [], [], []
+    for cls_feat, reg_feat in towers:
+        cls.append(_to_anchor_rows(cls_head.cls_logits(cls_feat), cls_head.num_classes))
+        regression = reg_head.bbox_reg(reg_feat)
+        if isinstance(model, FCOS):
+            regression = F.relu(regression)
+            ctr.append(_to_anchor_rows(reg_head.bbox_ctrness(reg_feat), 1))
+        reg.append(_to_anchor_rows(regression, 4))
+    out = {"cls_logits": torch.cat(cls, dim=1), "bbox_regression": torch.cat(reg, dim=1)}
+    if ctr:
+        out["bbox_ctrness"] = torch.cat(ctr, dim=1)
+    return out
 
 
 def _backbone_weights_enum(builder: Callable[..., nn.Module]) -> Any:
@@ -336,10 +631,20 @@ def _move_background_last(probs: Tensor) -> Tensor:
     return torch.cat([probs[:, 1:], probs[:, :1]], dim=1)
 
 
-def _dense(model: FCOS | RetinaNet, batch, levels: list[Tensor]) -> list[dict[str, Tensor]]:
-    """FCOS / RetinaNet post-processing that keeps each box's logits row and feature row."""
-    head_outputs = model.head(levels)
-    anchors = model.anchor_generator(batch, levels)
+def _dense(
+    model: FCOS | RetinaNet,
+    batch,
+    levels: list[Tensor],
+    head_outputs: dict[str, Tensor] | None = None,
+    anchors: list[Tensor] | None = None,
+) -> list[dict[str, Tensor]]:
+    """FCOS / RetinaNet post-processing that keeps each box's logits row and feature row.
+
+    ``head_outputs`` / ``anchors`` may be passed in (computed once for several passes)."""
+    if head_outputs is None:
+        head_outputs = model.head(levels)
+    if anchors is None:
+        anchors = model.anchor_generator(batch, levels)
     num_per_level = [f.shape[2] * f.shape[3] for f in levels]
     num_anchors_per_loc = head_outputs["cls_logits"].shape[1] // sum(num_per_level)
     num_per_level = [n * num_anchors_per_loc for n in num_per_level]
@@ -396,11 +701,236 @@ def _dense(model: FCOS | RetinaNet, batch, levels: list[Tensor]) -> list[dict[st
     return results
 
 
-def _two_stage(model: FasterRCNN, batch, features: dict[str, Tensor]) -> list[dict[str, Tensor]]:
-    """Faster R-CNN post-processing that keeps probs (background last), box features, proposals."""
+def _dense_at_sources(
+    model: FCOS | RetinaNet,
+    batch,
+    head_outputs: dict[str, Tensor],
+    anchors: list[Tensor],
+    found: list[dict[str, Tensor]],
+) -> list[dict[str, Tensor]]:
+    """One pass of full-map head outputs read at the anchors the reference boxes came from
+    (the reference that :func:`_dense_mc_passes` computes more cheaply; tests compare them).
+
+    Under MC dropout the anchors do not move, only the head's outputs do: each reference box's
+    anchor gives its class probabilities, score and regressed box in this pass, row for row
+    (same ``sources``, same labels), without a new top-k and NMS. That keeps T passes cheap and
+    the correspondence exact; :func:`alrun.acquisition.multipass.match_passes` then compares
+    row i with row i (and still applies the overlap threshold).
+    """
+    is_fcos = isinstance(model, FCOS)
+    results = []
+    for b, ref in enumerate(found):
+        src, labels = ref["sources"], ref["labels"]
+        logits = head_outputs["cls_logits"][b][src]
+        regress = head_outputs["bbox_regression"][b][src]
+        if is_fcos:
+            boxes = model.box_coder.decode(regress, anchors[b][src])
+        else:
+            boxes = model.box_coder.decode_single(regress, anchors[b][src])
+        class_probs = torch.sigmoid(logits)
+        p = class_probs.gather(1, labels.reshape(-1, 1)).reshape(-1)
+        if is_fcos:
+            p = torch.sqrt(p * torch.sigmoid(head_outputs["bbox_ctrness"][b][src].reshape(-1)))
+        results.append(
+            {
+                "boxes": box_ops.clip_boxes_to_image(boxes, batch.image_sizes[b]),
+                "scores": p,
+                "labels": labels,
+                "probs": _with_background_last(logits),
+                "class_probs": class_probs,
+                "feats": ref["feats"],
+                "sources": src,
+            }
+        )
+    return results
+
+
+def _channel_mask(batch_size: int, channels: int, p: float, device) -> Tensor:
+    """(B, C) channel-dropout mask, scaled by 1 / (1 - p) as in training."""
+    keep = torch.rand(batch_size, channels, device=device) >= p
+    return keep.float() / (1.0 - p)
+
+
+def _patches(feature: Tensor, b: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """(n, C, 3, 3) neighbourhoods of locations (b, y, x) of ``feature`` (B, C, H, W), zero
+    padded as a 3x3 convolution with padding 1 sees them."""
+    padded = F.pad(feature, (1, 1, 1, 1))
+    offsets = torch.arange(3, device=feature.device)
+    ys = (y[:, None] + offsets)[:, :, None]  # (n, 3, 1)
+    xs = (x[:, None] + offsets)[:, None, :]  # (n, 1, 3)
+    return padded[b[:, None, None], :, ys, xs].permute(0, 3, 1, 2)  # (n, C, 3, 3)
+
+
+class _ConvAt:
+    """A 3x3 ``conv`` (padding 1) at gathered locations, output channels ``channels`` (n, k)
+    per location, for any channel mask of its input.
+
+    The convolution is linear in its input channels, so ``out[n, k] = sum_c mask[n, c] *
+    Q[n, c, k] + bias`` with ``Q`` (each input channel's contribution) computed once; every
+    MC pass is then one batched mask-vector product."""
+
+    def __init__(self, patches: Tensor, conv: nn.Conv2d, channels: Tensor):
+        weight = conv.weight.flatten(2)  # (out, C, 9)
+        # per input channel c: (n, 9) @ (9, out), batched over c -> (n, C, out)
+        per_channel = torch.bmm(patches.flatten(2).transpose(0, 1), weight.permute(1, 2, 0))
+        contrib = per_channel.transpose(0, 1)  # (n, C, out)
+        index = channels[:, None, :].expand(-1, contrib.shape[1], -1)
+        self.contrib = contrib.gather(2, index)  # (n, C, k)
+        self.bias = conv.bias[channels]  # (n, k)
+
+    def __call__(self, mask: Tensor) -> Tensor:
+        return (mask[:, :, None] * self.contrib).sum(dim=1) + self.bias
+
+
+def _dense_mc_passes(
+    model: FCOS | RetinaNet,
+    batch,
+    levels: list[Tensor],
+    towers: list[tuple[Tensor, Tensor]],
+    anchors: list[Tensor],
+    found: list[dict[str, Tensor]],
+    p: float,
+    passes: int,
+) -> list[list[dict[str, Tensor]]]:
+    """``passes`` MC-dropout passes of a dense head at the reference boxes' anchors.
+
+    With channel-wise dropout a pass is a (B, C) mask per tower; the last layers (3x3 convs)
+    are evaluated only at the reference locations, on tower features computed once. Exactly
+    what a full pass with those masks gives there (a test checks it), at a tiny fraction of
+    its cost.
+    """
+    cls_head, reg_head = model.head.classification_head, model.head.regression_head
+    num_classes, is_fcos = cls_head.num_classes, isinstance(model, FCOS)
+    sizes = [(f.shape[2], f.shape[3]) for f in levels]
+    per_loc = len(anchors[0]) // sum(h * w for h, w in sizes)  # anchors per location
+    starts = torch.tensor([0] + [h * w * per_loc for h, w in sizes]).cumsum(0)
+    counts = [len(f["sources"]) for f in found]
+    if sum(counts) == 0:  # no reference box in the whole batch
+        return [[dict(f) for f in found] for _ in range(passes)]
+    device = levels[0].device
+    total = int(starts[-1])
+    b = torch.repeat_interleave(
+        torch.arange(len(found), device=device), torch.tensor(counts, device=device)
+    )
+    src = torch.cat([f["sources"] for f in found]).to(device)
+    labels = torch.cat([f["labels"] for f in found]).to(device)
+    # per-class NMS keeps several rows per anchor: compute each (image, anchor) once
+    keys, inverse = torch.unique(b * total + src, return_inverse=True)
+    ub, usrc = torch.div(keys, total, rounding_mode="floor"), keys % total
+    level = torch.searchsorted(starts[1:].to(device), usrc, right=True)
+    rows = {"cls": [], "reg": [], "index": []}
+    for lvl, (_h, w) in enumerate(sizes):
+        at = torch.nonzero(level == lvl).flatten()
+        if at.numel() == 0:
+            continue
+        loc = torch.div(usrc[at] - int(starts[lvl]), per_loc, rounding_mode="floor")
+        y, x = torch.div(loc, w, rounding_mode="floor"), loc % w
+        rows["cls"].append(_patches(towers[lvl][0], ub[at], y, x))
+        rows["reg"].append(_patches(towers[lvl][1], ub[at], y, x))
+        rows["index"].append(at)
+    order = torch.cat(rows["index"])
+    cls_patch, reg_patch = torch.cat(rows["cls"]), torch.cat(rows["reg"])
+    b_o, src_o = ub[order], usrc[order]
+    a = (src_o - starts.to(device)[level[order]]) % per_loc  # anchor index at the location
+    cls_channels = (a * num_classes)[:, None] + torch.arange(num_classes, device=device)
+    reg_channels = (a * 4)[:, None] + torch.arange(4, device=device)
+    anchor_boxes = torch.stack(anchors)[b_o, src_o]
+    limits = torch.tensor([[w, h, w, h] for h, w in batch.image_sizes], device=device)[b_o]
+    back = torch.empty_like(order)
+    back[order] = torch.arange(len(order), device=device)
+    row_at = back[inverse]  # each box row's position among the computed anchors
+    cls_at = _ConvAt(cls_patch, cls_head.cls_logits, cls_channels)
+    reg_at = _ConvAt(reg_patch, reg_head.bbox_reg, reg_channels)
+    ctr_at = _ConvAt(reg_patch, reg_head.bbox_ctrness, a[:, None]) if is_fcos else None
+    passes_out = []
+    for _ in range(passes):
+        cls_mask = _channel_mask(len(found), cls_patch.shape[1], p, device)[b_o]
+        reg_mask = _channel_mask(len(found), reg_patch.shape[1], p, device)[b_o]
+        logits, regress = cls_at(cls_mask), reg_at(reg_mask)
+        if is_fcos:
+            boxes = model.box_coder.decode(F.relu(regress), anchor_boxes)
+        else:
+            boxes = model.box_coder.decode_single(regress, anchor_boxes)
+        boxes = torch.minimum(boxes.clamp_min(0), limits)[row_at]
+        logits = logits[row_at]
+        class_probs = torch.sigmoid(logits)
+        score = class_probs.gather(1, labels.reshape(-1, 1)).reshape(-1)
+        if is_fcos:
+            ctr = ctr_at(reg_mask).reshape(-1)[row_at]
+            score = torch.sqrt(score * torch.sigmoid(ctr))
+        out = {
+            "boxes": boxes,
+            "scores": score,
+            "probs": _with_background_last(logits),
+            "class_probs": class_probs,
+        }
+        split = {k: v.split(counts) for k, v in out.items()}
+        passes_out.append(
+            [
+                {
+                    **{k: split[k][i] for k in out},
+                    "labels": f["labels"],
+                    "feats": f["feats"],
+                    "sources": f["sources"],
+                }
+                for i, f in enumerate(found)
+            ]
+        )
+    return passes_out
+
+
+def _two_stage_features(
+    model: FasterRCNN, batch, features: dict[str, Tensor]
+) -> tuple[list[Tensor], Tensor]:
+    """RPN proposals and their box-head features (what MC-dropout passes reuse)."""
     proposals, _ = model.rpn(batch, features)
     heads = model.roi_heads
-    box_feats = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+    return proposals, heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+
+
+def _two_stage_at_sources(
+    model: FasterRCNN,
+    batch,
+    proposals: list[Tensor],
+    box_feats: Tensor,
+    found: list[dict[str, Tensor]],
+) -> list[dict[str, Tensor]]:
+    """One MC-dropout pass of the box predictor, read at the reference boxes' proposals (row i
+    of the pass = row i of the reference: same proposal, same class)."""
+    heads = model.roi_heads
+    class_logits, box_regression = heads.box_predictor(box_feats)
+    decoded = heads.box_coder.decode(box_regression, proposals)  # (sum N, C+1, 4)
+    counts = [len(p) for p in proposals]
+    results = []
+    for b, (boxes, logits, ref) in enumerate(
+        zip(decoded.split(counts), class_logits.split(counts), found)
+    ):
+        rows, labels = ref["sources"], ref["labels"]
+        probs = torch.softmax(logits[rows], -1)
+        results.append(
+            {
+                "boxes": box_ops.clip_boxes_to_image(boxes[rows, labels], batch.image_sizes[b]),
+                "scores": probs.gather(1, labels.reshape(-1, 1)).reshape(-1),
+                "labels": labels,
+                "probs": _move_background_last(probs),
+                "class_probs": probs[:, 1:],
+                "feats": ref["feats"],
+                "proposals": ref["proposals"],
+                "sources": rows,
+            }
+        )
+    return results
+
+
+def _two_stage(
+    model: FasterRCNN,
+    batch,
+    features: dict[str, Tensor],
+    cached: tuple[list[Tensor], Tensor] | None = None,
+) -> list[dict[str, Tensor]]:
+    """Faster R-CNN post-processing that keeps probs (background last), box features, proposals."""
+    proposals, box_feats = cached or _two_stage_features(model, batch, features)
+    heads = model.roi_heads
     class_logits, box_regression = heads.box_predictor(box_feats)
     decoded = heads.box_coder.decode(box_regression, proposals)  # (sum N, C+1, 4)
     probs_all = torch.softmax(class_logits, -1)

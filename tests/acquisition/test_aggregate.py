@@ -76,3 +76,22 @@ def test_segment_aggregation_equals_per_image(name):
             expected = _reference(scores[start : start + n], name, conf[start : start + n])
             assert batched[i].item() == pytest.approx(expected, rel=1e-6)
         start += n
+
+
+def test_class_weights_multiply_each_box_by_its_class_weight():
+    from alrun.acquisition.aggregate import class_weighted
+
+    scores = torch.tensor([1.0, 2.0, 3.0])
+    labels = torch.tensor([0, 1, 0])
+    # class 0 x 2, class 1 x 0.5: [2, 1, 6]
+    assert class_weighted(scores, labels, (2.0, 0.5)).tolist() == pytest.approx([2.0, 1.0, 6.0])
+    assert class_weighted(scores, labels, None).tolist() == pytest.approx([1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("weights", [[], [1.0, -1.0], "abc", [float("nan")]])
+def test_bad_class_weights_are_one_line_errors(weights):
+    from alrun.acquisition.aggregate import check_class_weights
+    from alrun.errors import AlrunError
+
+    with pytest.raises(AlrunError, match="strategy.scorer.class_weights"):
+        check_class_weights(weights)

@@ -337,3 +337,340 @@ def test_pretrained_true_offline_names_the_file_and_the_local_option(monkeypatch
     message = str(err.value)
     assert "mobilenet_v3_large-" in message and ".pth" in message
     assert "hub" in message and "detector.pretrained_backbone=" in message
+
+
+# --- multi-pass predictions: MC dropout, test-time views, ensembles -----------------------------
+from alrun.detectors.torchvision import (  # noqa: E402
+    HeadDropout,
+    _head_dropouts,
+    _head_last,
+    _head_towers,
+)
+from alrun.detectors.views import apply_view, boxes_to_original, parse_view  # noqa: E402
+
+MC = Needs(probs=True, passes=4, head_dropout=0.5)
+
+
+def _mc_detector():
+    det = TorchvisionDetector(_low_threshold_fcos, num_classes=3, device="cpu")
+    det.prepare(MC)
+    return det
+
+
+class _Calls:
+    """Counts forward calls of modules."""
+
+    def __init__(self, **modules):
+        self.counts = dict.fromkeys(modules, 0)
+        for name, module in modules.items():
+            module.register_forward_hook(lambda *_a, name=name: self._hit(name))
+
+    def _hit(self, name):
+        self.counts[name] += 1
+
+
+def _calls(det):
+    head = det.model.head
+    return _Calls(
+        backbone=det.model.backbone,
+        cls_tower=head.classification_head.conv,
+        cls_logits=head.classification_head.cls_logits,
+        bbox_reg=head.regression_head.bbox_reg,
+    )
+
+
+@pytest.mark.parametrize("family", ["fcos", "retinanet"])
+def test_head_from_cached_towers_equals_the_stock_head(images, family):
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    if family == "fcos":
+        model = _low_threshold_fcos(3)
+    else:
+        model = retinanet_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=64
+        )
+    model.eval()
+    from alrun.data.images import load_image
+
+    with torch.no_grad():
+        batch, _ = model.transform([load_image(r) for r in images.images[:2]])
+        levels = list(model.backbone(batch.tensors).values())
+        stock = model.head(levels)
+        ours = _head_last(model, _head_towers(model, levels))
+    assert stock.keys() == ours.keys()
+    for key in stock:
+        torch.testing.assert_close(ours[key], stock[key])
+
+
+def test_mc_dropout_reruns_only_the_last_head_layers(images, monkeypatch):
+    from alrun.detectors import torchvision as tv
+
+    det = _mc_detector()
+    det.predict_batch_size = 4  # 6 images -> 2 batches
+    calls = _calls(det)
+    at_boxes = []
+    real = tv._ConvAt.__call__
+    monkeypatch.setattr(tv._ConvAt, "__call__", lambda *a: at_boxes.append(1) or real(*a))
+    preds = det.predict(images.images, MC)
+    # 2 batches x 3 FPN levels: backbone once per batch, towers and the full-map class / box
+    # logits once per level (the reference pass) ...
+    assert calls.counts == {"backbone": 2, "cls_tower": 6, "cls_logits": 6, "bbox_reg": 6}
+    # ... and each of the 4 MC passes evaluates only the last layers (class, box, centerness)
+    # at the reference boxes' locations: 2 batches x 4 passes x 3 layers
+    assert len(at_boxes) == 24
+    assert all(len(p.passes) == 4 for p in preds)
+    assert all(q.class_probs is not None for p in preds for q in p.passes)
+    # each pass is read at the reference boxes' anchors: row i of a pass is row i of the
+    # reference (same source, same label), with its own probabilities and box
+    assert sum(len(p) for p in preds) > 0
+    for p in preds:
+        for q in p.passes:
+            assert torch.equal(q.sources, p.sources) and torch.equal(q.labels, p.labels)
+    # the passes are stochastic: they differ from each other and from the reference
+    first = next(p for p in preds if len(p))
+    probs = [q.class_probs for q in first.passes]
+    assert not torch.allclose(probs[0], first.class_probs)
+    assert not torch.allclose(probs[0], probs[1])
+
+
+def test_a_strategy_without_passes_runs_no_passes(images):
+    det = _mc_detector()  # the heads have dropout, but entropy asks for one pass
+    det.predict_batch_size = 4
+    calls = _calls(det)
+    preds = det.predict(images.images, Needs(probs=True))
+    assert calls.counts == {"backbone": 2, "cls_tower": 6, "cls_logits": 6, "bbox_reg": 6}
+    assert all(p.passes == () for p in preds)
+
+
+def test_reference_pass_is_deterministic_and_mc_passes_are_seeded(images):
+    det = _mc_detector()
+    a = det.predict(images.images[:3], MC)
+    b = det.predict(images.images[:3], MC)
+    plain = det.predict(images.images[:3], Needs(probs=True))
+    for x, y, z in zip(a, b, plain):
+        torch.testing.assert_close(x.boxes, z.boxes)  # dropout is off in the reference pass
+        for p, q in zip(x.passes, y.passes):
+            torch.testing.assert_close(p.boxes, q.boxes)  # same images -> same MC passes
+
+
+def test_head_dropout_is_active_in_training_only_by_default():
+    det = _mc_detector()
+    hooks = _head_dropouts(det.model)
+    assert len(hooks) == 2 and all(isinstance(h, HeadDropout) and h.p == 0.5 for h in hooks)
+    layer = det.model.head.classification_head.cls_logits
+    x = torch.ones(1, 64, 4, 4)
+    det.model.train()
+    assert not torch.equal(layer(x), layer(x))  # dropout masks differ in training
+    det.model.eval()
+    assert torch.equal(layer(x), layer(x))
+    # a checkpoint of a model with dropout loads into one without (same keys)
+    plain = TorchvisionDetector(_low_threshold_fcos, num_classes=3, device="cpu")
+    plain.load_state_dict(det.state_dict())
+
+
+def test_multi_pass_without_source_and_mc_on_unsupported_heads_are_errors(images):
+    det = TorchvisionDetector(_low_threshold_fcos, num_classes=3, device="cpu")
+    with pytest.raises(AlrunError, match="without a source"):
+        det.predict(images.images[:1], Needs(passes=3))
+    with pytest.raises(AlrunError, match="heads have no dropout"):
+        det.predict(images.images[:1], MC)
+    with pytest.raises(AlrunError, match="one-stage"):
+        det.prepare(Needs(proposals=True))
+    with pytest.raises(AlrunError, match="one kind of extra passes"):
+        det.prepare(Needs(passes=2, head_dropout=0.2, augment=("hflip",)))
+
+
+def test_views_map_boxes_back():
+    image = torch.rand(3, 20, 40)
+    box = torch.tensor([[4.0, 2.0, 10.0, 8.0]])
+    flip = parse_view("hflip")
+    assert torch.equal(apply_view(image, flip).flip(-1), image)
+    # the box found at x 30..36 in the flipped image is at x 4..10 in the original
+    flipped_box = torch.tensor([[30.0, 2.0, 36.0, 8.0]])
+    assert boxes_to_original(flipped_box, flip, (20, 40)).tolist() == box.tolist()
+    half = parse_view("scale:0.5")
+    viewed = apply_view(image, half)
+    assert viewed.shape == image.shape and float(viewed[:, 10:, :].sub(0.5).abs().max()) == 0
+    assert boxes_to_original(box * 0.5, half, (20, 40)).tolist() == box.tolist()
+    noise = parse_view("noise:0.1")
+    assert torch.equal(apply_view(image, noise, "id"), apply_view(image, noise, "id"))
+    assert not torch.equal(apply_view(image, noise, "id"), apply_view(image, noise, "other"))
+    jitter = apply_view(image, parse_view("jitter:0.2"))
+    assert jitter.shape == image.shape and not torch.equal(jitter, image)
+
+
+def test_tta_gives_one_pass_per_view_in_the_original_frame(images):
+    det = TorchvisionDetector(_low_threshold_fcos, num_classes=3, device="cpu")
+    views = ("hflip", "scale:0.8", "jitter:0.2", "noise:0.05")
+    calls = _calls(det)
+    preds = det.predict(images.images[:2], Needs(probs=True, augment=views))
+    assert calls.counts["backbone"] == 1 + len(views)  # one batch, each view a full pass
+    for p in preds:
+        assert len(p.passes) == len(views)
+        for q in p.passes:
+            assert bool((q.boxes[:, 2] <= 64 + 1e-4).all()) and bool((q.boxes >= 0).all())
+    # the hflip pass is the flipped image's detections mapped back: flipping the image by hand
+    # and mapping its boxes gives the same
+    from alrun.data.images import load_image
+
+    record = images.images[0]
+    flipped = det._forward([record], [load_image(record).flip(-1)], Needs(probs=True))[0]
+    mapped = boxes_to_original(flipped.boxes, parse_view("hflip"), (64, 64))
+    # (batch of 2 vs batch of 1: float sums in another order)
+    torch.testing.assert_close(preds[0].passes[0].boxes, mapped, atol=1e-4, rtol=1e-4)
+
+
+def test_ensemble_members_predict_train_and_checkpoint(images, tmp_path):
+    from alrun.engine import train_round
+
+    det = TorchvisionDetector(_low_threshold_fcos, num_classes=4, device="cpu")
+    needs = Needs(probs=True, passes=3, ensemble=3)
+    det.prepare(needs)
+    assert len(det.members) == 2
+    preds = det.predict(images.images[:2], needs)
+    for p in preds:
+        assert len(p.passes) == 3
+        torch.testing.assert_close(p.passes[0].boxes, p.boxes)  # member 0 is the model itself
+    before = [m.state_dict() for m in det.members]
+    schedule = TrainSchedule(iterations=3, batch_size=2, warmup_iters=1)
+    from alrun.engine import BatchSource
+
+    stats = train_round(det, [BatchSource("labelled", images)], schedule, seed=5, round_index=0)
+    assert {"member1/final_loss", "member2/final_loss"} <= stats.keys()
+    after = [m.state_dict() for m in det.members]
+    for b, a in zip(before, after):
+        assert any(not torch.equal(b[k], a[k]) for k in b), "members must train"
+    # members are stored with the model and restored into a fresh prepared detector
+    state = det.state_dict()
+    assert any(k.startswith("member2.") for k in state)
+    fresh = TorchvisionDetector(_low_threshold_fcos, num_classes=4, device="cpu")
+    fresh.prepare(needs)
+    fresh.load_state_dict(state)
+    trained = det.predict(images.images[:2], needs)
+    again = fresh.predict(images.images[:2], needs)
+    for p, q in zip(trained, again):
+        for x, y in zip(p.passes, q.passes):
+            torch.testing.assert_close(x.boxes, y.boxes)
+
+
+def test_snapshot_ensemble_takes_checkpoints_of_one_run(images):
+    from alrun.engine import BatchSource, train_round
+
+    det = TorchvisionDetector(_low_threshold_fcos, num_classes=4, device="cpu")
+    det.prepare(Needs(probs=True, passes=3, ensemble=3, ensemble_kind="snapshot"))
+    schedule = TrainSchedule(iterations=6, batch_size=2, warmup_iters=1)
+    stats = train_round(det, [BatchSource("labelled", images)], schedule, seed=5, round_index=0)
+    assert stats["snapshot/members"] == 2.0 and "member1/final_loss" not in stats
+    final = det.model.state_dict()
+    snaps = [m.model.state_dict() for m in det.members]
+    weight = "head.classification_head.cls_logits.weight"
+    # snapshots after 2 and 4 of 6 iterations: all different from each other and the final
+    assert not torch.equal(snaps[0][weight], snaps[1][weight])
+    assert not torch.equal(snaps[1][weight], final[weight])
+
+
+def test_two_stage_proposals_feed_localization_tightness(images):
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+    from alrun.acquisition.multipass import PassUncertainty
+    from alrun.acquisition.scores import localization_tightness
+
+    builder = partial(
+        fasterrcnn_mobilenet_v3_large_320_fpn,
+        weights=None,
+        weights_backbone=None,
+        min_size=64,
+        max_size=64,
+        box_score_thresh=0.0,
+    )
+    det = TorchvisionDetector(builder, num_classes=3, label_offset=1, device="cpu")
+    scorer = PassUncertainty(localization_tightness, source="none", score_threshold=0.0)
+    det.prepare(scorer.needs)  # two-stage: accepted
+    preds = det.predict(images.images[:2], scorer.needs)
+    assert all(p.proposals is not None and p.proposals.shape == p.boxes.shape for p in preds)
+    batch = PredictionBatch.from_detections(preds)
+    scores = scorer(AcquisitionContext(batch.image_ids, 0, 0, preds=batch))
+    assert set(scores) == set(batch.image_ids)
+    assert all(0.0 <= s <= 1.0 for s in scores.values())
+
+
+def test_faster_rcnn_mc_dropout_reruns_only_the_box_predictor(images):
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    builder = partial(
+        fasterrcnn_mobilenet_v3_large_320_fpn,
+        weights=None,
+        weights_backbone=None,
+        min_size=64,
+        max_size=64,
+        box_score_thresh=0.0,
+    )
+    det = TorchvisionDetector(builder, num_classes=3, label_offset=1, device="cpu")
+    needs = Needs(probs=True, passes=3, head_dropout=0.5)
+    det.prepare(needs)
+    calls = _Calls(
+        backbone=det.model.backbone,
+        box_head=det.model.roi_heads.box_head,
+        predictor=det.model.roi_heads.box_predictor,
+    )
+    preds = det.predict(images.images[:2], needs)
+    assert calls.counts == {"backbone": 1, "box_head": 1, "predictor": 4}
+    assert sum(len(p) for p in preds) > 0
+    for p in preds:
+        assert len(p.passes) == 3
+        for q in p.passes:
+            assert torch.equal(q.sources, p.sources) and torch.equal(q.labels, p.labels)
+            torch.testing.assert_close(q.probs.sum(1), torch.ones(len(q)))
+    first = next(p for p in preds if len(p))
+    assert not torch.allclose(first.passes[0].probs, first.probs)
+
+
+@pytest.mark.parametrize("family", ["fcos", "retinanet"])
+def test_mc_passes_at_box_locations_equal_a_full_masked_pass(images, family, monkeypatch):
+    """A pass evaluated only at the reference boxes' locations gives exactly what the full head
+    with the same channel-dropout masks gives there (RetinaNet: 9 anchors per location)."""
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    from alrun.data.images import load_image
+    from alrun.detectors import torchvision as tv
+
+    if family == "fcos":
+        model = _low_threshold_fcos(3)
+    else:
+        model = retinanet_resnet50_fpn(
+            weights=None,
+            weights_backbone=None,
+            num_classes=3,
+            min_size=64,
+            max_size=64,
+            score_thresh=0.01,
+        )
+    model.eval()
+    masks = []
+
+    def recording(*args, **kwargs):
+        masks.append(real(*args, **kwargs))
+        return masks[-1]
+
+    real = tv._channel_mask
+    monkeypatch.setattr(tv, "_channel_mask", recording)
+    with torch.no_grad():
+        batch, _ = model.transform([load_image(r) for r in images.images[:3]])
+        levels = list(model.backbone(batch.tensors).values())
+        anchors = model.anchor_generator(batch, levels)
+        towers = tv._head_towers(model, levels)
+        found = tv._dense(model, batch, levels, tv._head_last(model, towers), anchors)
+        torch.manual_seed(0)
+        (ours,) = tv._dense_mc_passes(model, batch, levels, towers, anchors, found, 0.5, 1)
+        cls_mask, reg_mask = masks
+        assert set(cls_mask.unique().tolist()) == {0.0, 2.0}  # p = 0.5: dropped or x 1/(1-p)
+        masked = [
+            (c * cls_mask[:, :, None, None], r * reg_mask[:, :, None, None]) for c, r in towers
+        ]
+        full = tv._dense_at_sources(model, batch, tv._head_last(model, masked), anchors, found)
+    assert sum(len(f["sources"]) for f in found) > 0
+    for a, b in zip(ours, full):
+        for key in ("boxes", "scores", "probs", "class_probs"):
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+        assert torch.equal(a["sources"], b["sources"]) and torch.equal(a["labels"], b["labels"])
