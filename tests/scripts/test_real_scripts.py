@@ -51,3 +51,18 @@ def test_bench_real_script_sweeps_and_reports(tmp_path):
     assert len(runs) == 2 and any("random" in r for r in runs) and any("entropy" in r for r in runs)
     summary = (out / "bccd" / "report_mAP50" / "summary.csv").read_text()
     assert "random" in summary and "entropy" in summary
+
+
+def test_ci_mmdet_step_never_fails_and_says_why(tmp_path):
+    """The optional CI step exits 0 with a one-line reason when it cannot run."""
+    step = REPO / ".ci" / "mmdet_step.sh"
+    for env, reason in (
+        ({"ALRUN_CI_MMDET": "0"}, "skipped (ALRUN_CI_MMDET=0)"),
+        ({"ALRUN_CI_MINUTES": "1"}, "skipped (only"),  # not enough of the CI budget left
+    ):
+        result = subprocess.run(
+            ["bash", str(step)], env={**ENV, "ALRUN_CI_LOGS": str(tmp_path), **env},
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("ci: mmdet step: ") and reason in result.stdout
