@@ -571,6 +571,8 @@ def _two_stage(
     try:
         extractor = roi_head.bbox_roi_extractor
         roi_feats = extractor(tuple(levels)[: extractor.num_inputs], rois)
+        if getattr(roi_head, "with_shared_head", False):  # as StandardRoIHead._bbox_forward
+            roi_feats = roi_head.shared_head(roi_feats)
         cls_score, bbox_pred = bbox_head(roi_feats)
     finally:
         handle.remove()
@@ -600,8 +602,7 @@ def _two_stage(
         labels = torch.arange(num_classes, device=probs.device)[None].expand(n, -1).reshape(-1)
         cand_boxes = decoded.reshape(-1, 4)
         cand_scores = probs[:, :num_classes].reshape(-1)
-        keep = torch.where(cand_scores > score_thr)[0]
-        keep = keep[box_ops.remove_small_boxes(cand_boxes[keep], 1e-2)]
+        keep = torch.where(cand_scores > score_thr)[0]  # then NMS, as mmdet's multiclass_nms
         keep = keep[box_ops.batched_nms(cand_boxes[keep], cand_scores[keep], labels[keep], iou)]
         keep = keep[:max_per_img]
         results.append(
