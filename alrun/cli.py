@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from alrun import callbacks
+from alrun.config import enable_user_configs
 from alrun.errors import AlrunError
 from alrun.io import atomic_write_bytes, remove_file, write_json
 from alrun.loop import run_experiment
@@ -207,6 +208,7 @@ def main() -> None:
     if "--version" in sys.argv[1:]:
         print(f"alrun {alrun_version()}")
         return
+    enable_user_configs()  # ./configs: the user's presets and dataset configs (alrun.config)
     report = hydra_utils.run_and_report
     hydra_utils.run_and_report = _one_line_composition_errors(report)
     try:

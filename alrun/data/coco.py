@@ -386,3 +386,44 @@ def _coco_splits(
         test_data, test_file, test_images, pool.classes, skip_invalid, f"{test_file.stem}:test"
     )
     return DatasetSplits(pool=pool, test=test)
+
+
+def coco_root_splits(
+    root: str | Path | None = None,
+    pool: str = "train2017",
+    test: str = "val2017",
+    annotations: str = "annotations/instances_{split}.json",
+    classes: Sequence[str] | None = None,
+    skip_invalid: bool = False,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    max_pool_images: int | None = None,
+    max_test_images: int | None = None,
+) -> DatasetSplits:
+    """The official COCO layout under one root: ``<root>/<split>/`` images and
+    ``<root>/annotations/instances_<split>.json`` (train2017 pool: 118,287 images, val2017 test:
+    5,000). One root key instead of four file keys, so ``dataset.root`` or ``$ALRUN_COCO_ROOT``
+    points at a copy."""
+    path = resolve_root(root)
+    files = {}
+    for split in (pool, test):
+        for what, file in (
+            ("annotation file", path / annotations.format(split=split)),
+            ("image folder", path / split),
+        ):
+            if not file.exists():
+                raise DatasetError(
+                    f"dataset.root: {file} does not exist (the {split} {what}; "
+                    "scripts/prepare_coco.py checks and downloads the official layout)"
+                )
+        files[split] = path / annotations.format(split=split)
+    return coco_splits(
+        annotation_file=files[pool],
+        image_dir=path / pool,
+        test_annotation_file=files[test],
+        test_image_dir=path / test,
+        classes=classes,
+        skip_invalid=skip_invalid,
+        split_seed=split_seed,
+        max_pool_images=max_pool_images,
+        max_test_images=max_test_images,
+    )

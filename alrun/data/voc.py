@@ -323,3 +323,93 @@ def _voc_splits(
         pool=_assemble(pool, names, pool_val, pool_name, use_difficult),
         test=_assemble(test, names, test_val, test_name, use_difficult),
     )
+
+
+# --- several VOC folders under one root (VOC07+12) -------------------------------------------
+#: the 20 Pascal VOC classes, in the devkit's order
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+#: what every devkit folder must hold
+VOC_LAYOUT = ("Annotations", "JPEGImages", "ImageSets/Main")
+
+
+def check_voc_folder(folder: Path, split: str, key: str = "dataset.root") -> None:
+    """A one-line error naming the first missing piece of a devkit folder (e.g. VOC2012
+    without Annotations/) before anything is parsed."""
+    for part in VOC_LAYOUT:
+        if not (folder / part).is_dir():
+            raise DatasetError(
+                f"{key}: {folder / part} does not exist; a VOC folder needs "
+                f"{', '.join(p + '/' for p in VOC_LAYOUT)} (scripts/prepare_voc.py checks and "
+                "downloads them)"
+            )
+    if not (folder / "ImageSets" / "Main" / f"{split}.txt").is_file():
+        raise DatasetError(f"{key}: {folder}/ImageSets/Main/{split}.txt does not exist")
+
+
+def _parse_entries(root: Path, entries: Sequence[str], val: Validator, key: str) -> list[_Parsed]:
+    """``<folder>/<split>`` entries under ``root``; ids become ``<folder>_<id>`` so that two
+    folders (VOC2007, VOC2012) can never collide."""
+    parsed: list[_Parsed] = []
+    for entry in entries:
+        folder, _, split = str(entry).rpartition("/")
+        if not folder or not split:
+            raise DatasetError(f"dataset.{key}: '{entry}' is not <folder>/<split>")
+        path = root / folder
+        check_voc_folder(path, split)
+        for p in _parse(path, split, "Annotations", "JPEGImages", val):
+            p.image_id = f"{folder.replace('/', '_')}_{p.image_id}"
+            parsed.append(p)
+    return parsed
+
+
+def check_class_lists(classes: Sequence[str], parsed: Sequence[_Parsed], where: str) -> None:
+    """The configured class list and the data must agree both ways: a name in the data but not
+    in the list fails while parsing (``check_class_name``); a listed class that never occurs
+    (a typo such as ``tv`` for ``tvmonitor``) fails here."""
+    found = set(_classes_of(parsed))
+    absent = [c for c in classes if c not in found]
+    if absent:
+        raise DatasetError(
+            f"dataset.classes: {absent} never occur in {where} (classes found: {sorted(found)})"
+        )
+
+
+def voc_union_splits(
+    root: str | Path | None = None,
+    pool: Sequence[str] = ("VOC2007/trainval", "VOC2012/trainval"),
+    test: Sequence[str] = ("VOC2007/test",),
+    classes: Sequence[str] | None = VOC_CLASSES,
+    skip_invalid: bool = False,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    use_difficult: bool = False,
+    max_pool_images: int | None = None,
+    max_test_images: int | None = None,
+) -> DatasetSplits:
+    """Pool and test made of several devkit folders under one root, e.g. ``VOCdevkit/`` with
+    ``VOC2007/`` and ``VOC2012/``: the VOC07+12 trainval pool (16,551 images) and the VOC07
+    test set (4,952) that PPAL, MI-AOD and learning-loss report on.
+
+    ``pool`` and ``test`` list ``<folder>/<split>`` (``ImageSets/Main/<split>.txt``). Image ids
+    are ``<folder>_<id>``. ``classes`` (default: the 20 VOC classes, in the devkit's order) must
+    match the data both ways.
+    """
+    path = resolve_root(root)
+    checked = _check_classes(classes)
+    pool_val = Validator(path.name, skip_invalid)
+    test_val = Validator(path.name, skip_invalid)
+    pool_parsed = _parse_entries(path, pool, pool_val, "pool")
+    test_parsed = _parse_entries(path, test, test_val, "test")
+    names = checked if checked is not None else _classes_of([*pool_parsed, *test_parsed])
+    if checked is not None:
+        check_class_lists(checked, [*pool_parsed, *test_parsed], f"{path} ({', '.join(pool)})")
+    pool_name, test_name = (f"{path.name}:{'+'.join(entries)}" for entries in (pool, test))
+    splits = DatasetSplits(
+        pool=_assemble(pool_parsed, names, pool_val, pool_name, use_difficult),
+        test=_assemble(test_parsed, names, test_val, test_name, use_difficult),
+    )
+    return limit_splits(splits, max_pool_images, max_test_images, split_seed)

@@ -26,6 +26,7 @@ from alrun.loop import build_experiment
 from alrun.oracle import CostModel, SimulatedOracle
 from alrun.pool import LabelPool
 from tests.data.builders import make_coco, make_voc, make_yolo
+from tests.data.fabricate import make_coco_root, make_vocdevkit
 from tests.helpers import REPO, compose_config, shared_dataset
 
 DATASET_CONFIGS = sorted(p.stem for p in (REPO / "alrun" / "configs" / "dataset").glob("*.yaml"))
@@ -105,6 +106,11 @@ def _fixture_overrides(option: str, tmp_path: Path) -> list[str]:
         return [f"dataset.root={make_voc(tmp_path / 'voc')}"]
     if option == "yolo":
         return [f"dataset.root={make_yolo(tmp_path / 'yolo')}"]
+    if option == "voc0712":
+        root = make_vocdevkit(tmp_path / "VOCdevkit")
+        return [f"dataset.root={root}", "dataset.classes=[cat,dog]"]
+    if option == "coco2017":
+        return [f"dataset.root={make_coco_root(tmp_path / 'coco2017')}"]
     return []
 
 

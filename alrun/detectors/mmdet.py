@@ -1,0 +1,620 @@
+"""MMDetection 3.x backend (optional: ``alrun[mmdet]``, built by ``scripts/install_mmdet.sh``).
+
+mmdet, mmcv and mmengine are imported only when an :class:`MMDetDetector` is built, so alrun
+works without them; asking for this backend without them is a one-line error saying how to
+install them.
+
+Design choices:
+
+* **Training goes through alrun's engine** (``losses`` calls ``model.loss``), not mmengine's
+  ``Runner``. Every backend then shares one optimisation loop: the ``trainer.*`` schedule, the
+  seeded batch order, the hooks regimes add (consistency, EMA teachers, loss prediction), the
+  ``trainer.init`` policy and the run directory's checkpoints and resume. The Runner would bring
+  its own loop, dataset pipeline, hooks, checkpointing and work dir, and alrun's rounds would
+  have to be rebuilt around it. The price: mmdet's training-time data augmentation beyond
+  alrun's horizontal flip is not used.
+* **Resizing and normalisation**: images are resized here (keep ratio, shorter side
+  ``min_size``, longer side at most ``max_size``, as mmdet's ``Resize(scale=(max, min),
+  keep_ratio=True)``) and handed to the model's own ``data_preprocessor`` as BGR 0-255 tensors,
+  as mmcv's image loader gives them, so the config's mean/std, ``bgr_to_rgb`` and padding apply.
+* **Prediction keeps per-box class-probability vectors and box features** by running the
+  model's own modules up to its bbox head and doing the post-processing (score threshold,
+  top-k, class-aware NMS with the config's ``test_cfg``) here, where every kept box can carry
+  its probability row and its feature row; mmdet's ``predict`` drops both at NMS. Nothing of
+  mmdet is forked or patched: dense heads (RetinaNet and other sigmoid anchor heads) use the
+  head's forward, ``prior_generator`` and ``bbox_coder``; two-stage models (Faster R-CNN) use
+  the RPN's ``predict``, the RoI extractor and the bbox head, whose classifier input (the box
+  feature) is read with a forward pre-hook.
+* **Checkpoints**: ``detector.pretrained=<file>`` loads an mmdet/mmengine checkpoint. Those
+  pickle more than tensors (meta, message hub), so they need ``torch.load(weights_only=False)``
+  under torch >= 2.6, which can run code from the file: it is used only for that file, which the
+  user names and must trust. ImageNet backbones (``pretrained_backbone``) and alrun's own
+  round checkpoints are plain tensors and load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import boxes as box_ops
+
+from alrun.data.dataset import ImageRecord
+from alrun.data.images import load_image
+from alrun.detectors.base import Progress
+from alrun.detectors.torchvision import resolve_device
+from alrun.errors import AlrunError
+from alrun.types import NOTHING, Detections, Needs
+
+log = logging.getLogger("alrun")
+
+INSTALL_HINT = (
+    "the MMDetection backend needs mmdet 3.x with mmcv 2.1 (with its compiled ops) and "
+    "mmengine, which are not installed in this environment; build them with "
+    "`bash scripts/install_mmdet.sh` (creates .venv-mmdet; see the README) and run "
+    ".venv-mmdet/bin/alrun, or `pip install 'alrun[mmdet]'` where an mmcv wheel for your torch "
+    "exists"
+)
+
+#: prefix of configs that ship inside the mmdet package (``mmdet/.mim/configs/...``)
+MMDET_PREFIX = "mmdet::"
+
+
+def require_mmdet() -> None:
+    """Import the MMDetection stack or fail with one line saying how to install it."""
+    try:
+        import mmcv  # noqa: F401
+        import mmdet
+        import mmengine  # noqa: F401
+    except ImportError as err:
+        raise AlrunError(f"detector: {INSTALL_HINT} ({err})") from None
+    if not mmdet.__version__.startswith("3."):
+        raise AlrunError(f"detector: mmdet 3.x is required, found {mmdet.__version__}")
+    try:
+        from mmcv.ops import RoIAlign, batched_nms  # noqa: F401
+    except (ImportError, OSError) as err:
+        raise AlrunError(
+            f"detector: mmcv is installed without its compiled ops ({err}); rebuild it with "
+            "`bash scripts/install_mmdet.sh`"
+        ) from None
+    from mmdet.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+
+
+# --- building -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MMDetBuild:
+    """What a builder returns: the mmdet model and the image scale it is fed at."""
+
+    model: nn.Module
+    min_size: int
+    max_size: int
+
+
+def resolve_config_path(config: str) -> Path:
+    """A config file path; ``mmdet::<path>`` is looked up in the configs mmdet ships."""
+    if config.startswith(MMDET_PREFIX):
+        require_mmdet()
+        import mmdet
+
+        path = Path(mmdet.__file__).parent / ".mim" / "configs" / config[len(MMDET_PREFIX) :]
+    else:
+        path = Path(config).expanduser()
+    if not path.is_file():
+        raise AlrunError(
+            f"detector.builder.config: mmdet config '{config}' does not exist ({path.resolve()}); "
+            "give an mmdet config file, mmdet::<path inside mmdet's configs/> or a dict"
+        )
+    return path
+
+
+def load_model_config(config: str | Mapping[str, Any], options: Mapping[str, Any] | None) -> Any:
+    """The ``model`` section of an mmdet config (file, ``mmdet::`` path or dict), with
+    ``options`` (dotted keys, as mmdet's ``--cfg-options``) merged in."""
+    path = resolve_config_path(config) if isinstance(config, str) else None
+    require_mmdet()
+    from mmengine.config import Config
+
+    if path is not None:
+        cfg = Config.fromfile(str(path))
+    else:
+        cfg = Config(dict(_plain(config)))
+    if options:
+        cfg.merge_from_dict(dict(_plain(options)))
+    if "model" not in cfg:
+        raise AlrunError(f"detector.builder.config: '{config}' has no `model` section")
+    return cfg.model
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists (mmengine's Config wants those)."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency of alrun
+        pass
+    return copy.deepcopy(value)
+
+
+def _set_num_classes(node: Any, num_classes: int) -> int:
+    """Set ``num_classes`` in every head of a model config; returns how many were set."""
+    count = 0
+    if isinstance(node, Mapping):
+        if "num_classes" in node and node.get("type") != "RPNHead":
+            node["num_classes"] = num_classes
+            count += 1
+        for value in node.values():
+            count += _set_num_classes(value, num_classes)
+    elif isinstance(node, list):
+        for value in node:
+            count += _set_num_classes(value, num_classes)
+    return count
+
+
+def mmdet_model(
+    num_classes: int,
+    config: str | Mapping[str, Any],
+    min_size: int = 800,
+    max_size: int = 1333,
+    cfg_options: Mapping[str, Any] | None = None,
+    from_scratch: bool = True,
+    image_size: int | None = None,
+) -> MMDetBuild:
+    """Build an mmdet model for ``num_classes`` classes from an mmdet config.
+
+    ``image_size`` (the tiny FCOS's key, set by ``experiment=smoke`` and the CPU presets) sets
+    both ``min_size`` and ``max_size``, so those presets run with this backend too.
+
+    ``from_scratch``: the backbone gets no ``init_cfg`` (mmdet's would download ImageNet weights)
+    and nothing in it is frozen (``frozen_stages=-1``, ``norm_eval=False``: BatchNorm statistics
+    of a random backbone must train). With a pretrained backbone the config's freezing stays as
+    the paper protocol has it.
+    """
+    model_cfg = load_model_config(config, cfg_options)
+    if _set_num_classes(model_cfg, num_classes) == 0:
+        raise AlrunError(
+            f"detector.builder.config: no head with num_classes in '{config}'; is it a detector?"
+        )
+    backbone = model_cfg.get("backbone", {})
+    backbone["init_cfg"] = None  # never download; pretrained_backbone loads a local file
+    if from_scratch:
+        if "frozen_stages" in backbone:
+            backbone["frozen_stages"] = -1
+        if "norm_eval" in backbone:
+            backbone["norm_eval"] = False
+    from mmdet.registry import MODELS
+
+    try:
+        model = MODELS.build(model_cfg)
+    except (KeyError, TypeError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise AlrunError(f"detector.builder.config: cannot build '{config}' ({first})") from None
+    model.init_weights()
+    if image_size is not None:
+        min_size = max_size = image_size
+    return MMDetBuild(model, int(min_size), int(max_size))
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+def _unwrap(state: Any) -> dict[str, Tensor]:
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise TypeError(f"holds {type(state).__name__}, not a state_dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def read_trusted_checkpoint(path: str) -> dict[str, Tensor]:
+    """An mmdet/mmengine checkpoint the user named. mmengine pickles meta data beside the
+    tensors, so this needs ``weights_only=False`` (which can run code from the file): only
+    for files the user gives and trusts, never for anything alrun finds by itself."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        return _unwrap(state)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise AlrunError(
+            f"detector.pretrained: cannot read '{path}' as a checkpoint ({err})"
+        ) from None
+
+
+def shape_mismatches(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
+    """``name: file (shape) vs model (shape)`` for every tensor that exists in both."""
+    own = model.state_dict()
+    return [
+        f"{k} is {tuple(v.shape)} in the file, {tuple(own[k].shape)} here"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+
+
+def load_checkpoint(model: nn.Module, state: Mapping[str, Tensor], path: str, num_classes: int):
+    """Strict load with a one-line error; a head of another size is named as such."""
+    mismatched = shape_mismatches(model, state)
+    if mismatched:
+        raise AlrunError(
+            f"detector.pretrained: {path} does not fit this model: {mismatched[0]} "
+            f"({len(mismatched)} tensors differ); a checkpoint for another number of classes? "
+            f"this dataset has {num_classes}"
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise AlrunError(
+            f"detector.pretrained: {path} does not fit this model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+
+
+def load_backbone(model: nn.Module, path: str) -> None:
+    """An ImageNet backbone (torchvision's resnet50-0676ba61.pth has mmdet ResNet's key names)
+    into ``model.backbone``; the classifier (``fc.*``) is the only thing allowed to be left."""
+    try:
+        state = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:  # noqa: BLE001
+        raise AlrunError(
+            f"detector.pretrained_backbone: cannot read '{path}' as a torch state_dict ({err})"
+        ) from None
+    state = {k.removeprefix("backbone."): v for k, v in state.items()}
+    backbone = model.backbone
+    mismatched = shape_mismatches(backbone, state)
+    missing, unexpected = ([], [])
+    if not mismatched:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith("fc.")]
+    if mismatched or missing or unexpected:
+        detail = mismatched[:1] or [f"missing {missing[:3]}, unexpected {unexpected[:3]}"]
+        raise AlrunError(
+            f"detector.pretrained_backbone: {path} does not fit this backbone ({detail[0]})"
+        )
+
+
+# --- the detector ---------------------------------------------------------------------------
+class MMDetDetector:
+    """An mmdet 3.x detector behind the :class:`~alrun.detectors.base.Detector` protocol.
+
+    ``builder(num_classes=..., from_scratch=...)`` returns an :class:`MMDetBuild` (a
+    ``functools.partial`` of :func:`mmdet_model` from Hydra's ``_partial_: true``).
+    ``pretrained``: false or a trusted mmdet checkpoint of this model; ``pretrained_backbone``:
+    a local ImageNet backbone state_dict.
+    """
+
+    def __init__(
+        self,
+        builder: Callable[..., MMDetBuild],
+        num_classes: int,
+        pretrained: bool | str = False,
+        pretrained_backbone: str | None = None,
+        device: str = "auto",
+        predict_batch_size: int = 8,
+    ):
+        require_mmdet()
+        self.builder = builder
+        self.num_classes = int(num_classes)
+        self.device = resolve_device(device)
+        self.predict_batch_size = int(predict_batch_size)
+        if pretrained is True:
+            raise AlrunError(
+                "detector.pretrained: the mmdet backend downloads nothing; give a checkpoint "
+                "file, or an ImageNet backbone file as detector.pretrained_backbone"
+            )
+        if isinstance(pretrained, str) and not Path(pretrained).is_file():
+            raise AlrunError(f"detector.pretrained: checkpoint '{pretrained}' does not exist")
+        if pretrained_backbone is not None and not Path(pretrained_backbone).is_file():
+            raise AlrunError(
+                f"detector.pretrained_backbone: file '{Path(pretrained_backbone).resolve()}' "
+                "does not exist"
+            )
+        self.pretrained = pretrained or None
+        self.pretrained_backbone = pretrained_backbone
+        self._build(seed=0)
+
+    def _build(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        from_scratch = self.pretrained is None and self.pretrained_backbone is None
+        built = self.builder(num_classes=self.num_classes, from_scratch=from_scratch)
+        model = built.model
+        if self.pretrained_backbone is not None:
+            load_backbone(model, self.pretrained_backbone)
+        if self.pretrained is not None:
+            state = read_trusted_checkpoint(self.pretrained)
+            load_checkpoint(model, state, self.pretrained, self.num_classes)
+        self.kind = _model_kind(model)
+        self.model = model.to(self.device)
+        self.min_size, self.max_size = built.min_size, built.max_size
+
+    @property
+    def head_type(self) -> str:
+        """``sigmoid`` for dense heads (RetinaNet), ``softmax`` for two-stage RoI heads."""
+        return "sigmoid" if self.kind == "dense" else "softmax"
+
+    def reset(self, seed: int) -> None:
+        self._build(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+    # --- training ---------------------------------------------------------------------------
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def parameters(self) -> list[Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """mmdet's ``model.loss`` on alrun's batch; per-level lists summed, metrics such as
+        ``acc`` (no ``loss`` in the name, as mmengine's ``parse_losses``) dropped."""
+        inputs, samples = self._prepare(images, targets)
+        raw = self.model.loss(inputs, samples)
+        out: dict[str, Tensor] = {}
+        for name, value in raw.items():
+            if "loss" not in name:
+                continue
+            out[name] = sum(value) if isinstance(value, (list, tuple)) else value
+        return out
+
+    def features(self, images: list[Tensor]) -> dict[str, Tensor]:
+        """The neck's feature maps (FPN levels), with gradients in training mode."""
+        inputs, _ = self._prepare(images)
+        return {str(i): f for i, f in enumerate(self.model.extract_feat(inputs))}
+
+    # --- input ------------------------------------------------------------------------------
+    def _scale(self, height: int, width: int) -> float:
+        return min(self.min_size / min(height, width), self.max_size / max(height, width))
+
+    def _prepare(
+        self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
+    ) -> tuple[Tensor, list[Any]]:
+        """alrun images (3, H, W) RGB in [0, 1] -> the model's preprocessed batch."""
+        from mmdet.structures import DetDataSample
+        from mmengine.structures import InstanceData
+
+        inputs, samples = [], []
+        for i, image in enumerate(images):
+            height, width = image.shape[-2:]
+            scale = self._scale(height, width)
+            new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+            resized = F.interpolate(
+                image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False
+            )[0]
+            inputs.append((resized.clamp(0, 1) * 255)[[2, 1, 0]])  # BGR 0-255, as mmcv reads
+            sx, sy = new_w / width, new_h / height
+            sample = DetDataSample(
+                metainfo={
+                    "img_shape": (new_h, new_w),
+                    "ori_shape": (height, width),
+                    "scale_factor": (sx, sy),
+                }
+            )
+            if targets is not None:
+                factor = torch.tensor([sx, sy, sx, sy], device=targets[i]["boxes"].device)
+                sample.gt_instances = InstanceData(
+                    bboxes=targets[i]["boxes"].float() * factor, labels=targets[i]["labels"]
+                )
+            samples.append(sample)
+        data = self.model.data_preprocessor(
+            {"inputs": inputs, "data_samples": samples}, training=targets is not None
+        )
+        return data["inputs"], data["data_samples"]
+
+    # --- prediction -------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Sequence[ImageRecord],
+        needs: Needs = NOTHING,
+        progress: Progress | None = None,
+    ) -> list[Detections]:
+        if needs.passes > 1 or needs.augment or needs.grads:
+            raise AlrunError(
+                "detector: multi-pass, test-time augmentation and gradient outputs are not "
+                "implemented by the mmdet backend yet"
+            )
+        self.model.eval()
+        records = list(images)
+        out: list[Detections] = []
+        for start in range(0, len(records), self.predict_batch_size):
+            chunk = records[start : start + self.predict_batch_size]
+            tensors = [load_image(r).to(self.device) for r in chunk]
+            out.extend(self._forward(chunk, tensors, needs))
+            if progress:
+                progress(len(out), len(records))
+        return out
+
+    def _forward(
+        self, records: Sequence[ImageRecord], tensors: list[Tensor], needs: Needs
+    ) -> list[Detections]:
+        inputs, samples = self._prepare(tensors)
+        levels = list(self.model.extract_feat(inputs))
+        embeddings = torch.cat([f.mean(dim=(2, 3)) for f in levels], dim=1)
+        if self.kind == "dense":
+            found = _dense(self.model.bbox_head, levels, samples)
+        else:
+            found = _two_stage(self.model, levels, samples)
+        results = []
+        for i, (record, kept) in enumerate(zip(records, found)):
+            sx, sy = samples[i].metainfo["scale_factor"]
+            height, width = samples[i].metainfo["ori_shape"]
+            factor = torch.tensor([sx, sy, sx, sy], device=kept["boxes"].device)
+
+            def rescale(boxes: Tensor, factor=factor, size=(height, width)) -> Tensor:
+                return box_ops.clip_boxes_to_image(boxes / factor, size).cpu()
+
+            results.append(
+                Detections(
+                    image_id=record.image_id,
+                    boxes=rescale(kept["boxes"]),
+                    scores=kept["scores"].cpu(),
+                    labels=kept["labels"].cpu(),
+                    probs=kept["probs"].cpu() if needs.probs else None,
+                    class_probs=kept["class_probs"].cpu() if needs.probs else None,
+                    sources=kept["sources"].cpu(),
+                    head=self.head_type,
+                    feats=kept["feats"].cpu() if needs.feats else None,
+                    embedding=embeddings[i].cpu() if needs.embedding else None,
+                    proposals=rescale(kept["proposals"]) if "proposals" in kept else None,
+                )
+            )
+        return results
+
+
+def _model_kind(model: nn.Module) -> str:
+    """``two_stage`` (RPN + standard RoI head) or ``dense`` (a sigmoid anchor head)."""
+    roi_head = getattr(model, "roi_head", None)
+    if roi_head is not None and getattr(model, "rpn_head", None) is not None:
+        bbox_head = getattr(roi_head, "bbox_head", None)
+        if hasattr(roi_head, "bbox_roi_extractor") and hasattr(bbox_head, "fc_cls"):
+            return "two_stage"
+    head = getattr(model, "bbox_head", None)
+    from mmdet.models.dense_heads import AnchorHead
+
+    centerness = ("atss_centerness", "conv_centerness")  # heads with a third output
+    if (
+        isinstance(head, AnchorHead)
+        and getattr(head, "use_sigmoid_cls", False)
+        and not any(hasattr(head, name) for name in centerness)
+    ):
+        return "dense"
+    raise AlrunError(
+        f"detector: {type(model).__name__} is not supported by the mmdet backend yet "
+        "(supported: two-stage models with a standard RoI head, e.g. Faster R-CNN, and "
+        "sigmoid anchor heads, e.g. RetinaNet)"
+    )
+
+
+def _with_background_last(logits: Tensor) -> Tensor:
+    """Sigmoid-head logits (N, C) -> ``softmax([logits, 0])`` (alrun.types.Detections)."""
+    return torch.softmax(torch.cat([logits, torch.zeros_like(logits[:, :1])], dim=1), dim=1)
+
+
+def _dense(head: nn.Module, levels: list[Tensor], samples: list[Any]) -> list[dict[str, Tensor]]:
+    """RetinaNet-style post-processing that keeps each box's logits row and feature row.
+
+    Mirrors mmdet's ``_predict_by_feat_single``: per level, scores above ``score_thr``, the
+    ``nms_pre`` best (anchor, class) pairs, decoded by the head's ``bbox_coder``; then
+    class-aware NMS over all levels and ``max_per_img``.
+    """
+    cls_scores, bbox_preds = head(tuple(levels))
+    cfg = head.test_cfg
+    score_thr = float(cfg.get("score_thr", 0.05))
+    nms_pre = int(cfg.get("nms_pre", 1000))
+    iou = float(cfg.get("nms", {}).get("iou_threshold", 0.5))
+    max_per_img = int(cfg.get("max_per_img", 100))
+    min_bbox_size = float(cfg.get("min_bbox_size", -1))
+    sizes = [c.shape[-2:] for c in cls_scores]
+    priors = head.prior_generator.grid_priors(sizes, dtype=levels[0].dtype, device=levels[0].device)
+    num_anchors = head.num_base_priors
+    num_classes = head.cls_out_channels
+    results = []
+    for b, sample in enumerate(samples):
+        img_shape = sample.metainfo["img_shape"]
+        kept: dict[str, list[Tensor]] = {
+            k: [] for k in ("boxes", "scores", "labels", "probs", "class_probs", "feats", "sources")
+        }
+        offset = 0
+        for lvl in range(len(levels)):
+            logits = cls_scores[lvl][b].permute(1, 2, 0).reshape(-1, num_classes)
+            deltas = bbox_preds[lvl][b].permute(1, 2, 0).reshape(logits.shape[0], -1)
+            flat = logits.sigmoid().flatten()
+            candidates = torch.where(flat > score_thr)[0]
+            scores, order = flat[candidates].topk(min(nms_pre, candidates.numel()))
+            candidates = candidates[order]
+            anchor = torch.div(candidates, num_classes, rounding_mode="floor")
+            boxes = head.bbox_coder.decode(priors[lvl][anchor], deltas[anchor], max_shape=img_shape)
+            location_feats = levels[lvl][b].flatten(1).transpose(0, 1)  # (H*W, D)
+            kept["boxes"].append(boxes)
+            kept["scores"].append(scores)
+            kept["labels"].append(candidates % num_classes)
+            kept["probs"].append(_with_background_last(logits[anchor]))
+            kept["class_probs"].append(logits[anchor].sigmoid())
+            kept["feats"].append(
+                location_feats[torch.div(anchor, num_anchors, rounding_mode="floor")]
+            )
+            kept["sources"].append(anchor + offset)
+            offset += logits.shape[0]
+        merged = {k: torch.cat(v) for k, v in kept.items()}
+        if min_bbox_size >= 0:  # as mmdet's _bbox_post_process
+            wh = merged["boxes"][:, 2:] - merged["boxes"][:, :2]
+            valid = (wh > min_bbox_size).all(dim=1)
+            merged = {k: v[valid] for k, v in merged.items()}
+        keep = box_ops.batched_nms(merged["boxes"], merged["scores"], merged["labels"], iou)
+        keep = keep[:max_per_img]
+        results.append({k: v[keep] for k, v in merged.items()})
+    return results
+
+
+def _two_stage(
+    model: nn.Module, levels: list[Tensor], samples: list[Any]
+) -> list[dict[str, Tensor]]:
+    """Faster R-CNN post-processing keeping the C+1 softmax (mmdet already puts background
+    last), the box feature (input of ``fc_cls``) and the proposal of every kept box."""
+    from mmdet.structures.bbox import bbox2roi
+
+    roi_head = model.roi_head
+    bbox_head = roi_head.bbox_head
+    proposals = [r.bboxes for r in model.rpn_head.predict(tuple(levels), samples, rescale=False)]
+    rois = bbox2roi(proposals)
+    captured: list[Tensor] = []
+    handle = bbox_head.fc_cls.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        extractor = roi_head.bbox_roi_extractor
+        roi_feats = extractor(tuple(levels)[: extractor.num_inputs], rois)
+        if getattr(roi_head, "with_shared_head", False):  # as StandardRoIHead._bbox_forward
+            roi_feats = roi_head.shared_head(roi_feats)
+        cls_score, bbox_pred = bbox_head(roi_feats)
+    finally:
+        handle.remove()
+    box_feats = captured[0].flatten(1)
+    cfg = roi_head.test_cfg
+    score_thr = float(cfg.get("score_thr", 0.05))
+    iou = float(cfg.get("nms", {}).get("iou_threshold", 0.5))
+    max_per_img = int(cfg.get("max_per_img", 100))
+    probs_all = torch.softmax(cls_score, dim=-1)  # (sum N, C+1), background last
+    counts = [len(p) for p in proposals]
+    results = []
+    start = 0
+    for b, sample in enumerate(samples):
+        n = counts[b]
+        rows = slice(start, start + n)
+        start += n
+        probs = probs_all[rows]
+        props = proposals[b]
+        num_classes = probs.shape[1] - 1
+        decoded = bbox_head.bbox_coder.decode(
+            props, bbox_pred[rows], max_shape=sample.metainfo["img_shape"]
+        )
+        if decoded.shape[-1] == 4:  # class-agnostic regression: one box for every class
+            decoded = decoded.repeat(1, num_classes)
+        decoded = decoded.reshape(n, num_classes, 4)
+        row = torch.arange(n, device=probs.device)[:, None].expand(-1, num_classes).reshape(-1)
+        labels = torch.arange(num_classes, device=probs.device)[None].expand(n, -1).reshape(-1)
+        cand_boxes = decoded.reshape(-1, 4)
+        cand_scores = probs[:, :num_classes].reshape(-1)
+        keep = torch.where(cand_scores > score_thr)[0]  # then NMS, as mmdet's multiclass_nms
+        keep = keep[box_ops.batched_nms(cand_boxes[keep], cand_scores[keep], labels[keep], iou)]
+        keep = keep[:max_per_img]
+        results.append(
+            {
+                "boxes": cand_boxes[keep],
+                "scores": cand_scores[keep],
+                "labels": labels[keep],
+                "probs": probs[row[keep]],
+                "class_probs": probs[row[keep]][:, :num_classes],
+                "feats": box_feats[rows][row[keep]],
+                "proposals": props[row[keep]],
+                "sources": row[keep],
+            }
+        )
+    return results

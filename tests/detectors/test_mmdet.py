@@ -1,0 +1,277 @@
+"""The MMDetection backend: lazy import and install hint without mmdet; with mmdet (tests
+marked ``mmdet``, run by ``.venv-mmdet/bin/python -m pytest -m mmdet``), real mmdet models
+trained by alrun's engine, post-processing that keeps probabilities and features and matches
+mmdet's own, checkpoints, and one tiny round of the loop on CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from alrun.data.synthetic import synthetic_dataset
+from alrun.detectors.base import Detector, TrainSchedule
+from alrun.errors import AlrunError
+from alrun.types import Needs
+from tests.helpers import REPO, compose_config
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+SKIP_REASON = (
+    "mmdet not installed in this environment: build it with `bash scripts/install_mmdet.sh` "
+    "and run `.venv-mmdet/bin/python -m pytest -m mmdet tests/detectors/test_mmdet.py`"
+)
+
+
+def have_mmdet() -> bool:
+    try:
+        import mmdet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_mmdet = pytest.mark.skipif(not have_mmdet(), reason=SKIP_REASON)
+without_mmdet = pytest.mark.skipif(have_mmdet(), reason="mmdet is installed here")
+
+
+# --- without mmdet (every CI run) -----------------------------------------------------------
+def test_module_imports_without_mmdet():
+    """Importing the adapter (Hydra does, to build a partial) must not import mmdet."""
+    code = (
+        "import sys, alrun.detectors.mmdet; "
+        "print(sorted(m for m in sys.modules if m.startswith(('mmdet', 'mmcv', 'mmengine'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+@without_mmdet
+def test_without_mmdet_the_cli_says_how_to_install_it(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "alrun.cli", "experiment=smoke", "detector=mmdet_retinanet_r50",
+         "quiet=true", f"hydra.run.dir={run_dir}"],
+        env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("alrun: error: detector: the MMDetection backend needs mmdet")
+    assert "bash scripts/install_mmdet.sh" in lines[0] and ".venv-mmdet" in lines[0]
+    assert not list(run_dir.glob("round_*")) and not (run_dir / "state.json").exists()
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    from alrun.detectors.mmdet import resolve_config_path
+
+    with pytest.raises(AlrunError) as err:
+        resolve_config_path(str(tmp_path / "nope.py"))
+    message = str(err.value)
+    assert message.startswith("detector.builder.config: mmdet config")
+    assert "nope.py" in message and "does not exist" in message and "\n" not in message
+
+
+# --- with mmdet ---------------------------------------------------------------------------
+SMALL = {"min_size": 96, "max_size": 128}
+
+
+def retinanet(num_classes: int = 3, **options):
+    from alrun.detectors.mmdet import MMDetDetector, mmdet_model
+
+    builder = partial(
+        mmdet_model,
+        config="mmdet::_base_/models/retinanet_r50_fpn.py",
+        cfg_options={"model.test_cfg.score_thr": 0.0, **options},
+        **SMALL,
+    )
+    return MMDetDetector(builder, num_classes=num_classes, device="cpu")
+
+
+def faster_rcnn(num_classes: int = 3, **options):
+    from alrun.detectors.mmdet import MMDetDetector, mmdet_model
+
+    builder = partial(
+        mmdet_model,
+        config="mmdet::_base_/models/faster-rcnn_r50_fpn.py",
+        cfg_options={"model.test_cfg.rcnn.score_thr": 0.0, **options},
+        **SMALL,
+    )
+    return MMDetDetector(builder, num_classes=num_classes, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_dataset(6, image_size=96, split="mmdet-test")
+
+
+def short_training(det, data, iterations: int = 2) -> dict:
+    from alrun.engine import BatchSource, train
+
+    schedule = TrainSchedule(iterations=iterations, batch_size=2, warmup_iters=1, lr=0.001)
+    return train(det, [BatchSource("labelled", data)], schedule, seed=0, from_scratch=True)
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+@pytest.mark.parametrize("build", [retinanet, faster_rcnn], ids=["retinanet", "faster_rcnn"])
+def test_engine_trains_an_mmdet_model(build, data):
+    det = build()
+    assert isinstance(det, Detector)
+    before = {k: v.clone() for k, v in det.state_dict().items()}
+    stats = short_training(det, data)
+    assert stats["iterations"] == 2 and torch.isfinite(torch.tensor(stats["final_loss"]))
+    changed = [k for k, v in det.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("head" in k for k in changed), "the heads were not trained"
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+def test_retinanet_keeps_probs_and_feats_and_matches_mmdet_predict(data):
+    det = retinanet()
+    preds = det.predict(data.images, Needs(probs=True, feats=True, embedding=True))
+    assert det.head_type == "sigmoid"
+    for record, p in zip(data.images, preds):
+        n = len(p)
+        assert n > 0
+        assert p.probs.shape == (n, 4) and p.class_probs.shape == (n, 3)
+        assert p.feats.shape == (n, 256) and p.embedding.shape == (5 * 256,)
+        torch.testing.assert_close(p.probs.sum(1), torch.ones(n))
+        torch.testing.assert_close(p.scores, p.class_probs[torch.arange(n), p.labels])
+        assert (
+            float(p.boxes[:, 2].max()) <= record.width
+            and float(p.boxes[:, 3].max()) <= record.height
+        )
+    # mmdet's own predict (its NMS, rescaled to the original image) keeps the same boxes
+    from alrun.data.images import load_image
+
+    det.model.eval()
+    inputs, samples = det._prepare([load_image(r) for r in data.images[:2]])
+    with torch.no_grad():
+        theirs = det.model.predict(inputs, samples, rescale=True)
+    for ours, ref in zip(preds[:2], theirs):
+        ref = ref.pred_instances
+        k = min(20, len(ref.scores), len(ours))
+        torch.testing.assert_close(ours.scores[:k], ref.scores[:k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours.boxes[:k], ref.bboxes[:k], atol=1e-3, rtol=1e-4)
+        assert torch.equal(ours.labels[:k], ref.labels[:k])
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+def test_faster_rcnn_keeps_softmax_box_features_and_proposals(data):
+    det = faster_rcnn()
+    preds = det.predict(data.images[:3], Needs(probs=True, feats=True))
+    assert det.head_type == "softmax"
+    total = 0
+    for p in preds:
+        n = len(p)
+        total += n
+        assert (
+            p.probs.shape == (n, 4) and p.feats.shape == (n, 1024) and p.proposals.shape == (n, 4)
+        )
+        torch.testing.assert_close(p.probs.sum(1), torch.ones(n))
+        torch.testing.assert_close(p.scores, p.probs[torch.arange(n), p.labels])
+        assert int(p.labels.max()) < 3  # background (last column) is never a label
+    assert total > 0
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+def test_checkpoints_round_trip_and_refuse_another_class_count(data, tmp_path):
+    det = retinanet()
+    short_training(det, data, iterations=1)
+    file = tmp_path / "mmdet_style.pth"
+    torch.save(
+        {"meta": {"epoch": 1, "note": object.__name__}, "state_dict": det.state_dict()}, file
+    )
+    from alrun.detectors.mmdet import MMDetDetector, mmdet_model
+
+    builder = partial(
+        mmdet_model,
+        config="mmdet::_base_/models/retinanet_r50_fpn.py",
+        cfg_options={"model.test_cfg.score_thr": 0.0},
+        **SMALL,
+    )
+    again = MMDetDetector(builder, num_classes=3, device="cpu", pretrained=str(file))
+    a = det.predict(data.images[:1], Needs())[0]
+    b = again.predict(data.images[:1], Needs())[0]
+    torch.testing.assert_close(a.boxes, b.boxes)
+    with pytest.raises(AlrunError) as err:
+        MMDetDetector(builder, num_classes=5, device="cpu", pretrained=str(file))
+    message = str(err.value)
+    assert message.startswith("detector.pretrained:") and "another number of classes" in message
+    assert "this dataset has 5" in message and "\n" not in message
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+def test_missing_mmdet_config_and_local_backbone(tmp_path):
+    from alrun.detectors.mmdet import load_backbone, mmdet_model
+
+    with pytest.raises(AlrunError, match="mmdet config 'mmdet::nope/none.py' does not exist"):
+        mmdet_model(3, "mmdet::nope/none.py")
+    import torchvision
+
+    file = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), file)
+    built = mmdet_model(
+        3,
+        "mmdet::_base_/models/retinanet_r50_fpn.py",
+        cfg_options={"model.backbone.depth": 18, "model.neck.in_channels": [64, 128, 256, 512]},
+        from_scratch=False,
+    )
+    load_backbone(built.model, str(file))
+    expected = torch.load(file, weights_only=True)["layer1.0.conv1.weight"]
+    torch.testing.assert_close(built.model.backbone.layer1[0].conv1.weight, expected)
+    with pytest.raises(AlrunError, match="does not fit this backbone"):
+        torch.save(torchvision.models.resnet34().state_dict(), file)
+        load_backbone(built.model, str(file))
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+@pytest.mark.parametrize("detector", ["mmdet_retinanet_r50", "mmdet_faster_rcnn_r50"])
+def test_one_tiny_round_of_the_loop(detector, tmp_path):
+    """The real CLI, a real mmdet model, one acquisition round on CPU at 96 px (smoke's
+    detector.builder.image_size)."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "alrun.cli", "experiment=smoke", f"detector={detector}",
+         "detector.builder.min_size=96", "detector.builder.max_size=128",
+         "dataset.max_pool_images=10", "dataset.max_test_images=4", "budget.initial=4",
+         "budget.per_round=2", "budget.rounds=1", "trainer.batch_size=2",
+         "trainer.first_iterations=2", "trainer.iterations=1", "trainer.warmup_iters=1",
+         "trainer.lr=0.001", "quiet=true", f"hydra.run.dir={run_dir}",
+         f"+detector.builder.cfg_options.{_score_key(detector)}=0.0"],
+        env={**ENV, "ALRUN_CACHE": str(tmp_path / "cache")}, cwd=REPO, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = (run_dir / "results.csv").read_text().splitlines()
+    assert len(rows) == 3  # header, round 0, round 1
+    selection = (run_dir / "round_00" / "selection.json").read_text()
+    assert '"entropy"' in selection
+    assert (run_dir / "round_01" / "checkpoint.pt").is_file()
+
+
+def _score_key(detector: str) -> str:
+    return (
+        "model.test_cfg.score_thr" if "retinanet" in detector else "model.test_cfg.rcnn.score_thr"
+    )
+
+
+def test_config_files_name_the_mmdet_models():
+    for name, config in (
+        ("mmdet_retinanet_r50", "retinanet_r50_fpn.py"),
+        ("mmdet_faster_rcnn_r50", "faster-rcnn_r50_fpn.py"),
+    ):
+        cfg = compose_config([f"detector={name}"])
+        assert cfg.detector.builder.config.endswith(config)
+        assert Path(REPO / "alrun" / "configs" / "detector" / f"{name}.yaml").is_file()
