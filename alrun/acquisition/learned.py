@@ -139,14 +139,25 @@ class LossPredictionHook(TrainingHook):
         ]
         for m, name, buf in saved:
             m._buffers[name] = buf.clone()
+        # one image at a time: BatchNorm layers use their running statistics (a batch of one
+        # image with 1x1 maps, as in SSDlite's extra layers, has no batch statistics)
+        norms = [
+            m
+            for m in self.detector.model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+        ]
         self._capturing = False
         try:
+            for m in norms:
+                m.eval()
             with torch.no_grad():
                 values = [
                     sum(self.detector.losses([im], [t]).values()) for im, t in zip(images, targets)
                 ]
         finally:
             self._capturing = True
+            for m in norms:
+                m.train()
             for m, name, buf in saved:
                 m._buffers[name] = buf
         return torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values]).to(

@@ -110,3 +110,15 @@ def test_untrained_head_is_a_clear_error():
     ctx = AcquisitionContext(("a",), 0, 0)
     with pytest.raises(AlrunError, match="not been trained"):
         LossPrediction()(ctx)
+
+
+def test_loss_prediction_trains_on_a_detector_with_1x1_batchnorm_maps(data):
+    """SSDlite's extra layers end in 1x1 maps with BatchNorm: the per-image loss forwards
+    (one image each) used to fail with 'Expected more than 1 value per channel'."""
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    builder = partial(ssdlite320_mobilenet_v3_large, weights=None, weights_backbone=None)
+    det = TorchvisionDetector(builder, num_classes=4, device="cpu")
+    det.strategy_hooks = LossPrediction(hidden=16).training_hooks
+    stats = train(det, [BatchSource("labelled", data)], schedule(2), seed=0, from_scratch=True)
+    assert stats["loss_prediction/updates"] == 2
