@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10, benchmark 3: synthetic pre-training vs training from scratch on BCCD
-# (../shared/datasets/bccd), tiny FCOS at 192 px, random acquisition, 20 + 20 labelled images,
+# (../shared/datasets/bccd), tiny FCOS at 192 px, batch 4, random acquisition, 20 + 20 images,
 # same seeds and iterations; the pre-training (400 synthetic images, 400 iterations) is computed
 # once and cached under $ALRUN_CACHE/pretrain. Sized for a shared 2-core CPU.
 # Usage: scripts/bench_pretrain.sh [OUT_DIR] [SEEDS]
@@ -10,7 +10,7 @@ OUT=${1:-outputs/bench_pretrain}
 SEEDS=${2:-0,1,2}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
-COMMON=(dataset=bccd detector.builder.image_size=192 strategy=random
+COMMON=(dataset=bccd detector.builder.image_size=192 strategy=random trainer.batch_size=4
         budget.initial=20 budget.per_round=20 budget.rounds=1
         trainer.first_iterations=200 trainer.iterations=100 trainer.warmup_iters=20
         quiet=true hydra.callbacks.sweep_report.enabled=false)

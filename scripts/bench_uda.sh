@@ -4,7 +4,7 @@
 #   source_only  trained on the labelled Raabin images alone (round 0; target labels unused)
 #   uda          + EMA-teacher pseudo-labels and adversarial alignment on unlabelled BCCD
 #   uda_al       uda + BCCD labels bought by active learning (entropy), 10 + 2 x 10 images
-# Sized for a shared 2-core CPU (128 px, batch 4, 200 + 100 iterations): a small, honest
+# Sized for a shared 2-core CPU (128 px, batch 4, 150 + 75 iterations): a small, honest
 # measurement, not the paper setting. Usage: scripts/bench_uda.sh [OUT_DIR] [SEEDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ SEEDS=${2:-0,1,2}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 COMMON=(experiment=uda_txl detector.builder.image_size=128 trainer.batch_size=4
-        trainer.first_iterations=200 trainer.iterations=100 trainer.warmup_iters=20
+        trainer.first_iterations=150 trainer.iterations=75 trainer.warmup_iters=20
         budget.initial=10 budget.per_round=10 quiet=true
         hydra.callbacks.sweep_report.enabled=false)
 start=$(date +%s)

@@ -118,12 +118,15 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
 def teacher_targets(
     teacher: nn.Module, images: Sequence[Tensor], threshold: float, label_offset: int = 0
 ) -> list[dict[str, Tensor]]:
-    """The teacher's post-processed detections scoring >= ``threshold``, as training targets
-    (``boxes`` in the images' pixels, ``labels`` as dataset classes) plus ``scores``."""
+    """The teacher's post-processed detections scoring >= ``threshold`` (zero-size boxes left
+    out), as training targets (``boxes`` in the images' pixels, ``labels`` as dataset classes)
+    plus ``scores``."""
     teacher.eval()
     out = []
     for found in teacher(list(images)):
-        keep = found["scores"] >= threshold
+        boxes = found["boxes"]
+        positive = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # torchvision refuses
+        keep = (found["scores"] >= threshold) & positive  # zero-size targets
         out.append(
             {
                 "boxes": found["boxes"][keep].detach(),

@@ -119,9 +119,9 @@ def test_hook_flips_the_hidden_truth_of_flipped_images():
     assert hook.after_training()["precision"] == 1.0
 
 
-def test_teacher_targets_threshold_and_label_offset():
-    found = [{"boxes": T([[0.0, 0, 4, 4], [1, 1, 3, 3]]), "labels": T([3, 2]),
-              "scores": T([0.5, 0.49])}]  # fmt: skip
+def test_teacher_targets_threshold_label_offset_and_no_zero_size_boxes():
+    found = [{"boxes": T([[0.0, 0, 4, 4], [1, 1, 3, 3], [5, 5, 5, 7]]), "labels": T([3, 2, 1]),
+              "scores": T([0.5, 0.49, 0.9])}]  # fmt: skip
     (out,) = teacher_targets(FixedTeacher(found), [torch.zeros(3, 8, 8)], 0.5, label_offset=1)
     assert out["labels"].tolist() == [2] and out["boxes"].tolist() == [[0, 0, 4, 4]]
 
@@ -153,7 +153,7 @@ def test_cli_bad_threshold_is_one_line_and_writes_nothing(tmp_path):
     )  # fmt: skip
     assert code == 2
     assert errors == ["alrun: error: supervision.threshold: expected a number in [0, 1], got 1.5"]
-    assert not out.exists() or not any(out.iterdir())
+    assert not (out / "state.json").exists() and not list(out.glob("round_*"))
 
 
 SMOKE = ["experiment=smoke", "quiet=true", "budget.rounds=1", "supervision=pseudo_label"]
