@@ -92,7 +92,7 @@ def test_one_round_on_synthetic_domains_records_alignment_and_pseudo_labels(tmp_
     picked = json.loads((tmp_path / "round_00/selection.json").read_text())["selected"]
     assert len(picked) == 8 and all(p["image_id"].startswith("target_pool_") for p in picked)
     labelled = json.loads((tmp_path / "round_01/labelled.json").read_text())["images"]
-    assert all(im["id"].startswith("target_pool_") for im in labelled)  # source is not bought
+    assert all(im["alrun_id"].startswith("target_pool_") for im in labelled)  # source not bought
 
 
 def test_source_only_baseline_trains_without_target_labels_or_alignment(tmp_path):
