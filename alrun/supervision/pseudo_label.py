@@ -5,9 +5,12 @@ The teacher predicts online, every iteration, on the unlabelled batch the engine
 (:class:`PseudoLabelHook`): either an EMA of the student (``teacher: ema``, Tarvainen & Valpola
 2017; updated after every optimiser step) or a frozen copy of the previous round's model
 (``teacher: previous_round``; none in round 0). Boxes scoring at least ``threshold`` are the
-targets; an unlabelled image without any is trained as background, as in STAC / Unbiased
-Teacher. The hidden ground truth of the pool is read only to measure the pseudo-labels'
-precision and recall (the diagnostic recorded per round), never to train.
+targets. An unlabelled image without any is left out of the pseudo-label loss
+(``empty: skip``, the default) or trained as all background (``empty: background``, as in STAC /
+Unbiased Teacher after their burn-in; from scratch it suppresses every detection the teacher is
+not yet sure of: measured in the README). The hidden ground truth of the pool is read only to
+measure the pseudo-labels' precision and recall (the diagnostic recorded per round), never to
+train.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime
 
 TEACHERS = ("ema", "previous_round")
+EMPTY_RULES = ("skip", "background")
 
 #: image id -> (boxes (N, 4) xyxy, labels (N,)) of the hidden ground truth, for diagnostics only
 GroundTruth = Callable[[str], tuple[np.ndarray, np.ndarray]]
@@ -49,6 +53,12 @@ def check_weight(value: object, key: str) -> float:
 def check_teacher(value: object, key: str) -> str:
     if value not in TEACHERS:
         raise AlrunError(f"{key}: expected one of {TEACHERS}, got {value!r}")
+    return str(value)
+
+
+def check_empty(value: object, key: str) -> str:
+    if value not in EMPTY_RULES:
+        raise AlrunError(f"{key}: expected one of {EMPTY_RULES}, got {value!r}")
     return str(value)
 
 
@@ -155,8 +165,10 @@ class PseudoLabelHook(TrainingHook):
         teacher: str | nn.Module | None = "ema",
         ema_decay: float = 0.99,
         ground_truth: GroundTruth | None = None,
+        empty: str = "skip",
     ):
         self.source = source
+        self.empty = empty
         self.threshold = threshold
         self.weight = weight
         self.mode = teacher if isinstance(teacher, str) else "frozen"
@@ -179,10 +191,13 @@ class PseudoLabelHook(TrainingHook):
         batch = step.batches[self.source]
         targets = teacher_targets(self.teacher, batch.images, self.threshold, self.label_offset)
         self._count(batch.image_ids, batch.flipped, batch.images, targets)
+        keep = [i for i, t in enumerate(targets) if self.empty == "background" or len(t["boxes"])]
+        if not keep:
+            return {}
         train_targets = [
-            {"boxes": t["boxes"], "labels": t["labels"]} for t in targets
+            {"boxes": targets[i]["boxes"], "labels": targets[i]["labels"]} for i in keep
         ]  # the detector adds its own label offset
-        losses = step.detector.losses(batch.images, train_targets)
+        losses = step.detector.losses([batch.images[i] for i in keep], train_targets)
         return {key: value * self.weight for key, value in losses.items()}
 
     def after_step(self, step: Step) -> None:
@@ -263,8 +278,10 @@ class PseudoLabelSelfTraining(BaseRegime):
         teacher: str = "ema",
         ema_decay: float = 0.99,
         unlabelled_batch_size: int | None = None,
+        empty: str = "skip",
     ):
         self.threshold = check_fraction(threshold, "supervision.threshold")
+        self.empty = check_empty(empty, "supervision.empty")
         self.weight = check_weight(weight, "supervision.weight")
         self.teacher = check_teacher(teacher, "supervision.teacher")
         self.ema_decay = check_fraction(ema_decay, "supervision.ema_decay")
@@ -303,6 +320,7 @@ class PseudoLabelSelfTraining(BaseRegime):
                     teacher,
                     self.ema_decay,
                     hidden_ground_truth(pool),
+                    self.empty,
                 )
             )
         stats = train_round(detector, sources, schedule, seed, round_index, hooks, progress)

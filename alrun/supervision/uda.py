@@ -36,6 +36,7 @@ from alrun.supervision.base import BaseRegime
 from alrun.supervision.grl import grl_schedule, reverse_gradient
 from alrun.supervision.pseudo_label import (
     PseudoLabelHook,
+    check_empty,
     check_fraction,
     check_weight,
     dense_model,
@@ -141,6 +142,7 @@ class DomainAdaptation(BaseRegime):
         ema_decay: float = 0.99,
         use_target_labels: bool = True,
         unlabelled_batch_size: int | None = None,
+        pseudo_empty: str = "skip",
     ):
         if not target_domain:
             raise AlrunError(
@@ -161,6 +163,7 @@ class DomainAdaptation(BaseRegime):
         self.pseudo_weight = check_weight(pseudo_weight, "supervision.pseudo_weight")
         self.ema_decay = check_fraction(ema_decay, "supervision.ema_decay")
         self.use_target_labels = bool(use_target_labels)
+        self.pseudo_empty = check_empty(pseudo_empty, "supervision.pseudo_empty")
         self.unlabelled_batch_size = unlabelled_batch_size
         splits = source if isinstance(source, DatasetSplits) else instantiate(source)
         if not isinstance(splits, DatasetSplits):
@@ -237,6 +240,7 @@ class DomainAdaptation(BaseRegime):
                     "ema",
                     self.ema_decay,
                     hidden_ground_truth(pool),
+                    self.pseudo_empty,
                 )
             )
         stats = train_round(detector, sources, schedule, seed, round_index, hooks, progress)

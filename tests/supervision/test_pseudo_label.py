@@ -97,10 +97,14 @@ def test_hook_trains_on_boxes_above_the_threshold_and_measures_them():
     )
     losses = hook.extra_losses(Step(0, 1, 0.1, detector, {"u": batch}))
     assert float(losses["cls"]) == pytest.approx(0.5)  # 2.0 x weight 0.25
-    (first, second) = detector.seen[0]
+    (first,) = detector.seen[0]  # image "b" has no pseudo-box: skipped (empty=skip)
     assert first["boxes"].tolist() == [[0, 0, 10, 10], [20, 20, 30, 30]]  # 0.3 < 0.5 dropped
     assert first["labels"].tolist() == [0, 1]  # back to dataset classes
-    assert len(second["boxes"]) == 0  # an image without pseudo-boxes trains as background
+    hook.empty = "background"
+    hook.extra_losses(Step(1, 2, 0.1, detector, {"u": batch}))
+    assert len(detector.seen[1]) == 2 and len(detector.seen[1][1]["boxes"]) == 0
+    hook.before_training(detector, 1)  # counts restart
+    hook.extra_losses(Step(0, 1, 0.1, detector, {"u": batch}))
     stats = hook.after_training()
     assert stats["threshold"] == 0.5 and stats["boxes"] == 2 and stats["images"] == 2
     assert stats["precision"] == pytest.approx(0.5)  # [0,0,10,10] class 0 right; class 1 box wrong
@@ -143,6 +147,8 @@ def test_threshold_outside_unit_interval_is_refused(bad):
         PseudoLabelSelfTraining(threshold=bad)
     with pytest.raises(AlrunError, match="supervision.teacher"):
         PseudoLabelSelfTraining(teacher="student")
+    with pytest.raises(AlrunError, match="supervision.empty"):
+        PseudoLabelSelfTraining(empty="ignore")
 
 
 def test_cli_bad_threshold_is_one_line_and_writes_nothing(tmp_path):
