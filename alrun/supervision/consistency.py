@@ -1,0 +1,218 @@
+"""Flip consistency on unlabelled images (CSD, Jeong et al. 2019), added to the supervised loss.
+
+Every iteration the unlabelled batch goes through the dense head twice, as it is and mirrored;
+the mirrored view's per-location outputs are mirrored back so location (y, x) of both views
+looks at the same image content. At locations where the plain view sees an object (its highest
+class probability >= ``match_threshold``: CSD's background elimination) the two views must agree:
+
+* classes: symmetric Jensen-Shannon divergence of the class distributions (C + background);
+* boxes: L2 between the plain view's box offsets and the mirror image of the flipped view's
+  (FCOS ``(l, t, r, b)`` -> ``(r, t, l, b)``; RetinaNet ``(dx, dy, dw, dh)`` -> ``(-dx, ...)``).
+
+The weight ramps up linearly over the first ``rampup`` fraction of the iterations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.models.detection import FCOS, RetinaNet
+
+from alrun.detectors.base import Detector, Progress, TrainSchedule
+from alrun.engine import BatchSource, Step, TrainingHook, train_round
+from alrun.errors import AlrunError
+from alrun.pool import LabelPool
+from alrun.supervision.base import BaseRegime
+from alrun.supervision.pseudo_label import (
+    check_fraction,
+    check_weight,
+    dense_model,
+    unlabelled_dataset,
+)
+
+_EPS = 1e-8
+
+
+def js_divergence(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence between rows of ``p`` and ``q`` (N, K) (natural log, in
+    [0, ln 2]): the mean of KL(p || m) and KL(q || m) with m = (p + q) / 2; symmetric."""
+    m = 0.5 * (p + q)
+    kl_pm = (p * (torch.log(p + _EPS) - torch.log(m + _EPS))).sum(dim=-1)
+    kl_qm = (q * (torch.log(q + _EPS) - torch.log(m + _EPS))).sum(dim=-1)
+    return 0.5 * (kl_pm + kl_qm)
+
+
+def mirror_offsets(offsets: Tensor, encoding: str) -> Tensor:
+    """Box offsets of a mirrored image as the un-mirrored image's: ``ltrb`` swaps left and
+    right distances (FCOS), ``delta`` negates dx (RetinaNet / Faster R-CNN box coders)."""
+    if encoding == "ltrb":
+        return offsets[..., [2, 1, 0, 3]]
+    if encoding == "delta":
+        return offsets * offsets.new_tensor([-1.0, 1.0, 1.0, 1.0])
+    raise ValueError(f"unknown box encoding {encoding!r}")
+
+
+def unflip_locations(
+    outputs: Tensor, level_shapes: Sequence[tuple[int, int]], anchors_per_location: int
+) -> Tensor:
+    """(B, sum H*W*A, K) per-location outputs of mirrored images, mirrored back along x so row
+    i looks at the same image content as row i of the plain view (torchvision's H, W, A order)."""
+    parts, start = [], 0
+    for h, w in level_shapes:
+        n = h * w * anchors_per_location
+        level = outputs[:, start : start + n]
+        level = level.reshape(outputs.shape[0], h, w, anchors_per_location, -1).flip(2)
+        parts.append(level.reshape(outputs.shape[0], n, -1))
+        start += n
+    return torch.cat(parts, dim=1)
+
+
+def class_distribution(logits: Tensor) -> Tensor:
+    """Sigmoid-head logits (..., C) -> a C + 1 distribution ``softmax([logits, 0])``
+    (background last, as alrun's ``Detections.probs`` for dense heads)."""
+    return torch.softmax(torch.cat([logits, torch.zeros_like(logits[..., :1])], dim=-1), dim=-1)
+
+
+def consistency_terms(
+    cls_plain: Tensor,
+    cls_flipped: Tensor,
+    box_plain: Tensor,
+    box_flipped: Tensor,
+    encoding: str,
+    match_threshold: float,
+) -> tuple[Tensor, Tensor, int]:
+    """(JS term, L2 term, matched locations) of one batch. ``*_flipped`` are already mirrored
+    back (:func:`unflip_locations`); ``cls_*`` are sigmoid logits (N, C), ``box_*`` offsets (N, 4).
+    Terms are 0 (with gradient) when no location is matched."""
+    matched = torch.sigmoid(cls_plain.detach()).amax(dim=-1) >= match_threshold
+    count = int(matched.sum())
+    if count == 0:
+        zero = (cls_plain.sum() + box_plain.sum()) * 0.0
+        return zero, zero, 0
+    p = class_distribution(cls_plain[matched])
+    q = class_distribution(cls_flipped[matched])
+    js = js_divergence(p, q).mean()
+    l2 = (box_plain[matched] - mirror_offsets(box_flipped[matched], encoding)).pow(2).sum(-1).mean()
+    return js, l2, count
+
+
+class FlipConsistencyHook(TrainingHook):
+    """CSD flip-consistency losses on the batch of ``source`` (images only)."""
+
+    name = "consistency"
+
+    def __init__(
+        self,
+        source: str,
+        weight: float = 1.0,
+        box_weight: float = 1.0,
+        match_threshold: float = 0.3,
+        rampup: float = 0.25,
+    ):
+        self.source = source
+        self.weight = weight
+        self.box_weight = box_weight
+        self.match_threshold = match_threshold
+        self.rampup = rampup
+        self.sums = {"js": 0.0, "l2": 0.0, "matched": 0.0, "images": 0.0, "steps": 0.0}
+
+    def before_training(self, detector: Detector, total: int) -> None:
+        model = dense_model(detector, "supervision=consistency")
+        if not isinstance(model, (FCOS, RetinaNet)):
+            raise AlrunError(
+                "supervision=consistency: needs a dense head (FCOS or RetinaNet, e.g. "
+                f"detector=tiny_fcos), got {type(model).__name__}"
+            )
+        self.sums = dict.fromkeys(self.sums, 0.0)
+
+    def extra_losses(self, step: Step) -> Mapping[str, Tensor]:
+        model = step.detector.model
+        batch = step.batches[self.source]
+        transformed, _ = model.transform(batch.images)
+        x = transformed.tensors
+        n = x.shape[0]
+        levels = list(model.backbone(torch.cat([x, x.flip(-1)])).values())
+        head = model.head(levels)
+        shapes = [tuple(f.shape[-2:]) for f in levels]
+        per_location = head["cls_logits"].shape[1] // sum(h * w for h, w in shapes)
+        cls, box = head["cls_logits"], head["bbox_regression"]
+        cls_back = unflip_locations(cls[n:], shapes, per_location)
+        box_back = unflip_locations(box[n:], shapes, per_location)
+        encoding = "ltrb" if isinstance(model, FCOS) else "delta"
+        js, l2, matched = consistency_terms(
+            cls[:n].reshape(-1, cls.shape[-1]),
+            cls_back.reshape(-1, cls.shape[-1]),
+            box[:n].reshape(-1, 4),
+            box_back.reshape(-1, 4),
+            encoding,
+            self.match_threshold,
+        )
+        self.sums["js"] += float(js.detach())
+        self.sums["l2"] += float(l2.detach())
+        self.sums["matched"] += matched
+        self.sums["images"] += n
+        self.sums["steps"] += 1
+        ramp = min(1.0, (step.index + 1) / max(1.0, self.rampup * step.total))
+        weight = self.weight * ramp
+        return {"js": weight * js, "l2": weight * self.box_weight * l2}
+
+    def after_training(self) -> Mapping[str, float]:
+        steps, images = self.sums["steps"], self.sums["images"]
+        return {
+            "weight": self.weight,
+            "match_threshold": self.match_threshold,
+            "matched_per_image": self.sums["matched"] / images if images else 0.0,
+            "js_mean": self.sums["js"] / steps if steps else 0.0,
+            "l2_mean": self.sums["l2"] / steps if steps else 0.0,
+            "images": images,
+        }
+
+
+class FlipConsistency(BaseRegime):
+    """Boxes from the oracle + CSD flip consistency on the unlabelled pool
+    (``supervision=consistency``). metrics.json records ``consistency/*`` per round."""
+
+    label_kinds = ("box",)
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        box_weight: float = 1.0,
+        match_threshold: float = 0.3,
+        rampup: float = 0.25,
+        unlabelled_batch_size: int | None = None,
+    ):
+        self.weight = check_weight(weight, "supervision.weight")
+        self.box_weight = check_weight(box_weight, "supervision.box_weight")
+        self.match_threshold = check_fraction(match_threshold, "supervision.match_threshold")
+        self.rampup = check_fraction(rampup, "supervision.rampup")
+        self.unlabelled_batch_size = unlabelled_batch_size
+
+    def train(
+        self,
+        detector: Detector,
+        pool: LabelPool,
+        schedule: TrainSchedule,
+        seed: int,
+        round_index: int,
+        progress: Progress | None = None,
+    ) -> dict[str, float]:
+        sources = [BatchSource("labelled", pool.training_set())]
+        hooks: list[TrainingHook] = []
+        if pool.unlabelled_ids:
+            sources.append(
+                BatchSource(
+                    "unlabelled",
+                    unlabelled_dataset(pool),
+                    role="unlabelled",
+                    batch_size=self.unlabelled_batch_size,
+                )
+            )
+            hooks.append(
+                FlipConsistencyHook(
+                    "unlabelled", self.weight, self.box_weight, self.match_threshold, self.rampup
+                )
+            )
+        return train_round(detector, sources, schedule, seed, round_index, hooks, progress)

@@ -1,0 +1,328 @@
+"""Self-training with pseudo-labels: a teacher's confident predictions on unlabelled images become
+training targets, their losses scaled by a weight.
+
+The teacher predicts online, every iteration, on the unlabelled batch the engine draws
+(:class:`PseudoLabelHook`): either an EMA of the student (``teacher: ema``, Tarvainen & Valpola
+2017; updated after every optimiser step) or a frozen copy of the previous round's model
+(``teacher: previous_round``; none in round 0). Boxes scoring at least ``threshold`` are the
+targets. An unlabelled image without any is left out of the pseudo-label loss
+(``empty: skip``, the default) or trained as all background (``empty: background``, as in STAC /
+Unbiased Teacher after their burn-in; from scratch it suppresses every detection the teacher is
+not yet sure of: measured in the README). The hidden ground truth of the pool is read only to
+measure the pseudo-labels' precision and recall (the diagnostic recorded per round), never to
+train.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+from alrun.data.dataset import DetectionDataset
+from alrun.detectors.base import Detector, Progress, TrainSchedule
+from alrun.engine import BatchSource, Step, TrainingHook, train_round
+from alrun.errors import AlrunError
+from alrun.pool import LabelPool
+from alrun.supervision.base import BaseRegime
+
+TEACHERS = ("ema", "previous_round")
+EMPTY_RULES = ("skip", "background")
+
+#: image id -> (boxes (N, 4) xyxy, labels (N,)) of the hidden ground truth, for diagnostics only
+GroundTruth = Callable[[str], tuple[np.ndarray, np.ndarray]]
+
+
+def check_fraction(value: object, key: str) -> float:
+    """A number in [0, 1] (a score threshold), else a one-line error naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise AlrunError(f"{key}: expected a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_weight(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise AlrunError(f"{key}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_teacher(value: object, key: str) -> str:
+    if value not in TEACHERS:
+        raise AlrunError(f"{key}: expected one of {TEACHERS}, got {value!r}")
+    return str(value)
+
+
+def check_empty(value: object, key: str) -> str:
+    if value not in EMPTY_RULES:
+        raise AlrunError(f"{key}: expected one of {EMPTY_RULES}, got {value!r}")
+    return str(value)
+
+
+def true_positives(
+    boxes: Tensor,
+    labels: Tensor,
+    scores: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    iou_threshold: float = 0.5,
+) -> int:
+    """How many pseudo-boxes hit a ground-truth object of their class at IoU >= ``iou_threshold``,
+    each object claimed at most once, highest score first (the COCO/VOC matching rule)."""
+    if len(boxes) == 0 or len(gt_boxes) == 0:
+        return 0
+    iou = box_iou(boxes.float(), gt_boxes.float())
+    iou[labels[:, None] != gt_labels[None, :]] = -1.0
+    claimed = torch.zeros(len(gt_boxes), dtype=torch.bool)
+    hits = 0
+    for i in torch.argsort(scores, descending=True, stable=True).tolist():
+        row = iou[i].masked_fill(claimed, -1.0)
+        best = int(row.argmax())
+        if row[best] >= iou_threshold:
+            claimed[best] = True
+            hits += 1
+    return hits
+
+
+def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Boxes of a horizontally flipped image of ``width`` pixels."""
+    out = boxes.copy()
+    out[:, [0, 2]] = width - boxes[:, [2, 0]]
+    return out
+
+
+def dense_model(detector: Detector, who: str) -> nn.Module:
+    """The torch module of a torchvision-backed detector (teachers copy it, hooks run its parts)."""
+    model = getattr(detector, "model", None)
+    if not isinstance(model, nn.Module):
+        raise AlrunError(
+            f"{who}: needs a detector backed by a torch module (.model), e.g. the torchvision "
+            f"backend; {type(detector).__name__} has none"
+        )
+    return model
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student (float tensors; others copied)."""
+    student_state = student.state_dict()
+    for key, value in teacher.state_dict().items():
+        new = student_state[key]
+        if value.dtype.is_floating_point:
+            value.mul_(decay).add_(new.detach(), alpha=1 - decay)
+        else:
+            value.copy_(new)
+
+
+@torch.no_grad()
+def teacher_targets(
+    teacher: nn.Module, images: Sequence[Tensor], threshold: float, label_offset: int = 0
+) -> list[dict[str, Tensor]]:
+    """The teacher's post-processed detections scoring >= ``threshold`` (zero-size boxes left
+    out), as training targets (``boxes`` in the images' pixels, ``labels`` as dataset classes)
+    plus ``scores``."""
+    teacher.eval()
+    out = []
+    for found in teacher(list(images)):
+        boxes = found["boxes"]
+        positive = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # torchvision refuses
+        keep = (found["scores"] >= threshold) & positive  # zero-size targets
+        out.append(
+            {
+                "boxes": found["boxes"][keep].detach(),
+                "labels": found["labels"][keep].detach() - label_offset,
+                "scores": found["scores"][keep].detach(),
+            }
+        )
+    return out
+
+
+class PseudoLabelHook(TrainingHook):
+    """Pseudo-label loss on the unlabelled batch of ``source``, from an EMA or frozen teacher.
+
+    ``teacher``: ``ema`` (made from the student when training starts) or a frozen module
+    (``previous_round``), or None for no pseudo-labels this round (recorded as such).
+    ``ground_truth``: the hidden ground truth for the precision / recall diagnostics.
+    """
+
+    name = "pseudo"
+
+    def __init__(
+        self,
+        source: str,
+        threshold: float,
+        weight: float,
+        teacher: str | nn.Module | None = "ema",
+        ema_decay: float = 0.99,
+        ground_truth: GroundTruth | None = None,
+        empty: str = "skip",
+    ):
+        self.source = source
+        self.empty = empty
+        self.threshold = threshold
+        self.weight = weight
+        self.mode = teacher if isinstance(teacher, str) else "frozen"
+        self.teacher: nn.Module | None = None if isinstance(teacher, str) else teacher
+        self.ema_decay = ema_decay
+        self.ground_truth = ground_truth
+        self.label_offset = 0
+        self.boxes = self.hits = self.gt_objects = self.images = 0
+
+    def before_training(self, detector: Detector, total: int) -> None:
+        model = dense_model(detector, "supervision (pseudo-labels)")
+        self.label_offset = int(getattr(detector, "label_offset", 0))
+        if self.mode == "ema":
+            self.teacher = frozen_copy(model)
+        self.boxes = self.hits = self.gt_objects = self.images = 0
+
+    def extra_losses(self, step: Step) -> Mapping[str, Tensor]:
+        if self.teacher is None or self.weight == 0:
+            return {}
+        batch = step.batches[self.source]
+        targets = teacher_targets(self.teacher, batch.images, self.threshold, self.label_offset)
+        self._count(batch.image_ids, batch.flipped, batch.images, targets)
+        keep = [i for i, t in enumerate(targets) if self.empty == "background" or len(t["boxes"])]
+        if not keep:
+            return {}
+        train_targets = [
+            {"boxes": targets[i]["boxes"], "labels": targets[i]["labels"]} for i in keep
+        ]  # the detector adds its own label offset
+        losses = step.detector.losses([batch.images[i] for i in keep], train_targets)
+        return {key: value * self.weight for key, value in losses.items()}
+
+    def after_step(self, step: Step) -> None:
+        if self.mode == "ema" and self.teacher is not None:
+            ema_update(self.teacher, dense_model(step.detector, "pseudo"), self.ema_decay)
+
+    def _count(self, image_ids, flipped, images, targets) -> None:
+        self.images += len(targets)
+        self.boxes += sum(len(t["boxes"]) for t in targets)
+        if self.ground_truth is None:
+            return
+        for image_id, flip, image, found in zip(image_ids, flipped, images, targets):
+            gt_boxes, gt_labels = self.ground_truth(image_id)
+            if flip:
+                gt_boxes = flip_boxes(gt_boxes, image.shape[-1])
+            self.gt_objects += len(gt_labels)
+            self.hits += true_positives(
+                found["boxes"].cpu(),
+                found["labels"].cpu(),
+                found["scores"].cpu(),
+                torch.as_tensor(gt_boxes).reshape(-1, 4),
+                torch.as_tensor(gt_labels),
+            )
+
+    def after_training(self) -> Mapping[str, float]:
+        stats = {
+            "threshold": self.threshold,
+            "weight": self.weight,
+            "has_teacher": float(self.teacher is not None),
+            "images": float(self.images),
+            "boxes": float(self.boxes),
+            "boxes_per_image": self.boxes / self.images if self.images else 0.0,
+        }
+        # against the hidden ground truth; left out when undefined (JSON has no NaN)
+        if self.ground_truth is not None and self.boxes:
+            stats["precision"] = self.hits / self.boxes
+        if self.ground_truth is not None and self.gt_objects:
+            stats["recall"] = self.hits / self.gt_objects
+        return stats
+
+
+def hidden_ground_truth(pool: LabelPool) -> GroundTruth:
+    """Diagnostics only: the simulation's ground truth of a pool image."""
+
+    def lookup(image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        record = pool.record(image_id)
+        return record.boxes, record.labels
+
+    return lookup
+
+
+def unlabelled_dataset(pool: LabelPool, ids: Sequence[str] | None = None) -> DetectionDataset:
+    """The pool images not labelled yet (or ``ids``); their targets are never used."""
+    return pool.dataset.subset(pool.unlabelled_ids if ids is None else ids, "unlabelled")
+
+
+def previous_round_teacher(
+    detector: Detector, schedule: TrainSchedule, round_index: int, trained_here: bool
+) -> nn.Module | None:
+    """A frozen copy of the model trained last round, or None when there is none: round 0, or a
+    resumed ``trainer.init=scratch`` run (the loop restores no checkpoint then)."""
+    if round_index == 0 or not (trained_here or schedule.init == "continue"):
+        return None
+    return frozen_copy(dense_model(detector, "supervision.teacher=previous_round"))
+
+
+class PseudoLabelSelfTraining(BaseRegime):
+    """Boxes from the oracle + teacher pseudo-labels on the rest of the pool (``supervision=
+    pseudo_label``). Per round metrics.json records ``pseudo/threshold``, ``pseudo/boxes``,
+    ``pseudo/precision`` and ``pseudo/recall`` (against the hidden ground truth, IoU 0.5)."""
+
+    label_kinds = ("box",)
+
+    def __init__(
+        self,
+        threshold: float = 0.5,
+        weight: float = 1.0,
+        teacher: str = "ema",
+        ema_decay: float = 0.99,
+        unlabelled_batch_size: int | None = None,
+        empty: str = "skip",
+    ):
+        self.threshold = check_fraction(threshold, "supervision.threshold")
+        self.empty = check_empty(empty, "supervision.empty")
+        self.weight = check_weight(weight, "supervision.weight")
+        self.teacher = check_teacher(teacher, "supervision.teacher")
+        self.ema_decay = check_fraction(ema_decay, "supervision.ema_decay")
+        self.unlabelled_batch_size = unlabelled_batch_size
+        self._trained_round: int | None = None  # in this process (not state: see teacher rule)
+
+    def train(
+        self,
+        detector: Detector,
+        pool: LabelPool,
+        schedule: TrainSchedule,
+        seed: int,
+        round_index: int,
+        progress: Progress | None = None,
+    ) -> dict[str, float]:
+        sources = [BatchSource("labelled", pool.training_set())]
+        hooks: list[TrainingHook] = []
+        if pool.unlabelled_ids:
+            sources.append(
+                BatchSource(
+                    "unlabelled",
+                    unlabelled_dataset(pool),
+                    role="unlabelled",
+                    batch_size=self.unlabelled_batch_size,
+                )
+            )
+            teacher: str | nn.Module | None = "ema"
+            if self.teacher == "previous_round":
+                trained_here = self._trained_round == round_index - 1
+                teacher = previous_round_teacher(detector, schedule, round_index, trained_here)
+            hooks.append(
+                PseudoLabelHook(
+                    "unlabelled",
+                    self.threshold,
+                    self.weight,
+                    teacher,
+                    self.ema_decay,
+                    hidden_ground_truth(pool),
+                    self.empty,
+                )
+            )
+        stats = train_round(detector, sources, schedule, seed, round_index, hooks, progress)
+        self._trained_round = round_index
+        return stats

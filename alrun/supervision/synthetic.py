@@ -1,0 +1,210 @@
+"""Synthetic pre-training: train the detector on the embedded synthetic generator first, then run
+the AL loop on the real pool from that checkpoint (``supervision=synthetic_pretrain``).
+
+The pre-trained weights are computed once and cached under ``$ALRUN_CACHE/pretrain/<key>.pt``,
+the key hashing everything that determines them (the detector builder and its arguments, the
+synthetic data and the pre-training schedule), so every seed and strategy of a sweep shares one
+pre-training. Whenever a round starts from scratch (round 0, or every round with
+``trainer.init=scratch``) the detector is reset and every pre-trained tensor whose name and
+shape fit is loaded: with another number of classes that is all but the class logits layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from alrun.data.synthetic import CLASSES, DOMAINS, default_cache_dir, synthetic_dataset
+from alrun.detectors.base import Detector, Progress, TrainSchedule
+from alrun.detectors.torchvision import TorchvisionDetector
+from alrun.engine import BatchSource, starts_from_scratch, train
+from alrun.errors import AlrunError
+from alrun.io import save_torch, write_json
+from alrun.pool import LabelPool
+from alrun.supervision.base import BaseRegime
+
+log = logging.getLogger("alrun")
+
+_VERSION = 1  # bump when pre-training changes, so cached checkpoints are recomputed
+
+
+def transfer_matching(
+    target: Mapping[str, Tensor], pretrained: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    """``target`` with every tensor of ``pretrained`` that has the same name and shape;
+    returns (merged state, loaded names, names kept from ``target``)."""
+    merged, loaded, kept = dict(target), [], []
+    for key, value in target.items():
+        source = pretrained.get(key)
+        if source is not None and tuple(source.shape) == tuple(value.shape):
+            merged[key] = source.to(value.dtype)
+            loaded.append(key)
+        else:
+            kept.append(key)
+    return merged, loaded, kept
+
+
+def _describe_builder(detector: TorchvisionDetector) -> dict[str, Any]:
+    builder = detector.builder
+    func = getattr(builder, "func", builder)
+    keywords = getattr(builder, "keywords", {})
+    return {
+        "builder": f"{func.__module__}.{func.__qualname__}",
+        "arguments": json.loads(json.dumps(dict(keywords), default=str, sort_keys=True)),
+        "label_offset": detector.label_offset,
+    }
+
+
+class SyntheticPretrain(BaseRegime):
+    """Full box supervision on the real pool, from a synthetic pre-training checkpoint."""
+
+    label_kinds = ("box",)
+
+    def __init__(
+        self,
+        num_images: int = 400,
+        image_size: int = 128,
+        domain: str = "source",
+        data_seed: int = 1,
+        iterations: int = 800,
+        lr: float = 0.01,
+        batch_size: int = 8,
+        warmup_iters: int = 50,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
+        for key, value in (
+            ("num_images", num_images),
+            ("iterations", iterations),
+            ("batch_size", batch_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise AlrunError(f"supervision.{key}: expected a positive integer, got {value!r}")
+        if domain not in DOMAINS:
+            raise AlrunError(f"supervision.domain: expected one of {DOMAINS}, got {domain!r}")
+        self.data = {
+            "num_images": num_images,
+            "image_size": image_size,
+            "domain": domain,
+            "data_seed": data_seed,
+        }
+        self.schedule = TrainSchedule(
+            iterations=iterations,
+            first_iterations=iterations,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_iters=min(warmup_iters, iterations - 1),
+            init="scratch",
+        )
+        self.seed = seed
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._pretrained: dict[str, Tensor] | None = None
+        self._cache_hit = False
+
+    def cache_key(self, detector: TorchvisionDetector) -> dict[str, Any]:
+        """Everything the pre-trained weights depend on (hashed into the cache file name)."""
+        return {
+            "version": _VERSION,
+            "detector": _describe_builder(detector),
+            "classes": list(CLASSES),
+            "data": self.data,
+            "schedule": {
+                k: getattr(self.schedule, k)
+                for k in (
+                    "iterations",
+                    "batch_size",
+                    "lr",
+                    "momentum",
+                    "weight_decay",
+                    "grad_clip",
+                    "warmup_iters",
+                    "min_lr_ratio",
+                    "hflip",
+                )
+            },  # fmt: skip
+            "seed": self.seed,
+            "torch": torch.__version__.split("+")[0],
+        }
+
+    def checkpoint_path(self, detector: TorchvisionDetector) -> Path:
+        blob = json.dumps(self.cache_key(detector), sort_keys=True)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return (self.cache_dir or default_cache_dir()) / "pretrain" / f"{key}.pt"
+
+    def pretrained_state(self, detector: Detector) -> dict[str, Tensor]:
+        """The cached pre-trained weights, computed (and cached) on first use."""
+        if self._pretrained is not None:
+            return self._pretrained
+        if not isinstance(detector, TorchvisionDetector):
+            raise AlrunError(
+                "supervision=synthetic_pretrain: needs the torchvision backend (it builds the "
+                f"same model for the synthetic classes), got {type(detector).__name__}"
+            )
+        path = self.checkpoint_path(detector)
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self._cache_hit = True
+        else:
+            state = self._pretrain(detector)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_torch(path, state)
+            write_json(path.with_suffix(".json"), self.cache_key(detector))
+            self._cache_hit = False
+        self._pretrained = state
+        return state
+
+    def _pretrain(self, detector: TorchvisionDetector) -> dict[str, Tensor]:
+        data = synthetic_dataset(
+            self.data["num_images"],
+            self.data["image_size"],
+            self.data["domain"],
+            self.data["data_seed"],
+            "pretrain",
+            self.cache_dir,
+        )
+        model = TorchvisionDetector(
+            builder=detector.builder,
+            num_classes=len(CLASSES),
+            device=str(detector.device),
+            label_offset=detector.label_offset,
+        )
+        model.reset(self.seed)
+        log.info(
+            "synthetic_pretrain: pre-training on %d synthetic images for %d iterations",
+            len(data),
+            self.schedule.iterations,
+        )
+        train(model, [BatchSource("synthetic", data)], self.schedule, self.seed, True)
+        return model.state_dict()
+
+    def train(
+        self,
+        detector: Detector,
+        pool: LabelPool,
+        schedule: TrainSchedule,
+        seed: int,
+        round_index: int,
+        progress: Progress | None = None,
+    ) -> dict[str, float]:
+        from_scratch = starts_from_scratch(schedule, round_index)
+        info: dict[str, float] = {}
+        if from_scratch:
+            detector.reset(seed)
+            pretrained = self.pretrained_state(detector)
+            merged, loaded, kept = transfer_matching(detector.state_dict(), pretrained)
+            detector.load_state_dict(merged)
+            info = {
+                "pretrain/loaded_tensors": float(len(loaded)),
+                "pretrain/kept_tensors": float(len(kept)),
+                "pretrain/cache_hit": float(self._cache_hit),
+            }
+        source = BatchSource("labelled", pool.training_set())
+        stats = train(detector, [source], schedule, seed, from_scratch, progress=progress)
+        return {**stats, **info}
