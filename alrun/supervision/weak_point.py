@@ -126,6 +126,12 @@ class WeakPointRegime(RoundLog, BaseRegime):
             "supervision.initial_kind", initial_kind, ("box", click_kind)
         )
         self.no_match = check_choice("supervision.no_match", no_match, NO_MATCH_RULES)
+        if no_match == "drop" and initial_kind != "box":
+            raise AlrunError(
+                "supervision.no_match: 'drop' with initial_kind clicks leaves round 0 nothing to "
+                "train on (there is no model to match clicks yet); use no_match=prior or "
+                "initial_kind=box"
+            )
         if not (isinstance(prior_box_px, (int, float)) and prior_box_px > 0):
             raise AlrunError(f"supervision.prior_box_px: expected > 0 pixels, got {prior_box_px}")
         self.prior_box_px = float(prior_box_px)

@@ -228,3 +228,43 @@ def test_label_kinds_are_what_the_settings_can_ask_for():
         "center_click",
     }
     assert set(WeakPointRegime(click_kind="click").label_kinds) == {"box", "click"}
+
+
+def test_train_turns_clicks_into_nearest_predictions_priors_or_drops(monkeypatch):
+    from alrun.data.dataset import DetectionDataset
+    from alrun.pool import LabelPool
+    from alrun.supervision import weak_point
+
+    recs = (
+        record("boxed", [[0, 0, 10, 20]], [0]),
+        record("hit", [[0, 0, 20, 20], [40, 40, 60, 60]], [0, 1]),  # clicks (10,10), (50,50)
+        record("miss", [[30, 30, 50, 50]], [1]),  # nothing predicted of class 1
+    )
+    pool = LabelPool(DetectionDataset("toy", ("a", "b"), recs))
+    oracle = SimulatedOracle(CostModel())
+    pool.add(oracle.annotate(recs[:1], "box"), 0)
+    pool.add(oracle.annotate(recs[1:], "center_click"), 1)
+    preds = {
+        "hit": dets("hit", [[1, 1, 19, 19], [41, 40, 60, 61]], [0, 1], [0.9, 0.8]),
+        "miss": dets("miss", [[30, 30, 50, 50]], [0], [0.9]),  # right place, wrong class
+    }
+    trained = {}
+
+    def fake_train_round(detector, sources, schedule, seed, round_index, hooks=(), progress=None):
+        trained["images"] = {r.image_id: r for r in sources[0].dataset.images}
+        return {"iterations": 1.0}
+
+    monkeypatch.setattr(weak_point, "train_round", fake_train_round)
+    stats = WeakPointRegime(prior_box_px=8).train(FixedDetector(preds), pool, None, 0, 1)
+    images = trained["images"]
+    assert sorted(images) == ["boxed", "hit", "miss"]
+    np.testing.assert_allclose(images["hit"].boxes, [[1, 1, 19, 19], [41, 40, 60, 61]])
+    # the class-1 prior is the default (no class-1 box bought yet): 8 x 8 on the click (40, 40)
+    np.testing.assert_allclose(images["miss"].boxes, [[36, 36, 44, 44]])
+    assert (stats["weak/clicks"], stats["weak/matched"], stats["weak/prior"]) == (3, 2, 1)
+    assert stats["weak/pseudo_precision"] == pytest.approx(2 / 3)  # the prior box misses
+    dropped = WeakPointRegime(no_match="drop").train(FixedDetector(preds), pool, None, 0, 1)
+    assert sorted(trained["images"]) == ["boxed", "hit"]
+    assert (dropped["weak/dropped_images"], dropped["weak/pseudo_boxes"]) == (1, 2)
+    with pytest.raises(AlrunError, match=r"supervision\.no_match: 'drop' with initial_kind"):
+        WeakPointRegime(no_match="drop", initial_kind="center_click")
