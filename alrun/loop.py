@@ -301,6 +301,9 @@ def _write_round(
         },
     )
     save_torch(tmp / "checkpoint.pt", exp.detector.state_dict())
+    round_record = getattr(exp.regime, "round_record", None)  # optional: what the regime did
+    if round_record is not None:
+        write_json(tmp / "supervision.json", round_record(r))
 
 
 def _result_row(

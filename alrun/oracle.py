@@ -70,7 +70,8 @@ class SimulatedOracle:
     an extreme point sits on a box side, jitter) are drawn from ``(seed, image id, kind)``, so the
     same image gets the same answer whatever the order or round it is asked in.
 
-    * ``click``: one click per object, uniform inside its box (Bearman et al.'s click-anywhere);
+    * ``click``: one click per object, uniform inside its box (Bearman et al.'s click-anywhere),
+      or inside the central ``click_region`` fraction of its width and height;
     * ``center_click``: the box center plus Gaussian jitter of ``center_jitter_px``, kept inside
       the box;
     * ``extreme``: the four extreme points, each at a uniform position along its box side plus
@@ -89,6 +90,7 @@ class SimulatedOracle:
         verify_iou: float = 0.5,
         center_jitter_px: float = 0.0,
         extreme_jitter_px: float = 0.0,
+        click_region: float = 1.0,
     ):
         if kind is not None and kind not in LABEL_KINDS:
             raise AlrunError(f"oracle.kind: expected null or one of {LABEL_KINDS}, got '{kind}'")
@@ -100,12 +102,15 @@ class SimulatedOracle:
         ):
             if value < 0:
                 raise AlrunError(f"oracle.{key}: expected >= 0, got {value}")
+        if not 0.0 < click_region <= 1.0:
+            raise AlrunError(f"oracle.click_region: expected a value in (0, 1], got {click_region}")
         self.cost_model = cost_model
         self.kind = kind
         self.seed = int(seed)
         self.verify_iou = float(verify_iou)
         self.center_jitter_px = float(center_jitter_px)
         self.extreme_jitter_px = float(extreme_jitter_px)
+        self.click_region = float(click_region)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -159,7 +164,7 @@ class SimulatedOracle:
         if kind == "box":
             return ImageLabels(record.image_id, kind, boxes.copy(), labels, cost)
         if kind in ("click", "center_click"):
-            points = _clicks(boxes, kind, self.center_jitter_px, rng)
+            points = _clicks(boxes, kind, self.center_jitter_px, rng, self.click_region)
             return ImageLabels(record.image_id, kind, no_boxes, labels, cost, points=points)
         if kind == "extreme":
             extreme = _extreme_points(
@@ -185,7 +190,7 @@ class SimulatedOracle:
             raise AlrunError(f"oracle.annotate: no proposals for image '{record.image_id}'")
         p_boxes = np.asarray(_numpy(found.boxes), dtype=np.float32).reshape(-1, 4)
         p_labels = np.asarray(_numpy(found.labels), dtype=np.int64).reshape(-1)
-        iou = _iou(p_boxes, boxes)
+        iou = pairwise_iou(p_boxes, boxes)
         same_class = p_labels[:, None] == labels[None, :]
         accepted = (np.where(same_class, iou, 0.0) >= self.verify_iou).any(axis=1)
         return ImageLabels(
@@ -202,10 +207,12 @@ def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-def _clicks(boxes: np.ndarray, kind: str, jitter: float, rng: np.random.Generator) -> np.ndarray:
+def _clicks(
+    boxes: np.ndarray, kind: str, jitter: float, rng: np.random.Generator, region: float = 1.0
+) -> np.ndarray:
     x1, y1, x2, y2 = boxes.T
     if kind == "click":
-        u = rng.random((len(boxes), 2))
+        u = 0.5 + (rng.random((len(boxes), 2)) - 0.5) * region  # central fraction of the box
         points = np.stack([x1 + u[:, 0] * (x2 - x1), y1 + u[:, 1] * (y2 - y1)], axis=1)
     else:
         center = np.stack([(x1 + x2) / 2, (y1 + y2) / 2], axis=1)
@@ -236,7 +243,7 @@ def _extreme_points(
     return points.astype(np.float32)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(len(a), len(b)) IoU of xyxy boxes."""
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])

@@ -106,7 +106,7 @@ def test_group_config_instantiates(group: str, option: str, tmp_path: Path):
         assert isinstance(obj, Detector)
     elif group == "supervision":
         obj = instantiate(cfg[group])
-        assert isinstance(obj, Regime) and obj.label_kind(LabelRequest(0)) == "box"
+        assert isinstance(obj, Regime) and obj.label_kind(LabelRequest(0)) in obj.label_kinds
     else:
         obj = instantiate(cfg[group])
         assert isinstance(obj, GROUP_TYPES[group]), type(obj)

@@ -184,3 +184,33 @@ def test_labels_round_trip_through_json(kind):
     for name in ("boxes", "labels", "points", "extreme_points", "image_classes"):
         a, b = getattr(out, name), getattr(back, name)
         assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b))
+
+
+def test_click_region_keeps_click_anywhere_in_the_central_part_of_the_box():
+    rec = boxed()
+    recs = [ImageRecord(f"i{k}", rec.file, 64, 48, rec.boxes, rec.labels) for k in range(50)]
+    oracle = SimulatedOracle(CostModel(), seed=0, click_region=0.5)
+    points = np.stack([lab.points for lab in oracle.annotate(recs, "click")])  # (50, 2, 2)
+    center = (rec.boxes[:, :2] + rec.boxes[:, 2:]) / 2
+    quarter = (rec.boxes[:, 2:] - rec.boxes[:, :2]) / 4
+    assert (np.abs(points - center) <= quarter + 1e-4).all()
+    # ... and spreads over that region (not a constant point)
+    assert (np.abs(points - center).max(axis=0) > 0.8 * quarter).all()
+    anywhere = SimulatedOracle(CostModel(), seed=0).annotate(recs, "click")
+    spread = np.stack([lab.points for lab in anywhere])
+    assert (np.abs(spread - center).max(axis=0) > quarter).all()
+    with pytest.raises(AlrunError, match=r"oracle\.click_region: expected a value in \(0, 1\]"):
+        SimulatedOracle(CostModel(), click_region=0.0)
+
+
+def test_default_oracle_config_makes_extreme_and_center_clicks_noisy():
+    from hydra.utils import instantiate
+
+    from tests.helpers import compose_config
+
+    oracle = instantiate(compose_config([]).oracle)
+    rec = boxed()
+    extreme = oracle.annotate([rec], "extreme")[0]
+    assert oracle.extreme_jitter_px > 0 and not np.allclose(extreme.boxes, rec.boxes)
+    center = oracle.annotate([rec], "center_click")[0]
+    assert not np.allclose(center.points, [[12.0, 18.0], [45.0, 7.0]])
