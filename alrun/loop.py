@@ -168,7 +168,10 @@ def run_experiment(
             reporter.info(f"run already complete ({stopped or 'all rounds done'})")
             return rows
         if state is not None:
-            if not starts_from_scratch(exp.schedule, start):
+            # the last round's model: continue training from it, or (trainer.init=scratch) let
+            # regimes that use it before retraining (pseudo-boxes, teachers) see the same model
+            # as an uninterrupted run; with scratch an absent checkpoint is not an error
+            if not starts_from_scratch(exp.schedule, start) or run_dir.has_checkpoint(start - 1):
                 exp.detector.load_state_dict(run_dir.load_checkpoint(start - 1))
             reporter.info(f"resuming {root} after round {start - 1}")
         logger = instantiate(cfg.logger) if "logger" in cfg else NullLogger()

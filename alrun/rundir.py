@@ -338,6 +338,9 @@ class RunDir:
             if r != last:
                 remove_file(self.round_dir(r) / CHECKPOINT_FILE)
 
+    def has_checkpoint(self, r: int) -> bool:
+        return (self.round_dir(r) / CHECKPOINT_FILE).is_file()
+
     def load_checkpoint(self, r: int) -> dict[str, Any]:
         """Round ``r``'s detector weights, to continue training from them."""
         path = self.round_dir(r) / CHECKPOINT_FILE

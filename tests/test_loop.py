@@ -294,3 +294,25 @@ def test_a_collapsed_round_is_said_loudly(tmp_path, caplog):
     with open(tmp_path / "results.csv") as handle:
         assert [row["collapsed"] for row in csv.DictReader(handle)] == ["1", "1"]
     assert any("looks collapsed" in rec.message for rec in caplog.records)
+
+
+def test_scratch_resume_gives_regimes_the_last_rounds_model(tmp_path, monkeypatch):
+    """trainer.init=scratch retrains every round, but weak_point makes its pseudo-boxes with the
+    previous round's model first: a resumed run must hand it the same model (it used to get a
+    freshly initialised one, so pseudo-boxes and results differed from an uninterrupted run)."""
+    overrides = ["budget.rounds=2", "trainer.init=scratch", "supervision=weak_point"]
+    overrides += [
+        "supervision.min_score=0.0",
+        "supervision.require_inside=false",
+    ]  # any prediction of the weak smoke model counts
+    _run(tmp_path / "ref", overrides)
+    run = tmp_path / "run"
+    _crash(run, overrides, "write " + str(run / ".round_02.tmp" / "metrics.json"), monkeypatch)
+    assert json.loads((run / "state.json").read_text())["last_completed_round"] == 1
+    _run(run, overrides)
+    for name in ("supervision.json", "metrics.json"):
+        ref = json.loads((tmp_path / "ref" / "round_02" / name).read_text())
+        got = json.loads((run / "round_02" / name).read_text())
+        if name == "metrics.json":
+            ref, got = ref["train"], got["train"]
+        assert got == ref, name
