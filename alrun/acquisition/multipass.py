@@ -21,14 +21,18 @@ import torch
 from torch import Tensor
 
 from alrun.acquisition.aggregate import (
-    AGGREGATORS,
     aggregate_segments,
     check_class_weights,
     class_weighted,
 )
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.match import check_matching, match_aligned, match_boxes
-from alrun.acquisition.strategies import EMPTY_POLICIES, Aggregator, _name_of, unique_sources
+from alrun.acquisition.strategies import (
+    Aggregator,
+    _name_of,
+    check_reduction,
+    unique_sources,
+)
 from alrun.detectors.views import parse_view
 from alrun.errors import AlrunError
 from alrun.types import Needs
@@ -288,21 +292,7 @@ class PassUncertainty:
                     f"'{ensemble_kind}'"
                 )
         check_matching(match_metric, match_threshold)
-        if isinstance(aggregator, str) and aggregator not in AGGREGATORS:
-            raise AlrunError(
-                f"strategy.scorer.aggregator: expected one of {'|'.join(AGGREGATORS)} or a "
-                f"callable, got '{aggregator}'"
-            )
-        if isinstance(empty, str) and empty not in EMPTY_POLICIES:
-            raise AlrunError(
-                f"strategy.scorer.empty: expected one of {'|'.join(EMPTY_POLICIES)} or a number, "
-                f"got '{empty}'"
-            )
-        if not 0.0 <= score_threshold < 1.0:
-            raise AlrunError(
-                f"strategy.scorer.score_threshold: expected a number in [0, 1), "
-                f"got {score_threshold}"
-            )
+        check_reduction(aggregator, empty, score_threshold)
         if distribution not in PASS_DISTRIBUTIONS:
             raise AlrunError(
                 f"strategy.scorer.distribution: expected one of {'|'.join(PASS_DISTRIBUTIONS)} "

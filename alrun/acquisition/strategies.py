@@ -38,6 +38,24 @@ def _name_of(fn: Any) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+def check_reduction(aggregator: Aggregator, empty: str | float, score_threshold: float) -> None:
+    """Start-up checks shared by every per-box scorer: aggregator, empty-image policy, threshold."""
+    if isinstance(aggregator, str) and aggregator not in AGGREGATORS:
+        raise AlrunError(
+            f"strategy.scorer.aggregator: expected one of {'|'.join(AGGREGATORS)} or a "
+            f"callable, got '{aggregator}'"
+        )
+    if isinstance(empty, str) and empty not in EMPTY_POLICIES:
+        raise AlrunError(
+            f"strategy.scorer.empty: expected one of {'|'.join(EMPTY_POLICIES)} or a number, "
+            f"got '{empty}'"
+        )
+    if not 0.0 <= score_threshold < 1.0:
+        raise AlrunError(
+            f"strategy.scorer.score_threshold: expected a number in [0, 1), got {score_threshold}"
+        )
+
+
 class RandomScore:
     """Uniform random scores from ``(seed, round)``: the baseline every sweep should include."""
 
@@ -95,21 +113,7 @@ class BoxUncertainty:
         distribution: str = "binary",
         class_weights: list[float] | None = None,
     ):
-        if isinstance(aggregator, str) and aggregator not in AGGREGATORS:
-            raise AlrunError(
-                f"strategy.scorer.aggregator: expected one of {'|'.join(AGGREGATORS)} or a "
-                f"callable, got '{aggregator}'"
-            )
-        if isinstance(empty, str) and empty not in EMPTY_POLICIES:
-            raise AlrunError(
-                f"strategy.scorer.empty: expected one of {'|'.join(EMPTY_POLICIES)} or a number, "
-                f"got '{empty}'"
-            )
-        if not 0.0 <= score_threshold < 1.0:
-            raise AlrunError(
-                f"strategy.scorer.score_threshold: expected a number in [0, 1), "
-                f"got {score_threshold}"
-            )
+        check_reduction(aggregator, empty, score_threshold)
         if distribution not in DISTRIBUTIONS:
             raise AlrunError(
                 f"strategy.scorer.distribution: expected one of {'|'.join(DISTRIBUTIONS)}, "
