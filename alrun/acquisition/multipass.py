@@ -31,6 +31,7 @@ from alrun.acquisition.strategies import (
     Aggregator,
     _name_of,
     check_reduction,
+    empty_image_score,
     unique_sources,
 )
 from alrun.detectors.views import parse_view
@@ -341,13 +342,7 @@ class PassUncertainty:
             )
 
     def _empty_score(self) -> float | None:
-        if self.empty == "min":
-            return -math.inf
-        if self.empty == "max":
-            return math.inf
-        if self.empty == "skip":
-            return None
-        return float(self.empty)
+        return empty_image_score(self.empty)
 
     def batch_scores(self, batch: PredictionBatch) -> list[float | None]:
         if batch.probs is None:

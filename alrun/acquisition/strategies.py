@@ -56,6 +56,17 @@ def check_reduction(aggregator: Aggregator, empty: str | float, score_threshold:
         )
 
 
+def empty_image_score(empty: str | float) -> float | None:
+    """The score of an image without boxes under the ``empty`` policy (None: leave it out)."""
+    if empty == "min":
+        return -math.inf
+    if empty == "max":
+        return math.inf
+    if empty == "skip":
+        return None
+    return float(empty)
+
+
 class RandomScore:
     """Uniform random scores from ``(seed, round)``: the baseline every sweep should include."""
 
@@ -137,13 +148,7 @@ class BoxUncertainty:
             )
 
     def _empty_score(self) -> float | None:
-        if self.empty == "min":
-            return -math.inf
-        if self.empty == "max":
-            return math.inf
-        if self.empty == "skip":
-            return None
-        return float(self.empty)
+        return empty_image_score(self.empty)
 
     def image_score(self, det: Detections) -> float | None:
         """One image's score; ``None`` means: do not select (``empty: skip``)."""
