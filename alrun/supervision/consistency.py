@@ -21,7 +21,7 @@ from torch import Tensor
 from torchvision.models.detection import FCOS, RetinaNet
 
 from alrun.detectors.base import Detector, Progress, TrainSchedule
-from alrun.engine import BatchSource, Step, TrainingHook, train_round
+from alrun.engine import Step, TrainingHook, train_round
 from alrun.errors import AlrunError
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime
@@ -29,7 +29,7 @@ from alrun.supervision.pseudo_label import (
     check_fraction,
     check_weight,
     dense_model,
-    unlabelled_dataset,
+    labelled_and_unlabelled_sources,
 )
 
 _EPS = 1e-8
@@ -199,17 +199,9 @@ class FlipConsistency(BaseRegime):
         round_index: int,
         progress: Progress | None = None,
     ) -> dict[str, float]:
-        sources = [BatchSource("labelled", pool.training_set())]
+        sources = labelled_and_unlabelled_sources(pool, self.unlabelled_batch_size)
         hooks: list[TrainingHook] = []
         if pool.unlabelled_ids:
-            sources.append(
-                BatchSource(
-                    "unlabelled",
-                    unlabelled_dataset(pool),
-                    role="unlabelled",
-                    batch_size=self.unlabelled_batch_size,
-                )
-            )
             hooks.append(
                 FlipConsistencyHook(
                     "unlabelled", self.weight, self.box_weight, self.match_threshold, self.rampup

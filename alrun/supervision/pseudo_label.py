@@ -264,6 +264,18 @@ def previous_round_teacher(
     return frozen_copy(dense_model(detector, "supervision.teacher=previous_round"))
 
 
+def labelled_and_unlabelled_sources(pool: LabelPool, batch_size: int) -> list[BatchSource]:
+    """The labelled images, plus the unlabelled pool (targets hidden) while it has images."""
+    sources = [BatchSource("labelled", pool.training_set())]
+    if pool.unlabelled_ids:
+        sources.append(
+            BatchSource(
+                "unlabelled", unlabelled_dataset(pool), role="unlabelled", batch_size=batch_size
+            )
+        )
+    return sources
+
+
 class PseudoLabelSelfTraining(BaseRegime):
     """Boxes from the oracle + teacher pseudo-labels on the rest of the pool (``supervision=
     pseudo_label``). Per round metrics.json records ``pseudo/threshold``, ``pseudo/boxes``,
@@ -297,17 +309,9 @@ class PseudoLabelSelfTraining(BaseRegime):
         round_index: int,
         progress: Progress | None = None,
     ) -> dict[str, float]:
-        sources = [BatchSource("labelled", pool.training_set())]
+        sources = labelled_and_unlabelled_sources(pool, self.unlabelled_batch_size)
         hooks: list[TrainingHook] = []
         if pool.unlabelled_ids:
-            sources.append(
-                BatchSource(
-                    "unlabelled",
-                    unlabelled_dataset(pool),
-                    role="unlabelled",
-                    batch_size=self.unlabelled_batch_size,
-                )
-            )
             teacher: str | nn.Module | None = "ema"
             if self.teacher == "previous_round":
                 trained_here = self._trained_round == round_index - 1
