@@ -37,6 +37,9 @@ class Needs:
     ensemble: int = 0
     ensemble_kind: str = "independent"
     proposals: bool = False
+    # AL-MDN: > 0 asks for a mixture-density head of this many components beside the dense
+    # head (built at start-up, trained with the detector) and ``Detections.mdn`` per box
+    mixture_density: int = 0
 
     def merge(self, other: Needs) -> Needs:
         return Needs(
@@ -53,12 +56,23 @@ class Needs:
             ensemble=max(self.ensemble, other.ensemble),
             ensemble_kind=self.ensemble_kind if self.ensemble else other.ensemble_kind,
             proposals=self.proposals or other.proposals,
+            mixture_density=max(self.mixture_density, other.mixture_density),
         )
 
 
 NOTHING = Needs()
 
-_PER_BOX = ("boxes", "scores", "labels", "probs", "class_probs", "feats", "proposals", "sources")
+_PER_BOX = (
+    "boxes",
+    "scores",
+    "labels",
+    "probs",
+    "class_probs",
+    "feats",
+    "proposals",
+    "sources",
+    "mdn",
+)
 
 #: ``Detections.head`` values: how the detector's classification head produced probabilities.
 HEAD_TYPES = ("softmax", "sigmoid")
@@ -101,6 +115,9 @@ class Detections:
     class_probs: Tensor | None = None  # (N, C)
     sources: Tensor | None = None  # (N,) int64
     head: str = "softmax"  # softmax | sigmoid
+    # (N, 4) AL-MDN uncertainties: localisation aleatoric, epistemic, classification aleatoric,
+    # epistemic (alrun.detectors.mdn); only when ``needs.mixture_density`` asks
+    mdn: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])

@@ -18,7 +18,17 @@ from torch import Tensor
 
 from alrun.types import Detections, Needs
 
-_RAGGED = ("boxes", "scores", "labels", "probs", "class_probs", "feats", "proposals", "sources")
+_RAGGED = (
+    "boxes",
+    "scores",
+    "labels",
+    "probs",
+    "class_probs",
+    "feats",
+    "proposals",
+    "sources",
+    "mdn",
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class PredictionBatch:
     feats: Tensor | None = None  # (B, D)
     proposals: Tensor | None = None  # (B, 4)
     sources: Tensor | None = None  # (B,)
+    mdn: Tensor | None = None  # (B, 4) AL-MDN uncertainties (Detections.mdn)
     embeddings: Tensor | None = None  # (I, D)
     head: str = "softmax"
     # extra prediction passes (MC dropout, ensemble members, test-time views), each a batch of

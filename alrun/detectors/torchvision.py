@@ -40,6 +40,7 @@ from torchvision.ops import boxes as box_ops
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.data.images import load_image
 from alrun.detectors.base import Progress, TrainSchedule
+from alrun.detectors.mdn import has_mixture_density, install_mixture_density, uncertainty_at
 from alrun.detectors.views import apply_view, boxes_to_original, parse_view
 from alrun.engine import BatchSource, train
 from alrun.errors import AlrunError
@@ -89,6 +90,7 @@ class TorchvisionDetector:
             )
         self.head_dropout = float(head_dropout)
         self.ensemble_kind = "independent"
+        self.mdn_components = 0  # > 0: AL-MDN's mixture head beside the dense head (prepare())
         self.members: list[TorchvisionDetector] = []  # ensemble members 1..K-1 (prepare())
         if isinstance(pretrained, str) and not Path(pretrained).is_file():
             raise AlrunError(f"detector.pretrained: checkpoint '{pretrained}' does not exist")
@@ -141,6 +143,8 @@ class TorchvisionDetector:
                     f"RetinaNet and Faster R-CNN heads, not {type(model).__name__}; set it to 0"
                 )
             install_head_dropout(model, self.head_dropout)
+        if self.mdn_components:
+            install_mixture_density(model, self.mdn_components)
         return model.to(self.device)
 
     @property
@@ -199,6 +203,20 @@ class TorchvisionDetector:
             if self.head_dropout == 0:  # detector.head_dropout wins when set
                 self.head_dropout = float(needs.head_dropout)
                 self.model = self._build(seed=0)
+        if needs.mixture_density:
+            if not isinstance(self.model, (FCOS, RetinaNet)):
+                raise AlrunError(
+                    "strategy: the mixture-density head (AL-MDN) is implemented for FCOS and "
+                    f"RetinaNet heads; this detector is {type(self.model).__name__}: choose "
+                    "detector=tiny_fcos, fcos_* or retinanet_*"
+                )
+            if needs.mixture_density < 1:
+                raise AlrunError(
+                    "strategy.scorer.components: expected an integer >= 1, got "
+                    f"{needs.mixture_density}"
+                )
+            self.mdn_components = int(needs.mixture_density)
+            self.model = self._build(seed=0)
         if needs.ensemble:
             if needs.ensemble < 2:
                 raise AlrunError(
@@ -368,6 +386,15 @@ class TorchvisionDetector:
             anchors = model.anchor_generator(batch, levels)
             towers = _head_towers(model, levels)  # run once, whatever the number of passes
             per_image = _dense(model, batch, levels, _head_last(model, towers), anchors)
+            if needs.mixture_density:
+                if not has_mixture_density(model):
+                    raise AlrunError(
+                        "detector: mixture-density uncertainties asked but the head has no "
+                        "mixture head (the strategy sets it up at start-up through "
+                        "detector.prepare)"
+                    )
+                for found, mdn in zip(per_image, uncertainty_at(model, towers, per_image)):
+                    found["mdn"] = mdn
             if mc_passes:
                 p = _head_dropouts(model)[0].p
                 with _mc_rng(self.device, records):
@@ -405,6 +432,7 @@ class TorchvisionDetector:
             probs=found["probs"].cpu() if needs.probs else None,
             class_probs=found["class_probs"].cpu() if needs.probs else None,
             sources=found["sources"].cpu(),
+            mdn=found["mdn"].cpu() if "mdn" in found else None,
             head=self.head_type,
             feats=found["feats"].cpu() if needs.feats else None,
             embedding=embedding.cpu() if needs.embedding and embedding is not None else None,

@@ -1,0 +1,153 @@
+"""AL-MDN's image score (Choi et al. ICCV 2021) from the mixture-density head's uncertainties.
+
+Each kept box carries four uncertainties (``Detections.mdn``, see
+:mod:`alrun.detectors.mdn`): localisation aleatoric / epistemic and classification aleatoric /
+epistemic. They live on different scales, so the paper z-scores each one with the mean and
+standard deviation over every box of the pool, reduces per image (max in the paper) and takes
+the maximum of the four normalised values as the image's score. ``uncertainty`` picks one of
+the four instead (each on its own, normalised the same way), ``combine: sum`` adds the four.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from alrun.acquisition.aggregate import aggregate_segments, check_class_weights, class_weighted
+from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+from alrun.acquisition.strategies import (
+    Aggregator,
+    _name_of,
+    check_reduction,
+    empty_image_score,
+    unique_sources,
+)
+from alrun.detectors.mdn import UNCERTAINTIES
+from alrun.errors import AlrunError
+from alrun.types import Needs
+
+#: ``uncertainty`` choices: all four combined, or one of them
+CHOICES = ("all", *UNCERTAINTIES)
+COMBINE = ("max", "sum")
+
+
+def zscore(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Column-wise z-scores of (B, U) with the population std (the paper's ``pstdev``); a
+    column with no spread gets std 1 so it contributes 0, not NaN."""
+    mean = values.mean(dim=0)
+    std = values.std(dim=0, correction=0)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (values - mean) / std, mean, std
+
+
+class MixtureUncertainty:
+    """Score = combination of the z-scored, per-image reduced AL-MDN uncertainties.
+
+    ``score_threshold`` (0.5 in the paper) keeps only confident boxes; each anchor is counted
+    once (:func:`~alrun.acquisition.strategies.unique_sources`); ``aggregator`` (max in the
+    paper) reduces an image's boxes; ``empty`` decides images left without a box.
+    """
+
+    def __init__(
+        self,
+        components: int = 4,
+        uncertainty: str = "all",
+        combine: str = "max",
+        aggregator: Aggregator = "max",
+        score_threshold: float = 0.5,
+        empty: str | float = "min",
+        class_weights: list[float] | None = None,
+    ):
+        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+            raise AlrunError(
+                f"strategy.scorer.components: expected an integer >= 1, got {components!r}"
+            )
+        if uncertainty not in CHOICES:
+            raise AlrunError(
+                f"strategy.scorer.uncertainty: expected one of {'|'.join(CHOICES)}, "
+                f"got '{uncertainty}'"
+            )
+        if combine not in COMBINE:
+            raise AlrunError(
+                f"strategy.scorer.combine: expected one of {'|'.join(COMBINE)}, got '{combine}'"
+            )
+        check_reduction(aggregator, empty, score_threshold)
+        self.components = components
+        self.uncertainty = uncertainty
+        self.combine = combine
+        self.aggregator = aggregator
+        self.score_threshold = float(score_threshold)
+        self.empty = empty
+        self.class_weights = check_class_weights(class_weights)
+        self.needs = Needs(mixture_density=components)
+        self._stats: dict[str, list[float]] = {}
+
+    def batch_scores(self, batch: PredictionBatch) -> list[float | None]:
+        if len(batch) == 0:
+            return []
+        if batch.mdn is None:
+            raise AlrunError(
+                "strategy: the detector returned no mixture-density uncertainties (AL-MDN "
+                "needs a detector with a mixture head: FCOS or RetinaNet)"
+            )
+        keep = unique_sources(batch, batch.scores >= self.score_threshold)
+        values = batch.mdn[keep].double()
+        columns = (
+            list(range(len(UNCERTAINTIES)))
+            if self.uncertainty == "all"
+            else [UNCERTAINTIES.index(self.uncertainty)]
+        )
+        values = values[:, columns]
+        labels, segment = batch.labels[keep], batch.segment[keep]
+        if self.class_weights is not None:  # on the raw values, before normalising
+            weight = class_weighted(torch.ones(len(labels)), labels, self.class_weights)
+            values = values * weight.double()[:, None]
+        self._stats = {"boxes": int(len(values))}
+        normalised = values
+        if len(values):
+            normalised, mean, std = zscore(values)
+            self._stats.update(mean=mean.tolist(), std=std.tolist())
+        per_image = torch.stack(
+            [
+                self._reduce(normalised[:, j], segment, len(batch), batch.scores[keep])
+                for j in range(len(columns))
+            ],
+            dim=1,
+        )
+        if self.combine == "max":
+            combined = per_image.amax(dim=1)
+        else:
+            combined = per_image.sum(dim=1)
+        empty = empty_image_score(self.empty)
+        return [empty if math.isnan(x) else x for x in combined.tolist()]
+
+    def _reduce(self, scores: Tensor, segment: Tensor, n: int, confidences: Tensor) -> Tensor:
+        if callable(self.aggregator):
+            return self.aggregator(scores, segment, n, confidences)
+        return aggregate_segments(scores, segment, n, self.aggregator, confidences)
+
+    def __call__(self, context: AcquisitionContext) -> dict[str, float]:
+        if context.preds is None:
+            raise AlrunError("strategy: this scorer needs predictions")
+        scores = self.batch_scores(context.preds)
+        return {i: s for i, s in zip(context.preds.image_ids, scores) if s is not None}
+
+    def describe(self) -> dict[str, Any]:
+        columns = UNCERTAINTIES if self.uncertainty == "all" else (self.uncertainty,)
+        return {
+            "scorer": "mixture_uncertainty",
+            "components": self.components,
+            "uncertainty": self.uncertainty,
+            "combine": self.combine,
+            "aggregator": self.aggregator
+            if isinstance(self.aggregator, str)
+            else _name_of(self.aggregator),
+            "score_threshold": self.score_threshold,
+            "empty": self.empty,
+            "sources_counted_once": True,
+            "class_weights": None if self.class_weights is None else list(self.class_weights),
+            "normalisation": {"columns": list(columns), **self._stats},
+        }
