@@ -175,9 +175,8 @@ def train(
     detector.train_mode()
     for hook in hooks:
         _call(hook, "before_training", -1, total, detector, total)
-    params = [p for p in detector.parameters() if p.requires_grad]
-    for hook in hooks:
-        params += [p for p in _call(hook, "parameters", -1, total) if p.requires_grad]
+    main, auxiliary = _parameter_groups(detector, hooks, total)
+    params = main + auxiliary
     optimizer = torch.optim.SGD(
         params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
     )
@@ -200,8 +199,10 @@ def train(
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if schedule.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
+        if schedule.grad_clip > 0:  # per group: an auxiliary head never scales the detector's
+            torch.nn.utils.clip_grad_norm_(main, schedule.grad_clip)
+            if auxiliary:
+                torch.nn.utils.clip_grad_norm_(auxiliary, schedule.grad_clip)
         optimizer.step()
         for hook in hooks:
             _call(hook, "after_step", index, total, step)
@@ -220,6 +221,23 @@ def train(
         summary = _call(hook, "after_training", total, total)
         stats.update({f"{hook.name}/{key}": float(value) for key, value in summary.items()})
     return stats
+
+
+def _parameter_groups(
+    detector: Detector, hooks: Sequence[TrainingHook], total: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """(the detector's own trainable parameters, auxiliary ones): hooks' heads (learned
+    scorers, UDA's domain classifier) and the detector's ``auxiliary_parameters()`` (AL-MDN's
+    mixture head). The gradient-norm clip treats the groups separately, so a head trained
+    beside the detector leaves the detector's updates exactly as without it."""
+    extra = getattr(detector, "auxiliary_parameters", None)
+    aux_ids = {id(p) for p in (extra() if extra is not None else ())}
+    own = [p for p in detector.parameters() if p.requires_grad]
+    main = [p for p in own if id(p) not in aux_ids]
+    auxiliary = [p for p in own if id(p) in aux_ids]
+    for hook in hooks:
+        auxiliary += [p for p in _call(hook, "parameters", -1, total) if p.requires_grad]
+    return main, auxiliary
 
 
 def _backend_losses(detector: Detector, drawn: Sequence[Batch]) -> dict[str, Tensor]:

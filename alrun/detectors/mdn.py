@@ -177,7 +177,7 @@ def mixture_losses(
     onehot = torch.zeros_like(mix.cls_mu[..., 0, :])
     onehot[fg, cls_target[fg]] = 1.0
     if noise is None:
-        noise = torch.randn_like(mix.cls_mu)
+        noise = torch.randn_like(mix.cls_mu)  # tests pass their own; training passes a seeded draw
     p = mixture_probability(mix, noise)
     cls_loss = focal_loss_on_probs(p[valid], onehot[valid]) / num_fg
     reg_loss = mixture_nll(mix.rows(fg), reg_target[fg]) / num_fg
@@ -220,6 +220,8 @@ class _LossWithMixture:
 
     def __init__(self, model: FCOS | RetinaNet, original, capture: _TowerCapture):
         self.model, self.original, self.capture = model, original, capture
+        self._generator: torch.Generator | None = None
+        self._seed: int | None = None
 
     def __call__(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, Tensor]:
         losses = self.original(targets, head_outputs, anchors, matched_idxs)
@@ -231,8 +233,20 @@ class _LossWithMixture:
             boxes = t["boxes"][m.clamp_min(0)] if len(t["boxes"]) else torch.zeros_like(a)
             cls_target.append(torch.where(m >= 0, labels, m.clamp(-2, -1)))
             reg_target.append(_encode(self.model, boxes, a))
-        losses.update(mixture_losses(mix, torch.stack(cls_target), torch.stack(reg_target)))
+        noise = self._noise(mix.cls_mu)
+        losses.update(mixture_losses(mix, torch.stack(cls_target), torch.stack(reg_target), noise))
         return losses
+
+    def _noise(self, like: Tensor) -> Tensor:
+        """The reparameterisation noise, from a generator of its own seeded by the training
+        run's seed (``torch.initial_seed()``, set by the engine): the global random stream the
+        detector's training draws from is left exactly as without the mixture head."""
+        seed = torch.initial_seed()
+        if self._generator is None or self._seed != seed or self._generator.device != like.device:
+            self._generator = torch.Generator(device=like.device)
+            self._generator.manual_seed(seed)
+            self._seed = seed
+        return torch.randn(like.shape, generator=self._generator, device=like.device)
 
 
 def _encode(model: FCOS | RetinaNet, boxes: Tensor, anchors: Tensor) -> Tensor:

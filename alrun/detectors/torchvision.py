@@ -252,6 +252,11 @@ class TorchvisionDetector:
     def parameters(self) -> list[Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def auxiliary_parameters(self) -> list[Tensor]:
+        """Parameters of heads trained beside the detector (AL-MDN's mixture head): the engine
+        clips their gradients as their own group."""
+        return list(self.model.head.mdn.parameters()) if has_mixture_density(self.model) else []
+
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         if self.label_offset:
             targets = [{**t, "labels": t["labels"] + self.label_offset} for t in targets]

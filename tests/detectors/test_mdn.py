@@ -226,3 +226,16 @@ def test_mixture_head_on_a_detector_without_a_dense_head_is_refused():
     )
     with pytest.raises(AlrunError, match=r"mixture-density head \(AL-MDN\).*FCOS and RetinaNet"):
         det.prepare(Needs(mixture_density=4))
+
+
+def test_the_detector_trains_exactly_as_without_the_mixture_head(data):
+    plain = TorchvisionDetector(partial(tiny_fcos, image_size=64), num_classes=4, device="cpu")
+    mixed = _detector()
+    plain.fit(data, _schedule(12), seed=3, from_scratch=True)
+    mixed.fit(data, _schedule(12), seed=3, from_scratch=True)
+    # detached features, a separate gradient-clip group and a noise generator of its own: the
+    # detector's weights come out bit for bit the same
+    own = plain.model.state_dict()
+    other = mixed.model.state_dict()
+    assert set(other) - set(own) == {k for k in other if k.startswith("head.mdn.")}
+    assert all(torch.equal(own[k], other[k]) for k in own)
