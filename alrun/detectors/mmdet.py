@@ -409,6 +409,32 @@ class MMDetDetector:
         )
         return data["inputs"], data["data_samples"]
 
+    def prepare(self, needs: Needs) -> None:
+        """Start-up check (before any training): what this backend cannot compute yet is a
+        one-line error now, not after round 0's training."""
+        missing = [
+            what
+            for what, asked in (
+                ("multi-pass predictions (MC dropout, ensembles)", needs.passes > 1),
+                ("head dropout", needs.head_dropout > 0),
+                ("ensemble members", needs.ensemble > 0),
+                ("test-time views", bool(needs.augment)),
+                ("gradient outputs", needs.grads),
+                ("mixture-density uncertainties (AL-MDN)", needs.mixture_density > 0),
+                (
+                    "region proposals (one-stage model)",
+                    needs.proposals and _model_kind(self.model) != "two_stage",
+                ),
+            )
+            if asked
+        ]
+        if missing:
+            raise AlrunError(
+                f"strategy: {', '.join(missing)} are not implemented by the mmdet backend; use "
+                "a torchvision detector (detector=retinanet_resnet50_fpn, fasterrcnn_*) or "
+                "another strategy"
+            )
+
     # --- prediction -------------------------------------------------------------------------
     @torch.no_grad()
     def predict(

@@ -275,3 +275,18 @@ def test_config_files_name_the_mmdet_models():
         cfg = compose_config([f"detector={name}"])
         assert cfg.detector.builder.config.endswith(config)
         assert Path(REPO / "alrun" / "configs" / "detector" / f"{name}.yaml").is_file()
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+def test_what_the_backend_cannot_compute_is_refused_at_start_up():
+    det = retinanet()
+    det.prepare(Needs(probs=True, feats=True, embedding=True))  # what it does compute
+    with pytest.raises(AlrunError) as err:
+        det.prepare(Needs(passes=10, head_dropout=0.2))
+    message = str(err.value)
+    assert message.startswith("strategy: multi-pass predictions (MC dropout, ensembles), head")
+    assert "not implemented by the mmdet backend" in message and "\n" not in message
+    with pytest.raises(AlrunError, match=r"region proposals \(one-stage model\)"):
+        det.prepare(Needs(proposals=True))
+    faster_rcnn().prepare(Needs(proposals=True))  # two-stage models have them
