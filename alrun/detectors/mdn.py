@@ -11,7 +11,7 @@ detector's own anchor assignment, and its state lives in the model's ``state_dic
 (``head.mdn.*``). The detector's boxes, scores and training are the ones every other strategy
 gets, so an AL-MDN run differs from an entropy run only in *which* images it picks - the
 comparison the runner exists for. (The paper trains the backbone through the mixture head;
-``detach=False`` does that here.)
+``install_mixture_density(..., detach=False)`` does that here.)
 
 Outputs per anchor, as in the paper: classification - K component means ``mu_k`` (C logits),
 variances ``var_k`` (C) and one weight ``pi_k``; regression - K components of 4 coordinates,
