@@ -167,7 +167,8 @@ class RecordedOracle:
             if record is None:
                 raise AlrunError(
                     f"{where}: image id '{entry.image_id}' is not in the dataset "
-                    f"({len(records)} images, e.g. {_shorten(sorted(records), 3)})"
+                    f"({len(records)} images in its pool and test splits, e.g. "
+                    f"{', '.join(sorted(records)[:3])})"
                 )
             answers[entry.image_id] = _build_answer(entry, record, classes, where, self.cost_model)
         self._answers = answers
