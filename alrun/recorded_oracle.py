@@ -133,11 +133,11 @@ class RecordedOracle:
         if unanswered and self.missing == "error":
             first = unanswered[0]
             held = self._held_kind(first.image_id)
-            has = f"has a '{held}' label for it" if held else "has no label for it"
+            has = f" (it holds a '{held}' one)" if held else ""
             raise AlrunError(
-                f"oracle.path: {self.path} {has}: the loop asked for '{kind}' labels of image "
-                f"'{first.image_id}' ({len(unanswered)} of {len(records)} images unanswered); "
-                "add them to the file or set oracle.missing=simulate"
+                f"oracle.path: {self.path} has no '{kind}' label for image '{first.image_id}'"
+                f"{has}; {len(unanswered)} of the {len(records)} images asked for are not "
+                "answered; add them to the file or set oracle.missing=simulate"
             )
         if unanswered:
             simulated = iter(self.fallback.annotate(unanswered, kind, proposals))

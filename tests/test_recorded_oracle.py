@@ -113,10 +113,10 @@ def test_missing_images_are_an_error_or_simulated(tmp_path, caplog):
     with pytest.raises(AlrunError) as err:
         oracle.annotate(POOL[:2], "center_click")
     assert str(err.value) == (
-        f"oracle.path: {path} has no label for it: the loop asked for 'center_click' labels of "
-        "image 'b' (1 of 2 images unanswered); add them to the file or set oracle.missing=simulate"
+        f"oracle.path: {path} has no 'center_click' label for image 'b'; 1 of the 2 images "
+        "asked for are not answered; add them to the file or set oracle.missing=simulate"
     )
-    with pytest.raises(AlrunError, match="has a 'center_click' label for it: the loop asked for "):
+    with pytest.raises(AlrunError, match="no 'box' label for image 'a' \\(it holds a 'center_c"):
         oracle.annotate(POOL[:1], "box")
     simulate = recorded(path, missing="simulate", seed=3)
     with caplog.at_level(logging.INFO, logger="alrun.recorded_oracle"):
