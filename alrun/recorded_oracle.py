@@ -143,7 +143,7 @@ class RecordedOracle:
             simulated = iter(self.fallback.annotate(unanswered, kind, proposals))
             answers = [a if a is not None else next(simulated) for a in answers]
             log.info(
-                "oracle: %d of %d '%s' labels simulated (not in %s)",
+                "oracle: %d of %d '%s' labels simulated (%s has none for them)",
                 len(unanswered),
                 len(records),
                 kind,

@@ -121,7 +121,10 @@ def test_missing_images_are_an_error_or_simulated(tmp_path, caplog):
     simulate = recorded(path, missing="simulate", seed=3)
     with caplog.at_level(logging.INFO, logger="alrun.recorded_oracle"):
         a, b = simulate.annotate(POOL[:2], "center_click")
-    assert "oracle: 1 of 2 'center_click' labels simulated (not in labels.jsonl)" in caplog.text
+    assert (
+        "oracle: 1 of 2 'center_click' labels simulated (labels.jsonl has none for them)"
+        in caplog.text
+    )
     assert a.cost_s == 4.25  # from the file
     expected = SimulatedOracle(CostModel(), seed=3).annotate(POOL[1:2], "center_click")[0]
     assert b.to_json() == expected.to_json()
@@ -185,10 +188,45 @@ def _errors(path: str) -> list[tuple[list, str]]:
             [BOX_B, {**CLICK_A, "cost_s": -1.5}],
             f"{where}: 'cost_s' must be a finite number of seconds >= 0, got -1.5",
         ),
+        (
+            [BOX_B, {"image_id": "a", "kind": "verify", "labels": [0], "boxes": [[0, 0, 5, 5]]}],
+            f"{where}: unknown kind 'verify'; expected one of box, extreme, click, center_click, "
+            "image_label ('verify' answers judge the run's own predicted boxes and cannot be "
+            "replayed)",
+        ),
+        (
+            [
+                BOX_B,
+                {
+                    "image_id": "a",
+                    "kind": "extreme",
+                    "labels": [0],
+                    "extreme_points": [[[5, 9], [8, -1], [15, 10], [9, 16]]],
+                },
+            ],
+            f"{image_a}: extreme point (8, -1) is outside the 64x48 image; expected 0 <= x <= 64 "
+            "and 0 <= y <= 48",
+        ),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+CASES = (
+    "malformed_json",
+    "unknown_kind",
+    "click_outside",
+    "box_outside",
+    "unknown_class_name",
+    "class_index_out_of_range",
+    "count_mismatch",
+    "id_not_in_dataset",
+    "duplicate_id",
+    "negative_cost",
+    "verify_kind",
+    "extreme_point_outside",
+)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=CASES)
 def test_bad_files_are_one_line_errors_naming_file_line_and_expectation(tmp_path, case):
     path = tmp_path / "labels.jsonl"
     lines, message = _errors(str(path))[case]
