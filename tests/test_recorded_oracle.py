@@ -312,3 +312,53 @@ def test_weak_point_trains_on_imported_clicks(tmp_path):
     record = json.loads((tmp_path / "run/round_01/supervision.json").read_text())
     (pseudo,) = record["pseudo_boxes"]
     assert pseudo["clicks"] == rows[1]["clicks"] == sum(len(im["points"]) for im in clicked)
+
+
+def _answer_from_truth(record: ImageRecord, kind: str) -> dict:
+    """What an annotator of ``kind`` would have recorded for ``record`` (exact, 0.5 s)."""
+    boxes = record.boxes.astype(float)
+    entry = {"image_id": record.image_id, "kind": kind, "cost_s": 0.5}
+    if kind == "image_label":
+        return {**entry, "image_classes": sorted(set(record.labels.tolist()))}
+    entry["labels"] = record.labels.tolist()
+    x1, y1, x2, y2 = boxes.T
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    if kind == "box":
+        entry["boxes"] = boxes.tolist()
+    elif kind == "extreme":
+        entry["extreme_points"] = np.stack(
+            [np.stack(p, axis=1) for p in ((x1, cy), (cx, y1), (x2, cy), (cx, y2))], axis=1
+        ).tolist()
+    else:
+        entry["points"] = np.stack([cx, cy], axis=1).tolist()
+    return entry
+
+
+@pytest.mark.parametrize(
+    ("regime", "kind"),
+    [
+        ("full", "box"),
+        ("extreme", "extreme"),
+        ("image_level", "image_label"),
+        ("box_verification", "box"),  # verify requests are simulated
+        ("weak_point", "center_click"),
+    ],
+)
+def test_every_regime_runs_on_recorded_labels(tmp_path, regime, kind):
+    overrides = [*SMOKE[:3], f"supervision={regime}"]
+    pool = instantiate(compose_config(overrides).dataset).pool
+    if regime == "weak_point":  # its initial set is all clicks too: everything from the file
+        overrides.append("supervision.initial_kind=center_click")
+    path = write_lines(tmp_path, *(_answer_from_truth(r, kind) for r in pool.images))
+    extra = ["oracle=recorded", f"oracle.path={path}", "oracle.missing=simulate"]
+    rows = run_experiment(compose_config([*overrides, *extra]), tmp_path / "run")
+    assert [r["images"] for r in rows] == [10, 20]
+    labelled = json.loads((tmp_path / "run/round_01/labelled.json").read_text())
+    from_file = [im for im in labelled["images"] if im["label_kind"] == kind]
+    if regime == "box_verification":  # rejected proposals' boxes also add the verify seconds
+        from_file = [im for im in from_file if im["round"] == 0]
+    assert from_file and all(im["cost_s"] == 0.5 for im in from_file)
+    simulated = [im for im in labelled["images"] if im["label_kind"] != kind]
+    assert all(im["cost_s"] != 0.5 for im in simulated)
+    if regime == "weak_point":
+        assert len(from_file) == 20 and rows[1]["cost_s"] == pytest.approx(20 * 0.5)
