@@ -362,3 +362,15 @@ def test_every_regime_runs_on_recorded_labels(tmp_path, regime, kind):
     assert all(im["cost_s"] != 0.5 for im in simulated)
     if regime == "weak_point":
         assert len(from_file) == 20 and rows[1]["cost_s"] == pytest.approx(20 * 0.5)
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    fallback = SimulatedOracle(CostModel())
+    with pytest.raises(AlrunError) as err:
+        RecordedOracle(tmp_path / "nope.jsonl", fallback)
+    assert str(err.value) == f"oracle.path: {tmp_path / 'nope.jsonl'} is not a file"
+    with pytest.raises(AlrunError) as err:
+        RecordedOracle(write_lines(tmp_path, BOX_B), fallback, missing="maybe")
+    assert str(err.value) == "oracle.missing: expected one of error|simulate, got 'maybe'"
+    with pytest.raises(AlrunError, match="^oracle.path: .* no labels; expected one JSON object"):
+        RecordedOracle(write_lines(tmp_path, ""), fallback)
