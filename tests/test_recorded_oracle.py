@@ -362,6 +362,16 @@ def test_every_regime_runs_on_recorded_labels(tmp_path, regime, kind):
     assert all(im["cost_s"] != 0.5 for im in simulated)
     if regime == "weak_point":
         assert len(from_file) == 20 and rows[1]["cost_s"] == pytest.approx(20 * 0.5)
+    if regime != "box_verification":  # the run's labelled.json replays as the labels it bought
+        state = json.loads((tmp_path / "run/state.json").read_text())
+        replay = RecordedOracle(
+            tmp_path / "run/round_01/labelled.json", SimulatedOracle(CostModel())
+        )
+        replay.check_data(instantiate(compose_config(overrides).dataset))
+        records = pool.by_id()
+        for bought in map(ImageLabels.from_json, state["labels"]):
+            (again,) = replay.annotate([records[bought.image_id]], bought.kind)
+            assert again.to_json() == bought.to_json()
 
 
 def test_bad_settings_are_one_line_errors(tmp_path):
