@@ -81,6 +81,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
     if hasattr(regime, "check_data"):  # e.g. uda: the dataset must be its target domain
         regime.check_data(splits)
+    if hasattr(oracle, "check_data"):  # oracle=recorded: file ids, classes, coordinates
+        oracle.check_data(splits)
     detector = instantiate(cfg.detector, num_classes=len(splits.classes))
     strategy.check_detector(
         getattr(detector, "head_type", "softmax"), getattr(detector, "can_embed", True)

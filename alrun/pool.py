@@ -88,7 +88,8 @@ class LabelPool:
         lab = self.labels[image_id]
         extra = lab.to_json()  # the kind's own fields: points, extreme points, verified flags...
         for key in ("image_id", "kind", "boxes", "labels", "cost_s"):
-            extra.pop(key)
+            if not (key == "labels" and lab.kind in ("click", "center_click")):
+                extra.pop(key)  # clicks have no COCO annotation: their classes stay here
         return {
             "label_kind": lab.kind,
             "round": int(self.labelled_round[self.index[image_id]]),

@@ -18,6 +18,7 @@ from alrun.errors import AlrunError
 from alrun.logger import NullLogger
 from alrun.loop import build_experiment
 from alrun.oracle import SimulatedOracle
+from alrun.recorded_oracle import RecordedOracle
 from alrun.supervision.base import LabelRequest, Regime
 from tests.data.fabricate import make_coco_root, make_vocdevkit
 from tests.helpers import compose_config, shared_dataset
@@ -79,7 +80,7 @@ def test_every_group_has_a_default_and_every_default_exists():
 #: what each group's ``_target_`` must build (a config pointing elsewhere fails here)
 GROUP_TYPES = {
     "budget": Budget,
-    "oracle": SimulatedOracle,
+    "oracle": (SimulatedOracle, RecordedOracle),
     "strategy": Strategy,
     "trainer": TrainSchedule,
     "dataset": DatasetSplits,
@@ -92,6 +93,10 @@ def test_group_config_instantiates(group: str, option: str, tmp_path: Path):
     overrides = [f"{group}={option}"]
     if group == "dataset":
         overrides += _dataset_overrides(option, tmp_path)
+    if (group, option) == ("oracle", "recorded"):  # needs a labels file
+        labels = tmp_path / "labels.jsonl"
+        labels.write_text('{"image_id": "a", "kind": "box", "labels": [], "boxes": []}\n')
+        overrides.append(f"oracle.path={labels}")
     if (group, option) == ("supervision", "uda"):  # refuses to start without its domains
         overrides = ["experiment=uda_synthetic", "supervision.source.num_pool=4"]
     cfg = compose_config(overrides)
