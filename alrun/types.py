@@ -62,7 +62,8 @@ class Needs:
 
 NOTHING = Needs()
 
-_PER_BOX = (
+#: every per-box field of ``Detections`` (and of ``PredictionBatch``), filtered together
+PER_BOX_FIELDS = (
     "boxes",
     "scores",
     "labels",
@@ -125,14 +126,16 @@ class Detections:
     def select(self, index: Tensor) -> Detections:
         """Keep the boxes at ``index`` (bool mask or int indices) in every per-box field."""
         kept = {
-            name: getattr(self, name)[index] for name in _PER_BOX if getattr(self, name) is not None
+            name: getattr(self, name)[index]
+            for name in PER_BOX_FIELDS
+            if getattr(self, name) is not None
         }
         return replace(self, **kept)
 
     def to(self, device: torch.device | str) -> Detections:
         moved = {
             name: getattr(self, name).to(device)
-            for name in (*_PER_BOX, "embedding")
+            for name in (*PER_BOX_FIELDS, "embedding")
             if getattr(self, name) is not None
         }
         return replace(self, passes=tuple(p.to(device) for p in self.passes), **moved)

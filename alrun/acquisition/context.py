@@ -16,19 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alrun.types import Detections, Needs
+from alrun.types import PER_BOX_FIELDS, Detections, Needs
 
-_RAGGED = (
-    "boxes",
-    "scores",
-    "labels",
-    "probs",
-    "class_probs",
-    "feats",
-    "proposals",
-    "sources",
-    "mdn",
-)
+_RAGGED = PER_BOX_FIELDS
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alrun.acquisition.aggregate import aggregate_segments, check_class_weights, class_weighted
+from alrun.acquisition.aggregate import check_class_weights, class_weighted
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.strategies import (
     Aggregator,
-    _name_of,
     check_reduction,
     empty_image_score,
+    reduce_per_image,
+    reduction_record,
+    score_pool,
     unique_sources,
 )
 from alrun.detectors.mdn import UNCERTAINTIES
@@ -112,7 +114,9 @@ class MixtureUncertainty:
             self._stats.update(mean=mean.tolist(), std=std.tolist())
         per_image = torch.stack(
             [
-                self._reduce(normalised[:, j], segment, len(batch), batch.scores[keep])
+                reduce_per_image(
+                    self.aggregator, normalised[:, j], segment, len(batch), batch.scores[keep]
+                )
                 for j in range(len(columns))
             ],
             dim=1,
@@ -124,16 +128,8 @@ class MixtureUncertainty:
         empty = empty_image_score(self.empty)
         return [empty if math.isnan(x) else x for x in combined.tolist()]
 
-    def _reduce(self, scores: Tensor, segment: Tensor, n: int, confidences: Tensor) -> Tensor:
-        if callable(self.aggregator):
-            return self.aggregator(scores, segment, n, confidences)
-        return aggregate_segments(scores, segment, n, self.aggregator, confidences)
-
     def __call__(self, context: AcquisitionContext) -> dict[str, float]:
-        if context.preds is None:
-            raise AlrunError("strategy: this scorer needs predictions")
-        scores = self.batch_scores(context.preds)
-        return {i: s for i, s in zip(context.preds.image_ids, scores) if s is not None}
+        return score_pool(self, context)
 
     def describe(self) -> dict[str, Any]:
         columns = UNCERTAINTIES if self.uncertainty == "all" else (self.uncertainty,)
@@ -142,12 +138,6 @@ class MixtureUncertainty:
             "components": self.components,
             "uncertainty": self.uncertainty,
             "combine": self.combine,
-            "aggregator": self.aggregator
-            if isinstance(self.aggregator, str)
-            else _name_of(self.aggregator),
-            "score_threshold": self.score_threshold,
-            "empty": self.empty,
-            "sources_counted_once": True,
-            "class_weights": None if self.class_weights is None else list(self.class_weights),
+            **reduction_record(self),
             "normalisation": {"columns": list(columns), **self._stats},
         }

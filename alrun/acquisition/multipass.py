@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from alrun.acquisition.aggregate import (
-    aggregate_segments,
     check_class_weights,
     class_weighted,
 )
@@ -32,6 +31,9 @@ from alrun.acquisition.strategies import (
     _name_of,
     check_reduction,
     empty_image_score,
+    reduce_per_image,
+    reduction_record,
+    score_pool,
     unique_sources,
 )
 from alrun.detectors.views import parse_view
@@ -377,20 +379,12 @@ class PassUncertainty:
         box_scores = self.box_score(**{k: available[k] for k in self.inputs})
         box_scores = class_weighted(box_scores, batch.labels[rows], self.class_weights)
         segment = batch.segment[rows]
-        if callable(self.aggregator):
-            per_image = self.aggregator(box_scores, segment, len(batch), confidence)
-        else:
-            per_image = aggregate_segments(
-                box_scores, segment, len(batch), self.aggregator, confidence
-            )
+        per_image = reduce_per_image(self.aggregator, box_scores, segment, len(batch), confidence)
         empty = self._empty_score()
         return [empty if math.isnan(x) else x for x in per_image.tolist()]
 
     def __call__(self, context: AcquisitionContext) -> dict[str, float]:
-        if context.preds is None:
-            raise AlrunError("strategy: this scorer needs predictions")
-        scores = self.batch_scores(context.preds)
-        return {i: s for i, s in zip(context.preds.image_ids, scores) if s is not None}
+        return score_pool(self, context)
 
     def describe(self) -> dict[str, Any]:
         passes: dict[str, Any] = {"source": self.source if self.uses_passes else "none"}
@@ -411,12 +405,6 @@ class PassUncertainty:
             "box_score": _name_of(self.box_score),
             **passes,
             "distribution": self.distribution,
-            "aggregator": self.aggregator
-            if isinstance(self.aggregator, str)
-            else _name_of(self.aggregator),
+            **reduction_record(self),
             "aggregator_weights": "max class probability",
-            "score_threshold": self.score_threshold,
-            "empty": self.empty,
-            "class_weights": None if self.class_weights is None else list(self.class_weights),
-            "sources_counted_once": True,
         }

@@ -67,6 +67,35 @@ def empty_image_score(empty: str | float) -> float | None:
     return float(empty)
 
 
+def reduce_per_image(
+    aggregator: Aggregator, scores: Tensor, segment: Tensor, num_images: int, confidences: Tensor
+) -> Tensor:
+    """Per-image reduction of box scores by a named or a callable aggregator (NaN: no box)."""
+    if callable(aggregator):
+        return aggregator(scores, segment, num_images, confidences)
+    return aggregate_segments(scores, segment, num_images, aggregator, confidences)
+
+
+def reduction_record(scorer: Any) -> dict[str, Any]:
+    """What ``selection.json`` records about a per-box scorer's reduction to one image score."""
+    aggregator = scorer.aggregator
+    return {
+        "aggregator": aggregator if isinstance(aggregator, str) else _name_of(aggregator),
+        "score_threshold": scorer.score_threshold,
+        "empty": scorer.empty,
+        "sources_counted_once": True,
+        "class_weights": None if scorer.class_weights is None else list(scorer.class_weights),
+    }
+
+
+def score_pool(scorer: Any, context: AcquisitionContext) -> dict[str, float]:
+    """``scorer.batch_scores`` on the pool predictions as {image id: score} (None: left out)."""
+    if context.preds is None:
+        raise AlrunError("strategy: this scorer needs predictions")
+    scores = scorer.batch_scores(context.preds)
+    return {i: s for i, s in zip(context.preds.image_ids, scores) if s is not None}
+
+
 class RandomScore:
     """Uniform random scores from ``(seed, round)``: the baseline every sweep should include."""
 
@@ -169,33 +198,19 @@ class BoxUncertainty:
         )
         box_scores = class_weighted(self.box_score(dist), batch.labels[keep], self.class_weights)
         segment, confidences = batch.segment[keep], batch.scores[keep]
-        if callable(self.aggregator):
-            per_image = self.aggregator(box_scores, segment, len(batch), confidences)
-        else:
-            per_image = aggregate_segments(
-                box_scores, segment, len(batch), self.aggregator, confidences
-            )
+        per_image = reduce_per_image(self.aggregator, box_scores, segment, len(batch), confidences)
         empty = self._empty_score()
         return [empty if math.isnan(x) else x for x in per_image.tolist()]
 
     def __call__(self, context: AcquisitionContext) -> dict[str, float]:
-        if context.preds is None:
-            raise AlrunError("strategy: this scorer needs predictions")
-        scores = self.batch_scores(context.preds)
-        return {i: s for i, s in zip(context.preds.image_ids, scores) if s is not None}
+        return score_pool(self, context)
 
     def describe(self) -> dict[str, Any]:
         return {
             "scorer": "box_uncertainty",
             "box_score": _name_of(self.box_score),
             "distribution": self.distribution,
-            "aggregator": self.aggregator
-            if isinstance(self.aggregator, str)
-            else _name_of(self.aggregator),
-            "score_threshold": self.score_threshold,
-            "empty": self.empty,
-            "sources_counted_once": True,
-            "class_weights": None if self.class_weights is None else list(self.class_weights),
+            **reduction_record(self),
         }
 
 
