@@ -10,7 +10,10 @@ from functools import partial
 
 import pytest
 import torch
-from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+from torchvision.models.detection import (
+    fasterrcnn_mobilenet_v3_large_320_fpn,
+    ssdlite320_mobilenet_v3_large,
+)
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import roi_align
 
@@ -104,6 +107,14 @@ def test_consistency_needs_a_dense_head():
 
     with pytest.raises(AlrunError, match=r"needs a dense head .* or a two-stage one"):
         FlipConsistencyHook("u").before_training(NotDense(), 1)
+    ssd = TorchvisionDetector(
+        partial(ssdlite320_mobilenet_v3_large, weights=None, weights_backbone=None),
+        num_classes=2,
+        label_offset=1,
+        device="cpu",
+    )
+    with pytest.raises(AlrunError, match="got SSD"):
+        FlipConsistencyHook("u").before_training(ssd, 1)
     with pytest.raises(AlrunError, match=r"supervision\.match_threshold"):
         FlipConsistency(match_threshold=2)
 
