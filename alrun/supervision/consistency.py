@@ -216,9 +216,13 @@ class FlipConsistencyHook(TrainingHook):
         model = step.detector.model
         batch = step.batches[self.source]
         if isinstance(model, FasterRCNN):
-            logits, deltas, rows = two_stage_views(model, list(batch.images))
+            logits, deltas, n_plain = two_stage_views(model, list(batch.images))
             js, l2, matched = two_stage_consistency_terms(
-                logits[:rows], logits[rows:], deltas[:rows], deltas[rows:], self.match_threshold
+                logits[:n_plain],
+                logits[n_plain:],
+                deltas[:n_plain],
+                deltas[n_plain:],
+                self.match_threshold,
             )
             return self._weighted(step, js, l2, matched, len(batch.images))
         transformed, _ = model.transform(batch.images)

@@ -31,6 +31,7 @@ from alrun.supervision.consistency import (
     mirror_boxes,
     mirror_offsets,
     two_stage_consistency_terms,
+    two_stage_views,
     unflip_locations,
 )
 from tests.helpers import compose_config
@@ -162,6 +163,10 @@ def test_two_stage_terms_on_hand_made_outputs():
     assert agree[2] == 1
     none = two_stage_consistency_terms(logits_plain, logits_flip, deltas_plain, deltas_flip, 0.99)
     assert none[2] == 0 and float(none[0]) == 0.0 and float(none[1]) == 0.0
+    no_proposals = two_stage_consistency_terms(
+        logits_plain[:0], logits_flip[:0], deltas_plain[:0], deltas_flip[:0], 0.0
+    )
+    assert no_proposals[2] == 0 and float(no_proposals[0]) == 0.0
 
 
 def test_mirrored_proposals_cover_the_mirrored_content():
@@ -198,6 +203,38 @@ def _tiny_faster_rcnn() -> TorchvisionDetector:
         max_size=64,
     )
     return TorchvisionDetector(builder, num_classes=2, label_offset=1, device="cpu")
+
+
+def test_two_stage_views_pair_each_proposal_with_its_mirror():
+    """The RoI head sees proposal i on the plain view and its mirror on the mirrored view: the
+    pixels under each pair are mirror images of each other."""
+    detector = _tiny_faster_rcnn()
+    detector.train_mode()
+    model, seen = detector.model, {}
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.update(pixels=args[0]))
+    model.roi_heads.box_roi_pool.register_forward_pre_hook(
+        lambda m, args: seen.update(boxes=args[1], sizes=args[2])
+    )
+    torch.manual_seed(0)
+    images = [torch.rand(3, 64, 80), torch.rand(3, 64, 40)]
+    # resized to 51 x 64 and 64 x 40: the second is padded on the right in the batch tensor
+    logits, deltas, n_plain = two_stage_views(model, images)
+    boxes, sizes, pixels = seen["boxes"], seen["sizes"], seen["pixels"]
+    assert len(boxes) == 4 and sizes[2:] == sizes[:2] and sizes[0] != sizes[1]
+    assert n_plain == len(boxes[0]) + len(boxes[1]) > 0
+    assert len(logits) == len(deltas) == 2 * n_plain
+    for i, (_, width) in enumerate(sizes[:2]):
+        plain, mirrored = boxes[i], boxes[2 + i]
+        torch.testing.assert_close(mirrored, mirror_boxes(plain, float(width)))
+        # zero columns on both sides, so at every border roi_align reads zeros (as it does in
+        # the batch's right padding) instead of repeating the edge pixel
+        padded = torch.nn.functional.pad(pixels, (2, 2))
+        shift = T([2.0, 0.0, 2.0, 0.0])
+        pooled = roi_align(padded[i : i + 1], [plain + shift], 7, sampling_ratio=2, aligned=True)
+        pooled_mirror = roi_align(
+            padded[2 + i : 3 + i], [mirrored + shift], 7, sampling_ratio=2, aligned=True
+        )
+        torch.testing.assert_close(pooled_mirror, pooled.flip(-1))
 
 
 def test_two_stage_hook_loss_reaches_the_roi_box_head():
