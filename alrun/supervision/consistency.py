@@ -9,7 +9,18 @@ class probability >= ``match_threshold``: CSD's background elimination) the two 
 * boxes: L2 between the plain view's box offsets and the mirror image of the flipped view's
   (FCOS ``(l, t, r, b)`` -> ``(r, t, l, b)``; RetinaNet ``(dx, dy, dw, dh)`` -> ``(-dx, ...)``).
 
-The weight ramps up linearly over the first ``rampup`` fraction of the iterations.
+Two-stage heads (Faster R-CNN; CSD's R-FCN variant): the RPN proposes boxes on the plain view
+(test-time proposal counts, detached: they are inputs to the RoI head); the RoI head is run on the
+plain view with those proposals and on the mirrored view with the same proposals mirrored
+(``x1' = W - x2``, ``x2' = W - x1``), so proposal i of both views covers the same content. A
+proposal is compared when the plain view's highest foreground probability is >= ``match_threshold``:
+
+* classes: symmetric JS divergence of the two (C + 1)-way softmax distributions;
+* boxes: L2 between the plain view's deltas and the mirrored view's with dx negated, both of the
+  plain view's most probable foreground class (the box the detector would report for it).
+
+Gradients flow through both views, as in CSD. The weight ramps up linearly over the first
+``rampup`` fraction of the iterations.
 """
 
 from __future__ import annotations
@@ -18,7 +29,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.image_list import ImageList
 
 from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.engine import Step, TrainingHook, train_round
@@ -98,6 +110,78 @@ def consistency_terms(
     return js, l2, count
 
 
+def mirror_boxes(boxes: Tensor, width: float) -> Tensor:
+    """(N, 4) ``x1, y1, x2, y2`` boxes of an image ``width`` pixels wide, as boxes of its mirror
+    image (``x1' = W - x2``, ``x2' = W - x1``: torchvision's horizontal-flip convention)."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack([width - x2, y1, width - x1, y2], dim=-1)
+
+
+def two_stage_consistency_terms(
+    logits_plain: Tensor,
+    logits_flipped: Tensor,
+    deltas_plain: Tensor,
+    deltas_flipped: Tensor,
+    match_threshold: float,
+) -> tuple[Tensor, Tensor, int]:
+    """(JS term, L2 term, matched proposals) of a RoI head run on paired proposals (row i of the
+    flipped view = proposal i mirrored). ``logits_*``: (N, C + 1) softmax logits, background in
+    column 0 (torchvision); ``deltas_*``: (N, (C + 1) * 4) class-specific ``(dx, dy, dw, dh)``.
+    The box term compares the deltas of the plain view's most probable foreground class."""
+    probs_plain = torch.softmax(logits_plain, dim=-1)
+    best, label = probs_plain.detach()[:, 1:].max(dim=-1)
+    matched = best >= match_threshold
+    count = int(matched.sum())
+    if count == 0:
+        zero = (logits_plain.sum() + deltas_plain.sum()) * 0.0
+        return zero, zero, 0
+    js = js_divergence(probs_plain[matched], torch.softmax(logits_flipped[matched], dim=-1)).mean()
+    rows = torch.nonzero(matched).reshape(-1)
+    label = label[matched] + 1  # column in the (C + 1)-way layout
+    box_plain = deltas_plain.reshape(len(deltas_plain), -1, 4)[rows, label]
+    box_flipped = deltas_flipped.reshape(len(deltas_flipped), -1, 4)[rows, label]
+    l2 = (box_plain - mirror_offsets(box_flipped, "delta")).pow(2).sum(-1).mean()
+    return js, l2, count
+
+
+def flip_within_sizes(images: ImageList) -> Tensor:
+    """The batch tensor with each image mirrored inside its own (h, w) (padding stays put), so
+    the mirrored view of a box is :func:`mirror_boxes` with that image's width."""
+    flipped = images.tensors.clone()
+    for i, (h, w) in enumerate(images.image_sizes):
+        flipped[i, :, :h, :w] = images.tensors[i, :, :h, :w].flip(-1)
+    return flipped
+
+
+@torch.no_grad()
+def plain_view_proposals(model: FasterRCNN, images: ImageList, features: dict) -> list[Tensor]:
+    """The RPN's proposals as at inference (test-time top-n and NMS; no targets, no gradient)."""
+    rpn, was_training = model.rpn, model.rpn.training
+    rpn.eval()
+    try:
+        proposals, _ = rpn(images, features)
+    finally:
+        rpn.train(was_training)
+    return [p.detach() for p in proposals]
+
+
+def two_stage_views(model: FasterRCNN, images: list[Tensor]) -> tuple[Tensor, Tensor, int]:
+    """RoI-head outputs ``(class_logits, box_regression)`` of the plain and mirrored views,
+    stacked (plain rows first, then the same proposals mirrored in the same order), and the
+    number of plain rows."""
+    transformed, _ = model.transform(images)
+    n, sizes = len(images), list(transformed.image_sizes)
+    both = ImageList(torch.cat([transformed.tensors, flip_within_sizes(transformed)]), sizes * 2)
+    features = model.backbone(both.tensors)
+    plain_features = {k: v[:n] for k, v in features.items()}
+    proposals = plain_view_proposals(model, transformed, plain_features)
+    mirrored = [mirror_boxes(p, float(w)) for p, (_, w) in zip(proposals, sizes)]
+    heads = model.roi_heads
+    pooled = heads.box_roi_pool(features, proposals + mirrored, both.image_sizes)
+    class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
+    return class_logits, box_regression, sum(len(p) for p in proposals)
+
+
 class FlipConsistencyHook(TrainingHook):
     """CSD flip-consistency losses on the batch of ``source`` (images only)."""
 
@@ -120,16 +204,27 @@ class FlipConsistencyHook(TrainingHook):
 
     def before_training(self, detector: Detector, total: int) -> None:
         model = dense_model(detector, "supervision=consistency")
-        if not isinstance(model, (FCOS, RetinaNet)):
+        if not isinstance(model, (FCOS, RetinaNet, FasterRCNN)):
             raise AlrunError(
                 "supervision=consistency: needs a dense head (FCOS or RetinaNet, e.g. "
-                f"detector=tiny_fcos), got {type(model).__name__}"
+                "detector=tiny_fcos) or a two-stage one (Faster R-CNN), got "
+                f"{type(model).__name__}"
             )
         self.sums = dict.fromkeys(self.sums, 0.0)
 
     def extra_losses(self, step: Step) -> Mapping[str, Tensor]:
         model = step.detector.model
         batch = step.batches[self.source]
+        if isinstance(model, FasterRCNN):
+            logits, deltas, n_plain = two_stage_views(model, list(batch.images))
+            js, l2, matched = two_stage_consistency_terms(
+                logits[:n_plain],
+                logits[n_plain:],
+                deltas[:n_plain],
+                deltas[n_plain:],
+                self.match_threshold,
+            )
+            return self._weighted(step, js, l2, matched, len(batch.images))
         transformed, _ = model.transform(batch.images)
         x = transformed.tensors
         n = x.shape[0]
@@ -149,6 +244,11 @@ class FlipConsistencyHook(TrainingHook):
             encoding,
             self.match_threshold,
         )
+        return self._weighted(step, js, l2, matched, n)
+
+    def _weighted(
+        self, step: Step, js: Tensor, l2: Tensor, matched: int, n: int
+    ) -> Mapping[str, Tensor]:
         self.sums["js"] += float(js.detach())
         self.sums["l2"] += float(l2.detach())
         self.sums["matched"] += matched

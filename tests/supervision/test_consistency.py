@@ -1,13 +1,21 @@
 """CSD flip consistency: the JS and L2 terms on hand-made tensors, the mirror bookkeeping, the
-gradient reaching the backbone, and one round end to end on the tiny detector."""
+gradient reaching the backbone, and one round end to end on the tiny detector; the same for the
+two-stage version (Faster R-CNN: paired mirrored proposals, gradient to the RoI box head)."""
 
 from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
+from torchvision.models.detection import (
+    fasterrcnn_mobilenet_v3_large_320_fpn,
+    ssdlite320_mobilenet_v3_large,
+)
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import roi_align
 
 from alrun.detectors.tiny import tiny_fcos
 from alrun.detectors.torchvision import TorchvisionDetector
@@ -18,8 +26,12 @@ from alrun.supervision.consistency import (
     FlipConsistency,
     FlipConsistencyHook,
     consistency_terms,
+    flip_within_sizes,
     js_divergence,
+    mirror_boxes,
     mirror_offsets,
+    two_stage_consistency_terms,
+    two_stage_views,
     unflip_locations,
 )
 from tests.helpers import compose_config
@@ -94,8 +106,16 @@ def test_consistency_needs_a_dense_head():
     class NotDense:
         model = torch.nn.Linear(1, 1)
 
-    with pytest.raises(AlrunError, match="needs a dense head"):
+    with pytest.raises(AlrunError, match=r"needs a dense head .* or a two-stage one"):
         FlipConsistencyHook("u").before_training(NotDense(), 1)
+    ssd = TorchvisionDetector(
+        partial(ssdlite320_mobilenet_v3_large, weights=None, weights_backbone=None),
+        num_classes=2,
+        label_offset=1,
+        device="cpu",
+    )
+    with pytest.raises(AlrunError, match="got SSD"):
+        FlipConsistencyHook("u").before_training(ssd, 1)
     with pytest.raises(AlrunError, match=r"supervision\.match_threshold"):
         FlipConsistency(match_threshold=2)
 
@@ -111,3 +131,146 @@ def test_one_round_end_to_end_adds_the_consistency_loss(tmp_path, init):
         train = json.loads((tmp_path / f"round_0{r}/metrics.json").read_text())["train"]
         assert train["consistency/js_mean"] > 0 and train["consistency/l2_mean"] > 0
         assert train["consistency/matched_per_image"] > 0
+
+
+# --- two-stage (Faster R-CNN) ------------------------------------------------------------------
+
+
+def test_two_stage_terms_on_hand_made_outputs():
+    # 2 proposals, 2 classes + background (column 0); only proposal 0 is confident (class 2)
+    logits_plain = T([[0.0, -1.0, 3.0], [2.0, -2.0, -2.0]])
+    logits_flip = T([[0.0, 3.0, -1.0], [-5.0, 5.0, 5.0]])
+    deltas_plain = torch.full((2, 12), 9.0)
+    deltas_flip = torch.full((2, 12), -7.0)  # other classes / proposal 1 must not count
+    deltas_plain[0, 8:12] = T([0.2, 0.1, 0.3, -0.1])  # class 2 of proposal 0
+    deltas_flip[0, 8:12] = T([0.1, 0.1, 0.5, -0.1])  # mirrored back: (-0.1, 0.1, 0.5, -0.1)
+    js, l2, matched = two_stage_consistency_terms(
+        logits_plain, logits_flip, deltas_plain, deltas_flip, 0.5
+    )
+    assert matched == 1
+    e = [math.exp(v) for v in (0.0, -1.0, 3.0)]
+    p = [v / sum(e) for v in e]  # the flipped view's distribution is p with classes swapped
+    q = [p[0], p[2], p[1]]
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    kl = lambda a, b: sum(x * math.log(x / y) for x, y in zip(a, b))  # noqa: E731
+    assert float(js) == pytest.approx(0.5 * (kl(p, m) + kl(q, m)), abs=1e-6)
+    assert float(l2) == pytest.approx(0.3**2 + 0.2**2, abs=1e-6)  # dx 0.2 vs -0.1, dw 0.3 vs 0.5
+    mirrored = deltas_plain.reshape(2, 3, 4) * T([-1.0, 1.0, 1.0, 1.0])
+    agree = two_stage_consistency_terms(
+        logits_plain, logits_plain, deltas_plain, mirrored.reshape(2, 12), 0.5
+    )
+    assert float(agree[0]) == pytest.approx(0.0, abs=1e-6) and float(agree[1]) == 0.0
+    assert agree[2] == 1
+    none = two_stage_consistency_terms(logits_plain, logits_flip, deltas_plain, deltas_flip, 0.99)
+    assert none[2] == 0 and float(none[0]) == 0.0 and float(none[1]) == 0.0
+    no_proposals = two_stage_consistency_terms(
+        logits_plain[:0], logits_flip[:0], deltas_plain[:0], deltas_flip[:0], 0.0
+    )
+    assert no_proposals[2] == 0 and float(no_proposals[0]) == 0.0
+
+
+def test_mirrored_proposals_cover_the_mirrored_content():
+    torch.manual_seed(0)
+    boxes = torch.rand(5, 4) * 30
+    boxes[:, 2:] += boxes[:, :2]
+    assert torch.allclose(mirror_boxes(mirror_boxes(boxes, 64.0), 64.0), boxes)
+    assert mirror_boxes(T([[4.0, 3.0, 13.0, 11.0]]), 30.0).tolist() == [[17.0, 3.0, 26.0, 11.0]]
+    # left-right asymmetric content, 20 x 30 inside a padded 24 x 32 batch tensor
+    image = torch.arange(3 * 20 * 30, dtype=torch.float32).reshape(3, 20, 30) % 97
+    padded = torch.full((1, 3, 24, 32), -1.0)
+    padded[0, :, :20, :30] = image
+    flipped = flip_within_sizes(ImageList(padded, [(20, 30)]))
+    assert torch.equal(flipped[0, :, :20, :30], image.flip(-1))
+    assert (flipped[0, :, 20:] == -1).all() and (flipped[0, :, :, 30:] == -1).all()
+    box = T([[4.0, 3.0, 13.0, 11.0]])
+    x1, y1, x2, y2 = (int(v) for v in mirror_boxes(box, 30.0)[0])
+    assert torch.equal(flipped[0, :, y1:y2, x1:x2], image[:, 3:11, 4:13].flip(-1))
+    # what the RoI head pools: the mirrored proposal's features are the plain ones mirrored
+    pooled = roi_align(padded, [box], output_size=5, sampling_ratio=2, aligned=True)
+    pooled_mirror = roi_align(
+        flipped, [mirror_boxes(box, 30.0)], output_size=5, sampling_ratio=2, aligned=True
+    )
+    torch.testing.assert_close(pooled_mirror, pooled.flip(-1))
+    assert not torch.allclose(pooled, pooled.flip(-1))  # the content is asymmetric
+
+
+def _tiny_faster_rcnn() -> TorchvisionDetector:
+    builder = partial(
+        fasterrcnn_mobilenet_v3_large_320_fpn,
+        weights=None,
+        weights_backbone=None,
+        min_size=64,
+        max_size=64,
+    )
+    return TorchvisionDetector(builder, num_classes=2, label_offset=1, device="cpu")
+
+
+def test_two_stage_views_pair_each_proposal_with_its_mirror():
+    """The RoI head sees proposal i on the plain view and its mirror on the mirrored view: the
+    pixels under each pair are mirror images of each other."""
+    detector = _tiny_faster_rcnn()
+    detector.train_mode()
+    model, seen = detector.model, {}
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.update(pixels=args[0]))
+    model.roi_heads.box_roi_pool.register_forward_pre_hook(
+        lambda m, args: seen.update(boxes=args[1], sizes=args[2])
+    )
+    torch.manual_seed(0)
+    images = [torch.rand(3, 64, 80), torch.rand(3, 64, 40)]
+    # resized to 51 x 64 and 64 x 40: the second is padded on the right in the batch tensor
+    logits, deltas, n_plain = two_stage_views(model, images)
+    boxes, sizes, pixels = seen["boxes"], seen["sizes"], seen["pixels"]
+    assert len(boxes) == 4 and sizes[2:] == sizes[:2] and sizes[0] != sizes[1]
+    assert n_plain == len(boxes[0]) + len(boxes[1]) > 0
+    assert len(logits) == len(deltas) == 2 * n_plain
+    for i, (_, width) in enumerate(sizes[:2]):
+        plain, mirrored = boxes[i], boxes[2 + i]
+        torch.testing.assert_close(mirrored, mirror_boxes(plain, float(width)))
+        # zero columns on both sides, so at every border roi_align reads zeros (as it does in
+        # the batch's right padding) instead of repeating the edge pixel
+        padded = torch.nn.functional.pad(pixels, (2, 2))
+        shift = T([2.0, 0.0, 2.0, 0.0])
+        pooled = roi_align(padded[i : i + 1], [plain + shift], 7, sampling_ratio=2, aligned=True)
+        pooled_mirror = roi_align(
+            padded[2 + i : 3 + i], [mirrored + shift], 7, sampling_ratio=2, aligned=True
+        )
+        torch.testing.assert_close(pooled_mirror, pooled.flip(-1))
+
+
+def test_two_stage_hook_loss_reaches_the_roi_box_head():
+    detector = _tiny_faster_rcnn()
+    detector.train_mode()
+    hook = FlipConsistencyHook("u", weight=1.0, match_threshold=0.0, rampup=0.0)
+    hook.before_training(detector, 1)
+    torch.manual_seed(0)
+    images = [torch.rand(3, 64, 80), torch.rand(3, 48, 64)]
+    batch = Batch(BatchSource("u", None, role="unlabelled"), images, None, ("a", "b"), (False,) * 2)
+    losses = hook.extra_losses(Step(0, 1, 0.1, detector, {"u": batch}))
+    assert float(losses["js"].detach()) > 0 and float(losses["l2"].detach()) > 0
+    sum(losses.values()).backward()
+    model = detector.model
+    assert model.training and model.rpn.training  # the RPN's eval-mode proposals are restored
+    for weight in (
+        model.roi_heads.box_head.fc6.weight,
+        model.roi_heads.box_predictor.cls_score.weight,
+        model.roi_heads.box_predictor.bbox_pred.weight,
+    ):
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.rpn.parameters())  # proposals are inputs
+    stats = hook.after_training()
+    assert stats["images"] == 2 and stats["matched_per_image"] > 0
+
+
+def test_one_round_end_to_end_with_faster_rcnn(tmp_path):
+    tiny = ["detector.builder.min_size=64", "detector.builder.max_size=64"]
+    cfg = compose_config(["experiment=smoke", "quiet=true", "budget.rounds=1",
+                          "supervision=consistency", "supervision.match_threshold=0.0",
+                          "supervision.unlabelled_batch_size=2",
+                          "detector=fasterrcnn_mobilenet_v3_large_320_fpn", *tiny])  # fmt: skip
+    rows = run_experiment(cfg, tmp_path)
+    assert [r["images"] for r in rows] == [10, 20]
+    for r in (0, 1):
+        train = json.loads((tmp_path / f"round_0{r}/metrics.json").read_text())["train"]
+        assert train["consistency/js_mean"] > 0 and train["consistency/l2_mean"] > 0
+        assert train["consistency/matched_per_image"] > 0
+        assert train["consistency/images"] == 2 * train["iterations"]
