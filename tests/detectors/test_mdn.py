@@ -239,3 +239,27 @@ def test_the_detector_trains_exactly_as_without_the_mixture_head(data):
     other = mixed.model.state_dict()
     assert set(other) - set(own) == {k for k in other if k.startswith("head.mdn.")}
     assert all(torch.equal(own[k], other[k]) for k in own)
+
+
+def test_retinanet_gets_a_mixture_head_with_nine_anchors_per_location(data):
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    builder = partial(
+        retinanet_resnet50_fpn,
+        weights=None,
+        weights_backbone=None,
+        min_size=64,
+        max_size=64,
+        score_thresh=0.0,
+    )
+    det = TorchvisionDetector(builder, num_classes=4, device="cpu")
+    det.prepare(Needs(mixture_density=3))
+    assert det.model.head.mdn.num_anchors == 9
+    stats = det.fit(data, _schedule(2), seed=0)
+    assert math.isfinite(stats["final_loss"])
+    found = det.predict(data.images[:2], Needs(probs=True, mixture_density=3))
+    assert all(d.mdn.shape == (len(d), 4) and len(d) > 0 for d in found)
+    # RetinaNet's encoding (dx, dy, dw, dh) is what the regression mixture is trained on
+    images, targets = _batch(data.images[:2])
+    det.train_mode()
+    assert {"mdn_classification", "mdn_regression"} <= set(det.losses(images, targets))
