@@ -29,6 +29,7 @@ from alrun.acquisition.match import check_matching, match_aligned, match_boxes
 from alrun.acquisition.strategies import (
     Aggregator,
     _name_of,
+    check_distribution_head,
     check_reduction,
     empty_image_score,
     reduce_per_image,
@@ -336,15 +337,7 @@ class PassUncertainty:
         )
 
     def check_detector(self, head_type: str) -> None:
-        if self.distribution == "with_background" and head_type != "softmax":
-            raise AlrunError(
-                "strategy.scorer.distribution: with_background needs a softmax head with a "
-                f"background class, but this detector's head is {head_type} (no background); "
-                "use binary"
-            )
-
-    def _empty_score(self) -> float | None:
-        return empty_image_score(self.empty)
+        check_distribution_head(self.distribution, head_type, "binary")
 
     def batch_scores(self, batch: PredictionBatch) -> list[float | None]:
         if batch.probs is None:
@@ -380,7 +373,7 @@ class PassUncertainty:
         box_scores = class_weighted(box_scores, batch.labels[rows], self.class_weights)
         segment = batch.segment[rows]
         per_image = reduce_per_image(self.aggregator, box_scores, segment, len(batch), confidence)
-        empty = self._empty_score()
+        empty = empty_image_score(self.empty)
         return [empty if math.isnan(x) else x for x in per_image.tolist()]
 
     def __call__(self, context: AcquisitionContext) -> dict[str, float]:

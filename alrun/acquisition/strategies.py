@@ -67,6 +67,17 @@ def empty_image_score(empty: str | float) -> float | None:
     return float(empty)
 
 
+def check_distribution_head(distribution: str, head_type: str, instead: str) -> None:
+    """Start-up check: ``with_background`` needs a head that predicts background (``instead``
+    names the distributions the scorer offers in its place)."""
+    if distribution == "with_background" and head_type != "softmax":
+        raise AlrunError(
+            "strategy.scorer.distribution: with_background needs a softmax head with a "
+            f"background class, but this detector's head is {head_type} (no background); "
+            f"use {instead}"
+        )
+
+
 def reduce_per_image(
     aggregator: Aggregator, scores: Tensor, segment: Tensor, num_images: int, confidences: Tensor
 ) -> Tensor:
@@ -168,16 +179,7 @@ class BoxUncertainty:
         self.needs = Needs(probs=True)
 
     def check_detector(self, head_type: str) -> None:
-        """Start-up check: ``with_background`` needs a head that predicts background."""
-        if self.distribution == "with_background" and head_type != "softmax":
-            raise AlrunError(
-                "strategy.scorer.distribution: with_background needs a softmax head with a "
-                f"background class, but this detector's head is {head_type} (no background); "
-                "use binary or foreground"
-            )
-
-    def _empty_score(self) -> float | None:
-        return empty_image_score(self.empty)
+        check_distribution_head(self.distribution, head_type, "binary or foreground")
 
     def image_score(self, det: Detections) -> float | None:
         """One image's score; ``None`` means: do not select (``empty: skip``)."""
@@ -199,7 +201,7 @@ class BoxUncertainty:
         box_scores = class_weighted(self.box_score(dist), batch.labels[keep], self.class_weights)
         segment, confidences = batch.segment[keep], batch.scores[keep]
         per_image = reduce_per_image(self.aggregator, box_scores, segment, len(batch), confidences)
-        empty = self._empty_score()
+        empty = empty_image_score(self.empty)
         return [empty if math.isnan(x) else x for x in per_image.tolist()]
 
     def __call__(self, context: AcquisitionContext) -> dict[str, float]:
