@@ -256,15 +256,21 @@ def _encode(model: FCOS | RetinaNet, boxes: Tensor, anchors: Tensor) -> Tensor:
     return model.head.regression_head.box_coder.encode_single(boxes, anchors)
 
 
-def install_mixture_density(model: nn.Module, components: int, detach: bool = True) -> None:
-    """Add ``model.head.mdn`` (trained with the detector) to an FCOS / RetinaNet model."""
+def check_mixture_density(model: nn.Module, components: int) -> None:
+    """Whether ``model`` can take a mixture head of ``components`` (one-line errors)."""
     if not isinstance(model, (FCOS, RetinaNet)):
         raise AlrunError(
-            "strategy=al_mdn: the mixture-density head is implemented for dense one-stage "
-            f"torchvision detectors (FCOS, RetinaNet), not {type(model).__name__}"
+            "strategy: the mixture-density head (AL-MDN) is implemented for FCOS and RetinaNet "
+            f"heads; this detector is {type(model).__name__}: choose detector=tiny_fcos, "
+            "fcos_* or retinanet_*"
         )
     if int(components) < 1:
         raise AlrunError(f"strategy.scorer.components: expected an integer >= 1, got {components}")
+
+
+def install_mixture_density(model: nn.Module, components: int, detach: bool = True) -> None:
+    """Add ``model.head.mdn`` (trained with the detector) to an FCOS / RetinaNet model."""
+    check_mixture_density(model, components)
     head = model.head
     cls_head = head.classification_head
     head.mdn = MixtureDensityHead(

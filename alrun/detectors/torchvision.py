@@ -40,7 +40,12 @@ from torchvision.ops import boxes as box_ops
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.data.images import load_image
 from alrun.detectors.base import Progress, TrainSchedule
-from alrun.detectors.mdn import has_mixture_density, install_mixture_density, uncertainty_at
+from alrun.detectors.mdn import (
+    check_mixture_density,
+    has_mixture_density,
+    install_mixture_density,
+    uncertainty_at,
+)
 from alrun.detectors.views import apply_view, boxes_to_original, parse_view
 from alrun.engine import BatchSource, train
 from alrun.errors import AlrunError
@@ -204,17 +209,7 @@ class TorchvisionDetector:
                 self.head_dropout = float(needs.head_dropout)
                 self.model = self._build(seed=0)
         if needs.mixture_density:
-            if not isinstance(self.model, (FCOS, RetinaNet)):
-                raise AlrunError(
-                    "strategy: the mixture-density head (AL-MDN) is implemented for FCOS and "
-                    f"RetinaNet heads; this detector is {type(self.model).__name__}: choose "
-                    "detector=tiny_fcos, fcos_* or retinanet_*"
-                )
-            if needs.mixture_density < 1:
-                raise AlrunError(
-                    "strategy.scorer.components: expected an integer >= 1, got "
-                    f"{needs.mixture_density}"
-                )
+            check_mixture_density(self.model, needs.mixture_density)  # before the rebuild
             self.mdn_components = int(needs.mixture_density)
             self.model = self._build(seed=0)
         if needs.ensemble:
