@@ -87,6 +87,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     strategy.check_detector(
         getattr(detector, "head_type", "softmax"), getattr(detector, "can_embed", True)
     )
+    if hasattr(regime, "check_detector"):  # e.g. consistency, uda: which heads they run on
+        regime.check_detector(detector)
     if strategy.training_hooks:  # learned scorers train their heads with the detector
         detector.strategy_hooks = strategy.training_hooks
     prepare = getattr(detector, "prepare", None)  # multi-pass set-up: MC dropout, ensembles

@@ -1,0 +1,59 @@
+"""Refusals that need the data or the model happen in ``build_experiment``: before
+``run_experiment`` writes anything into the run directory and before round 0 trains, so the
+corrected command is not then refused in the same directory as "a different config"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alrun.errors import AlrunError
+from alrun.loop import build_experiment, run_experiment
+from tests.helpers import compose_config
+
+SMOKE = ["experiment=smoke", "quiet=true"]
+SSD = ["detector=ssdlite320_mobilenet_v3_large"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["strategy=badge"], r"strategy: needs per-box features .* SSD"),
+        (["strategy=ppal"], r"strategy: needs per-box features .* SSD"),
+        (["strategy=ccms"], r"strategy: needs per-box features .* SSD"),
+        (["supervision=consistency"], r"supervision=consistency: .* got SSD"),
+        (["experiment=uda_synthetic", "dataset.max_pool_images=30"], r"supervision=uda: .*SSD"),
+    ],
+)
+def test_ssd_without_what_a_family_needs_is_refused_at_build(overrides, message):
+    cfg = compose_config([*SMOKE, *overrides, *SSD])
+    with pytest.raises(AlrunError, match=message) as err:
+        build_experiment(cfg)
+    assert "torchvision backend" not in str(err.value)  # SSD *is* the torchvision backend
+    assert "\n" not in str(err.value)
+
+
+def test_uda_refusal_names_the_detectors_that_work():
+    cfg = compose_config([*SMOKE, "experiment=uda_synthetic", *SSD])
+    with pytest.raises(AlrunError, match=r"detector=tiny_fcos"):
+        build_experiment(cfg)
+
+
+def test_a_refused_run_writes_nothing(tmp_path):
+    cfg = compose_config([*SMOKE, "strategy=badge", *SSD])
+    with pytest.raises(AlrunError, match="per-box features"):
+        run_experiment(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("strategy", ["entropy", "coreset", "tta_inconsistency"])
+def test_ssd_with_what_it_can_do_still_builds(strategy):
+    build_experiment(compose_config([*SMOKE, f"strategy={strategy}", *SSD]))
