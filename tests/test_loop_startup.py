@@ -4,8 +4,11 @@ corrected command is not then refused in the same directory as "a different conf
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from hydra.errors import InstantiationException
 
 from alrun.errors import AlrunError
 from alrun.loop import build_experiment, run_experiment
@@ -13,6 +16,21 @@ from tests.helpers import compose_config
 
 SMOKE = ["experiment=smoke", "quiet=true"]
 SSD = ["detector=ssdlite320_mobilenet_v3_large"]
+
+
+def refusal(cfg) -> str:
+    """The one-line message ``alrun`` would print for ``cfg`` (unwrapped as the CLI does)."""
+    try:
+        build_experiment(cfg)
+    except AlrunError as err:
+        return str(err)
+    except InstantiationException as err:
+        cause = err
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        assert isinstance(cause, AlrunError), repr(cause)
+        return str(cause)
+    raise AssertionError("build_experiment accepted the config")
 
 
 @pytest.fixture(autouse=True)
@@ -57,3 +75,17 @@ def test_a_refused_run_writes_nothing(tmp_path):
 @pytest.mark.parametrize("strategy", ["entropy", "coreset", "tta_inconsistency"])
 def test_ssd_with_what_it_can_do_still_builds(strategy):
     build_experiment(compose_config([*SMOKE, f"strategy={strategy}", *SSD]))
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ("[[1,1.0]]", r"weights.uncertainty: no step covers round 0"),
+        ("[[0,nan]]", r"weights.uncertainty: expected a finite weight"),
+        ("nan", r"weights.uncertainty: expected a finite weight"),
+    ],
+)
+def test_weighted_schedule_refused_before_round_0(weights, message):
+    key = "strategy.scorer.weights.uncertainty"
+    cfg = compose_config([*SMOKE, "strategy=weighted", f"{key}={weights}"])
+    assert re.search(message, refusal(cfg))
