@@ -89,3 +89,26 @@ def test_weighted_schedule_refused_before_round_0(weights, message):
     key = "strategy.scorer.weights.uncertainty"
     cfg = compose_config([*SMOKE, "strategy=weighted", f"{key}={weights}"])
     assert re.search(message, refusal(cfg))
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["strategy=entropy", "strategy.scorer.class_weights=[1.0,2.0]"], "strategy.scorer"),
+        (["strategy=mc_entropy", "strategy.scorer.class_weights=[1,1,1]"], "strategy.scorer"),
+        (
+            ["strategy=weighted", "+strategy.scorer.scorers.uncertainty.class_weights=[1.0]"],
+            "strategy.scorer.scorers.uncertainty",
+        ),
+    ],
+)
+def test_class_weights_shorter_than_the_classes_are_refused_at_build(overrides, key):
+    """The smoke dataset has 4 classes; the old check waited for a box of a missing class."""
+    message = refusal(compose_config([*SMOKE, *overrides]))
+    assert message.startswith(f"{key}.class_weights: ")
+    assert "for the dataset's 4 classes" in message
+
+
+def test_one_class_weight_per_class_builds():
+    cfg = compose_config([*SMOKE, "strategy=entropy", "strategy.scorer.class_weights=[1,2,3,4]"])
+    assert build_experiment(cfg).strategy.scorer.class_weights == (1.0, 2.0, 3.0, 4.0)

@@ -78,6 +78,20 @@ def check_distribution_head(distribution: str, head_type: str, instead: str) -> 
         )
 
 
+def check_class_count(scorer: Any, num_classes: int, key: str = "strategy.scorer") -> None:
+    """Start-up check against the dataset: ``class_weights`` (of ``scorer`` and of the scorers
+    it combines) has one weight per class; otherwise it would only fail when a box of a class
+    past its end is first predicted, after round 0 trained."""
+    weights = getattr(scorer, "class_weights", None)
+    if isinstance(weights, tuple) and len(weights) != num_classes:
+        raise AlrunError(
+            f"{key}.class_weights: {len(weights)} weights {list(weights)} for the dataset's "
+            f"{num_classes} classes; expected one weight per class"
+        )
+    for name, part in getattr(scorer, "scorers", {}).items():  # WeightedSum and subclasses
+        check_class_count(part, num_classes, f"{key}.scorers.{name}")
+
+
 def reduce_per_image(
     aggregator: Aggregator, scores: Tensor, segment: Tensor, num_images: int, confidences: Tensor
 ) -> Tensor:
@@ -256,6 +270,10 @@ class Strategy:
                 f"strategy={self.name}: needs image embeddings, which this detector cannot "
                 "produce; choose another detector or strategy"
             )
+
+    def check_classes(self, num_classes: int) -> None:
+        """Start-up check against the dataset's class count, before any training."""
+        check_class_count(self.scorer, num_classes)
 
     def describe(self) -> dict[str, Any]:
         """What selection.json records about how a pick was made."""
