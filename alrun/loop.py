@@ -79,7 +79,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     splits = instantiate(cfg.dataset)
     if not isinstance(splits, DatasetSplits):
         raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
-    strategy.check_classes(len(splits.classes))  # class_weights: one per class
+    strategy.check_data(splits)  # class_weights: one per class; scale views: bounded size
     if hasattr(regime, "check_data"):  # e.g. uda: the dataset must be its target domain
         regime.check_data(splits)
     if hasattr(oracle, "check_data"):  # oracle=recorded: file ids, classes, coordinates

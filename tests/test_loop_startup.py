@@ -112,3 +112,20 @@ def test_class_weights_shorter_than_the_classes_are_refused_at_build(overrides, 
 def test_one_class_weight_per_class_builds():
     cfg = compose_config([*SMOKE, "strategy=entropy", "strategy.scorer.class_weights=[1,2,3,4]"])
     assert build_experiment(cfg).strategy.scorer.class_weights == (1.0, 2.0, 3.0, 4.0)
+
+
+def test_tta_views_are_bounded_before_round_0():
+    views = "strategy.scorer.views=[scale:1000]"
+    message = refusal(compose_config([*SMOKE, "strategy=tta_inconsistency", views]))
+    assert message.startswith("strategy.scorer.views: view 'scale:1000' out of range")
+
+
+def test_scaled_view_size_is_checked_against_the_largest_pool_image(monkeypatch):
+    import alrun.detectors.views as views
+
+    monkeypatch.setattr(views, "MAX_VIEW_PIXELS", 200_000)  # smoke images: 128x128
+    cfg = compose_config([*SMOKE, "strategy=tta_inconsistency", "strategy.scorer.views=[scale:4]"])
+    assert refusal(cfg) == (
+        "strategy.scorer.views: 'scale:4' makes the dataset's largest image (128x128) 512x512 "
+        "= 262,144 pixels; expected at most 200,000: use a smaller scale"
+    )

@@ -23,6 +23,8 @@ from alrun.acquisition.aggregate import (
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.scores import DISTRIBUTIONS, distribution
 from alrun.acquisition.select import TopK
+from alrun.data.dataset import DatasetSplits
+from alrun.detectors.views import check_view_size
 from alrun.errors import AlrunError
 from alrun.types import Detections, Needs
 
@@ -271,9 +273,13 @@ class Strategy:
                 "produce; choose another detector or strategy"
             )
 
-    def check_classes(self, num_classes: int) -> None:
-        """Start-up check against the dataset's class count, before any training."""
-        check_class_count(self.scorer, num_classes)
+    def check_data(self, splits: DatasetSplits) -> None:
+        """Start-up checks against the dataset, before any training: ``class_weights`` against
+        its class count, test-time scale views against its largest pool image."""
+        check_class_count(self.scorer, len(splits.classes))
+        if self.needs.augment:
+            largest = max(splits.pool.images, key=lambda r: r.width * r.height)
+            check_view_size(self.needs.augment, largest.width, largest.height)
 
     def describe(self) -> dict[str, Any]:
         """What selection.json records about how a pick was made."""
