@@ -266,10 +266,16 @@ def _coco_entries(coco: Mapping[str, Any], path: Path) -> list[tuple[int, Any]]:
     """labelled.json -> entries in the JSON Lines shape (classes as names, boxes as xyxy)."""
     names = {c.get("id"): c.get("name") for c in coco.get("categories", [])}
     objects: dict[Any, list[tuple[list[float], Any]]] = {}
-    for ann in coco["annotations"]:
+    for number, ann in enumerate(coco["annotations"], start=1):
+        where = f"oracle.path: {path} annotation {number}"
+        if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
+            raise AlrunError(f"{where}: expected 'image_id' and 'category_id' in each annotation")
         if ann.get("iscrowd", 0):
             continue
-        x, y, w, h = ann["bbox"]
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+            raise AlrunError(f"{where}: 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
+        x, y, w, h = bbox
         name = names.get(ann["category_id"], ann["category_id"])
         objects.setdefault(ann["image_id"], []).append(([x, y, x + w, y + h], name))
     entries = []

@@ -447,3 +447,25 @@ def test_a_file_for_the_whole_dataset_replays_on_a_max_pool_images_subset(tmp_pa
     oracle = RecordedOracle(write_lines(tmp_path, unknown), SimulatedOracle(CostModel()))
     with pytest.raises(AlrunError, match="image id 'not-an-image' is not in the dataset"):
         oracle.check_data(subset)
+
+
+@pytest.mark.parametrize(
+    "annotation, expected",
+    [
+        ({"image_id": 1, "category_id": 1}, "'bbox' must be 4 numbers [x, y, w, h], got None"),
+        ({"image_id": 1, "category_id": 1, "bbox": [1, 2, "w", 4]}, "got [1, 2, 'w', 4]"),
+        ({"image_id": 1, "bbox": [1, 2, 3, 4]}, "expected 'image_id' and 'category_id'"),
+    ],
+)
+def test_a_malformed_labelled_json_annotation_is_a_one_line_error(tmp_path, annotation, expected):
+    coco = {
+        "images": [{"id": 1, "alrun_id": "a", "label_kind": "box"}],
+        "annotations": [annotation],
+        "categories": [{"id": 1, "name": "RBC"}],
+    }
+    path = tmp_path / "labelled.json"
+    path.write_text(json.dumps(coco))
+    with pytest.raises(AlrunError) as err:
+        recorded(path)
+    assert str(err.value).startswith(f"oracle.path: {path} annotation 1: ")
+    assert expected in str(err.value) and "\n" not in str(err.value)
