@@ -68,8 +68,14 @@ def domain_loss_and_votes(logits: Sequence[Tensor], is_target: float) -> tuple[T
 def feature_channels(detector: Detector) -> int:
     """The one channel count of every feature level the domain classifier sees (FPN width)."""
     model = dense_model(detector, "supervision=uda")
+    if not hasattr(detector, "features"):
+        raise AlrunError(
+            f"supervision=uda: needs the detector's feature maps (features()), which "
+            f"{type(detector).__name__} does not give: choose detector=tiny_fcos, fcos_*, "
+            "retinanet_* or fasterrcnn_*"
+        )
     channels = getattr(getattr(model, "backbone", None), "out_channels", None)
-    if not isinstance(channels, int) or not hasattr(detector, "features"):
+    if not isinstance(channels, int):
         raise AlrunError(
             "supervision=uda: the domain classifier needs feature maps of one width (a "
             f"backbone with out_channels, e.g. an FPN); {type(model).__name__}'s levels differ "
