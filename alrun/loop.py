@@ -79,6 +79,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     splits = instantiate(cfg.dataset)
     if not isinstance(splits, DatasetSplits):
         raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
+    strategy.check_data(splits)  # class_weights: one per class; scale views: bounded size
     if hasattr(regime, "check_data"):  # e.g. uda: the dataset must be its target domain
         regime.check_data(splits)
     if hasattr(oracle, "check_data"):  # oracle=recorded: file ids, classes, coordinates
@@ -87,6 +88,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     strategy.check_detector(
         getattr(detector, "head_type", "softmax"), getattr(detector, "can_embed", True)
     )
+    if hasattr(regime, "check_detector"):  # e.g. consistency, uda: which heads they run on
+        regime.check_detector(detector)
     if strategy.training_hooks:  # learned scorers train their heads with the detector
         detector.strategy_hooks = strategy.training_hooks
     prepare = getattr(detector, "prepare", None)  # multi-pass set-up: MC dropout, ensembles

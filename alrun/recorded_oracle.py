@@ -159,19 +159,29 @@ class RecordedOracle:
         Called by the loop at start-up, before any training.
         """
         records = {**splits.test.by_id(), **splits.pool.by_id()}
+        # images dataset.max_pool_images / max_test_images left out: checked, never asked for
+        outside = {r.image_id: r for r in splits.excluded if r.image_id not in records}
         classes = tuple(splits.classes)
         answers = {}
         for entry in self._entries:
             where = f"oracle.path: {self.path} line {entry.line}"
-            record = records.get(entry.image_id)
+            record = records.get(entry.image_id, outside.get(entry.image_id))
             if record is None:
                 raise AlrunError(
                     f"{where}: image id '{entry.image_id}' is not in the dataset "
-                    f"({len(records)} images in its pool and test splits, e.g. "
+                    f"({len(records) + len(outside)} images in its pool and test splits, e.g. "
                     f"{', '.join(sorted(records)[:3])})"
                 )
             answers[entry.image_id] = _build_answer(entry, record, classes, where, self.cost_model)
         self._answers = answers
+        unused = sum(1 for i in answers if i in outside)
+        if unused:
+            log.info(
+                "oracle: %s: %d entries are for images the dataset's max_pool_images / "
+                "max_test_images subset left out (checked, unused)",
+                self.path.name,
+                unused,
+            )
         pool_ids = set(splits.pool.ids)
         covered = sum(1 for i in answers if i in pool_ids)
         log.info(
@@ -256,10 +266,16 @@ def _coco_entries(coco: Mapping[str, Any], path: Path) -> list[tuple[int, Any]]:
     """labelled.json -> entries in the JSON Lines shape (classes as names, boxes as xyxy)."""
     names = {c.get("id"): c.get("name") for c in coco.get("categories", [])}
     objects: dict[Any, list[tuple[list[float], Any]]] = {}
-    for ann in coco["annotations"]:
+    for number, ann in enumerate(coco["annotations"], start=1):
+        where = f"oracle.path: {path} annotation {number}"
+        if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
+            raise AlrunError(f"{where}: expected 'image_id' and 'category_id' in each annotation")
         if ann.get("iscrowd", 0):
             continue
-        x, y, w, h = ann["bbox"]
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+            raise AlrunError(f"{where}: 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
+        x, y, w, h = bbox
         name = names.get(ann["category_id"], ann["category_id"])
         objects.setdefault(ann["image_id"], []).append(([x, y, x + w, y + h], name))
     entries = []
@@ -312,10 +328,11 @@ def _entry(line: int, data: Any, path: Path) -> _Entry:
         )
     cost = data.get("cost_s")
     if cost is not None:
+        expected = f"{where}: 'cost_s' must be a finite number of seconds >= 0"
+        if _is_number(cost) and _beyond_float(cost):
+            raise AlrunError(f"{expected}, got a value beyond float range")
         if not _is_number(cost) or not math.isfinite(cost) or cost < 0:
-            raise AlrunError(
-                f"{where}: 'cost_s' must be a finite number of seconds >= 0, got {cost!r}"
-            )
+            raise AlrunError(f"{expected}, got {cost!r}")
         cost = float(cost)
     return _Entry(line, str(image_id), kind, data, cost)
 
@@ -347,6 +364,7 @@ def _build_answer(
             )
             _check_inside(extreme.reshape(-1, 2), record, "extreme point", where)
             tight = np.concatenate([extreme.min(axis=1), extreme.max(axis=1)], axis=1)
+            _check_extent(tight, where)
             answer = ImageLabels(
                 entry.image_id, kind, tight.astype(np.float32), labels, 0.0, extreme_points=extreme
             )
@@ -411,9 +429,15 @@ def _array(values: Any, key: str, shape: tuple[int, ...], count: int, where: str
     if values is None:
         values = []
     try:
-        array = np.asarray(values, dtype=np.float32)
+        exact = np.asarray(values, dtype=np.float64)
+    except OverflowError:  # JSON integers have no size limit: 10**400 is valid JSON
+        raise AlrunError(f"{where}: '{key}' must be finite numbers, {_BEYOND}") from None
     except (TypeError, ValueError) as err:
         raise AlrunError(f"{where}: '{key}' must be a list of numbers per object") from err
+    with np.errstate(over="ignore"):
+        array = exact.astype(np.float32)
+    if np.isfinite(exact).all() and not np.isfinite(array).all():
+        raise AlrunError(f"{where}: '{key}' must be finite numbers, {_BEYOND}")
     if array.size == 0:
         array = array.reshape(0, *shape)
     if array.ndim != len(shape) + 1 or array.shape[1:] != shape:
@@ -448,13 +472,37 @@ def _check_inside(points: np.ndarray, record: ImageRecord, what: str, where: str
 def _check_boxes(boxes: np.ndarray, record: ImageRecord, where: str) -> None:
     for box in boxes.tolist():
         x1, y1, x2, y2 = box
-        if x2 < x1 or y2 < y1:
-            raise AlrunError(f"{where}: box {_fmt(box)} is not x1 <= x2, y1 <= y2 (xyxy pixels)")
+        if x2 <= x1 or y2 <= y1:  # a zero-width box would fail an assertion in training
+            raise AlrunError(
+                f"{where}: box {_fmt(box)} has no area; expected x1 < x2 and y1 < y2 (xyxy "
+                "pixels)"
+            )
         if x1 < 0 or y1 < 0 or x2 > record.width or y2 > record.height:
             raise AlrunError(
                 f"{where}: box {_fmt(box)} is outside the {record.width}x{record.height} "
                 f"image; expected 0 <= x <= {record.width} and 0 <= y <= {record.height}"
             )
+
+
+def _check_extent(tight: np.ndarray, where: str) -> None:
+    """The box of each object's extreme points has an area (it becomes a training box)."""
+    for n, box in enumerate(tight.tolist()):
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise AlrunError(
+                f"{where}: extreme points of object {n} span no area (box {_fmt(box)}); "
+                "expected left < right and top < bottom"
+            )
+
+
+def _beyond_float(value: int | float) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return True
+    return False
+
+
+_BEYOND = "got a value beyond float range"
 
 
 def _fmt(box: Sequence[float]) -> str:

@@ -16,7 +16,7 @@ from alrun.loop import run_experiment
 from alrun.oracle import CostModel, SimulatedOracle
 from alrun.recorded_oracle import RecordedOracle
 from alrun.types import ImageLabels
-from tests.helpers import compose_config
+from tests.helpers import compose_config, shared_dataset
 
 CLASSES = ("RBC", "WBC", "Platelets")
 
@@ -207,6 +207,37 @@ def _errors(path: str) -> list[tuple[list, str]]:
             f"{image_a}: extreme point (8, -1) is outside the 64x48 image; expected 0 <= x <= 64 "
             "and 0 <= y <= 48",
         ),
+        (
+            [BOX_B, {**CLICK_A, "points": [[10**400, 100], [3, 4]]}],
+            f"{image_a}: 'points' must be finite numbers, got a value beyond float range",
+        ),
+        (
+            [BOX_B, {**CLICK_A, "points": [[1e39, 100], [3, 4]]}],
+            f"{image_a}: 'points' must be finite numbers, got a value beyond float range",
+        ),
+        (
+            [BOX_B, {**CLICK_A, "cost_s": 10**400}],
+            f"{where}: 'cost_s' must be a finite number of seconds >= 0, got a value beyond "
+            "float range",
+        ),
+        (
+            [BOX_B, {"image_id": "a", "kind": "box", "labels": [0], "boxes": [[5, 5, 5, 10]]}],
+            f"{image_a}: box (5, 5, 5, 10) has no area; expected x1 < x2 and y1 < y2 (xyxy "
+            "pixels)",
+        ),
+        (
+            [
+                BOX_B,
+                {
+                    "image_id": "a",
+                    "kind": "extreme",
+                    "labels": [0],
+                    "extreme_points": [[[5, 9], [5, 4], [5, 10], [5, 16]]],
+                },
+            ],
+            f"{image_a}: extreme points of object 0 span no area (box (5, 4, 5, 16)); expected "
+            "left < right and top < bottom",
+        ),
     ]
 
 
@@ -223,6 +254,11 @@ CASES = (
     "negative_cost",
     "verify_kind",
     "extreme_point_outside",
+    "huge_int_point",
+    "point_beyond_float32",
+    "huge_int_cost",
+    "zero_width_box",
+    "zero_width_extreme",
 )
 
 
@@ -384,3 +420,52 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     assert str(err.value) == "oracle.missing: expected one of error|simulate, got 'maybe'"
     with pytest.raises(AlrunError, match="^oracle.path: .* no labels; expected one JSON object"):
         RecordedOracle(write_lines(tmp_path, ""), fallback)
+
+
+def test_a_file_for_the_whole_dataset_replays_on_a_max_pool_images_subset(tmp_path):
+    """Entries for images that dataset.max_pool_images left out are checked but not refused."""
+    bccd = ["experiment=smoke", "dataset=bccd", f"dataset.root={shared_dataset('bccd')}"]
+    full = instantiate(compose_config([*bccd, "dataset.max_pool_images=null"]).dataset)
+    subset = instantiate(compose_config(bccd).dataset)
+    assert len(subset.pool) < len(full.pool)
+    outside = next(r for r in full.pool.images if r.image_id not in set(subset.pool.ids))
+    inside = subset.pool.images[0]
+    lines = [
+        {"image_id": r.image_id, "kind": "box", "labels": [int(r.labels[0])],
+         "boxes": [r.boxes[0].tolist()], "cost_s": 9.5}
+        for r in (outside, inside)
+    ]  # fmt: skip
+    oracle = RecordedOracle(write_lines(tmp_path, *lines), SimulatedOracle(CostModel()))
+    oracle.check_data(subset)
+    (answer,) = oracle.annotate([inside], "box")
+    assert answer.cost_s == 9.5 and answer.labels.tolist() == [int(inside.labels[0])]
+    bad = {**lines[0], "boxes": [[0, 0, outside.width + 50, 5]]}
+    oracle = RecordedOracle(write_lines(tmp_path, bad), SimulatedOracle(CostModel()))
+    with pytest.raises(AlrunError, match=f"image '{outside.image_id}'.*outside"):
+        oracle.check_data(subset)  # still checked against its image
+    unknown = {**lines[1], "image_id": "not-an-image"}
+    oracle = RecordedOracle(write_lines(tmp_path, unknown), SimulatedOracle(CostModel()))
+    with pytest.raises(AlrunError, match="image id 'not-an-image' is not in the dataset"):
+        oracle.check_data(subset)
+
+
+@pytest.mark.parametrize(
+    "annotation, expected",
+    [
+        ({"image_id": 1, "category_id": 1}, "'bbox' must be 4 numbers [x, y, w, h], got None"),
+        ({"image_id": 1, "category_id": 1, "bbox": [1, 2, "w", 4]}, "got [1, 2, 'w', 4]"),
+        ({"image_id": 1, "bbox": [1, 2, 3, 4]}, "expected 'image_id' and 'category_id'"),
+    ],
+)
+def test_a_malformed_labelled_json_annotation_is_a_one_line_error(tmp_path, annotation, expected):
+    coco = {
+        "images": [{"id": 1, "alrun_id": "a", "label_kind": "box"}],
+        "annotations": [annotation],
+        "categories": [{"id": 1, "name": "RBC"}],
+    }
+    path = tmp_path / "labelled.json"
+    path.write_text(json.dumps(coco))
+    with pytest.raises(AlrunError) as err:
+        recorded(path)
+    assert str(err.value).startswith(f"oracle.path: {path} annotation 1: ")
+    assert expected in str(err.value) and "\n" not in str(err.value)

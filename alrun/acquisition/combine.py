@@ -74,26 +74,51 @@ def normalise(values: Sequence[float], how: str) -> list[float]:
     raise AlrunError(f"strategy.scorer.normalise: expected one of {NORMALISATIONS}, got '{how}'")
 
 
+def check_schedule(
+    schedule: float | Sequence[Sequence[float]], key: str
+) -> float | list[tuple[int, float]]:
+    """A weight schedule checked at start-up: a finite number, or ``[from_round, weight]`` steps
+    with whole rounds >= 0 and finite weights, the first covering round 0 (round 0's selection
+    uses it: a gap would stop the run after round 0 trained). Steps come back sorted."""
+    where = f"strategy.scorer.weights.{key}"
+    if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
+        if not math.isfinite(schedule):
+            raise AlrunError(f"{where}: expected a finite weight, got {schedule}")
+        return float(schedule)
+    try:
+        steps = [tuple(step) for step in schedule]
+    except TypeError:
+        steps = []
+    if not steps or any(len(s) != 2 for s in steps):
+        raise AlrunError(f"{where}: expected a number or a list of [from_round, weight]")
+    for from_round, weight in steps:
+        whole = isinstance(from_round, int) and not isinstance(from_round, bool)
+        if not whole or from_round < 0:
+            raise AlrunError(
+                f"{where}: expected whole rounds >= 0 in [from_round, weight], got {from_round}"
+            )
+        finite = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not finite or not math.isfinite(weight):
+            raise AlrunError(f"{where}: expected a finite weight in each step, got {weight}")
+    steps.sort(key=lambda s: s[0])
+    if steps[0][0] > 0:
+        raise AlrunError(
+            f"{where}: no step covers round 0 (the first starts at round {steps[0][0]}); "
+            "expected a [0, weight] step"
+        )
+    return [(int(r), float(w)) for r, w in steps]
+
+
 def weight_at(schedule: float | Sequence[Sequence[float]], round_index: int, key: str) -> float:
     """The weight a schedule gives in ``round_index`` (see the module docstring)."""
-    if isinstance(schedule, (int, float)):
-        return float(schedule)
-    steps = [tuple(step) for step in schedule]
-    if not steps or any(len(s) != 2 for s in steps):
-        raise AlrunError(
-            f"strategy.scorer.weights.{key}: expected a number or a list of [from_round, weight]"
-        )
-    steps.sort(key=lambda s: s[0])
-    if steps[0][0] > max(round_index, 0):
-        raise AlrunError(
-            f"strategy.scorer.weights.{key}: no step covers round {round_index} "
-            f"(the first starts at round {steps[0][0]})"
-        )
-    weight = steps[0][1]
-    for from_round, value in steps:
+    checked = check_schedule(schedule, key)
+    if isinstance(checked, float):
+        return checked
+    weight = checked[0][1]
+    for from_round, value in checked:
         if from_round <= round_index:
             weight = value
-    return float(weight)
+    return weight
 
 
 class WeightedSum:
@@ -124,7 +149,7 @@ class WeightedSum:
                 f"strategy.scorer.normalise: expected one of {NORMALISATIONS}, got '{normalise}'"
             )
         for key, schedule in weights.items():
-            weight_at(schedule, 10**9, key)  # validates the shape at start-up
+            check_schedule(schedule, key)  # at start-up, not when a round first uses it
         self.scorers = dict(scorers)
         self.weights = dict(weights)
         self.normalise = normalise
@@ -248,6 +273,13 @@ class FailureModeWeighted(WeightedSum):
                     f"strategy.scorer.mode_weights.{mode}: expected one weight per scorer "
                     f"{sorted(scorers)}, got {sorted(weights)}"
                 )
+            for key, weight in weights.items():
+                number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+                if not number or not math.isfinite(weight):
+                    raise AlrunError(
+                        f"strategy.scorer.mode_weights.{mode}.{key}: expected a finite number, "
+                        f"got {weight!r}"
+                    )
         first = mode_weights["none"]
         super().__init__(scorers, {k: float(first[k]) for k in scorers}, normalise)
         self.mode_weights = {

@@ -23,6 +23,8 @@ from alrun.acquisition.aggregate import (
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.scores import DISTRIBUTIONS, distribution
 from alrun.acquisition.select import TopK
+from alrun.data.dataset import DatasetSplits
+from alrun.detectors.views import check_view_size
 from alrun.errors import AlrunError
 from alrun.types import Detections, Needs
 
@@ -76,6 +78,20 @@ def check_distribution_head(distribution: str, head_type: str, instead: str) -> 
             f"background class, but this detector's head is {head_type} (no background); "
             f"use {instead}"
         )
+
+
+def check_class_count(scorer: Any, num_classes: int, key: str = "strategy.scorer") -> None:
+    """Start-up check against the dataset: ``class_weights`` (of ``scorer`` and of the scorers
+    it combines) has one weight per class; otherwise it would only fail when a box of a class
+    past its end is first predicted, after round 0 trained."""
+    weights = getattr(scorer, "class_weights", None)
+    if isinstance(weights, tuple) and len(weights) != num_classes:
+        raise AlrunError(
+            f"{key}.class_weights: {len(weights)} weights {list(weights)} for the dataset's "
+            f"{num_classes} classes; expected one weight per class"
+        )
+    for name, part in getattr(scorer, "scorers", {}).items():  # WeightedSum and subclasses
+        check_class_count(part, num_classes, f"{key}.scorers.{name}")
 
 
 def reduce_per_image(
@@ -256,6 +272,14 @@ class Strategy:
                 f"strategy={self.name}: needs image embeddings, which this detector cannot "
                 "produce; choose another detector or strategy"
             )
+
+    def check_data(self, splits: DatasetSplits) -> None:
+        """Start-up checks against the dataset, before any training: ``class_weights`` against
+        its class count, test-time scale views against its largest pool image."""
+        check_class_count(self.scorer, len(splits.classes))
+        if self.needs.augment:
+            largest = max(splits.pool.images, key=lambda r: r.width * r.height)
+            check_view_size(self.needs.augment, largest.width, largest.height)
 
     def describe(self) -> dict[str, Any]:
         """What selection.json records about how a pick was made."""

@@ -92,11 +92,15 @@ class DatasetSplits:
 
     ``split_seed`` is the seed of the seeded split or subset that produced them, or None when
     the dataset's own files fix both (then ``splits.json`` records the ids only).
+    ``excluded`` holds the images ``max_pool_images`` / ``max_test_images`` left out: never
+    used by a run, but known, so files about the whole dataset (``oracle=recorded``) are
+    checked against them rather than refused.
     """
 
     pool: DetectionDataset
     test: DetectionDataset
     split_seed: int | None = None
+    excluded: tuple[ImageRecord, ...] = ()
 
     def __post_init__(self) -> None:
         if self.pool.classes != self.test.classes:
@@ -197,7 +201,10 @@ def limit_splits(
     test = seeded_subset(splits.test, max_test_images, split_seed, "max_test_images")
     if pool is splits.pool and test is splits.test:
         return splits
-    return DatasetSplits(pool=pool, test=test, split_seed=split_seed)
+    kept = {*pool.ids, *test.ids}
+    every = (*splits.pool.images, *splits.test.images)
+    dropped = [r for r in every if r.image_id not in kept]
+    return DatasetSplits(pool, test, split_seed, (*splits.excluded, *dropped))
 
 
 def split_record(splits: DatasetSplits) -> dict:

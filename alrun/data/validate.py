@@ -67,6 +67,20 @@ def read_image_size(file: Path) -> tuple[int, int]:
     return width, height
 
 
+def check_decodes(file: Path) -> None:
+    """Decode every byte of the image's pixel data, so a truncated or corrupt file is found at
+    load time rather than when a round first trains on it (raises ``OSError``).
+
+    A header read does not see truncation. JPEGs decode at 1/8 scale (``draft``: the whole
+    entropy-coded stream is still read, so truncation is found, at ~40 % of a full decode's
+    cost; BCCD's 364 640x480 JPEGs: 0.6 s vs 1.2-1.5 s, headers alone 0.1 s).
+    """
+    with Image.open(file) as im:
+        if im.format == "JPEG":
+            im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+        im.load()
+
+
 def to_arrays(boxes: Sequence[Box], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (N, 4) float32 and labels (N,) int64, with the right shapes when empty."""
     box_arr = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
@@ -181,15 +195,17 @@ class Validator:
     ) -> tuple[int, int] | None:
         """The displayed size from the image header; None (recorded) for an unreadable image.
 
-        Every reader calls this for every image, so a corrupt or non-image file is found when
-        the dataset is loaded rather than when a round first decodes it. A size declared in the
+        Every reader calls this for every image, so a corrupt, truncated or non-image file is
+        found when the dataset is loaded (:func:`check_decodes`) rather than when a round first
+        decodes it. A size declared in the
         annotation (``width``/``height``, when usable) must match the file: boxes drawn on
         another size would be silently wrong.
         """
         where = annotation if annotation is not None else file
         try:
             actual = read_image_size(file)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+            check_decodes(file)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
             self.fail(where, f"cannot read image {file}: {err}")
             return None
         try:

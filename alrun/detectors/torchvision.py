@@ -188,6 +188,12 @@ class TorchvisionDetector:
                 f"two-stage detectors have; this detector ({type(self.model).__name__}) is "
                 "one-stage: choose detector=fasterrcnn_* or another strategy"
             )
+        if needs.feats and isinstance(self.model, SSD):
+            raise AlrunError(
+                "strategy: needs per-box features (BADGE, CCMS, PPAL), which SSD does not have "
+                "(its levels differ in width: no fixed-size box feature); choose "
+                "detector=tiny_fcos, fcos_*, retinanet_* or fasterrcnn_*, or another strategy"
+            )
         kinds = [needs.head_dropout > 0, needs.ensemble > 0, bool(needs.augment)]
         if sum(kinds) > 1:
             raise AlrunError(

@@ -13,6 +13,7 @@ A view is named by a string (what ``strategy.scorer.views`` lists):
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -24,7 +25,16 @@ from torchvision.transforms.v2 import functional as TF
 from alrun.errors import AlrunError
 
 VIEW_KINDS = ("hflip", "scale", "jitter", "noise")
-_EXPECTED = "hflip | scale:<factor > 0> | jitter:<strength in [0, 1)> | noise:<sigma > 0>"
+#: the scale view resizes the whole image before cropping: bounded, so that a typo
+#: (``scale:1000``) is a one-line error, not a 196 GB allocation
+MAX_VIEW_SCALE = 4.0
+#: the most pixels a scaled view may have (64 M: a 768 MB float32 RGB tensor), checked against
+#: the dataset's largest pool image at start-up (:func:`check_view_size`)
+MAX_VIEW_PIXELS = 64 * 2**20
+_EXPECTED = (
+    f"hflip | scale:<factor in (0, {MAX_VIEW_SCALE:g}]> | jitter:<strength in [0, 1)> | "
+    "noise:<sigma > 0>"
+)
 
 
 @dataclass(frozen=True)
@@ -46,14 +56,32 @@ def parse_view(spec: str, key: str = "strategy.scorer.views") -> View:
         number = float(value)
     except ValueError:
         raise AlrunError(f"{key}: view '{spec}' needs a number (expected {_EXPECTED})") from None
-    ok = {
-        "scale": number > 0,
+    ok = math.isfinite(number) and {
+        "scale": 0 < number <= MAX_VIEW_SCALE,
         "jitter": 0 <= number < 1,
         "noise": number > 0,
     }[kind]
     if not ok:
         raise AlrunError(f"{key}: view '{spec}' out of range (expected {_EXPECTED})")
     return View(kind, number)
+
+
+def check_view_size(
+    views: tuple[str, ...], width: int, height: int, key: str = "strategy.scorer.views"
+) -> None:
+    """Start-up check: every scale view of a ``width`` x ``height`` image (the dataset's
+    largest) stays within :data:`MAX_VIEW_PIXELS`."""
+    for spec in views:
+        view = parse_view(spec, key)
+        if view.kind != "scale":
+            continue
+        w, h = round(width * view.value), round(height * view.value)
+        if w * h > MAX_VIEW_PIXELS:
+            raise AlrunError(
+                f"{key}: '{spec}' makes the dataset's largest image ({width}x{height}) "
+                f"{w}x{h} = {w * h:,} pixels; expected at most {MAX_VIEW_PIXELS:,}: use a "
+                "smaller scale"
+            )
 
 
 def apply_view(image: Tensor, view: View, image_id: str = "") -> Tensor:

@@ -182,6 +182,17 @@ def two_stage_views(model: FasterRCNN, images: list[Tensor]) -> tuple[Tensor, Te
     return class_logits, box_regression, sum(len(p) for p in proposals)
 
 
+def check_consistency_detector(detector: Detector) -> None:
+    """Flip consistency runs the head on mirrored feature maps: FCOS, RetinaNet, Faster R-CNN."""
+    model = dense_model(detector, "supervision=consistency")
+    if not isinstance(model, (FCOS, RetinaNet, FasterRCNN)):
+        raise AlrunError(
+            "supervision=consistency: needs a dense head (FCOS or RetinaNet, e.g. "
+            "detector=tiny_fcos) or a two-stage one (Faster R-CNN), got "
+            f"{type(model).__name__}"
+        )
+
+
 class FlipConsistencyHook(TrainingHook):
     """CSD flip-consistency losses on the batch of ``source`` (images only)."""
 
@@ -203,13 +214,7 @@ class FlipConsistencyHook(TrainingHook):
         self.sums = {"js": 0.0, "l2": 0.0, "matched": 0.0, "images": 0.0, "steps": 0.0}
 
     def before_training(self, detector: Detector, total: int) -> None:
-        model = dense_model(detector, "supervision=consistency")
-        if not isinstance(model, (FCOS, RetinaNet, FasterRCNN)):
-            raise AlrunError(
-                "supervision=consistency: needs a dense head (FCOS or RetinaNet, e.g. "
-                "detector=tiny_fcos) or a two-stage one (Faster R-CNN), got "
-                f"{type(model).__name__}"
-            )
+        check_consistency_detector(detector)
         self.sums = dict.fromkeys(self.sums, 0.0)
 
     def extra_losses(self, step: Step) -> Mapping[str, Tensor]:
@@ -289,6 +294,10 @@ class FlipConsistency(BaseRegime):
         self.match_threshold = check_fraction(match_threshold, "supervision.match_threshold")
         self.rampup = check_fraction(rampup, "supervision.rampup")
         self.unlabelled_batch_size = unlabelled_batch_size
+
+    def check_detector(self, detector: Detector) -> None:
+        """Start-up check (``build_experiment``), before round 0 trains."""
+        check_consistency_detector(detector)
 
     def train(
         self,

@@ -12,6 +12,7 @@ shape fit is loaded: with another number of classes that is all but the class lo
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.detectors.torchvision import TorchvisionDetector
 from alrun.engine import BatchSource, starts_from_scratch, train
 from alrun.errors import AlrunError
-from alrun.io import save_torch, write_json
+from alrun.io import atomic_write_bytes, write_json
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime
 
@@ -60,6 +61,41 @@ def _describe_builder(detector: TorchvisionDetector) -> dict[str, Any]:
         "arguments": json.loads(json.dumps(dict(keywords), default=str, sort_keys=True)),
         "label_offset": detector.label_offset,
     }
+
+
+def _load_cached(path: Path, key: Mapping[str, Any]) -> tuple[dict | None, str | None]:
+    """The cached state when the file is the one recorded for ``key`` (the sidecar JSON holds
+    the key and the file's sha256), else ``(None, why)``: sweep jobs share the cache, so a
+    truncated, foreign or half-replaced file must be rebuilt, never reused nor a crash."""
+    try:
+        data = path.read_bytes()
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"{type(err).__name__}: {err}"
+    if not isinstance(sidecar, dict) or "sha256" not in sidecar:
+        return None, "no digest recorded beside it"
+    recorded = {k: v for k, v in sidecar.items() if k != "sha256"}
+    if recorded != json.loads(json.dumps(key)):
+        return None, "its recorded key is another configuration's"
+    if hashlib.sha256(data).hexdigest() != sidecar["sha256"]:
+        return None, "its content does not match the digest recorded beside it"
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is rebuilt
+        return None, f"{type(err).__name__}: {err}"
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        return None, "it holds no state_dict"
+    return state, None
+
+
+def _store(path: Path, key: Mapping[str, Any], state: Mapping[str, Tensor]) -> None:
+    """Checkpoint, then its sidecar (key + sha256), each written atomically: a reader between
+    the two sees a digest mismatch and rebuilds, never a wrong pairing it trusts."""
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    write_json(path.with_suffix(".json"), {**key, "sha256": hashlib.sha256(data).hexdigest()})
 
 
 class SyntheticPretrain(BaseRegime):
@@ -148,15 +184,18 @@ class SyntheticPretrain(BaseRegime):
                 f"same model for the synthetic classes), got {type(detector).__name__}"
             )
         path = self.checkpoint_path(detector)
-        if path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            self._cache_hit = True
-        else:
+        key = self.cache_key(detector)
+        state, unusable = _load_cached(path, key) if path.is_file() else (None, None)
+        if unusable:
+            log.warning(
+                "synthetic_pretrain: the cached pre-training %s is unusable (%s); rebuilding it",
+                path,
+                unusable,
+            )
+        self._cache_hit = state is not None
+        if state is None:
             state = self._pretrain(detector)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_torch(path, state)
-            write_json(path.with_suffix(".json"), self.cache_key(detector))
-            self._cache_hit = False
+            _store(path, key, state)
         self._pretrained = state
         return state
 

@@ -65,6 +65,25 @@ def domain_loss_and_votes(logits: Sequence[Tensor], is_target: float) -> tuple[T
     return loss, flat.mean(dim=1) > 0
 
 
+def feature_channels(detector: Detector) -> int:
+    """The one channel count of every feature level the domain classifier sees (FPN width)."""
+    model = dense_model(detector, "supervision=uda")
+    if not hasattr(detector, "features"):
+        raise AlrunError(
+            f"supervision=uda: needs the detector's feature maps (features()), which "
+            f"{type(detector).__name__} does not give: choose detector=tiny_fcos, fcos_*, "
+            "retinanet_* or fasterrcnn_*"
+        )
+    channels = getattr(getattr(model, "backbone", None), "out_channels", None)
+    if not isinstance(channels, int):
+        raise AlrunError(
+            "supervision=uda: the domain classifier needs feature maps of one width (a "
+            f"backbone with out_channels, e.g. an FPN); {type(model).__name__}'s levels differ "
+            "in width: choose detector=tiny_fcos, fcos_*, retinanet_* or fasterrcnn_*"
+        )
+    return channels
+
+
 class DomainAlignmentHook(TrainingHook):
     """Adversarial alignment of the backbone features of ``source`` and ``target`` batches."""
 
@@ -81,14 +100,7 @@ class DomainAlignmentHook(TrainingHook):
         self.losses: list[float] = []
 
     def before_training(self, detector: Detector, total: int) -> None:
-        model = dense_model(detector, "supervision=uda")
-        channels = getattr(getattr(model, "backbone", None), "out_channels", None)
-        if not isinstance(channels, int) or not hasattr(detector, "features"):
-            raise AlrunError(
-                "supervision=uda: needs a detector with features() and a backbone with "
-                "out_channels (the torchvision backend)"
-            )
-        self.classifier = DomainClassifier(channels).to(detector.device)
+        self.classifier = DomainClassifier(feature_channels(detector)).to(detector.device)
         self.classifier.train()
         self.correct, self.losses = [], []
 
@@ -193,6 +205,12 @@ class DomainAdaptation(BaseRegime):
                 f"supervision.source: classes {list(self.source.classes)} differ from the "
                 f"dataset's {list(splits.classes)}"
             )
+
+    def check_detector(self, detector: Detector) -> None:
+        """Start-up check (``build_experiment``), before round 0 trains."""
+        dense_model(detector, "supervision=uda")  # the EMA teacher copies the torch module
+        if self.adversarial_weight > 0:
+            feature_channels(detector)
 
     def train(
         self,

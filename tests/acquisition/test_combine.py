@@ -145,3 +145,27 @@ def test_failure_mode_weights_follow_the_dominant_mode():
     assert scorer.needs.labelled_detections
     with pytest.raises(AlrunError, match="mode_weights"):
         FailureModeWeighted({"fn": Fixed({})}, {"missed": {"fn": 1.0}})
+
+
+def test_a_schedule_without_round_0_is_refused_when_built():
+    """Round 0's selection uses the weights of round 0: refused at start-up, not after round 0
+    trained."""
+    with pytest.raises(AlrunError, match=r"weights.u: no step covers round 0"):
+        WeightedSum({"u": Fixed({}), "d": Fixed({})}, {"u": [[1, 1.0]], "d": 1.0})
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [math.nan, [[0, math.nan]], [[0, 1.0], [2, math.inf]], [[math.nan, 1.0]], [[0.5, 1.0]]],
+)
+def test_a_non_finite_weight_schedule_is_refused_when_built(schedule):
+    with pytest.raises(AlrunError, match=r"strategy.scorer.weights.u: expected") as err:
+        WeightedSum({"u": Fixed({})}, {"u": schedule})
+    assert "\n" not in str(err.value)
+
+
+def test_a_nan_failure_mode_weight_is_refused_when_built():
+    modes = {m: {"u": 1.0} for m in ("missed", "poor_loc", "wrong_class", "none")}
+    modes["poor_loc"] = {"u": math.nan}
+    with pytest.raises(AlrunError, match=r"mode_weights.poor_loc.u: expected a finite number"):
+        FailureModeWeighted({"u": Fixed({})}, modes)

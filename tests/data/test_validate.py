@@ -112,3 +112,43 @@ def test_relative_root_errors_name_the_absolute_path(tmp_path: Path, monkeypatch
     with pytest.raises(DatasetError, match=r"^dataset\.annotation_file: required"):
         resolve_root(None, "dataset.annotation_file")
     assert os.path.isabs(str(resolve_root(".")))
+
+
+def _truncate(path: Path, keep: float = 0.6) -> Path:
+    """Cut a valid image file short: its header still reads, its pixels do not decode (noisy
+    pixels, so the compressed data is long enough to cut inside it)."""
+    with Image.open(path) as image:
+        size, fmt = image.size, image.format
+    noise = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, format=fmt)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def _truncated_voc(root: Path) -> tuple[Path, object]:
+    make_voc(root, split_files=False)
+    bad = _truncate(root / "JPEGImages" / "im03.jpg")
+    return bad, lambda skip: read_voc(root, skip_invalid=skip)
+
+
+def _truncated_coco(root: Path) -> tuple[Path, object]:
+    file = make_coco(root)
+    bad = _truncate(root / "images" / "im03.png")
+    return bad, lambda skip: read_coco(file, skip_invalid=skip)
+
+
+@pytest.mark.parametrize("build", [_truncated_voc, _truncated_coco])
+def test_truncated_image_is_found_at_load_time_and_skipped(tmp_path: Path, build) -> None:
+    """Only headers were read at load: a truncated file passed and stopped round 0 in
+    training. Every image is now decoded (JPEG at 1/8 scale) when the dataset loads."""
+    bad, read = build(tmp_path / "ds")
+    assert read_image_size(bad)  # the header alone does not tell
+    with pytest.raises(DatasetError) as err:
+        read(False)
+    message = str(err.value)
+    assert f"cannot read image {bad}" in message and "truncated" in message
+    assert "\n" not in message
+    ds = read(True)
+    assert bad not in {rec.file for rec in ds.images}
+    assert len(ds.skipped) == 1 and f"cannot read image {bad}" in ds.skipped[0]

@@ -90,3 +90,45 @@ def test_one_round_on_bccd_from_synthetic_pretraining(tmp_path, init):
     assert trains[0]["pretrain/kept_tensors"] == 2 and trains[0]["pretrain/loaded_tensors"] > 50
     assert ("pretrain/loaded_tensors" in trains[1]) == (init == "scratch")
     assert len(list((tmp_path / "cache" / "pretrain").glob("*.pt"))) == 1
+
+
+def _fresh(tmp_path) -> SyntheticPretrain:
+    return SyntheticPretrain(8, 64, iterations=3, warmup_iters=1, cache_dir=tmp_path / "cache")
+
+
+def _spoil_truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _spoil_other_weights(path):
+    state = torch.load(path, weights_only=True)
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, path)  # loads fine: wrong
+
+
+def _spoil_sidecar(path):
+    path.with_suffix(".json").write_text('{"version": 1, "sch')
+
+
+@pytest.mark.parametrize("spoil", [_spoil_truncate, _spoil_other_weights, _spoil_sidecar])
+def test_a_corrupt_cached_pretraining_is_rebuilt_never_reused(tmp_path, spoil, caplog):
+    """The cache is shared by every job of a sweep: a corrupt or foreign file is detected (its
+    digest is recorded beside it), rebuilt atomically, and never crashes the run."""
+    exp = build_experiment(_experiment(tmp_path))
+    original = _fresh(tmp_path).pretrained_state(exp.detector)
+    path = _fresh(tmp_path).checkpoint_path(exp.detector)
+    spoil(path)
+    calls = []
+    regime = _fresh(tmp_path)
+    rebuild = regime._pretrain
+    regime._pretrain = lambda detector: calls.append(1) or rebuild(detector)
+    with caplog.at_level("WARNING", logger="alrun"):
+        state = regime.pretrained_state(exp.detector)
+    assert calls == [1] and not regime._cache_hit
+    assert f"synthetic_pretrain: the cached pre-training {path} is unusable" in caplog.text
+    assert state.keys() == original.keys()
+    assert all(torch.equal(state[k], original[k]) for k in state)  # the same training again
+    again = _fresh(tmp_path)
+    assert torch.equal(next(iter(again.pretrained_state(exp.detector).values())),
+                       next(iter(original.values())))  # fmt: skip
+    assert again._cache_hit  # the rebuilt file is trusted again
+    assert not list(path.parent.glob(".*.tmp"))  # atomic writes leave no temp file
