@@ -234,7 +234,9 @@ def test_two_stage_views_pair_each_proposal_with_its_mirror():
         pooled_mirror = roi_align(
             padded[2 + i : 3 + i], [mirrored + shift], 7, sampling_ratio=2, aligned=True
         )
-        torch.testing.assert_close(pooled_mirror, pooled.flip(-1))
+        # bilinear samples of mirrored coordinates differ by float rounding (1.1e-5 seen on
+        # one CPU): a wrong pairing differs by whole pixel values
+        torch.testing.assert_close(pooled_mirror, pooled.flip(-1), atol=1e-4, rtol=1e-4)
 
 
 def test_two_stage_hook_loss_reaches_the_roi_box_head():
