@@ -79,8 +79,24 @@ class OutputDirCheck(Callback):
         _check_writable(run_dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
         _fail_on_error(check_run_names, config)
-        _check_writable(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
+        _fail_on_error(check_sweep_dir, sweep_dir)
+        _check_writable(sweep_dir, "hydra.sweep.dir")
+
+
+def check_sweep_dir(path: Path) -> None:
+    """A sweep goes into a new or empty folder, or one an earlier sweep made (Hydra's sweeper
+    writes ``multirun.yaml`` there first); any other folder is the user's and left untouched."""
+    if not path.is_dir() or (path / "multirun.yaml").is_file():
+        return
+    held = sorted(p.name for p in path.iterdir())
+    if held:
+        shown = ", ".join(held[:5]) + (f", … {len(held) - 5} more" if held[5:] else "")
+        raise AlrunError(
+            f"{path}: not an alrun sweep directory (holds {shown}); choose another "
+            "hydra.sweep.dir or empty it"
+        )
 
 
 def _fail_on_error(check: Callable[..., None], *args: Any) -> None:

@@ -162,8 +162,8 @@ def run_experiment(
     with run_dir.lock():
         run_dir.check_config(fingerprint, options.resume)
         state = run_dir.load_state(options.keep_checkpoints, exp.budget.rounds)
-        if state is not None and state["stopped"] is None:
-            if state["last_completed_round"] < exp.budget.rounds:  # rounds left to compute
+        if state is not None and state["stopped"] is None:  # rounds left to compute?
+            if state["last_completed_round"] < exp.budget.rounds:
                 check_threads(state, options.allow_thread_change)
         pool = LabelPool(exp.splits.pool)
         if state is None:

@@ -323,7 +323,13 @@ class RunDir:
                 if self.state_path.exists()
                 else "delete it to start this run over"
             )
-            return read_json(self.config_path, recover)["config"]
+            record = read_json(self.config_path, recover)
+            if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+                raise RunDirError(
+                    f"{self.config_path}: not an alrun config record (no 'config' object); "
+                    f"{recover}, or choose another hydra.run.dir if this folder is not a run"
+                )
+            return record["config"]
         if self.state_path.exists():  # a run directory written before config.json existed
             return self._read_top_state().get("config")
         return None

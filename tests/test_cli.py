@@ -351,6 +351,20 @@ def test_a_users_folder_is_refused_untouched(tmp_path):
     assert _tree(mine) == before
 
 
+def test_a_users_folder_is_refused_as_sweep_dir_untouched(tmp_path):
+    mine = tmp_path / "sweep"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / ".x.tmp").write_text("mine")
+    before = _tree(mine)
+    result = _sweep(mine, "experiment=smoke", "budget.rounds=0", "seed=0,1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"alrun: error: {mine}: not an alrun sweep directory (holds data); choose another "
+        "hydra.sweep.dir or empty it"
+    )
+    assert _tree(mine) == before
+
+
 @pytest.mark.parametrize(
     "override,key",
     [

@@ -332,8 +332,7 @@ def test_resume_with_another_thread_count_is_refused(tmp_path, monkeypatch):
     import torch
 
     overrides = ["budget.rounds=1"]
-    _crash(tmp_path, overrides, "write " + str(tmp_path / ".round_01.tmp" / "metrics.json"), monkeypatch)
-    monkeypatch.delenv("ALRUN_FAULT_AT")
+    _crash(tmp_path, overrides, f"write {tmp_path / '.round_01.tmp' / 'metrics.json'}", monkeypatch)
     assert json.loads((tmp_path / "state.json").read_text())["torch_threads"] == 1
     torch.set_num_threads(2)
     with pytest.raises(AlrunError, match=r"torch threads: round 0 ran with 1, this process has 2"):

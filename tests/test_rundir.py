@@ -231,7 +231,10 @@ def test_resume_cleans_only_what_alrun_made(tmp_path):
     for name, data in user.items():
         (run.root / name).parent.mkdir(exist_ok=True)
         (run.root / name).write_bytes(data)
-    ours = [run.root / ".state.json.alrun-0a1b2c3d.tmp", run.root / "round_00/.a.alrun-zzzzzzzz.tmp"]
+    ours = [
+        run.root / ".state.json.alrun-0a1b2c3d.tmp",
+        run.root / "round_00/.a.alrun-zzzzzzzz.tmp",
+    ]
     for path in ours:
         path.write_text("partial")
     _unfinished_round(run, 2)
@@ -344,3 +347,11 @@ def test_run_names_cannot_leave_the_output_root(value):
     with pytest.raises(AlrunError, match=r"^name: expected a plain name"):
         check_run_names({"name": value, "strategy": {"name": "entropy"}, "seed": 0})
     check_run_names({"name": "a..b", "strategy": {"name": "entropy-v2.1"}, "seed": 3})
+
+
+def test_a_config_json_that_is_not_alruns_record_is_named(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "config.json").write_text('{"theme": "dark"}')
+    with pytest.raises(RunDirError, match=r"config\.json: not an alrun config record"):
+        RunDir(root).check_config(CONFIG, "auto")
