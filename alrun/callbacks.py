@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from alrun.errors import AlrunError
+from alrun.rundir import RunDir, check_run_names
 
 
 @dataclass
@@ -64,14 +68,43 @@ class SweepSummary(Callback):
 
 
 class OutputDirCheck(Callback):
-    """An output directory that cannot be created or written is one line, not Hydra's traceback
-    (Hydra creates it before alrun's code runs)."""
+    """Checks of the output directory before Hydra creates it (alrun's code runs after that),
+    each one line and exit 2: names that would put it outside the output root, a folder of
+    the user's that is not a run directory (left untouched), one that cannot be written."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_writable(Path(str(config.hydra.run.dir)), "hydra.run.dir")
+        run_dir = Path(str(config.hydra.run.dir))
+        _fail_on_error(check_run_names, config)
+        _fail_on_error(RunDir(run_dir).check_ours, f"{config.hydra.job.name}.log")
+        _check_writable(run_dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_writable(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        _fail_on_error(check_run_names, config)
+        _fail_on_error(check_sweep_dir, sweep_dir)
+        _check_writable(sweep_dir, "hydra.sweep.dir")
+
+
+def check_sweep_dir(path: Path) -> None:
+    """A sweep goes into a new or empty folder, or one an earlier sweep made (Hydra's sweeper
+    writes ``multirun.yaml`` there first); any other folder is the user's and left untouched."""
+    if not path.is_dir() or (path / "multirun.yaml").is_file():
+        return
+    held = sorted(p.name for p in path.iterdir())
+    if held:
+        shown = ", ".join(held[:5]) + (f", … {len(held) - 5} more" if held[5:] else "")
+        raise AlrunError(
+            f"{path}: not an alrun sweep directory (holds {shown}); choose another "
+            "hydra.sweep.dir or empty it"
+        )
+
+
+def _fail_on_error(check: Callable[..., None], *args: Any) -> None:
+    try:
+        check(*args)
+    except AlrunError as err:
+        print(f"alrun: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _check_writable(path: Path, key: str) -> None:

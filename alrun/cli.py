@@ -9,7 +9,6 @@ ends with a count of failed jobs (:mod:`alrun.callbacks`) and exits 1 when every
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -29,7 +28,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from alrun import callbacks
 from alrun.config import enable_user_configs
-from alrun.errors import AlrunError
+from alrun.errors import DISK_ERRNOS, AlrunError
 from alrun.io import atomic_write_bytes, remove_file, write_json
 from alrun.loop import run_experiment
 from alrun.progress import Reporter
@@ -37,7 +36,6 @@ from alrun.progress import Reporter
 log = logging.getLogger("alrun")
 
 INTERRUPTED = "interrupted; re-run the same command to resume"
-_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 def user_error(err: BaseException) -> str | None:
@@ -69,7 +67,7 @@ def user_error(err: BaseException) -> str | None:
         return f"{key}: {detail}"
     if isinstance(err, FileNotFoundError):
         return f"file not found: {err.filename}"
-    if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+    if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
         where = err.filename or "output directory"
         return (
             f"{where}: cannot write ({err.strerror}); free space or choose a writable "

@@ -23,6 +23,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -33,6 +34,10 @@ from typing import Any
 import torch
 
 from alrun.errors import AlrunError
+
+#: the temp files of :func:`atomic_write_bytes` (``.<name>.alrun-<8 random chars>.tmp``): the
+#: only ``*.tmp`` files resume may delete, so a user's own ``.notes.tmp`` is never touched
+TEMP_FILE = re.compile(r"\..+\.alrun-[a-z0-9_]{8}\.tmp$")
 
 _fault_count = 0
 _bug_raised: list[Path | str] = []
@@ -90,7 +95,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fault_point("write", path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.alrun-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

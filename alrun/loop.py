@@ -37,7 +37,16 @@ from alrun.metrics import MetricConfig, evaluate, failure_analysis, pool_misses
 from alrun.oracle import SimulatedOracle
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
-from alrun.rundir import RunDir, RunOptions, config_fingerprint, pool_state, restore_pool
+from alrun.rundir import (
+    RunDir,
+    RunOptions,
+    check_run_names,
+    check_threads,
+    config_fingerprint,
+    job_log_name,
+    pool_state,
+    restore_pool,
+)
 from alrun.supervision.base import LabelRequest, Regime, check_regime
 from alrun.types import Detections, ImageLabels, Needs, RoundResult, Selection
 
@@ -148,12 +157,17 @@ def run_experiment(
     """
     reporter = reporter or Reporter(quiet=True)
     options = RunOptions.from_config(cfg)
+    check_run_names(cfg)
+    run_dir = RunDir(root)
+    run_dir.check_ours(job_log_name())  # a folder of the user's: refused before any write
     exp = build_experiment(cfg)
     fingerprint = config_fingerprint(cfg)
-    run_dir = RunDir(root)
     with run_dir.lock():
         run_dir.check_config(fingerprint, options.resume)
-        state = run_dir.load_state(options.keep_checkpoints)
+        state = run_dir.load_state(options.keep_checkpoints, exp.budget.rounds)
+        if state is not None and state["stopped"] is None:  # rounds left to compute?
+            if state["last_completed_round"] < exp.budget.rounds:
+                check_threads(state, options.allow_thread_change)
         pool = LabelPool(exp.splits.pool)
         if state is None:
             start, rows, stopped = 0, [], None
@@ -247,6 +261,7 @@ def run_round(
             "results": [*rows, row],
             "labels": pool_state(pool),
             "regime": exp.regime.state_dict(),
+            "torch_threads": torch.get_num_threads(),  # results depend on it (check_threads)
         }
         run_dir.commit_round(r, tmp, state, options.keep_checkpoints)
     return row, acquired.stopped

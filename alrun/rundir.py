@@ -12,14 +12,18 @@ Layout and commit protocol (every change goes through :mod:`alrun.io`, atomicall
                     config has been checked, so a refused rerun cannot rewrite it either.
 * ``round_XX/``     built as ``.round_XX.tmp/`` (artifacts + ``state.json``, the run state
                     after round XX) and renamed when complete: **the rename is the commit**.
+                    The temp dir holds a marker (``.alrun_round``) from its creation on, so
+                    cleanup removes only round dirs alrun made.
 * ``state.json``, ``results.csv``  copies of the newest round's state, rewritten after each
                     commit; if a crash leaves them behind, resume rewrites them.
 
 Resume therefore derives what is complete from the round directories alone, whatever order the
-other files were written in: temp leftovers are removed, the newest round state is loaded,
-lagging copies are rewritten and checkpoints older than the last are pruned
-(``keep_checkpoints=last``). A corrupt or contradicting file is an error naming the file and
-how to recover, never a silent restart from zero.
+other files were written in: alrun's temp leftovers are removed (its atomic-write temp names and
+marked round dirs; nothing else), the newest round state is loaded, lagging copies are rewritten
+and checkpoints older than the last are pruned (``keep_checkpoints=last``; a finished run only as
+it was committed). A corrupt or contradicting file is an error naming the file and how to
+recover, never a silent restart from zero. A folder that holds anything else and no config
+record is not a run directory: it is refused before anything is written into it.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from alrun.errors import AlrunError
 from alrun.io import (
+    TEMP_FILE,
     atomic_rename,
     atomic_write_bytes,
     csv_text,
@@ -55,10 +61,24 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 RESULTS_FILE = "results.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
+ROUND_MARKER = ".alrun_round"
 _ROUND = re.compile(r"round_(\d+)$")
+_TMP_ROUND = re.compile(r"\.round_(\d+)\.tmp$")
+#: what alrun (or Hydra for it) can leave in a run dir before its config record exists: the
+#: lock, and what a job that failed on bad input writes (.hydra/, error.json, traceback.txt)
+_BEFORE_RECORD = {LOCK_FILE, ".hydra", "error.json", "traceback.txt"}
 
 #: config keys that only steer how a run is executed: they may change when a run is resumed
-RUN_CONTROL_KEYS = ("resume", "quiet", "keep_checkpoints", "save_predictions", "logger")
+RUN_CONTROL_KEYS = (
+    "resume",
+    "quiet",
+    "keep_checkpoints",
+    "save_predictions",
+    "logger",
+    "allow_thread_change",
+)
+#: config keys whose values form the default run dir ``outputs/<name>/<strategy.name>/seed<seed>``
+RUN_NAME_KEYS = ("name", "strategy.name", "seed")
 
 
 @dataclass(frozen=True)
@@ -67,12 +87,15 @@ class RunOptions:
 
     ``resume``: ``"auto"`` continues a run found in the output dir, ``True`` requires one,
     ``False`` refuses one. ``quiet``: ``None`` means quiet inside sweeps only.
+    ``allow_thread_change``: resume a run with another torch thread count than it ran with
+    (its results then match neither count; refused by default).
     """
 
     resume: str | bool = "auto"
     quiet: bool | None = None
     keep_checkpoints: str = "last"
     save_predictions: bool = False
+    allow_thread_change: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.resume, bool) or self.resume == "auto"):
@@ -85,6 +108,10 @@ class RunOptions:
             raise AlrunError(
                 f"save_predictions: expected true|false, got {self.save_predictions!r}"
             )
+        if not isinstance(self.allow_thread_change, bool):
+            raise AlrunError(
+                f"allow_thread_change: expected true|false, got {self.allow_thread_change!r}"
+            )
 
     @classmethod
     def from_config(cls, cfg: DictConfig | dict[str, Any]) -> RunOptions:
@@ -93,7 +120,46 @@ class RunOptions:
             quiet=cfg.get("quiet", None),
             keep_checkpoints=cfg.get("keep_checkpoints", "last"),
             save_predictions=cfg.get("save_predictions", False),
+            allow_thread_change=cfg.get("allow_thread_change", False),
         )
+
+
+def check_run_names(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Refuse a value of :data:`RUN_NAME_KEYS` that is not one plain path component: the run
+    dir must stay inside the output root (``name=../x`` would write outside ``outputs/``)."""
+    for key in RUN_NAME_KEYS:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, (Mapping, DictConfig)) else None
+        if node is None and key != "name":
+            continue
+        text = "" if node is None else str(node)
+        if text in ("", ".", "..") or any(c in text for c in "/\\\0"):
+            raise AlrunError(
+                f"{key}: expected a plain name (no '/', '\\', '..', not empty) since it names "
+                f"the run directory, got {text!r}"
+            )
+
+
+def job_log_name() -> str | None:
+    """The file name of Hydra's job log (``<job name>.log``) inside a Hydra job, else None."""
+    if not HydraConfig.initialized():
+        return None
+    return f"{HydraConfig.get().job.name}.log"
+
+
+def check_threads(state: Mapping[str, Any], allow_change: bool, threads: int | None = None) -> None:
+    """Refuse to continue a run with another torch thread count than its last round ran with
+    (``torch.get_num_threads()``): float reductions differ, so would the selections."""
+    recorded = state.get("torch_threads")
+    threads = torch.get_num_threads() if threads is None else threads
+    if recorded is None or recorded == threads or allow_change:
+        return
+    raise RunDirError(
+        f"torch threads: round {state['last_completed_round']} ran with {recorded}, this process "
+        f"has {threads} (results would match neither); resume with OMP_NUM_THREADS={recorded} "
+        "or pass allow_thread_change=true"
+    )
 
 
 class RunDirError(AlrunError):
@@ -196,13 +262,36 @@ class RunDir:
             self.config_path.exists() or self.state_path.exists() or bool(self.completed_rounds())
         )
 
+    def check_ours(self, log_name: str | None = None) -> None:
+        """Refuse a folder that is not an alrun run dir, before anything is written into it.
+
+        Ours: absent or empty, a recorded run (``config.json``, or ``state.json`` from before
+        config.json existed), or a run that stopped before its record was written (only the
+        lock, the job log ``log_name``, and what a failed job writes). Anything else is the
+        user's folder and is left untouched.
+        """
+        if not self.root.is_dir() or self.config_path.exists() or self.state_path.exists():
+            return
+        allowed = _BEFORE_RECORD | ({log_name} if log_name else set())
+        foreign = sorted(
+            p.name for p in self.root.iterdir() if p.name not in allowed and not _is_temp(p)
+        )
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f", … {len(foreign) - 5} more" if foreign[5:] else "")
+            raise RunDirError(
+                f"{self.root}: not an alrun run directory (holds {shown}); choose another "
+                "hydra.run.dir or empty it"
+            )
+
     def clean_leftovers(self) -> None:
-        """Remove what a crash can leave: unfinished round dirs and atomic-write temp files."""
+        """Remove what a crash can leave, and only that: round dirs alrun began (marked, or
+        still empty) and the temp files of its atomic writes."""
         for path in sorted(self.root.glob(".round_*.tmp")):
-            remove_tree(path)
+            if _TMP_ROUND.match(path.name) and _is_our_tmp_round(path):
+                remove_tree(path)
         for pattern in (".*.tmp", "round_*/.*.tmp", ".hydra/.*.tmp"):
             for path in sorted(self.root.glob(pattern)):
-                if path.is_file():
+                if path.is_file() and _is_temp(path):
                     remove_file(path)
 
     def check_config(self, fingerprint: dict[str, Any], resume: str | bool) -> bool:
@@ -234,7 +323,13 @@ class RunDir:
                 if self.state_path.exists()
                 else "delete it to start this run over"
             )
-            return read_json(self.config_path, recover)["config"]
+            record = read_json(self.config_path, recover)
+            if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+                raise RunDirError(
+                    f"{self.config_path}: not an alrun config record (no 'config' object); "
+                    f"{recover}, or choose another hydra.run.dir if this folder is not a run"
+                )
+            return record["config"]
         if self.state_path.exists():  # a run directory written before config.json existed
             return self._read_top_state().get("config")
         return None
@@ -255,29 +350,32 @@ class RunDir:
             "delete it to rebuild it from the round directories (they hold the complete state)",
         )
 
-    def load_state(self, keep_checkpoints: str) -> dict[str, Any] | None:
+    def load_state(self, keep_checkpoints: str, rounds: int | None = None) -> dict[str, Any] | None:
         """The state after the newest complete round (None: no round completed yet).
 
         Removes leftovers, rewrites a lagging ``state.json``/``results.csv`` and prunes old
-        checkpoints, so the directory looks as if the run had never been interrupted.
+        checkpoints, so the directory looks as if the run had never been interrupted. A
+        finished run (stopped, or round ``rounds`` done) is pruned only as it was committed
+        (``keep_checkpoints`` recorded in its state; not at all when none is recorded): a
+        re-run of it computes nothing and must not delete anything.
         """
         self.clean_leftovers()
-        rounds = self.completed_rounds()
-        if rounds != list(range(len(rounds))):
-            missing = sorted(set(range(max(rounds) + 1)) - set(rounds))
+        done = self.completed_rounds()
+        if done != list(range(len(done))):
+            missing = sorted(set(range(max(done) + 1)) - set(done))
             raise RunDirError(
                 f"{self.round_dir(missing[0])}: missing while later rounds exist; delete the "
                 "later round directories to redo them"
             )
         top = self._read_top_state() if self.state_path.exists() else None
-        if not rounds:
+        if not done:
             if top is not None and top.get("last_completed_round", -1) >= 0:
                 raise RunDirError(
                     f"{self.state_path}: records round {top['last_completed_round']} as complete "
                     f"but no round directory exists; delete {self.state_path} to start over"
                 )
             return None
-        last = rounds[-1]
+        last = done[-1]
         round_state_path = self.round_dir(last) / STATE_FILE
         if not round_state_path.exists():
             raise RunDirError(
@@ -295,7 +393,10 @@ class RunDir:
         if top is None or top.get("last_completed_round") != last:
             write_json(self.state_path, self._top_state(state))
         self._write_results(state["results"])
-        self.prune_checkpoints(last, keep_checkpoints)
+        finished = state.get("stopped") is not None or (rounds is not None and last >= rounds)
+        self.prune_checkpoints(
+            last, state.get("keep_checkpoints", "all") if finished else keep_checkpoints
+        )
         return state
 
     def _top_state(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -304,17 +405,28 @@ class RunDir:
 
     def _write_results(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite results.csv when it does not hold exactly these rows."""
-        text = csv_text(rows)
-        if not self.results_path.exists() or self.results_path.read_text() != text:
-            write_csv(self.results_path, rows)
+        data = csv_text(rows).encode()
+        if not self.results_path.is_file() or self.results_path.read_bytes() != data:
+            write_csv(self.results_path, rows)  # also replaces a damaged (e.g. non-UTF-8) copy
 
     # -- rounds ---------------------------------------------------------------------------------
     @contextmanager
     def building_round(self, r: int) -> Iterator[Path]:
-        """A fresh ``.round_XX.tmp/`` to write round ``r`` into; removed if the round fails."""
+        """A fresh ``.round_XX.tmp/`` to write round ``r`` into; removed if the round fails.
+
+        It is marked as alrun's right after ``mkdir`` (a crash in between leaves it empty,
+        which cleanup may remove too); one alrun did not make is refused, never deleted.
+        """
         tmp = self.tmp_round_dir(r)
-        remove_tree(tmp)
+        if tmp.exists():
+            if not _is_our_tmp_round(tmp):
+                raise RunDirError(
+                    f"{tmp}: not made by alrun (no {ROUND_MARKER} inside); move it away, alrun "
+                    f"builds round {r} under this name"
+                )
+            remove_tree(tmp)
         tmp.mkdir()
+        os.close(os.open(tmp / ROUND_MARKER, os.O_WRONLY | os.O_CREAT, 0o666))
         try:
             yield tmp
         except BaseException:
@@ -323,7 +435,11 @@ class RunDir:
             raise
 
     def commit_round(self, r: int, tmp: Path, state: dict[str, Any], keep_checkpoints: str) -> None:
-        """Make round ``r`` complete: its state, then the rename, then the lagging copies."""
+        """Make round ``r`` complete: its state, then the rename, then the lagging copies.
+
+        The state records ``keep_checkpoints``, how the round was pruned (see ``load_state``).
+        """
+        state = {**state, "keep_checkpoints": keep_checkpoints}
         write_json(tmp / STATE_FILE, state)
         atomic_rename(tmp, self.round_dir(r))
         write_json(self.state_path, self._top_state(state))
@@ -353,6 +469,16 @@ class RunDir:
             raise RunDirError(
                 f"{path}: unreadable checkpoint ({type(err).__name__}); {redo}"
             ) from None
+
+
+def _is_temp(path: Path) -> bool:
+    """An atomic-write temp file of :mod:`alrun.io` (nothing else ends in alrun's pattern)."""
+    return path.is_file() and TEMP_FILE.match(path.name) is not None
+
+
+def _is_our_tmp_round(path: Path) -> bool:
+    """A round temp dir alrun made: it holds the marker, or nothing at all."""
+    return path.is_dir() and ((path / ROUND_MARKER).is_file() or not any(path.iterdir()))
 
 
 def pool_state(pool: LabelPool) -> list[dict[str, Any]]:

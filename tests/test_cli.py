@@ -326,3 +326,97 @@ def test_pretrained_backbone_of_another_architecture(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), path)
     result = alrun(tmp_path, f"detector.pretrained_backbone={path}")
     assert_clean_failure(result, tmp_path, "detector.pretrained_backbone:", "does not fit")
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_a_users_folder_is_refused_untouched(tmp_path):
+    """Issue 25.2: hydra.run.dir at a folder of the user's: nothing deleted, nothing written."""
+    mine = tmp_path / "run"
+    for name in (".notes.tmp", ".round_03.tmp/data.txt", "round_07/.draft.tmp", "paper.tex"):
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_text(f"the user's {name}")
+    before = _tree(mine)
+    result = alrun(tmp_path, "budget.rounds=0")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"alrun: error: {mine}: not an alrun run directory (holds .notes.tmp, .round_03.tmp, "
+        "paper.tex, round_07); choose another hydra.run.dir or empty it"
+    )
+    assert _tree(mine) == before
+
+
+def test_a_users_folder_is_refused_as_sweep_dir_untouched(tmp_path):
+    mine = tmp_path / "sweep"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / ".x.tmp").write_text("mine")
+    before = _tree(mine)
+    result = _sweep(mine, "experiment=smoke", "budget.rounds=0", "seed=0,1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"alrun: error: {mine}: not an alrun sweep directory (holds data); choose another "
+        "hydra.sweep.dir or empty it"
+    )
+    assert _tree(mine) == before
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("name=../../../escaped", "name"),
+        ("strategy.name=../../../escaped", "strategy.name"),
+        ("strategy.name=a/b", "strategy.name"),
+        ("name=", "name"),
+    ],
+)
+def test_run_names_cannot_leave_the_output_root(tmp_path, override, key):
+    """Issue 25.3: the default run dir is outputs/<name>/<strategy.name>/seed<seed>."""
+    work = tmp_path / "a" / "b" / "c" / "work"
+    work.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "alrun.cli", "experiment=smoke", "budget.rounds=0", override]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=work, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"alrun: error: {key}: expected a plain name"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing written anywhere
+
+
+FULL_LOG_DISK = """
+import errno, logging, sys
+class Full:
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    def flush(self):
+        pass
+    def close(self):
+        pass
+logging.FileHandler._open = lambda self: Full()
+from alrun.cli import main
+sys.argv = ["alrun", *sys.argv[1:]]
+main()
+"""
+
+
+def test_full_disk_at_the_first_log_write_is_one_line(tmp_path):
+    """Issue 25: the job log (Hydra's file handler) cannot write: one line, exit 2."""
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-c",
+        FULL_LOG_DISK,
+        "experiment=smoke",
+        "quiet=true",
+        "budget.rounds=0",
+        f"hydra.run.dir={run}",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"alrun: error: {run / 'cli.log'}: cannot write the log (No space left on device); "
+        "free space or choose a writable hydra.run.dir, then re-run the same command to resume"
+    )

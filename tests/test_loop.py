@@ -316,3 +316,29 @@ def test_scratch_resume_gives_regimes_the_last_rounds_model(tmp_path, monkeypatc
         if name == "metrics.json":
             ref, got = ref["train"], got["train"]
         assert got == ref, name
+
+
+def test_rerun_of_a_finished_run_keeps_its_checkpoints(tmp_path):
+    """Issue 25.1: re-running a finished keep_checkpoints=all run without the flag."""
+    _run(tmp_path, ["budget.rounds=1", "keep_checkpoints=all"])
+    assert len(list(tmp_path.glob("round_*/checkpoint.pt"))) == 2
+    _run(tmp_path, ["budget.rounds=1"])
+    assert len(list(tmp_path.glob("round_*/checkpoint.pt"))) == 2
+
+
+def test_resume_with_another_thread_count_is_refused(tmp_path, monkeypatch):
+    """Issue 25.7: the thread count is recorded; resuming with another one needs
+    allow_thread_change=true (and the rounds after say which count they ran with)."""
+    import torch
+
+    overrides = ["budget.rounds=1"]
+    _crash(tmp_path, overrides, f"write {tmp_path / '.round_01.tmp' / 'metrics.json'}", monkeypatch)
+    assert json.loads((tmp_path / "state.json").read_text())["torch_threads"] == 1
+    torch.set_num_threads(2)
+    with pytest.raises(AlrunError, match=r"torch threads: round 0 ran with 1, this process has 2"):
+        _run(tmp_path, overrides)
+    assert not (tmp_path / "round_01").exists()
+    _run(tmp_path, [*overrides, "allow_thread_change=true"])
+    assert json.loads((tmp_path / "state.json").read_text())["torch_threads"] == 2
+    torch.set_num_threads(1)
+    _run(tmp_path, overrides)  # a finished run is not refused: nothing is computed

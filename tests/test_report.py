@@ -324,3 +324,64 @@ def test_html_renders_in_headless_chromium(tmp_path):
     assert pixels.shape[:2] == (1200, 1400)
     # the page is not blank: the plot lines and table text give many distinct colours
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+
+
+@pytest.mark.parametrize(
+    "damage,file",
+    [
+        (lambda run: (run / "state.json").write_text('{"last_compl'), "state.json"),
+        (lambda run: (run / "state.json").write_bytes(b'{"stopped": "\xff"}'), "state.json"),
+        (lambda run: (run / "results.csv").write_bytes(b"round,mAP\n0,\xff\xfe\n"), "results.csv"),
+    ],
+)
+def test_a_damaged_run_is_left_out_with_a_warning_naming_the_file(tmp_path, damage, file):
+    """Issue 25: one unreadable file does not stop the report; the rest still renders."""
+    root = sweep(tmp_path / "sweep", strategies=("random", "entropy"), seeds=(0, 1))
+    damaged = root / "strategy=entropy,seed=1"
+    damage(damaged)
+    run_set, comparison, files = build([root], tmp_path / "out")
+    assert [r.seed for r in run_set.groups["entropy"]] == [0]
+    assert any(w.startswith(f"{damaged / file}: unreadable") for w in run_set.warnings)
+    assert f"{damaged / file}: unreadable" in files["html"].read_text()
+
+
+def test_a_damaged_error_json_is_a_warning_naming_it(tmp_path):
+    root = sweep(tmp_path / "sweep", strategies=("random", "entropy"), seeds=(0,))
+    failed = make_run(root, "entropy", 1, [], error="x")
+    (failed / "error.json").write_bytes(b'{"error": "\xff')
+    run_set = gather([root])
+    assert any(w.startswith(f"{failed / 'error.json'}: unreadable") for w in run_set.warnings)
+    assert [r.seed for r in run_set.groups["entropy"]] == [0]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_results_leave_the_run_out_naming_run_and_round(tmp_path, value):
+    """Issue 25: NaN/inf never reach the curves or the statistics."""
+    root = sweep(tmp_path / "sweep", strategies=("random", "entropy"), seeds=(0, 1, 2))
+    bad = root / "strategy=entropy,seed=2"
+    csv_path = bad / "results.csv"
+    lines = csv_path.read_text().splitlines()
+    cells = lines[2].split(",")
+    cells[5] = value  # mAP of round 1
+    csv_path.write_text("\n".join([*lines[:2], ",".join(cells), *lines[3:]]) + "\n")
+    run_set = gather([root])
+    assert f"{bad}: round 1: mAP is {value}; run left out of the report" in run_set.warnings
+    comparison = compare(run_set)
+    entropy = {s.group: s for s in comparison.summaries}["entropy"]
+    assert entropy.final.n == 2 and np.isfinite(entropy.final.mean)
+    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
+
+
+def test_cli_on_a_damaged_run_prints_a_warning_not_a_traceback(tmp_path):
+    root = sweep(tmp_path / "sweep", strategies=("random", "entropy"), seeds=(0, 1))
+    (root / "strategy=entropy,seed=1" / "state.json").write_text("{")
+    result = subprocess.run(
+        [sys.executable, "-m", "alrun.report.cli", str(root)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "state.json: unreadable" in result.stdout

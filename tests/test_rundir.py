@@ -12,7 +12,13 @@ import pytest
 
 from alrun.errors import AlrunError
 from alrun.io import write_json
-from alrun.rundir import RunDir, RunDirError, config_differences
+from alrun.rundir import (
+    RunDir,
+    RunDirError,
+    check_run_names,
+    check_threads,
+    config_differences,
+)
 from tests.helpers import REPO
 
 CONFIG = {"seed": 0, "trainer": {"lr": 0.01, "init": "continue"}, "budget": {"rounds": 2}}
@@ -33,6 +39,13 @@ def _committed(tmp_path, rounds: int) -> RunDir:
             (tmp / "checkpoint.pt").write_bytes(b"weights")
             run.commit_round(r, tmp, _state(r), keep_checkpoints="last")
     return run
+
+
+def _unfinished_round(run: RunDir, r: int) -> None:
+    """What a crash inside round ``r`` leaves: its temp dir, made by ``building_round``."""
+    cm = run.building_round(r)
+    tmp = cm.__enter__()  # never exited: the process "died" here
+    (tmp / "labelled.json").write_text("{}")
 
 
 def test_commit_keeps_only_the_last_checkpoint_and_mirrors_state(tmp_path):
@@ -58,16 +71,15 @@ def test_lagging_state_and_leftovers_are_repaired(tmp_path):
     run = _committed(tmp_path, 2)
     write_json(run.state_path, {**_state(0), "config": CONFIG})  # state lags round_01
     (run.root / "round_00" / "checkpoint.pt").write_bytes(b"old")  # survived a crash
-    leftovers = [
-        run.root / ".state.json.abc.tmp",
-        run.root / ".results.csv.abc.tmp",
-        run.root / "round_01" / ".metrics.json.x.tmp",
-        run.root / ".hydra" / ".config.yaml.y.tmp",
+    leftovers = [  # the names alrun.io's atomic writes give their temp files
+        run.root / ".state.json.alrun-abcd1234.tmp",
+        run.root / ".results.csv.alrun-abcd_234.tmp",
+        run.root / "round_01" / ".metrics.json.alrun-x1x2x3x4.tmp",
+        run.root / ".hydra" / ".config.yaml.alrun-y1y2y3y4.tmp",
     ]
     for path in leftovers:
         path.write_text("partial")
-    (run.root / ".round_02.tmp").mkdir()
-    (run.root / ".round_02.tmp" / "labelled.json").write_text("{}")
+    _unfinished_round(run, 2)
     state = run.load_state("last")
     assert state["last_completed_round"] == 1
     assert json.loads(run.state_path.read_text())["last_completed_round"] == 1
@@ -197,3 +209,149 @@ def test_corrupt_config_record_is_named_and_rebuilt_from_state(tmp_path):
         run.check_config({**CONFIG, "seed": 5}, "auto")
     run.record_config(CONFIG, {})
     assert json.loads(run.config_path.read_text()) == {"config": CONFIG}
+
+
+def _user_files(root) -> dict:
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_resume_cleans_only_what_alrun_made(tmp_path):
+    """Issue 25.2: a user's *.tmp files in a run dir survive resume; alrun's own leftovers
+    (atomic-write temp names, unfinished round dirs it made) do not."""
+    run = _committed(tmp_path, 2)
+    user = {
+        ".notes.tmp": b"mine",
+        ".round_03.tmp/data.txt": b"mine too",
+        "round_01/.draft.tmp": b"draft",
+        ".hydra/.x.tmp": b"x",
+    }
+    for name, data in user.items():
+        (run.root / name).parent.mkdir(exist_ok=True)
+        (run.root / name).write_bytes(data)
+    ours = [
+        run.root / ".state.json.alrun-0a1b2c3d.tmp",
+        run.root / "round_00/.a.alrun-zzzzzzzz.tmp",
+    ]
+    for path in ours:
+        path.write_text("partial")
+    _unfinished_round(run, 2)
+    assert run.load_state("last")["last_completed_round"] == 1
+    assert {name: (run.root / name).read_bytes() for name in user} == user
+    assert not any(p.exists() for p in ours)
+    assert not run.tmp_round_dir(2).exists()
+
+
+def test_a_round_temp_dir_alrun_did_not_make_is_refused_not_deleted(tmp_path):
+    run = _committed(tmp_path, 1)
+    (run.tmp_round_dir(1)).mkdir()
+    (run.tmp_round_dir(1) / "data.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=r"\.round_01\.tmp: not made by alrun"):
+        with run.building_round(1):
+            pass
+    assert (run.tmp_round_dir(1) / "data.txt").read_text() == "mine"
+
+
+def test_empty_round_temp_dir_from_a_crash_right_after_mkdir_is_reused(tmp_path):
+    run = _committed(tmp_path, 1)
+    run.tmp_round_dir(1).mkdir()  # killed between mkdir and the marker
+    assert run.load_state("last")["last_completed_round"] == 0
+    assert not run.tmp_round_dir(1).exists()
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"notes.txt": b"mine"},
+        {".notes.tmp": b"a", ".round_03.tmp/data.txt": b"b", "round_07/.draft.tmp": b"c"},
+        {"round_00/labelled.json": b"{}", "results.csv": b"round\n0\n"},  # no config record
+    ],
+)
+def test_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path, files):
+    """Issue 25.2: an existing non-empty folder that alrun did not make is not a run dir."""
+    root = tmp_path / "mine"
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    before = _user_files(root)
+    with pytest.raises(RunDirError, match=rf"^{root}: not an alrun run directory \(holds "):
+        RunDir(root).check_ours()
+    assert _user_files(root) == before
+
+
+@pytest.mark.parametrize(
+    "names",
+    [[], [".lock"], [".lock", "cli.log"], [".hydra/config.yaml", "error.json", "traceback.txt"]],
+)
+def test_an_empty_folder_or_a_run_that_failed_before_its_record_is_ours(tmp_path, names):
+    root = tmp_path / "r"
+    root.mkdir()
+    for name in names:
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_text("x")
+    RunDir(root).check_ours(log_name="cli.log")
+    RunDir(tmp_path / "absent").check_ours()
+    _committed(tmp_path, 1).check_ours()  # a recorded run, whatever else it holds
+
+
+def test_finished_run_is_never_pruned(tmp_path):
+    """Issue 25.1: a finished keep_checkpoints=all run keeps every checkpoint when it is
+    re-run with the default keep_checkpoints=last."""
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.record_config(CONFIG, {})
+    for r in range(3):
+        with run.building_round(r) as tmp:
+            (tmp / "checkpoint.pt").write_bytes(b"weights")
+            run.commit_round(r, tmp, _state(r), keep_checkpoints="all")
+    assert run.load_state("last", rounds=2)["last_completed_round"] == 2
+    assert len(list(run.root.glob("round_*/checkpoint.pt"))) == 3
+    assert run.load_state("last")["keep_checkpoints"] == "all"  # recorded by the commit
+
+
+def test_finished_run_completes_the_pruning_it_was_killed_before(tmp_path):
+    run = _committed(tmp_path, 2)
+    (run.round_dir(0) / "checkpoint.pt").write_bytes(b"old")  # killed before the last prune
+    run.load_state("all", rounds=1)
+    assert [p.parent.name for p in run.root.glob("round_*/checkpoint.pt")] == ["round_01"]
+
+
+def test_non_utf8_results_csv_is_rewritten_on_resume(tmp_path):
+    run = _committed(tmp_path, 2)
+    run.results_path.write_bytes(b"round,images\n\xff\xfe\x00garbage\n")
+    assert run.load_state("last")["last_completed_round"] == 1
+    assert run.results_path.read_text().splitlines() == ["round,images", "0,10", "1,20"]
+
+
+def test_thread_count_change_is_refused_unless_allowed(tmp_path):
+    """Issue 25.7: the torch thread count a run computed with is part of its record."""
+    state = {**_state(0), "torch_threads": 3}
+    check_threads(state, allow_change=False, threads=3)
+    with pytest.raises(
+        RunDirError,
+        match=r"torch threads: round 0 ran with 3, this process has 2 .*OMP_NUM_THREADS=3 .*"
+        r"allow_thread_change=true",
+    ):
+        check_threads(state, allow_change=False, threads=2)
+    check_threads(state, allow_change=True, threads=2)
+    check_threads(_state(0), allow_change=False, threads=2)  # not recorded: nothing to compare
+
+
+@pytest.mark.parametrize("value", ["", ".", "..", "../../x", "a/b", "a\\b", "/abs"])
+def test_run_names_cannot_leave_the_output_root(value):
+    """Issue 25.3: names that form the run dir are plain names."""
+    with pytest.raises(AlrunError, match=r"^strategy\.name: expected a plain name"):
+        check_run_names({"name": "ok", "strategy": {"name": value}, "seed": 0})
+    with pytest.raises(AlrunError, match=r"^name: expected a plain name"):
+        check_run_names({"name": value, "strategy": {"name": "entropy"}, "seed": 0})
+    check_run_names({"name": "a..b", "strategy": {"name": "entropy-v2.1"}, "seed": 3})
+
+
+def test_a_config_json_that_is_not_alruns_record_is_named(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "config.json").write_text('{"theme": "dark"}')
+    with pytest.raises(RunDirError, match=r"config\.json: not an alrun config record"):
+        RunDir(root).check_config(CONFIG, "auto")

@@ -1,13 +1,18 @@
 """Find run directories under the paths given and check that they can be compared.
 
 A run directory holds ``.hydra/config.yaml`` and, once a round is complete, ``results.csv``
-and ``state.json``; a failed sweep job holds ``error.json`` instead.
+and ``state.json``; a failed sweep job holds ``error.json`` instead. A run whose files cannot be
+read (corrupt JSON or YAML, bytes that are not UTF-8) or whose results hold NaN or infinity is
+left out with a warning naming the file, or the run and round: the other runs still make a
+report, and no non-finite number reaches the curves or the statistics.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +25,10 @@ from alrun.errors import AlrunError
 
 class ReportError(AlrunError):
     """The runs given cannot be reported or compared."""
+
+
+class UnreadableRun(ReportError):
+    """One run cannot be used (a damaged file, a non-finite result): left out with a warning."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,24 @@ def _config(path: Path) -> dict[str, Any]:
         raise ReportError(f"{path / '.hydra/config.yaml'}: cannot read ({err})") from err
 
 
+def _unreadable(path: Path, err: Exception) -> UnreadableRun:
+    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return UnreadableRun(f"{path}: unreadable ({type(err).__name__}: {detail}); run left out")
+
+
+def _json_field(path: Path, key: str, default: Any) -> Any:
+    """``key`` of the JSON object in ``path`` (``default`` when the file or key is absent)."""
+    if not path.is_file():
+        return default
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _unreadable(path, err) from None
+    if not isinstance(data, dict):
+        raise _unreadable(path, TypeError(f"expected a JSON object, got {type(data).__name__}"))
+    return data.get(key, default)
+
+
 def config_value(config: dict[str, Any], dotted: str) -> Any:
     node: Any = config
     for part in dotted.split("."):
@@ -103,14 +130,28 @@ def config_value(config: dict[str, Any], dotted: str) -> Any:
 
 def _rows(path: Path) -> tuple[dict[str, float], ...]:
     csv_path = path / "results.csv"
-    if not csv_path.is_file() or not csv_path.read_text().strip():
+    if not csv_path.is_file():
         return ()
-    with csv_path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
     try:
-        return tuple({k: float(v) for k, v in row.items()} for row in rows)
+        text = csv_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _unreadable(csv_path, err) from None
+    if not text.strip():
+        return ()
+    try:
+        rows = tuple(
+            {k: float(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))
+        )
     except (TypeError, ValueError) as err:
         raise ReportError(f"{csv_path}: expected numbers in every column ({err})") from err
+    for row in rows:
+        for key, value in row.items():
+            if not math.isfinite(value):
+                round_ = int(row["round"]) if math.isfinite(row.get("round", math.nan)) else "?"
+                raise UnreadableRun(
+                    f"{path}: round {round_}: {key} is {value}; run left out of the report"
+                )
+    return rows
 
 
 def load_run(path: Path, group_key: str) -> Run:
@@ -120,10 +161,8 @@ def load_run(path: Path, group_key: str) -> Run:
         raise ReportError(f"--group-by: {path} has no config key '{group_key}'")
     error = None
     if (path / "error.json").is_file():
-        error = json.loads((path / "error.json").read_text()).get("error", "unknown error")
-    stopped = None
-    if (path / "state.json").is_file():
-        stopped = json.loads((path / "state.json").read_text()).get("stopped")
+        error = _json_field(path / "error.json", "error", "unknown error")
+    stopped = _json_field(path / "state.json", "stopped", None)
     rounds = config_value(config, "budget.rounds")
     return Run(
         path=path,
@@ -170,14 +209,21 @@ def gather(paths: Sequence[Path], group_key: str = "strategy.name") -> RunSet:
     if not dirs:
         shown = ", ".join(str(p) for p in paths)
         raise ReportError(f"{shown}: no run directories found (a run holds .hydra/config.yaml)")
-    loaded = [load_run(d, group_key) for d in dirs]
+    loaded, left_out = [], []
+    for d in dirs:
+        try:
+            loaded.append(load_run(d, group_key))
+        except UnreadableRun as err:
+            left_out.append(str(err))
     failed = tuple(r for r in loaded if r.failed)
     empty = tuple(r for r in loaded if not r.failed and not r.rows)
     runs = tuple(r for r in loaded if not r.failed and r.rows)
     if not runs:
         raise ReportError(
             f"{len(dirs)} run directories found but none completed a round "
-            f"({len(failed)} failed, {len(empty)} without results)"
+            f"({len(failed)} failed, {len(empty)} without results, {len(left_out)} unreadable"
+            + (f": {left_out[0]}" if left_out else "")
+            + ")"
         )
     _must_agree(runs, "datasets", _dataset_identity)
     _must_agree(runs, "budget schedules", _schedule)
@@ -192,4 +238,5 @@ def gather(paths: Sequence[Path], group_key: str = "strategy.name") -> RunSet:
     warnings = [f"{r.path}: {r.status}" for r in runs if r.partial]
     warnings += [f"{r.path}: failed: {r.error}" for r in failed]
     warnings += [f"{r.path}: no completed round, left out" for r in empty]
+    warnings += left_out
     return RunSet(runs, failed, empty, group_key, tuple(warnings))
