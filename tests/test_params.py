@@ -16,7 +16,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from alrun.engine import batch_plan
 from alrun.errors import AlrunError
 from alrun.loop import build_experiment, run_experiment
 from alrun.params import (
@@ -36,7 +35,10 @@ from tests.test_cli import alrun, assert_clean_failure
 
 CONFIGS = Path(__file__).resolve().parents[1] / "alrun" / "configs"
 GROUPS = ("dataset", "detector", "supervision", "strategy", "budget", "oracle", "trainer", "logger")
-OPTIONS = sorted((p.parent.name, p.stem) for g in GROUPS for p in CONFIGS.glob(f"{g}/*.yaml"))
+OPTIONS = [
+    *sorted((p.parent.name, p.stem) for g in GROUPS for p in CONFIGS.glob(f"{g}/*.yaml")),
+    ("metric", "run"),  # not a group: run.yaml's own metric node
+]
 EXPERIMENTS = sorted(p.stem for p in CONFIGS.glob("experiment/*.yaml"))
 
 
@@ -45,6 +47,8 @@ def _overrides(group: str, option: str) -> list[str]:
         return ["experiment=uda_synthetic"]
     if (group, option) == ("oracle", "recorded"):
         return [f"{group}={option}", "oracle.path=labels.jsonl"]
+    if (group, option) == ("metric", "run"):
+        return []
     return [f"{group}={option}"]
 
 
@@ -314,13 +318,6 @@ def test_build_experiment_checks_before_instantiating(tmp_path):
     expected = r"^strategy\.scorer\.dropout: expected a number in \(0, 1\), got 1.0"
     with pytest.raises(AlrunError, match=expected):
         build_experiment(cfg)
-
-
-def test_negative_batch_size_raises_instead_of_looping():
-    with pytest.raises(AlrunError, match="batch size must be an integer >= 1, got -1"):
-        batch_plan(10, -1, 5, torch.Generator().manual_seed(0))
-    with pytest.raises(AlrunError, match="no images"):
-        batch_plan(0, 2, 5, torch.Generator().manual_seed(0))
 
 
 def test_the_command_line_reports_one_line_and_writes_nothing(tmp_path):
