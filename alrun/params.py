@@ -99,6 +99,14 @@ StrictFraction = Annotated[float, Range(0, 1, low_open=True, high_open=True)]
 ScoreThreshold = Annotated[float, Range(0, 1, high_open=True)]
 
 
+#: settings alrun's configs hand to third-party builders through their ``**kwargs`` (torchvision's
+#: detection models pass them on to their image transform), declared here since no signature of
+#: theirs carries them; the builders' own parameters are theirs to check
+PASSED_ON: Mapping[str, Mapping[str, Any]] = {
+    "torchvision.models.detection.": {"min_size": PositiveInt, "max_size": PositiveInt},
+}
+
+
 def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
@@ -307,7 +315,12 @@ def declared(target: str | Callable) -> Declaration:
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
     open_keys = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    hints: dict[str, Any] = {}
+    hints: dict[str, Any] = {
+        key: hint
+        for prefix, passed_on in PASSED_ON.items()
+        if name.startswith(prefix)
+        for key, hint in passed_on.items()
+    }
     if getattr(obj, "__module__", "").split(".")[0] == "alrun":
         source = obj if is_dataclass(obj) else (obj.__init__ if inspect.isclass(obj) else obj)
         hints = {
@@ -343,7 +356,7 @@ def check_node(node: Mapping[str, Any], key: str) -> None:
         if name in HYDRA_KEYS:
             continue
         path = f"{key}.{name}"
-        if name not in decl.parameters:
+        if name not in decl.parameters and name not in decl.hints:
             if decl.open_keys:
                 continue
             raise AlrunError(
@@ -427,10 +440,22 @@ def _tiny_fcos_levels(tree: Mapping[str, Any]) -> None:
             )
 
 
+def _image_sizes(tree: Mapping[str, Any]) -> None:
+    """A detector's shorter-side size cannot exceed its longer-side limit."""
+    for key, node in target_nodes(tree.get("detector"), "detector"):
+        low, high = node.get("min_size"), node.get("max_size")
+        if isinstance(low, int) and isinstance(high, int) and low > high:
+            raise AlrunError(
+                f"{key}.min_size: {low} is larger than {key}.max_size ({high}); the shorter image "
+                "side is resized to min_size unless the longer would exceed max_size"
+            )
+
+
 #: the rules :func:`check_config` applies after every node's own check
 CROSS_CHECKS: tuple[Callable[[Mapping[str, Any]], None], ...] = (
     _snapshot_members,
     _tiny_fcos_levels,
+    _image_sizes,
 )
 
 
