@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal, Union
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from alrun.errors import AlrunError
 
@@ -380,8 +381,13 @@ def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     declared parameters, then the rules across keys; one :class:`AlrunError` naming the key.
 
     Reads no data and builds nothing, so it runs first: before any file is written."""
-    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    check_tree(tree)
+    if isinstance(cfg, DictConfig):
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException as err:  # e.g. ${oc.env:VAR} with VAR unset, no default
+            key = getattr(err, "full_key", None) or "config"
+            raise AlrunError(f"{key}: {str(err).splitlines()[0]}") from None
+    check_tree(cfg)
 
 
 # --- rules across keys -------------------------------------------------------------------

@@ -321,6 +321,14 @@ def test_a_bad_value_is_refused_before_anything_is_built(overrides, key, tmp_pat
     assert not (tmp_path / "run").exists(), "a refused config must write nothing"
 
 
+def test_an_unresolvable_interpolation_is_one_line_naming_the_key(monkeypatch):
+    monkeypatch.delenv("ALRUN_NO_SUCH_VAR", raising=False)
+    cfg = compose_config(["dataset=voc", "dataset.root=${oc.env:ALRUN_NO_SUCH_VAR}"])
+    with pytest.raises(AlrunError, match=r"^dataset\.root: .*ALRUN_NO_SUCH_VAR") as err:
+        check_config(cfg)
+    assert "\n" not in str(err.value)
+
+
 def test_build_experiment_checks_before_instantiating(tmp_path):
     cfg = compose_config(["strategy=mc_entropy", "strategy.scorer.dropout=1.0"])
     expected = r"^strategy\.scorer\.dropout: expected a number in \(0, 1\), got 1.0"
