@@ -204,7 +204,10 @@ class Mismatch:
     value: Any
 
     def message(self) -> str:
-        return f"{self.key}: expected {self.expected}, got {_shown(self.value)}"
+        text = f"{self.key}: expected {self.expected}, got {_shown(self.value)}"
+        if "a string" in self.expected and isinstance(self.value, (bool, int, float)):
+            text += f" (a number or true/false; quote text: {self.key}='{_shown(self.value)}')"
+        return text
 
 
 def mismatch(value: Any, hint: Any, key: str) -> Mismatch | None:

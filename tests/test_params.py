@@ -75,7 +75,7 @@ def _tree(overrides: list[str]) -> dict:
         (math.inf, NonNegativeFloat, "expected a finite number >= 0, got inf"),
         (True, Fraction, "expected a number in [0, 1], got true"),
         (1.5, Fraction, "expected a number in [0, 1], got 1.5"),
-        (7, str, "expected a string, got 7"),
+        (7, str, "expected a string, got 7 (a number or true/false; quote text: k='7')"),
         ("maybe", Literal["a", "b"], "expected one of a|b, got 'maybe'"),
         (0, PositiveInt | None, "expected an integer >= 1 or null, got 0"),
         ([1, "x"], Sequence[float], "k[1]: expected a finite number, got 'x'"),
