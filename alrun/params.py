@@ -15,9 +15,11 @@ protocol, a callable) is built from a config node with ``_target_``, whose own p
 then checked the same way. A key the target does not take is refused too. Rules that need two
 keys (a snapshot ensemble no larger than a round's iterations, ...) are in :func:`cross_check`.
 
-Only alrun's own targets are type-checked (third-party builders such as torchvision's take
-``**kwargs`` and accept strings for enums); every target's keys are checked against its
-signature.
+Only alrun's own targets are type-checked, plus the settings alrun's configs pass on to
+third-party builders (:data:`PASSED_ON`: torchvision's take ``**kwargs`` and accept strings for
+their weight enums); every target's keys are checked against its signature. The check runs
+first in :func:`alrun.loop.build_experiment`; checks that need the data or the model stay with
+the code that reads or builds them.
 """
 
 from __future__ import annotations
