@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from alrun.errors import BudgetError
+from alrun.params import NonNegativeInt, PositiveFloat
 
 if TYPE_CHECKING:
     from alrun.data.dataset import ImageRecord
@@ -82,11 +83,11 @@ class Budget:
     @classmethod
     def from_config(
         cls,
-        initial: float,
-        per_round: float | Sequence[float],
-        rounds: int,
-        unit: str = "images",
-        fill: str = "stop",
+        initial: PositiveFloat,
+        per_round: PositiveFloat | Sequence[PositiveFloat],
+        rounds: NonNegativeInt,
+        unit: Literal[UNITS] = "images",
+        fill: Literal[FILL_POLICIES] = "stop",
     ) -> Budget:
         if isinstance(per_round, (int, float)):
             schedule: float | tuple[float, ...] = float(per_round)

@@ -338,8 +338,13 @@ def batch_plan(
 ) -> list[list[tuple[int, bool]]]:
     """Exactly ``total`` batches of (image index, flip) drawn epoch by epoch from ``generator``.
 
-    Drawn up front, so the order is the same whatever ``trainer.num_workers`` is.
+    Drawn up front, so the order is the same whatever ``trainer.num_workers`` is. A batch size
+    below 1 (or no image to draw from) would never fill the plan: an error, not a hang.
     """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise AlrunError(f"trainer: batch size must be an integer >= 1, got {batch_size!r}")
+    if total > 0 and num_images < 1:
+        raise AlrunError("trainer: no images to draw batches from")
     batches: list[list[tuple[int, bool]]] = []
     while len(batches) < total:
         order = torch.randperm(num_images, generator=generator).tolist()

@@ -8,8 +8,11 @@ logging is reported once as a warning and the logger turns itself off.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from alrun.params import NonNegativeInt
 
 log = logging.getLogger("alrun")
 
@@ -38,9 +41,9 @@ class WandbLogger(NullLogger):
         self,
         project: str = "alrun",
         entity: str | None = None,
-        mode: str | None = None,
-        tags: list[str] | tuple[str, ...] = (),
-        max_images: int = 8,
+        mode: Literal["online", "offline", "disabled"] | None = None,
+        tags: Sequence[str] = (),
+        max_images: NonNegativeInt = 8,
     ):
         self.project, self.entity, self.mode = project, entity, mode
         self.tags, self.max_images = list(tags), max_images

@@ -35,6 +35,7 @@ from alrun.io import atomic_write_bytes, read_json, save_torch, write_json
 from alrun.logger import NullLogger
 from alrun.metrics import MetricConfig, evaluate, failure_analysis, pool_misses
 from alrun.oracle import SimulatedOracle
+from alrun.params import check_config
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
 from alrun.rundir import (
@@ -73,11 +74,13 @@ class Experiment:
 def build_experiment(cfg: DictConfig) -> Experiment:
     """Instantiate every config group (``_target_`` + ``hydra.utils.instantiate``).
 
-    The cheap groups are built (and so validated) first, so a bad value is reported before a
-    dataset is read or a model is built.
+    Every declared setting is checked first (:func:`alrun.params.check_config`: types, ranges,
+    keys, rules across keys), then the cheap groups are built, so a bad value is reported before
+    a dataset is read, a model is built or a file is written.
     """
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise AlrunError(f"seed: expected a non-negative integer, got {cfg.seed!r}")
+    check_config(cfg)
     schedule = instantiate(cfg.trainer)
     budget = instantiate(cfg.budget)
     strategy = instantiate(cfg.strategy)

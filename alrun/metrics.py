@@ -20,6 +20,7 @@ import contextlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -27,6 +28,7 @@ from pycocotools.cocoeval import COCOeval
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.errors import AlrunError
+from alrun.params import Fraction
 from alrun.types import Detections
 
 PROTOCOLS = ("coco", "voc07", "voc12")
@@ -47,8 +49,8 @@ class MetricConfig:
     ``failure_score_threshold``: detections below it are not counted in the failure modes.
     """
 
-    protocol: str = "coco"
-    failure_score_threshold: float = 0.5
+    protocol: Literal[PROTOCOLS] = "coco"
+    failure_score_threshold: Fraction = 0.5
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:

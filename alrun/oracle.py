@@ -13,12 +13,13 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from alrun.data.dataset import ImageRecord
 from alrun.errors import AlrunError
+from alrun.params import NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat
 from alrun.types import LABEL_KINDS, ImageLabels
 
 __all__ = ["LABEL_KINDS", "CostModel", "ImageLabels", "SimulatedOracle"]
@@ -28,14 +29,14 @@ __all__ = ["LABEL_KINDS", "CostModel", "ImageLabels", "SimulatedOracle"]
 class CostModel:
     """Seconds an annotator spends per image for each label kind."""
 
-    box_s: float = 25.5
-    extreme_s: float = 7.0
-    click_first_class_s: float = 2.4
-    click_extra_class_s: float = 0.9
-    center_click_s: float = 1.87
-    verify_s: float = 1.6
-    image_label_per_class_s: float = 1.0
-    empty_image_s: float = 1.0  # looking at an image and finding nothing to draw
+    box_s: PositiveFloat = 25.5
+    extreme_s: PositiveFloat = 7.0
+    click_first_class_s: PositiveFloat = 2.4
+    click_extra_class_s: NonNegativeFloat = 0.9
+    center_click_s: PositiveFloat = 1.87
+    verify_s: PositiveFloat = 1.6
+    image_label_per_class_s: PositiveFloat = 1.0
+    empty_image_s: PositiveFloat = 1.0  # looking at an image and finding nothing to draw
 
     def cost(self, record: ImageRecord, kind: str) -> float:
         n = record.num_boxes
@@ -85,12 +86,12 @@ class SimulatedOracle:
     def __init__(
         self,
         cost_model: CostModel,
-        kind: str | None = None,
-        seed: int = 0,
-        verify_iou: float = 0.5,
-        center_jitter_px: float = 0.0,
-        extreme_jitter_px: float = 0.0,
-        click_region: float = 1.0,
+        kind: Literal[LABEL_KINDS] | None = None,
+        seed: NonNegativeInt = 0,
+        verify_iou: OpenFraction = 0.5,
+        center_jitter_px: NonNegativeFloat = 0.0,
+        extreme_jitter_px: NonNegativeFloat = 0.0,
+        click_region: OpenFraction = 1.0,
     ):
         if kind is not None and kind not in LABEL_KINDS:
             raise AlrunError(f"oracle.kind: expected null or one of {LABEL_KINDS}, got '{kind}'")

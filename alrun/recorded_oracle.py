@@ -35,7 +35,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -67,7 +67,12 @@ class RecordedOracle:
     :class:`~alrun.oracle.SimulatedOracle` (``kinds``, ``require``, ``cost``), which it wraps as
     ``fallback`` for the cost model, the kinds it may be asked for and ``missing=simulate``."""
 
-    def __init__(self, path: str | Path, fallback: SimulatedOracle, missing: str = "error"):
+    def __init__(
+        self,
+        path: str | Path,
+        fallback: SimulatedOracle,
+        missing: Literal[MISSING_POLICIES] = "error",
+    ):
         if missing not in MISSING_POLICIES:
             raise AlrunError(
                 f"oracle.missing: expected one of {'|'.join(MISSING_POLICIES)}, got '{missing}'"

@@ -135,14 +135,14 @@ def test_budget_unit_typo(tmp_path):
 @pytest.mark.parametrize(
     "override,needle",
     [
-        ("dataset.num_pool=0", "must be > 0"),
+        ("dataset.num_pool=0", "dataset.num_pool: expected an integer >= 1, got 0"),
         ("budget.initial=5000", "budget.initial"),
         ("detector.pretrained=/no/such.pt", "detector.pretrained"),
         ("budget.per_round=0", "budget.per_round"),
         ("trainer.init=warm", "trainer.init"),
         ("strategy.scorer.aggregator=median", "strategy.scorer.aggregator"),
-        ("trainer.lr=-1", "trainer.lr: expected > 0, got -1"),
-        ("trainer.epochs=-1", "trainer.epochs: expected >= 0, got -1"),
+        ("trainer.lr=-1", "trainer.lr: expected a finite number > 0, got -1"),
+        ("trainer.epochs=-1", "trainer.epochs: expected an integer >= 0, got -1"),
         ("keep_checkpoints=foo", "keep_checkpoints: expected last|all, got 'foo'"),
         ("save_predictions=maybe", "save_predictions: expected true|false, got 'maybe'"),
         ("resume=foo", "resume: expected auto|true|false, got 'foo'"),
@@ -174,7 +174,7 @@ def test_sweep_writes_one_run_per_job_and_counts_failures(tmp_path):
     ]
     errors = sorted(sweep.glob("*/error.json"))
     assert len(errors) == 2
-    assert "budget.rounds: expected >= 0" in json.loads(errors[0].read_text())["error"]
+    assert "budget.rounds: expected an integer >= 0" in json.loads(errors[0].read_text())["error"]
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"alrun: sweep finished: 2 of 4 jobs failed; errors in {sweep}/*/error.json"
 

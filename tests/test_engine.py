@@ -98,6 +98,15 @@ def test_batch_plan_walks_epochs_and_is_seeded():
     assert plan != batch_plan(5, 2, 7, torch.Generator().manual_seed(1))
 
 
+@pytest.mark.parametrize("batch_size", [-1, 0])
+def test_batch_plan_refuses_a_batch_size_below_one_instead_of_looping(batch_size):
+    """A negative size made range() empty and the plan never filled: a hang, not an error."""
+    with pytest.raises(AlrunError, match=f"batch size must be an integer >= 1, got {batch_size}"):
+        batch_plan(10, batch_size, 5, torch.Generator().manual_seed(0))
+    with pytest.raises(AlrunError, match="no images"):
+        batch_plan(0, 2, 5, torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize(
     "init,resets", [("continue", [True, False, False]), ("scratch", [True, True, True])]
 )

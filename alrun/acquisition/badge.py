@@ -21,7 +21,7 @@ has the zero embedding (nothing to learn from its detections).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.diversity import KMeansPlusPlus
 from alrun.acquisition.strategies import unique_sources
 from alrun.errors import AlrunError
+from alrun.params import ScoreThreshold
 from alrun.types import Needs
 
 AGGREGATES = ("sum", "mean")
@@ -82,7 +83,9 @@ def gradient_embeddings(
 class Badge(KMeansPlusPlus):
     """k-means++ seeding over per-image gradient embeddings (see the module docstring)."""
 
-    def __init__(self, score_threshold: float = 0.05, aggregate: str = "sum"):
+    def __init__(
+        self, score_threshold: ScoreThreshold = 0.05, aggregate: Literal[AGGREGATES] = "sum"
+    ):
         if not 0.0 <= score_threshold < 1.0:
             raise AlrunError(
                 f"strategy.selector.score_threshold: expected a number in [0, 1), got "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
@@ -30,9 +30,12 @@ from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.diversity import affordable_count, candidate_ids, check_scores
 from alrun.acquisition.select import fill_budget
 from alrun.errors import AlrunError
+from alrun.params import NonNegativeInt, Range, ScoreThreshold
 from alrun.types import Needs
 
 _RNG_PURPOSE = 0xCC35
+#: CCMS holds a few n x n float64 matrices: 50,000 candidates take ~60 GB
+MAX_CANDIDATES = 50_000
 
 
 def ccms_matrix(
@@ -132,7 +135,10 @@ class CCMSKCentroid:
     needs = Needs(feats=True)
 
     def __init__(
-        self, score_threshold: float = 0.05, iterations: int = 10, max_candidates: int = 20000
+        self,
+        score_threshold: ScoreThreshold = 0.05,
+        iterations: NonNegativeInt = 10,
+        max_candidates: Annotated[int, Range(1, MAX_CANDIDATES)] = 20000,
     ):
         if not 0.0 <= score_threshold < 1.0:
             raise AlrunError(

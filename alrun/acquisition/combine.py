@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+from alrun.acquisition.context import AcquisitionContext, PredictionBatch, Scorer
 from alrun.errors import AlrunError
+from alrun.params import NonNegativeFloat, NonNegativeInt, ScoreThreshold
 from alrun.types import Needs
 
 NORMALISATIONS = ("rank", "zscore")
+#: a weight, or steps ``[[from_round, weight], ...]`` (the last step <= round applies)
+WeightSchedule = NonNegativeFloat | Sequence[tuple[NonNegativeInt, NonNegativeFloat]]
 
 
 def rank_normalise(values: Sequence[float]) -> list[float]:
@@ -131,9 +134,9 @@ class WeightedSum:
 
     def __init__(
         self,
-        scorers: Mapping[str, Any],
-        weights: Mapping[str, Any],
-        normalise: str = "rank",
+        scorers: Mapping[str, Scorer],
+        weights: Mapping[str, WeightSchedule],
+        normalise: Literal[NORMALISATIONS] = "rank",
     ):
         if not scorers:
             raise AlrunError("strategy.scorer.scorers: expected at least one scorer")
@@ -256,10 +259,10 @@ class FailureModeWeighted(WeightedSum):
 
     def __init__(
         self,
-        scorers: Mapping[str, Any],
-        mode_weights: Mapping[str, Mapping[str, float]],
-        normalise: str = "rank",
-        score_threshold: float = 0.5,
+        scorers: Mapping[str, Scorer],
+        mode_weights: Mapping[Literal[(*FAILURE_MODES, "none")], Mapping[str, NonNegativeFloat]],
+        normalise: Literal[NORMALISATIONS] = "rank",
+        score_threshold: ScoreThreshold = 0.5,
     ):
         modes = (*FAILURE_MODES, "none")
         if set(mode_weights) != set(modes):

@@ -20,15 +20,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from alrun.acquisition.context import AcquisitionContext
+from alrun.acquisition.context import AcquisitionContext, Selector
 from alrun.acquisition.select import fill_budget, ranked
 from alrun.errors import AlrunError
+from alrun.params import PositiveInt, Range
 from alrun.types import Needs
 
 log = logging.getLogger("alrun")
@@ -230,9 +231,9 @@ class KCenterGreedy:
     def __init__(
         self,
         from_labelled: bool = True,
-        candidates: int = 4096,
-        max_batch: int = 256,
-        chunk_rows: int = 65536,
+        candidates: PositiveInt = 4096,
+        max_batch: PositiveInt = 256,
+        chunk_rows: PositiveInt = 65536,
     ):
         self.from_labelled = bool(from_labelled)
         self.candidates = int(candidates)
@@ -305,7 +306,7 @@ class TwoPhase:
     """Score, keep the best ``expand_ratio x budget`` (by cost, in the budget unit), then let
     ``diversity`` pick inside that candidate set (PPAL's scheme; expand ratio 4 by default)."""
 
-    def __init__(self, diversity, expand_ratio: float = 4.0):
+    def __init__(self, diversity: Selector, expand_ratio: Annotated[float, Range(1)] = 4.0):
         if not expand_ratio >= 1.0:
             raise AlrunError(
                 f"strategy.selector.expand_ratio: expected a number >= 1, got {expand_ratio}"
@@ -345,7 +346,7 @@ class DistanceToLabelled:
 
     needs = Needs(detections=False, embedding=True, labelled_embeddings=True)
 
-    def __init__(self, chunk_rows: int = 65536):
+    def __init__(self, chunk_rows: PositiveInt = 65536):
         self.chunk_rows = int(chunk_rows)
 
     def __call__(self, context: AcquisitionContext) -> dict[str, float]:

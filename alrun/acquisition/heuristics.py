@@ -20,6 +20,7 @@ from torchvision.ops import box_area
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.strategies import unique_sources
 from alrun.errors import AlrunError
+from alrun.params import OpenFraction, ScoreThreshold
 from alrun.types import Needs
 
 
@@ -46,7 +47,7 @@ class HasDetection:
 
     needs = Needs()
 
-    def __init__(self, threshold: float = 0.5, skip_empty: bool = False):
+    def __init__(self, threshold: ScoreThreshold = 0.5, skip_empty: bool = False):
         self.threshold = _check_threshold(threshold, "threshold")
         self.skip_empty = bool(skip_empty)
 
@@ -70,7 +71,7 @@ class DetectionCount:
 
     needs = Needs()
 
-    def __init__(self, threshold: float = 0.05):
+    def __init__(self, threshold: ScoreThreshold = 0.05):
         self.threshold = _check_threshold(threshold, "threshold")
 
     def __call__(self, context: AcquisitionContext) -> dict[str, float]:
@@ -102,7 +103,7 @@ class BoxInBox:
 
     needs = Needs()
 
-    def __init__(self, threshold: float = 0.3, containment: float = 0.9):
+    def __init__(self, threshold: ScoreThreshold = 0.3, containment: OpenFraction = 0.9):
         self.threshold = _check_threshold(threshold, "threshold")
         if not 0.0 < containment <= 1.0:
             raise AlrunError(

@@ -32,6 +32,7 @@ from torchvision.ops import box_iou
 from alrun.acquisition.context import AcquisitionContext
 from alrun.engine import Step, TrainingHook
 from alrun.errors import AlrunError
+from alrun.params import NonNegativeFloat, PositiveFloat, PositiveInt, ScoreThreshold
 from alrun.types import Needs
 
 
@@ -318,7 +319,12 @@ class LossPrediction(_HeadScorer):
 
     label = "loss prediction"
 
-    def __init__(self, hidden: int = 64, margin: float = 1.0, weight: float = 1.0):
+    def __init__(
+        self,
+        hidden: PositiveInt = 64,
+        margin: NonNegativeFloat = 1.0,
+        weight: PositiveFloat = 1.0,
+    ):
         super().__init__(LossPredictionHook(hidden, margin, weight))
 
     def _apply(self, embeddings: Tensor) -> Tensor:
@@ -336,11 +342,11 @@ class FalseNegativePrediction(_HeadScorer):
 
     def __init__(
         self,
-        hidden: int = 64,
-        score_threshold: float = 0.5,
-        fit_steps: int = 200,
-        lr: float = 0.01,
-        max_images: int = 1024,
+        hidden: PositiveInt = 64,
+        score_threshold: ScoreThreshold = 0.5,
+        fit_steps: PositiveInt = 200,
+        lr: PositiveFloat = 0.01,
+        max_images: PositiveInt = 1024,
     ):
         super().__init__(FalseNegativeHook(hidden, score_threshold, fit_steps, lr, max_images))
 

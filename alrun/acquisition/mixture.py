@@ -11,7 +11,7 @@ the four instead (each on its own, normalised the same way), ``combine: sum`` ad
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -20,6 +20,8 @@ from alrun.acquisition.aggregate import check_class_weights, class_weighted
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.strategies import (
     Aggregator,
+    ClassWeights,
+    EmptyPolicy,
     check_reduction,
     empty_image_score,
     reduce_per_image,
@@ -29,6 +31,7 @@ from alrun.acquisition.strategies import (
 )
 from alrun.detectors.mdn import UNCERTAINTIES
 from alrun.errors import AlrunError
+from alrun.params import PositiveInt, ScoreThreshold
 from alrun.types import Needs
 
 #: ``uncertainty`` choices: all four combined, or one of them
@@ -55,13 +58,13 @@ class MixtureUncertainty:
 
     def __init__(
         self,
-        components: int = 4,
-        uncertainty: str = "all",
-        combine: str = "max",
+        components: PositiveInt = 4,
+        uncertainty: Literal[CHOICES] = "all",
+        combine: Literal[COMBINE] = "max",
         aggregator: Aggregator = "max",
-        score_threshold: float = 0.5,
-        empty: str | float = "min",
-        class_weights: list[float] | None = None,
+        score_threshold: ScoreThreshold = 0.5,
+        empty: EmptyPolicy = "min",
+        class_weights: ClassWeights = None,
     ):
         if isinstance(components, bool) or not isinstance(components, int) or components < 1:
             raise AlrunError(

@@ -15,7 +15,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
@@ -25,9 +25,11 @@ from alrun.acquisition.aggregate import (
     class_weighted,
 )
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
-from alrun.acquisition.match import check_matching, match_aligned, match_boxes
+from alrun.acquisition.match import MATCH_METRICS, check_matching, match_aligned, match_boxes
 from alrun.acquisition.strategies import (
     Aggregator,
+    ClassWeights,
+    EmptyPolicy,
     _name_of,
     check_distribution_head,
     check_reduction,
@@ -39,6 +41,7 @@ from alrun.acquisition.strategies import (
 )
 from alrun.detectors.views import parse_view
 from alrun.errors import AlrunError
+from alrun.params import OpenFraction, PositiveInt, Range, ScoreThreshold
 from alrun.types import Needs
 
 #: distributions a multi-pass score may compare (an unmatched box must be expressible as
@@ -240,19 +243,19 @@ class PassUncertainty:
     def __init__(
         self,
         box_score: Callable[..., Tensor],
-        source: str = "mc_dropout",
-        passes: int = 10,
-        dropout: float = 0.2,
-        views: tuple[str, ...] | list[str] = (),
-        members: int = 5,
-        ensemble_kind: str = "independent",
-        match_metric: str = "iou",
-        match_threshold: float = 0.5,
+        source: Literal[PASS_SOURCES] = "mc_dropout",
+        passes: PositiveInt = 10,
+        dropout: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.2,
+        views: Sequence[str] = (),
+        members: Annotated[int, Range(2)] = 5,
+        ensemble_kind: Literal["independent", "snapshot"] = "independent",
+        match_metric: Literal[MATCH_METRICS] = "iou",
+        match_threshold: OpenFraction = 0.5,
         aggregator: Aggregator = "mean",
-        score_threshold: float = 0.1,
-        empty: str | float = "min",
-        distribution: str = "binary",
-        class_weights: list[float] | None = None,
+        score_threshold: ScoreThreshold = 0.1,
+        empty: EmptyPolicy = "min",
+        distribution: Literal[PASS_DISTRIBUTIONS] = "binary",
+        class_weights: ClassWeights = None,
     ):
         name = _name_of(box_score)
         inputs = _required_inputs(box_score)

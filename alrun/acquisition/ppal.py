@@ -32,6 +32,7 @@ from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.scores import binary, entropy
 from alrun.acquisition.strategies import unique_sources
 from alrun.errors import AlrunError
+from alrun.params import Fraction, NonNegativeFloat, PositiveFloat, ScoreThreshold
 from alrun.types import Needs
 
 
@@ -90,10 +91,10 @@ class DifficultyCalibratedUncertainty:
 
     def __init__(
         self,
-        score_threshold: float = 0.05,
-        class_weight_ub: float = 0.2,
-        class_weight_alpha: float = 0.3,
-        xi: float = 0.6,
+        score_threshold: ScoreThreshold = 0.05,
+        class_weight_ub: NonNegativeFloat = 0.2,
+        class_weight_alpha: PositiveFloat = 0.3,
+        xi: Fraction = 0.6,
     ):
         if not 0.0 <= score_threshold < 1.0:
             raise AlrunError(

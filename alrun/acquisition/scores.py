@@ -7,10 +7,13 @@ distribution a box is scored on is the scorer's ``distribution`` choice (see
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from alrun.acquisition.match import paired_iou
+from alrun.params import NonNegativeFloat
 
 
 def foreground(probs: Tensor) -> Tensor:
@@ -124,7 +127,7 @@ def js_divergence(p: Tensor, q: Tensor) -> Tensor:
 
 
 def augmentation_inconsistency(
-    ref_probs: Tensor, pass_probs: Tensor, iou: Tensor, box_weight: float = 1.0
+    ref_probs: Tensor, pass_probs: Tensor, iou: Tensor, box_weight: NonNegativeFloat = 1.0
 ) -> Tensor:
     """Mean over views of ``JS(ref, view) + box_weight * (1 - IoU(ref box, view box))``
     (Elezi et al. 2022; CALD, Yu et al. 2022): disagreement of the class distribution and of
@@ -148,7 +151,9 @@ def localization_tightness(proposals: Tensor, boxes: Tensor, confidence: Tensor)
     return 1.0 - (tightness + confidence - 1.0).abs()
 
 
-def box_disagreement(pass_boxes: Tensor, matched: Tensor, reduce: str = "min") -> Tensor:
+def box_disagreement(
+    pass_boxes: Tensor, matched: Tensor, reduce: Literal["min", "mean"] = "min"
+) -> Tensor:
     """1 - the ``min`` or ``mean`` pairwise IoU of the matched boxes of the passes (ensemble
     localization disagreement, Schmidt et al. 2020). A pass without a match overlaps every
     other pass by 0. Needs T >= 2."""

@@ -8,8 +8,8 @@ only those (random needs no prediction at all). Both receive one
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -20,19 +20,24 @@ from alrun.acquisition.aggregate import (
     check_class_weights,
     class_weighted,
 )
-from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+from alrun.acquisition.context import AcquisitionContext, PredictionBatch, Scorer, Selector
 from alrun.acquisition.scores import DISTRIBUTIONS, distribution
 from alrun.acquisition.select import TopK
 from alrun.data.dataset import DatasetSplits
 from alrun.detectors.views import check_view_size
 from alrun.errors import AlrunError
+from alrun.params import NonNegativeFloat, ScoreThreshold
 from alrun.types import Detections, Needs
 
 EMPTY_POLICIES = ("min", "max", "skip")
 
 #: a named aggregator (``AGGREGATORS``) or a callable with :func:`aggregate_segments`'s
 #: signature after ``name``: ``fn(scores, segment, num_segments, confidences) -> (I,)``
-Aggregator = str | Callable[[Tensor, Tensor, int, Tensor | None], Tensor]
+Aggregator = Literal[AGGREGATORS] | Callable[[Tensor, Tensor, int, Tensor | None], Tensor]
+#: images without a box: ``min`` | ``max`` | ``skip`` | a score (see :func:`empty_image_score`)
+EmptyPolicy = Literal[EMPTY_POLICIES] | float
+#: null, or one weight >= 0 per class
+ClassWeights = Sequence[NonNegativeFloat] | None
 
 
 def _name_of(fn: Any) -> str:
@@ -175,10 +180,10 @@ class BoxUncertainty:
         self,
         box_score: Callable[[Tensor], Tensor],
         aggregator: Aggregator = "mean",
-        score_threshold: float = 0.1,
-        empty: str | float = "min",
-        distribution: str = "binary",
-        class_weights: list[float] | None = None,
+        score_threshold: ScoreThreshold = 0.1,
+        empty: EmptyPolicy = "min",
+        distribution: Literal[DISTRIBUTIONS] = "binary",
+        class_weights: ClassWeights = None,
     ):
         check_reduction(aggregator, empty, score_threshold)
         if distribution not in DISTRIBUTIONS:
@@ -235,7 +240,7 @@ class BoxUncertainty:
 class Strategy:
     """``scorer`` ranks the unlabelled pool, ``selector`` picks within the budget."""
 
-    def __init__(self, name: str, scorer, selector=None):
+    def __init__(self, name: str, scorer: Scorer, selector: Selector | None = None):
         self.name = name
         self.scorer = scorer
         self.selector = selector if selector is not None else TopK()

@@ -33,6 +33,7 @@ from alrun.data.validate import (
 )
 from alrun.errors import DatasetError
 from alrun.io import atomic_write_bytes
+from alrun.params import NonNegativeInt, PositiveInt, StrictFraction
 
 #: Image fields ``write_coco`` owns; ``extra_image_fields`` may not replace them.
 RESERVED_IMAGE_FIELDS = frozenset(
@@ -325,12 +326,12 @@ def coco_splits(
     image_dir: str | Path | None = None,
     test_annotation_file: str | Path | None = None,
     test_image_dir: str | Path | None = None,
-    test_fraction: float = 0.2,
-    split_seed: int = DEFAULT_SPLIT_SEED,
+    test_fraction: StrictFraction = 0.2,
+    split_seed: NonNegativeInt = DEFAULT_SPLIT_SEED,
     classes: Sequence[str] | None = None,
     skip_invalid: bool = False,
-    max_pool_images: int | None = None,
-    max_test_images: int | None = None,
+    max_pool_images: PositiveInt | None = None,
+    max_test_images: PositiveInt | None = None,
 ) -> DatasetSplits:
     """Pool and test from two COCO files, or a split of one (``test_fraction``, ``split_seed``).
 
@@ -395,9 +396,9 @@ def coco_root_splits(
     annotations: str = "annotations/instances_{split}.json",
     classes: Sequence[str] | None = None,
     skip_invalid: bool = False,
-    split_seed: int = DEFAULT_SPLIT_SEED,
-    max_pool_images: int | None = None,
-    max_test_images: int | None = None,
+    split_seed: NonNegativeInt = DEFAULT_SPLIT_SEED,
+    max_pool_images: PositiveInt | None = None,
+    max_test_images: PositiveInt | None = None,
 ) -> DatasetSplits:
     """The official COCO layout under one root: ``<root>/<split>/`` images and
     ``<root>/annotations/instances_<split>.json`` (train2017 pool: 118,287 images, val2017 test:

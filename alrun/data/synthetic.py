@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -34,6 +35,7 @@ from alrun.data.dataset import (
     with_fields,
 )
 from alrun.errors import DatasetError
+from alrun.params import NonNegativeInt, PositiveInt, Range
 
 CLASSES = ("circle", "rectangle", "triangle", "cross")
 CLASS_FREQ = (0.50, 0.25, 0.15, 0.10)
@@ -225,15 +227,15 @@ def _capped(number: int, cap: int | None, key: str) -> int:
 
 
 def synthetic_splits(
-    num_pool: int = 600,
-    num_test: int = 200,
-    image_size: int = 128,
-    domain: str = "source",
-    data_seed: int = 0,
+    num_pool: PositiveInt = 600,
+    num_test: PositiveInt = 200,
+    image_size: Annotated[int, Range(32, 1024)] = 128,
+    domain: Literal[DOMAINS] = "source",
+    data_seed: NonNegativeInt = 0,
     cache_dir: str | Path | None = None,
-    max_pool_images: int | None = None,
-    max_test_images: int | None = None,
-    split_seed: int = DEFAULT_SPLIT_SEED,
+    max_pool_images: PositiveInt | None = None,
+    max_test_images: PositiveInt | None = None,
+    split_seed: NonNegativeInt = DEFAULT_SPLIT_SEED,
 ) -> DatasetSplits:
     """Pool and test splits of the synthetic default (``data_seed`` fixes the images themselves;
     the run's ``seed`` fixes the initial set, training and selection).

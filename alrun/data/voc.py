@@ -25,6 +25,7 @@ from alrun.data.dataset import (
 )
 from alrun.data.validate import Box, Validator, resolve_root, to_arrays
 from alrun.errors import DatasetError
+from alrun.params import NonNegativeInt, PositiveInt, StrictFraction
 
 log = logging.getLogger("alrun")
 
@@ -236,11 +237,11 @@ def voc_splits(
     test_images_dir: str | None = None,
     classes: Sequence[str] | None = None,
     skip_invalid: bool = False,
-    test_fraction: float | None = None,
-    split_seed: int = DEFAULT_SPLIT_SEED,
+    test_fraction: StrictFraction | None = None,
+    split_seed: NonNegativeInt = DEFAULT_SPLIT_SEED,
     use_difficult: bool = False,
-    max_pool_images: int | None = None,
-    max_test_images: int | None = None,
+    max_pool_images: PositiveInt | None = None,
+    max_test_images: PositiveInt | None = None,
 ) -> DatasetSplits:
     """Pool and test splits sharing one class list (the union of both when ``classes`` is None).
 
@@ -385,10 +386,10 @@ def voc_union_splits(
     test: Sequence[str] = ("VOC2007/test",),
     classes: Sequence[str] | None = VOC_CLASSES,
     skip_invalid: bool = False,
-    split_seed: int = DEFAULT_SPLIT_SEED,
+    split_seed: NonNegativeInt = DEFAULT_SPLIT_SEED,
     use_difficult: bool = False,
-    max_pool_images: int | None = None,
-    max_test_images: int | None = None,
+    max_pool_images: PositiveInt | None = None,
+    max_test_images: PositiveInt | None = None,
 ) -> DatasetSplits:
     """Pool and test made of several devkit folders under one root, e.g. ``VOCdevkit/`` with
     ``VOC2007/`` and ``VOC2012/``: the VOC07+12 trainval pool (16,551 images) and the VOC07

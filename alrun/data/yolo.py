@@ -43,6 +43,7 @@ from alrun.data.dataset import (
 )
 from alrun.data.validate import Box, Validator, format_classes, resolve_root, to_arrays
 from alrun.errors import DatasetError
+from alrun.params import NonNegativeInt, PositiveInt, StrictFraction
 
 log = logging.getLogger("alrun")
 
@@ -330,10 +331,10 @@ def yolo_splits(
     classes: Sequence[str] | None = None,
     skip_invalid: bool = False,
     domains: Sequence[str] | None = None,
-    test_fraction: float = 0.2,
-    split_seed: int = DEFAULT_SPLIT_SEED,
-    max_pool_images: int | None = None,
-    max_test_images: int | None = None,
+    test_fraction: StrictFraction = 0.2,
+    split_seed: NonNegativeInt = DEFAULT_SPLIT_SEED,
+    max_pool_images: PositiveInt | None = None,
+    max_test_images: PositiveInt | None = None,
 ) -> DatasetSplits:
     """Pool and test splits, optionally only images of ``domains`` (per domains.csv) in both.
 

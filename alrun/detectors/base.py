@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from alrun.data.dataset import ImageRecord
 from alrun.errors import AlrunError
+from alrun.params import (
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+)
 from alrun.types import Detections, Needs
 
 #: ``progress(done, total)`` callback used by fit/predict to report progress.
@@ -25,19 +33,19 @@ class TrainSchedule:
     ``init: scratch``) run longer than rounds that continue from the last weights.
     """
 
-    epochs: int = 0
-    iterations: int = 300
-    first_iterations: int | None = None
-    batch_size: int = 8
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    grad_clip: float = 10.0
-    warmup_iters: int = 50
-    min_lr_ratio: float = 0.05
+    epochs: NonNegativeInt = 0
+    iterations: NonNegativeInt = 300
+    first_iterations: PositiveInt | None = None
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 0.01
+    momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9
+    weight_decay: NonNegativeFloat = 1e-4
+    grad_clip: NonNegativeFloat = 10.0  # 0: no clipping
+    warmup_iters: NonNegativeInt = 50
+    min_lr_ratio: Fraction = 0.05
     hflip: bool = True
-    num_workers: int = 0  # image-decoding worker processes (GPU users: 4-8)
-    init: str = "continue"  # scratch | continue
+    num_workers: NonNegativeInt = 0  # image-decoding worker processes (GPU users: 4-8)
+    init: Literal["scratch", "continue"] = "continue"
 
     def __post_init__(self) -> None:
         if self.init not in ("scratch", "continue"):

@@ -51,6 +51,7 @@ from alrun.data.images import load_image
 from alrun.detectors.base import Progress
 from alrun.detectors.torchvision import resolve_device
 from alrun.errors import AlrunError
+from alrun.params import PositiveInt
 from alrun.types import NOTHING, Detections, Needs
 
 log = logging.getLogger("alrun")
@@ -162,13 +163,13 @@ def _set_num_classes(node: Any, num_classes: int) -> int:
 
 
 def mmdet_model(
-    num_classes: int,
+    num_classes: PositiveInt,
     config: str | Mapping[str, Any],
-    min_size: int = 800,
-    max_size: int = 1333,
+    min_size: PositiveInt = 800,
+    max_size: PositiveInt = 1333,
     cfg_options: Mapping[str, Any] | None = None,
     from_scratch: bool = True,
-    image_size: int | None = None,
+    image_size: PositiveInt | None = None,
 ) -> MMDetBuild:
     """Build an mmdet model for ``num_classes`` classes from an mmdet config.
 
@@ -291,11 +292,11 @@ class MMDetDetector:
     def __init__(
         self,
         builder: Callable[..., MMDetBuild],
-        num_classes: int,
+        num_classes: PositiveInt,
         pretrained: bool | str = False,
         pretrained_backbone: str | None = None,
         device: str = "auto",
-        predict_batch_size: int = 8,
+        predict_batch_size: PositiveInt = 8,
     ):
         require_mmdet()
         self.builder = builder

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Annotated
 
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork
+
+from alrun.params import OpenFraction, PositiveInt, Range, ScoreThreshold
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -46,14 +49,14 @@ class TinyBackbone(nn.Module):
 
 
 def tiny_fcos(
-    num_classes: int,
-    image_size: int = 128,
-    widths: Sequence[int] = (16, 32, 64, 96, 128),
-    fpn_channels: int = 64,
-    anchor_sizes: Sequence[int] = (16, 32, 64),
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
+    num_classes: PositiveInt,
+    image_size: Annotated[int, Range(32)] = 128,
+    widths: Sequence[PositiveInt] = (16, 32, 64, 96, 128),
+    fpn_channels: PositiveInt = 64,
+    anchor_sizes: Sequence[PositiveInt] = (16, 32, 64),
+    score_thresh: ScoreThreshold = 0.05,
+    nms_thresh: OpenFraction = 0.5,
+    detections_per_img: PositiveInt = 100,
     regression_bias: float = 1.0,
     weights: None = None,
     weights_backbone: None = None,

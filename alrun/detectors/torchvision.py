@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from unittest import mock
 
 import torch
@@ -49,6 +49,7 @@ from alrun.detectors.mdn import (
 from alrun.detectors.views import apply_view, boxes_to_original, parse_view
 from alrun.engine import BatchSource, train
 from alrun.errors import AlrunError
+from alrun.params import PositiveInt, Range
 from alrun.types import NOTHING, Detections, Needs
 
 
@@ -75,13 +76,13 @@ class TorchvisionDetector:
     def __init__(
         self,
         builder: Callable[..., nn.Module],
-        num_classes: int,
+        num_classes: PositiveInt,
         pretrained: bool | str = False,
         device: str = "auto",
         pretrained_backbone: str | None = None,
-        label_offset: int = 0,
-        predict_batch_size: int = 16,
-        head_dropout: float = 0.0,
+        label_offset: Literal[0, 1] = 0,
+        predict_batch_size: PositiveInt = 16,
+        head_dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0,
     ):
         self.builder = builder
         self.num_classes = int(num_classes)

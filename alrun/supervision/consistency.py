@@ -35,6 +35,7 @@ from torchvision.models.detection.image_list import ImageList
 from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.engine import Step, TrainingHook, train_round
 from alrun.errors import AlrunError
+from alrun.params import Fraction, NonNegativeFloat, PositiveInt
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime
 from alrun.supervision.pseudo_label import (
@@ -283,11 +284,11 @@ class FlipConsistency(BaseRegime):
 
     def __init__(
         self,
-        weight: float = 1.0,
-        box_weight: float = 1.0,
-        match_threshold: float = 0.3,
-        rampup: float = 0.25,
-        unlabelled_batch_size: int | None = None,
+        weight: NonNegativeFloat = 1.0,
+        box_weight: NonNegativeFloat = 1.0,
+        match_threshold: Fraction = 0.3,
+        rampup: Fraction = 0.25,
+        unlabelled_batch_size: PositiveInt | None = None,
     ):
         self.weight = check_weight(weight, "supervision.weight")
         self.box_weight = check_weight(box_weight, "supervision.box_weight")

@@ -15,12 +15,14 @@ ground truth are recorded per round.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
 from alrun.data.dataset import ImageRecord
 from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.engine import BatchSource, train_round
+from alrun.params import Fraction
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime, LabelRequest
 from alrun.supervision.pseudo_boxes import (
@@ -40,7 +42,9 @@ from alrun.supervision.pseudo_boxes import (
 class ImageLevelRegime(RoundLog, BaseRegime):
     label_kinds = ("box", "image_label")
 
-    def __init__(self, min_score: float = 0.5, initial_kind: str = "box"):
+    def __init__(
+        self, min_score: Fraction = 0.5, initial_kind: Literal["box", "image_label"] = "box"
+    ):
         self.min_score = check_fraction("supervision.min_score", min_score)
         self.initial_kind = check_choice(
             "supervision.initial_kind", initial_kind, ("box", "image_label")

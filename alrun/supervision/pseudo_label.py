@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from alrun.data.dataset import DetectionDataset
 from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.engine import BatchSource, Step, TrainingHook, train_round
 from alrun.errors import AlrunError
+from alrun.params import Fraction, NonNegativeFloat, PositiveInt
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime
 
@@ -285,12 +287,12 @@ class PseudoLabelSelfTraining(BaseRegime):
 
     def __init__(
         self,
-        threshold: float = 0.5,
-        weight: float = 1.0,
-        teacher: str = "ema",
-        ema_decay: float = 0.99,
-        unlabelled_batch_size: int | None = None,
-        empty: str = "skip",
+        threshold: Fraction = 0.5,
+        weight: NonNegativeFloat = 1.0,
+        teacher: Literal[TEACHERS] = "ema",
+        ema_decay: Fraction = 0.99,
+        unlabelled_batch_size: PositiveInt | None = None,
+        empty: Literal[EMPTY_RULES] = "skip",
     ):
         self.threshold = check_fraction(threshold, "supervision.threshold")
         self.empty = check_empty(empty, "supervision.empty")

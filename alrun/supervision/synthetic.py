@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
@@ -28,6 +28,7 @@ from alrun.detectors.torchvision import TorchvisionDetector
 from alrun.engine import BatchSource, starts_from_scratch, train
 from alrun.errors import AlrunError
 from alrun.io import atomic_write_bytes, write_json
+from alrun.params import NonNegativeInt, PositiveFloat, PositiveInt, Range
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime
 
@@ -105,15 +106,15 @@ class SyntheticPretrain(BaseRegime):
 
     def __init__(
         self,
-        num_images: int = 400,
-        image_size: int = 128,
-        domain: str = "source",
-        data_seed: int = 1,
-        iterations: int = 800,
-        lr: float = 0.01,
-        batch_size: int = 8,
-        warmup_iters: int = 50,
-        seed: int = 0,
+        num_images: PositiveInt = 400,
+        image_size: Annotated[int, Range(32, 1024)] = 128,
+        domain: Literal[DOMAINS] = "source",
+        data_seed: NonNegativeInt = 1,
+        iterations: PositiveInt = 800,
+        lr: PositiveFloat = 0.01,
+        batch_size: PositiveInt = 8,
+        warmup_iters: NonNegativeInt = 50,
+        seed: NonNegativeInt = 0,
         cache_dir: str | None = None,
     ):
         for key, value in (

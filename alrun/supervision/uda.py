@@ -20,7 +20,7 @@ the round, and ``domain/accuracy_last`` over its last quarter: 0.5 = aligned) an
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from hydra.utils import instantiate
@@ -31,10 +31,12 @@ from alrun.data.dataset import DatasetSplits, DetectionDataset
 from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.engine import BatchSource, Step, TrainingHook, train_round
 from alrun.errors import AlrunError
+from alrun.params import Fraction, NonNegativeFloat, PositiveInt
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime
 from alrun.supervision.grl import grl_schedule, reverse_gradient
 from alrun.supervision.pseudo_label import (
+    EMPTY_RULES,
     PseudoLabelHook,
     check_empty,
     check_fraction,
@@ -146,15 +148,15 @@ class DomainAdaptation(BaseRegime):
         self,
         source: DictConfig | Mapping[str, Any] | DatasetSplits | None = None,
         target_domain: str | None = None,
-        adversarial_weight: float = 0.1,
-        grl_strength: float = 1.0,
+        adversarial_weight: NonNegativeFloat = 0.1,
+        grl_strength: NonNegativeFloat = 1.0,
         grl_ramp: bool = True,
-        pseudo_threshold: float = 0.6,
-        pseudo_weight: float = 0.5,
-        ema_decay: float = 0.99,
+        pseudo_threshold: Fraction = 0.6,
+        pseudo_weight: NonNegativeFloat = 0.5,
+        ema_decay: Fraction = 0.99,
         use_target_labels: bool = True,
-        unlabelled_batch_size: int | None = None,
-        pseudo_empty: str = "skip",
+        unlabelled_batch_size: PositiveInt | None = None,
+        pseudo_empty: Literal[EMPTY_RULES] = "skip",
     ):
         if not target_domain:
             raise AlrunError(

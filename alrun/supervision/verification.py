@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.engine import BatchSource, train_round
+from alrun.params import Fraction
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime, LabelRequest
 from alrun.supervision.pseudo_boxes import (
@@ -46,7 +47,7 @@ FALLBACKS = ("box", "none")
 class BoxVerificationRegime(RoundLog, BaseRegime):
     label_kinds = ("box", "verify")
 
-    def __init__(self, proposal_score: float = 0.5, fallback: str = "box"):
+    def __init__(self, proposal_score: Fraction = 0.5, fallback: Literal[FALLBACKS] = "box"):
         self.proposal_score = check_fraction("supervision.proposal_score", proposal_score)
         self.fallback = check_choice("supervision.fallback", fallback, FALLBACKS)
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from alrun.data.dataset import ImageRecord
 from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.engine import BatchSource, train_round
 from alrun.errors import AlrunError
+from alrun.params import Fraction, NonNegativeFloat, PositiveFloat
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime, LabelRequest
 from alrun.supervision.pseudo_boxes import (
@@ -111,15 +112,15 @@ class WeakPointRegime(RoundLog, BaseRegime):
 
     def __init__(
         self,
-        click_kind: str = "center_click",
-        initial_kind: str = "box",
-        no_match: str = "prior",
-        prior_box_px: float = 24.0,
-        min_score: float = 0.3,
+        click_kind: Literal[CLICK_KINDS] = "center_click",
+        initial_kind: Literal[("box", *CLICK_KINDS)] = "box",
+        no_match: Literal[NO_MATCH_RULES] = "prior",
+        prior_box_px: PositiveFloat = 24.0,
+        min_score: Fraction = 0.3,
         require_inside: bool = True,
-        hard_threshold: float | None = None,
-        hard_metric: str = "mAP",
-        soft_threshold: float | None = None,
+        hard_threshold: NonNegativeFloat | None = None,
+        hard_metric: Literal[HARD_METRICS] = "mAP",
+        soft_threshold: Fraction | None = None,
     ):
         self.click_kind = check_choice("supervision.click_kind", click_kind, CLICK_KINDS)
         self.initial_kind = check_choice(

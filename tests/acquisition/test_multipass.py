@@ -230,7 +230,7 @@ def one_torch_thread():
     [
         (["strategy=mc_entropy", "strategy.scorer.passes=0"], "strategy.scorer.passes"),
         (["strategy=bald", "strategy.scorer.match_threshold=0"], "match_threshold"),
-        (["strategy=ensemble_entropy", "strategy.scorer.members=1"], ">= 2 members"),
+        (["strategy=ensemble_entropy", "strategy.scorer.members=1"], "members: expected an"),
         (["strategy=mc_margin", "strategy.scorer.aggregator=median"], "aggregator"),
         (["strategy=loc_tightness"], "one-stage"),
         (
