@@ -3,6 +3,7 @@
     python scripts/fault_drill.py                  # every kill point of a 2-round smoke run
     python scripts/fault_drill.py --points 1,17,40 # chosen points
     python scripts/fault_drill.py --sample 6 -- strategy=random   # extra alrun overrides
+    python scripts/fault_drill.py --sample 6 --match "rename-done round_00" -- strategy=ppal
 
 A reference run counts the fault points (``ALRUN_FAULT_LOG``, see :mod:`alrun.io`: one before
 and one after every atomic write, rename, unlink and tree removal). For each point K a fresh
@@ -112,17 +113,21 @@ def first_difference(a: dict[str, object], b: dict[str, object]) -> str | None:
 def choose_points(
     ops: list[str], points: str | None, sample: int | None, match: str | None = None
 ) -> list[int]:
+    """The kill points: ``points`` as given, else those ``match`` names together with ``sample``
+    evenly spread ones (each option alone, or both), else every point."""
     total = len(ops)
-    if match:  # the first point whose "<op> <path>" contains each comma-separated part
-        return sorted(
-            {next(i for i, line in enumerate(ops, 1) if part in line) for part in match.split(",")}
-        )
     if points:
         return [int(p) for p in points.split(",")]
+    chosen: set[int] = set()
+    if match:  # the first point whose "<op> <path>" contains each comma-separated part
+        for part in match.split(","):
+            chosen.add(next(i for i, line in enumerate(ops, 1) if part in line))
     if sample and sample < total:  # evenly spread, always including the first and the last
         step = (total - 1) / (sample - 1) if sample > 1 else 0
-        return sorted({round(1 + i * step) for i in range(sample)})
-    return list(range(1, total + 1))
+        chosen |= {round(1 + i * step) for i in range(sample)}
+    elif sample:
+        chosen |= set(range(1, total + 1))
+    return sorted(chosen) if chosen else list(range(1, total + 1))
 
 
 def count_points(overrides: list[str], workdir: Path) -> tuple[list[str], dict[str, object]]:
