@@ -9,8 +9,9 @@ A reference run counts the fault points (``ALRUN_FAULT_LOG``, see :mod:`alrun.io
 and one after every atomic write, rename, unlink and tree removal). For each point K a fresh
 run is killed with SIGKILL at K (``ALRUN_FAULT_AT=K``), then re-run with the same command; the
 resumed directory must hold the same rounds as the reference, with identical selection.json,
-labelled.json, metrics.json (timings aside) and results.csv (timing columns aside), no
-temp leftovers and only the last checkpoint. Prints ``passed/total`` and exits 1 on a mismatch.
+labelled.json, metrics.json (timings and pre-training cache hits aside) and results.csv (timing
+columns aside), no temp leftovers and only the last checkpoint. Prints ``passed/total`` and
+exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ DEFAULT_OVERRIDES = [
     "trainer.first_iterations=5",
 ]
 TIMING_COLUMNS = {"train_s", "predict_s", "score_s", "select_s"}
+#: metrics.json "train" entries that, like timings, tell about the machine rather than the run:
+#: whether synthetic pre-training was read from its cache or computed in this process
+MACHINE_TRAIN_KEYS = {"pretrain/cache_hit"}
 
 
 def run_cli(run_dir: Path, overrides: list[str], env_extra: dict[str, str]) -> int:
@@ -88,6 +92,8 @@ def snapshot(run_dir: Path) -> dict[str, object]:
             data = json.loads((round_dir / name).read_text())
             if name == "metrics.json":
                 data.pop("timings_s", None)
+                for key in MACHINE_TRAIN_KEYS:
+                    data.get("train", {}).pop(key, None)
             view[f"{round_dir.name}/{name}"] = data
         view[f"{round_dir.name}/files"] = sorted(p.name for p in round_dir.iterdir())
     with open(run_dir / "results.csv") as handle:
