@@ -9,9 +9,9 @@ A reference run counts the fault points (``ALRUN_FAULT_LOG``, see :mod:`alrun.io
 and one after every atomic write, rename, unlink and tree removal). For each point K a fresh
 run is killed with SIGKILL at K (``ALRUN_FAULT_AT=K``), then re-run with the same command; the
 resumed directory must hold the same rounds as the reference, with identical selection.json,
-labelled.json, metrics.json (timings and pre-training cache hits aside) and results.csv (timing
-columns aside), no temp leftovers and only the last checkpoint. Prints ``passed/total`` and
-exits 1 on a mismatch.
+labelled.json, supervision.json, metrics.json (timings and pre-training cache hits aside) and
+results.csv (timing columns aside), no temp leftovers and only the last checkpoint. Prints
+``passed/total`` and exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ def snapshot(run_dir: Path) -> dict[str, object]:
     """What must match between an interrupted-and-resumed run and the reference."""
     view: dict[str, object] = {}
     for round_dir in sorted(run_dir.glob("round_*")):
-        for name in ("selection.json", "labelled.json", "metrics.json"):
+        for name in ("selection.json", "labelled.json", "metrics.json", "supervision.json"):
+            if name == "supervision.json" and not (round_dir / name).exists():
+                continue  # written by regimes that record what they did (the listing checks it)
             data = json.loads((round_dir / name).read_text())
             if name == "metrics.json":
                 data.pop("timings_s", None)
