@@ -14,6 +14,7 @@ Policy (documented in the README):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -114,7 +115,7 @@ def check_initial_affordable(
     budget: Budget, cost_of: Callable[[str], float], pool: LabelPool
 ) -> None:
     """``budget.initial`` larger than the whole unlabelled pool costs is an error up front."""
-    total = sum(cost_of(i) for i in pool.unlabelled_ids)
+    total = math.fsum(cost_of(i) for i in pool.unlabelled_ids)
     if budget.initial > total:
         raise BudgetError(
             f"budget.initial: {budget.initial:g} {budget.unit} requested but the pool "

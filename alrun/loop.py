@@ -395,7 +395,7 @@ def _select(
     """
     timings = {"predict_s": 0.0, "score_s": 0.0, "select_s": 0.0}
     strategy = exp.strategy
-    empty = Selection((), (), (), strategy.describe())
+    empty = Selection((), (), (), strategy.describe_unscored())
     if r >= exp.budget.rounds:
         return RoundSelection(empty, [], None, timings)
     unlabelled = pool.unlabelled_ids
@@ -439,7 +439,8 @@ def _select(
     timings["select_s"] = time.perf_counter() - t0
     if not picked:
         stopped = f"budget.per_round: {amount:g} {exp.budget.unit} buys no remaining image"
-        return RoundSelection(empty, [], stopped, timings, preds, scores, context.preds)
+        nothing = Selection((), (), (), strategy.describe())  # this round's scoring
+        return RoundSelection(nothing, [], stopped, timings, preds, scores, context.preds)
     labels = exp.regime.annotate(exp.oracle, pool.records(picked), request)
     selection = Selection(
         tuple(picked),

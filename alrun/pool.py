@@ -7,6 +7,7 @@ round here, so -1 keeps the integer equal to the round number.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -112,7 +113,9 @@ class LabelPool:
             "image_classes": int(
                 sum(len(x.image_classes) for x in labs if x.image_classes is not None)
             ),
-            "cost_s": float(sum(x.cost_s for x in labs)),
+            # exactly rounded, so independent of the order labels were added (a resumed pool
+            # is rebuilt in another order than the uninterrupted one was bought)
+            "cost_s": math.fsum(x.cost_s for x in labs),
         }
         for kind in LABEL_KINDS:
             totals[f"images_{kind}"] = sum(1 for x in labs if x.kind == kind)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -162,7 +163,7 @@ class Selection:
 
     @property
     def total_cost(self) -> float:
-        return float(sum(self.costs))
+        return math.fsum(self.costs)  # exactly rounded: independent of the order
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,15 @@
     python scripts/fault_drill.py                  # every kill point of a 2-round smoke run
     python scripts/fault_drill.py --points 1,17,40 # chosen points
     python scripts/fault_drill.py --sample 6 -- strategy=random   # extra alrun overrides
+    python scripts/fault_drill.py --sample 6 --match "rename-done round_00" -- strategy=ppal
 
 A reference run counts the fault points (``ALRUN_FAULT_LOG``, see :mod:`alrun.io`: one before
 and one after every atomic write, rename, unlink and tree removal). For each point K a fresh
 run is killed with SIGKILL at K (``ALRUN_FAULT_AT=K``), then re-run with the same command; the
 resumed directory must hold the same rounds as the reference, with identical selection.json,
-labelled.json, metrics.json (timings aside) and results.csv (timing columns aside), no
-temp leftovers and only the last checkpoint. Prints ``passed/total`` and exits 1 on a mismatch.
+labelled.json, supervision.json, metrics.json (timings and pre-training cache hits aside) and
+results.csv (timing columns aside), no temp leftovers and only the last checkpoint. Prints
+``passed/total`` and exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ DEFAULT_OVERRIDES = [
     "trainer.first_iterations=5",
 ]
 TIMING_COLUMNS = {"train_s", "predict_s", "score_s", "select_s"}
+#: metrics.json "train" entries that, like timings, tell about the machine rather than the run:
+#: whether synthetic pre-training was read from its cache or computed in this process
+MACHINE_TRAIN_KEYS = {"pretrain/cache_hit"}
 
 
 def run_cli(run_dir: Path, overrides: list[str], env_extra: dict[str, str]) -> int:
@@ -83,10 +88,14 @@ def snapshot(run_dir: Path) -> dict[str, object]:
     """What must match between an interrupted-and-resumed run and the reference."""
     view: dict[str, object] = {}
     for round_dir in sorted(run_dir.glob("round_*")):
-        for name in ("selection.json", "labelled.json", "metrics.json"):
+        for name in ("selection.json", "labelled.json", "metrics.json", "supervision.json"):
+            if name == "supervision.json" and not (round_dir / name).exists():
+                continue  # written by regimes that record what they did (the listing checks it)
             data = json.loads((round_dir / name).read_text())
             if name == "metrics.json":
                 data.pop("timings_s", None)
+                for key in MACHINE_TRAIN_KEYS:
+                    data.get("train", {}).pop(key, None)
             view[f"{round_dir.name}/{name}"] = data
         view[f"{round_dir.name}/files"] = sorted(p.name for p in round_dir.iterdir())
     with open(run_dir / "results.csv") as handle:
@@ -112,17 +121,21 @@ def first_difference(a: dict[str, object], b: dict[str, object]) -> str | None:
 def choose_points(
     ops: list[str], points: str | None, sample: int | None, match: str | None = None
 ) -> list[int]:
+    """The kill points: ``points`` as given, else those ``match`` names together with ``sample``
+    evenly spread ones (each option alone, or both), else every point."""
     total = len(ops)
-    if match:  # the first point whose "<op> <path>" contains each comma-separated part
-        return sorted(
-            {next(i for i, line in enumerate(ops, 1) if part in line) for part in match.split(",")}
-        )
     if points:
         return [int(p) for p in points.split(",")]
+    chosen: set[int] = set()
+    if match:  # the first point whose "<op> <path>" contains each comma-separated part
+        for part in match.split(","):
+            chosen.add(next(i for i, line in enumerate(ops, 1) if part in line))
     if sample and sample < total:  # evenly spread, always including the first and the last
         step = (total - 1) / (sample - 1) if sample > 1 else 0
-        return sorted({round(1 + i * step) for i in range(sample)})
-    return list(range(1, total + 1))
+        chosen |= {round(1 + i * step) for i in range(sample)}
+    elif sample:
+        chosen |= set(range(1, total + 1))
+    return sorted(chosen) if chosen else list(range(1, total + 1))
 
 
 def count_points(overrides: list[str], workdir: Path) -> tuple[list[str], dict[str, object]]:

@@ -129,3 +129,18 @@ def test_double_labelling_raises(pool):
     with pytest.raises(AlrunError, match="'a' is already labelled"):
         pool.add(oracle.annotate(pool.records(["a"])), 1)
     assert pool.labelled_round.tolist() == [0, -1, -1, -1]
+
+
+def test_cost_total_does_not_depend_on_the_order_labels_were_added(pool):
+    """Issue 25 case 6: a resumed pool is rebuilt in another order than the uninterrupted run
+    bought it; a plain float sum then differed in the last digit (842.86 vs 842.8600000000001)."""
+    costs = {"a": 0.1, "b": 0.7, "c": 0.2, "d": 841.86}
+
+    def labels(image_id):
+        empty = np.zeros((0, 4), np.float32)
+        return ImageLabels(image_id, "box", empty, np.zeros(0, np.int64), costs[image_id])
+
+    forward, backward = LabelPool(pool.dataset), LabelPool(pool.dataset)
+    forward.add([labels(i) for i in "abcd"], 0)
+    backward.add([labels(i) for i in "dcba"], 0)
+    assert forward.totals()["cost_s"] == backward.totals()["cost_s"] == 842.86

@@ -91,6 +91,7 @@ class MixtureUncertainty:
         self._stats: dict[str, list[float]] = {}
 
     def batch_scores(self, batch: PredictionBatch) -> list[float | None]:
+        self._stats = {"boxes": 0}  # this call's normalisation only (describe())
         if len(batch) == 0:
             return []
         if batch.mdn is None:

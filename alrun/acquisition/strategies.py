@@ -7,6 +7,7 @@ only those (random needs no prediction at all). Both receive one
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -244,6 +245,7 @@ class Strategy:
         self.name = name
         self.scorer = scorer
         self.selector = selector if selector is not None else TopK()
+        self._as_built = copy.deepcopy(self.describe())  # before any scoring: see describe_unscored
 
     @property
     def needs(self) -> Needs:
@@ -287,8 +289,15 @@ class Strategy:
             check_view_size(self.needs.augment, largest.width, largest.height)
 
     def describe(self) -> dict[str, Any]:
-        """What selection.json records about how a pick was made."""
+        """What selection.json records about how this round's pick was made, after ``score`` and
+        ``select`` ran (e.g. the weights, normalisation or candidate count of this round)."""
         return {"strategy": self.name, **self.scorer.describe(), **self.selector.describe()}
+
+    def describe_unscored(self) -> dict[str, Any]:
+        """What selection.json records for a round that scored nothing (the last round, an
+        exhausted pool): the strategy as configured. ``describe()`` would repeat the previous
+        round's scoring in an uninterrupted run but not in a resumed one (a new process)."""
+        return copy.deepcopy(self._as_built)
 
     def score(self, context: AcquisitionContext) -> dict[str, float]:
         with torch.no_grad():

@@ -9,6 +9,7 @@ off (IoU with the hidden ground truth) is recorded per round in ``supervision.js
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from alrun.data.dataset import ImageRecord
@@ -36,7 +37,7 @@ class ExtremeRegime(RoundLog, BaseRegime):
                 "for_round": request.round_index,
                 "requested": "extreme",
                 "received": kinds_received(labels),
-                "cost_s": float(sum(lab.cost_s for lab in labels)),
+                "cost_s": math.fsum(lab.cost_s for lab in labels),
                 "jitter_px": oracle.extreme_jitter_px,
                 **quality,  # box_precision: share of the boxes at IoU >= 0.5 with the truth
             },

@@ -14,6 +14,7 @@ ground truth are recorded per round.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -62,7 +63,7 @@ class ImageLevelRegime(RoundLog, BaseRegime):
                 "for_round": request.round_index,
                 "requested": kind,
                 "received": kinds_received(labels),
-                "cost_s": float(sum(lab.cost_s for lab in labels)),
+                "cost_s": math.fsum(lab.cost_s for lab in labels),
             },
         )
         return labels

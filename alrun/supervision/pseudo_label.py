@@ -256,12 +256,14 @@ def unlabelled_dataset(pool: LabelPool, ids: Sequence[str] | None = None) -> Det
     return pool.dataset.subset(pool.unlabelled_ids if ids is None else ids, "unlabelled")
 
 
-def previous_round_teacher(
-    detector: Detector, schedule: TrainSchedule, round_index: int, trained_here: bool
-) -> nn.Module | None:
-    """A frozen copy of the model trained last round, or None when there is none: round 0, or a
-    resumed ``trainer.init=scratch`` run (the loop restores no checkpoint then)."""
-    if round_index == 0 or not (trained_here or schedule.init == "continue"):
+def previous_round_teacher(detector: Detector, round_index: int) -> nn.Module | None:
+    """A frozen copy of the model trained last round (None in round 0, which has none).
+
+    Called before this round's training resets or fine-tunes ``detector``, so it still holds
+    round ``round_index - 1``'s model: trained in this process, or loaded from that round's
+    checkpoint by a resumed run (``trainer.init=scratch`` included), so both get the same teacher.
+    """
+    if round_index == 0:
         return None
     return frozen_copy(dense_model(detector, "supervision.teacher=previous_round"))
 
@@ -300,7 +302,6 @@ class PseudoLabelSelfTraining(BaseRegime):
         self.teacher = check_teacher(teacher, "supervision.teacher")
         self.ema_decay = check_fraction(ema_decay, "supervision.ema_decay")
         self.unlabelled_batch_size = unlabelled_batch_size
-        self._trained_round: int | None = None  # in this process (not state: see teacher rule)
 
     def train(
         self,
@@ -316,8 +317,7 @@ class PseudoLabelSelfTraining(BaseRegime):
         if pool.unlabelled_ids:
             teacher: str | nn.Module | None = "ema"
             if self.teacher == "previous_round":
-                trained_here = self._trained_round == round_index - 1
-                teacher = previous_round_teacher(detector, schedule, round_index, trained_here)
+                teacher = previous_round_teacher(detector, round_index)
             hooks.append(
                 PseudoLabelHook(
                     "unlabelled",
@@ -329,6 +329,4 @@ class PseudoLabelSelfTraining(BaseRegime):
                     self.empty,
                 )
             )
-        stats = train_round(detector, sources, schedule, seed, round_index, hooks, progress)
-        self._trained_round = round_index
-        return stats
+        return train_round(detector, sources, schedule, seed, round_index, hooks, progress)

@@ -21,6 +21,7 @@ cost, per proposal shown (+ drawing), is what is recorded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -62,7 +63,7 @@ class BoxVerificationRegime(RoundLog, BaseRegime):
         else:
             labels = self._verify(oracle, records, request.detector, entry)
         entry["received"] = kinds_received(labels)
-        entry["cost_s"] = float(sum(lab.cost_s for lab in labels))
+        entry["cost_s"] = math.fsum(lab.cost_s for lab in labels)
         self._log("labels", entry)
         return labels
 

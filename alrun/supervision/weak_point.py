@@ -190,7 +190,7 @@ class WeakPointRegime(RoundLog, BaseRegime):
         else:
             labels = oracle.annotate(records, kind)
         entry["received"] = kinds_received(labels)
-        entry["cost_s"] = float(sum(lab.cost_s for lab in labels))
+        entry["cost_s"] = math.fsum(lab.cost_s for lab in labels)
         self._log("labels", entry)
         return labels
 

@@ -169,3 +169,28 @@ def test_a_nan_failure_mode_weight_is_refused_when_built():
     modes["poor_loc"] = {"u": math.nan}
     with pytest.raises(AlrunError, match=r"mode_weights.poor_loc.u: expected a finite number"):
         FailureModeWeighted({"u": Fixed({})}, modes)
+
+
+def test_an_unscored_round_describes_the_strategy_as_built_not_the_last_round():
+    """Issue 25 case 5: the last round scores nothing; its selection.json used to repeat the
+    previous round's weights and candidates in an uninterrupted run, but not in a resumed one."""
+    from alrun.acquisition.diversity import TwoPhase
+    from alrun.acquisition.select import TopK
+    from alrun.acquisition.strategies import Strategy
+
+    def build():
+        combo = WeightedSum(
+            {"unc": Fixed({"a": 0.9, "b": 0.5, "c": 0.1}), "div": Fixed({"a": 1.0, "b": 2.0})},
+            {"unc": [[0, 1.0], [2, 0.2]], "div": [[0, 0.0], [2, 0.8]]},
+        )
+        return Strategy("weighted", combo, TwoPhase(TopK(), expand_ratio=2))
+
+    strategy, fresh = build(), build()
+    context = AcquisitionContext(("a", "b", "c"), 0, 2, budget=1)
+    assert strategy.select(strategy.score(context), context) == ["b"]
+    scored = strategy.describe()  # this round's: weights and candidates
+    assert scored["weights_this_round"] == {"unc": 0.2, "div": 0.8}
+    assert scored["candidates"] == 2
+    assert strategy.describe_unscored() == fresh.describe_unscored() == fresh.describe()
+    assert strategy.describe_unscored()["weights_this_round"] == {}
+    assert strategy.describe_unscored()["candidates"] == 0
