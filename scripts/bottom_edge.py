@@ -64,7 +64,7 @@ def main() -> None:
             counts["n"] += len(boxes)
             counts["bottom"] += int(hit["bottom"].sum())
             counts["right"] += int(hit["right"].sum())
-    for name, counts in (("predicted (score >= %g)" % args.min_score, pred), ("truth", truth)):
+    for name, counts in ((f"predicted (score >= {args.min_score:g})", pred), ("truth", truth)):
         n = max(counts["n"], 1)
         print(
             f"{name}: {counts['n']} boxes, bottom edge {counts['bottom'] / n:.1%}, "
