@@ -2,7 +2,9 @@
 writable-output-directory check that runs before Hydra creates it.
 
 Each failed job of a sweep leaves ``error.json`` in its directory (see :mod:`alrun.cli`); the
-summary counts them, says where they are, and lets ``alrun`` exit 1 when every job failed.
+summary counts them, says where they are, and lets ``alrun`` exit 1 when every job failed. It
+also counts the runs whose results.csv has a collapsed or floor-level round
+(:mod:`alrun.diagnostics`): a sweep of such runs finished, but its comparisons mean nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from alrun.diagnostics import FLOOR_MAP50, RunHealth, read_health
 from alrun.errors import AlrunError
 from alrun.rundir import RunDir, check_run_names
 
@@ -26,6 +29,20 @@ from alrun.rundir import RunDir, check_run_names
 class SweepOutcome:
     jobs: int = 0
     failed: list[Path] = field(default_factory=list)
+    health: list[RunHealth] = field(default_factory=list)  # of the jobs that wrote results
+
+    def health_text(self) -> str:
+        """``; k of n runs had collapsed rounds[, m more floor-level ...]`` or ``""``."""
+        if not self.health:
+            return ""
+        collapsed = sum(bool(h.collapsed) for h in self.health)
+        floor_only = sum(bool(h.floor) and not h.collapsed for h in self.health)
+        text = f"; {collapsed} of {len(self.health)} runs had collapsed rounds"
+        if floor_only:
+            text += f", {floor_only} more floor-level ones (test mAP50 < {FLOOR_MAP50:g})"
+        if collapsed or floor_only:
+            text += ": their comparisons are marked 'not comparable' in the report"
+        return text
 
     @property
     def all_failed(self) -> bool:
@@ -50,6 +67,10 @@ class SweepSummary(Callback):
         value = job_return._return_value
         if job_return.status == JobStatus.FAILED or (isinstance(value, dict) and "error" in value):
             self.outcome.failed.append(Path(config.hydra.runtime.output_dir) / "error.json")
+            return
+        health = read_health(Path(config.hydra.runtime.output_dir) / "results.csv")
+        if health is not None and health.rounds:
+            self.outcome.health.append(health)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global LAST_SWEEP
@@ -57,12 +78,16 @@ class SweepSummary(Callback):
         outcome = self.outcome
         if outcome.jobs == 0:  # jobs ran in other processes (e.g. a cluster launcher)
             errors = sorted(sweep_dir.glob("**/error.json"))
-            outcome = SweepOutcome(jobs=0, failed=errors)  # total unknown here
+            health = [read_health(p) for p in sorted(sweep_dir.glob("**/results.csv"))]
+            outcome = SweepOutcome(  # total unknown here
+                jobs=0, failed=errors, health=[h for h in health if h and h.rounds]
+            )
         LAST_SWEEP = outcome
         where = f"; errors in {sweep_dir}/*/error.json" if outcome.failed else ""
         total = f" of {outcome.jobs}" if outcome.jobs else ""
         print(
-            f"alrun: sweep finished: {len(outcome.failed)}{total} jobs failed{where}",
+            f"alrun: sweep finished: {len(outcome.failed)}{total} jobs failed{where}"
+            f"{outcome.health_text()}",
             file=sys.stderr,
         )
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from alrun import callbacks
-from alrun.config import enable_user_configs
+from alrun.config import enable_user_configs, register_resolvers
 from alrun.errors import DISK_ERRNOS, AlrunError
 from alrun.io import atomic_write_bytes, remove_file, write_json
 from alrun.loop import run_experiment
@@ -201,16 +201,29 @@ def _one_line_composition_errors(report: Callable) -> Callable:
     return run_and_report
 
 
+#: Hydra's "Only one of --run, --multirun, --cfg, --info ... can be specified", as alrun says it
+MODES_MESSAGE = (
+    "-m/--multirun, --cfg/-c, --info and --shell-completion cannot be combined: to see a sweep "
+    "job's config, drop -m and give one value per key (alrun --cfg job strategy=random seed=0)"
+)
+
+
 def main() -> None:
     """``alrun``: alrun's own ``--version``, then the Hydra app, then the sweep's exit code."""
     if "--version" in sys.argv[1:]:
         print(f"alrun {alrun_version()}")
         return
     enable_user_configs()  # ./configs: the user's presets and dataset configs (alrun.config)
+    register_resolvers()  # the default output directories name the dataset (configs/run.yaml)
     report = hydra_utils.run_and_report
     hydra_utils.run_and_report = _one_line_composition_errors(report)
     try:
         run()
+    except ValueError as err:  # raised by Hydra before any job, outside run_and_report
+        if not str(err).startswith("Only one of --run, --multirun, --cfg"):
+            raise
+        print(f"alrun: error: {MODES_MESSAGE}", file=sys.stderr)
+        sys.exit(2)
     finally:
         hydra_utils.run_and_report = report
     if callbacks.LAST_SWEEP is not None and callbacks.LAST_SWEEP.all_failed:

@@ -9,11 +9,18 @@ from hydra import compose, initialize_config_module
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.plugins import Plugins
 from hydra.plugins.search_path_plugin import SearchPathPlugin
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from alrun.rundir import RUN_CONTROL_KEYS, RunOptions
 
-__all__ = ["RUN_CONTROL_KEYS", "RunOptions", "compose_config", "enable_user_configs"]
+__all__ = [
+    "RUN_CONTROL_KEYS",
+    "RunOptions",
+    "compose_config",
+    "dataset_tag",
+    "enable_user_configs",
+    "short_dirname",
+]
 
 #: a folder of this name in the working directory is on the config search path
 USER_CONFIG_DIR = "configs"
@@ -52,5 +59,56 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The config ``alrun <overrides>`` would run, without starting a Hydra app (``./configs``
     is on the search path, as for the command line)."""
     enable_user_configs()
+    register_resolvers()
     with initialize_config_module(config_module="alrun.configs", version_base="1.3"):
         return compose(config_name="run", overrides=list(overrides or []))
+
+
+def dataset_tag(dataset: DictConfig | dict | None) -> str:
+    """A short folder name for a dataset config (``hydra.run.dir`` / ``hydra.sweep.dir``): the
+    name of its ``root`` (or annotation file), else its reader (``synthetic``). Two datasets used
+    from the same working directory then write to different folders instead of the second being
+    refused as "a different config"."""
+    dataset = dataset or {}
+    for key in ("root", "annotation_file", "image_dir"):
+        try:
+            value = dataset.get(key)
+        except Exception:  # noqa: BLE001 - a ??? value: fall through to the reader's name
+            value = None
+        if value:
+            path = Path(str(value)).expanduser()
+            if path.suffix.lower() in (".yaml", ".yml", ".json"):
+                name = path.parent.name if key == "root" else path.stem
+            else:
+                name = path.name
+                if name in ("", ".", ".."):  # never a folder name that climbs out of outputs/
+                    name = path.resolve().name
+            if name:
+                return _safe(name)
+    target = str(dataset.get("_target_") or "dataset").rsplit(".", 1)[-1]
+    return _safe(target.removesuffix("_splits") or "dataset")
+
+
+def short_dirname(override_dirname: str) -> str:
+    """Hydra's ``override_dirname`` with every path value cut to its last component, so that
+    ``dataset.root=/home/me/photos`` gives a sweep sub-directory ``dataset.root=photos,...``
+    rather than a tree of folders named after the path."""
+    items = []
+    for item in override_dirname.split(","):
+        key, sep, value = item.partition("=")
+        if sep and ("/" in value or "\\" in value):
+            value = _safe(Path(value.replace("\\", "/").rstrip("/")).name or "root")
+        items.append(f"{key}{sep}{value}")
+    return ",".join(items)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in name)
+
+
+def register_resolvers() -> None:
+    """``${alrun_dataset:${dataset}}`` and ``${alrun_short:${hydra.job.override_dirname}}``,
+    used by the default output directories in run.yaml (idempotent)."""
+    for name, func in (("alrun_dataset", dataset_tag), ("alrun_short", short_dirname)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, func)

@@ -479,8 +479,7 @@ def _check_boxes(boxes: np.ndarray, record: ImageRecord, where: str) -> None:
         x1, y1, x2, y2 = box
         if x2 <= x1 or y2 <= y1:  # a zero-width box would fail an assertion in training
             raise AlrunError(
-                f"{where}: box {_fmt(box)} has no area; expected x1 < x2 and y1 < y2 (xyxy "
-                "pixels)"
+                f"{where}: box {_fmt(box)} has no area; expected x1 < x2 and y1 < y2 (xyxy pixels)"
             )
         if x1 < 0 or y1 < 0 or x2 > record.width or y2 > record.height:
             raise AlrunError(

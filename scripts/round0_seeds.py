@@ -43,7 +43,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", default=["experiment=demo"])
     args = parser.parse_args()
     print(f"config: {' '.join(args.overrides)}")
-    print(f"{'seed':>4}{'mAP50':>8}{'mAP':>8}{'first_loss':>12}{'final_loss':>12}{'alive':>8}{'s':>6}")
+    print(
+        f"{'seed':>4}{'mAP50':>8}{'mAP':>8}{'first_loss':>12}{'final_loss':>12}{'alive':>8}{'s':>6}"
+    )
     results = []
     for seed in args.seeds:
         cfg = compose_config([*args.overrides, f"seed={seed}"])

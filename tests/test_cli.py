@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -176,7 +177,15 @@ def test_sweep_writes_one_run_per_job_and_counts_failures(tmp_path):
     assert len(errors) == 2
     assert "budget.rounds: expected an integer >= 0" in json.loads(errors[0].read_text())["error"]
     last = result.stderr.strip().splitlines()[-1]
-    assert last == f"alrun: sweep finished: 2 of 4 jobs failed; errors in {sweep}/*/error.json"
+    # smoke models are expected to look collapsed; the line counts what results.csv says
+    collapsed = sum(
+        any(row["collapsed"] == "1" for row in csv.DictReader(p.open()))
+        for p in sweep.glob("*/results.csv")
+    )
+    assert last.startswith(
+        f"alrun: sweep finished: 2 of 4 jobs failed; errors in {sweep}/*/error.json; "
+        f"{collapsed} of 2 runs had collapsed rounds"
+    )
 
 
 def test_sweep_in_which_every_job_failed_exits_non_zero(tmp_path):
@@ -420,3 +429,12 @@ def test_full_disk_at_the_first_log_write_is_one_line(tmp_path):
         f"alrun: error: {run / 'cli.log'}: cannot write the log (No space left on device); "
         "free space or choose a writable hydra.run.dir, then re-run the same command to resume"
     )
+
+
+def test_cfg_with_multirun_is_one_line(tmp_path):
+    result = _sweep(tmp_path / "sweep", "--cfg", "hydra", "experiment=smoke", "seed=0,1")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("alrun: error: -m/--multirun, --cfg/-c")
+    assert not (tmp_path / "sweep").exists()

@@ -134,3 +134,38 @@ def test_unknown_group_value_is_a_clear_error():
 
     with pytest.raises(MissingConfigException, match="strategy"):
         compose_config(["strategy=entropyy"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "run_dir"),
+    [
+        ([], "synthetic/entropy/seed0"),
+        (["dataset=bccd", "strategy=random", "seed=2"], "bccd/random/seed2"),
+        (["dataset=yolo", "dataset.root=/home/me/photos/"], "photos/entropy/seed0"),
+        (["dataset=yolo", "dataset.root=exports/cards/data.yaml"], "cards/entropy/seed0"),
+        (["dataset=coco", "dataset.annotation_file=a/train.json"], "train/entropy/seed0"),
+    ],
+)
+def test_default_output_dirs_name_the_dataset(overrides, run_dir):
+    """A second dataset in the same working directory gets its own runs (it used to be
+    refused as 'a different config' in outputs/<name>/<strategy>/seed<seed>)."""
+    from hydra import compose, initialize_config_module
+
+    from alrun.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_module(config_module="alrun.configs", version_base="1.3"):
+        cfg = compose(config_name="run", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.run.dir == f"outputs/default/{run_dir}"
+    assert cfg.hydra.sweep.dir == f"outputs/default/{run_dir.split('/')[0]}/sweep"
+
+
+def test_sweep_subdirs_cut_path_values_to_their_last_component():
+    from alrun.config import short_dirname
+
+    assert (
+        short_dirname("dataset.root=/work/shared/datasets/bccd/,seed=0,strategy=random")
+        == "dataset.root=bccd,seed=0,strategy=random"
+    )
+    assert short_dirname("seed=0,strategy=random") == "seed=0,strategy=random"
+    assert short_dirname(r"detector.pretrained=C:\runs\best.pt") == "detector.pretrained=best.pt"

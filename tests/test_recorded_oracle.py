@@ -222,8 +222,7 @@ def _errors(path: str) -> list[tuple[list, str]]:
         ),
         (
             [BOX_B, {"image_id": "a", "kind": "box", "labels": [0], "boxes": [[5, 5, 5, 10]]}],
-            f"{image_a}: box (5, 5, 5, 10) has no area; expected x1 < x2 and y1 < y2 (xyxy "
-            "pixels)",
+            f"{image_a}: box (5, 5, 5, 10) has no area; expected x1 < x2 and y1 < y2 (xyxy pixels)",
         ),
         (
             [

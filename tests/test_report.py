@@ -43,6 +43,8 @@ def make_run(
     per_round: int = 10,
     stopped: str | None = None,
     error: str | None = None,
+    map50: list[float] | None = None,
+    collapsed: list[int] | None = None,
 ) -> Path:
     """A run directory as alrun writes it (config, results.csv, state.json, round dirs)."""
     run = root / f"strategy={strategy},seed={seed}"
@@ -63,9 +65,12 @@ def make_run(
     if error is not None:
         (run / "error.json").write_text(json.dumps({"error": error}))
         return run
-    header = "round,images,boxes,clicks,cost_s,mAP,mAP50,mAR,fp,missed\n"
+    map50 = map50 or [m + 0.2 for m in maps]
+    header = "round,images,boxes,clicks,cost_s,mAP,mAP50,mAR,fp,missed"
+    header += ",collapsed\n" if collapsed is not None else "\n"
     lines = [
-        f"{r},{10 + per_round * r},{30 + 30 * r},0,{COST[r]},{m},{m + 0.2},0.5,3,4\n"
+        f"{r},{10 + per_round * r},{30 + 30 * r},0,{COST[r]},{m},{map50[r]},0.5,3,4"
+        + (f",{collapsed[r]}\n" if collapsed is not None else "\n")
         for r, m in enumerate(maps)
     ]
     (run / "results.csv").write_text(header + "".join(lines))
@@ -385,3 +390,113 @@ def test_cli_on_a_damaged_run_prints_a_warning_not_a_traceback(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert "state.json: unreadable" in result.stdout
+
+
+def _red_pixels(png: bytes) -> int:
+    """Pixels of the curves' collapse marker colour (#e00000; the palette's red is #d62728)."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return int(((pixels[..., 0] > 210) & (pixels[..., 1] < 20) & (pixels[..., 2] < 20)).sum())
+
+
+def test_collapsed_and_floor_rounds_are_shown_and_their_comparisons_not_called_significant(
+    tmp_path,
+):
+    root = tmp_path / "sweep"
+    for seed in (0, 1, 2):
+        # random: healthy; entropy: collapsed in round 0 on every seed (the loop's flag); ppal:
+        # seed 2 stays at the floor (mAP50 0.02 < 0.05) in every round without being flagged
+        make_run(root, "random", seed, [0.1, 0.2, FINALS["random"][seed]], collapsed=[0, 0, 0])
+        make_run(
+            root,
+            "entropy",
+            seed,
+            [0.1, 0.25, FINALS["entropy"][seed]],  # paired diffs 0.06 0.07 0.05: "significant"
+            map50=[0.005, 0.4, 0.5],
+            collapsed=[1, 0, 0],
+        )
+        map50 = [0.01, 0.02, 0.02] if seed == 2 else [0.3, 0.4, 0.5]
+        make_run(root, "ppal", seed, [0.1, 0.2, FINALS["margin"][seed]], map50=map50)
+    run_set, comparison, files = build([root], tmp_path / "out")
+    rows = {r["group"]: r for r in table_rows(comparison)}
+    versus = "paired diff vs random (final mAP)"
+    assert rows["entropy"][versus] == (
+        "+0.060 ± 0.025: not comparable: collapsed or floor-level models (entropy 3 of 3 seeds)"
+    )
+    assert "significant" not in rows["entropy"][versus]
+    assert rows["ppal"][versus].endswith(
+        "not comparable: collapsed or floor-level models (ppal 1 of 3 seeds)"
+    )
+    assert rows["random"]["model health"] == "ok"
+    assert rows["ppal"]["model health"] == (
+        "collapsed or floor-level (mAP50 < 0.05) rounds in 1 of 3 seeds (2)"
+    )
+    health = {(r["group"], r["seed"]): r for r in csv_rows(files["health"])}
+    assert len(health) == 9
+    assert health[("entropy", "0")]["collapsed rounds (loop's flag)"] == "0"
+    assert health[("entropy", "0")]["floor rounds (test mAP50 < 0.05)"] == "0"
+    assert health[("ppal", "2")]["floor rounds (test mAP50 < 0.05)"] == "all"
+    assert health[("ppal", "2")]["collapsed rounds (loop's flag)"] == "–"
+    assert health[("ppal", "2")]["best mAP50"] == "0.020"
+    assert health[("random", "1")]["verdict"] == "ok"
+    curves = {(r["group"], r["round"]): r for r in csv_rows(files["curves"])}
+    assert curves[("entropy", "0")]["flagged_seeds"] == "3"
+    assert curves[("entropy", "1")]["flagged_seeds"] == "0"
+    assert curves[("ppal", "2")]["flagged_seeds"] == "1"
+    summary = files["summary"].read_text()
+    assert "not comparable" in summary and "significant" not in summary
+    page = files["html"].read_text()
+    assert "4 of 9 runs had collapsed or floor-level models" in page
+    assert "Model health (per group and seed)" in page
+    # the curves mark the flagged rounds; a sweep without any has no marker colour at all
+    assert _red_pixels(files["png"].read_bytes()) > 50
+    _, _, clean = build([sweep(tmp_path / "clean")], tmp_path / "clean_out")
+    assert _red_pixels(clean["png"].read_bytes()) == 0
+    assert "collapsed or floor-level models" not in clean["html"].read_text()
+    # a stricter floor is an option of alrun-report (every group's round 0 has mAP50 <= 0.3)
+    strict = compare(run_set, floor_map50=0.35)
+    assert {s.group: len(s.unhealthy) for s in strict.summaries} == {
+        "entropy": 3,
+        "ppal": 3,
+        "random": 3,
+    }
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_two_seeds_are_too_wide_to_compare_and_bands_stay_in_0_1(tmp_path):
+    comparison = compare(gather([sweep(tmp_path / "two", seeds=(0, 1))]))
+    rows = {r["group"]: r for r in table_rows(comparison)}
+    assert rows["entropy"]["paired diff vs random (final mAP)"] == (
+        "+0.065 ± 0.064: 2 seeds: interval too wide to compare (t = 12.7)"
+    )
+    assert rows["random"]["final mAP (95% CI)"] == (
+        "0.320 ± 0.254 (n=2: interval too wide to compare)"
+    )
+    # three seeds far apart: the t interval (0.4 ± 1.2) is clipped to mAP's range [0, 1]
+    wide = tmp_path / "wide"
+    for seed, final in enumerate((0.0, 0.3, 0.9)):
+        make_run(wide, "random", seed, [0.05, 0.1, final])
+    _, comparison, files = build([wide], tmp_path / "out")
+    final = comparison.curves["random"][2].y
+    assert final.low < -0.5 and final.high > 1.5
+    last = csv_rows(files["curves"])[-1]
+    assert float(last["ci95_low"]) == 0.0 and float(last["ci95_high"]) == 1.0
+    page = files["html"].read_text()
+    assert "With 2 seeds t = 12.7" in page
+
+
+def test_report_help_says_95_percent():
+    result = subprocess.run(
+        [sys.executable, "-m", "alrun.report.cli", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0
+    assert "95 % CI" in result.stdout and "%%" not in result.stdout
+    assert "--floor-map50" in result.stdout

@@ -99,6 +99,10 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
+#: what every invalid item's error adds: the switch that drops such items instead
+SKIP_HINT = "dataset.skip_invalid=true drops such items and lists them in skipped.json"
+
+
 class Validator:
     """Raises or records validation failures for one reader call (no state beyond that call)."""
 
@@ -111,7 +115,7 @@ class Validator:
         """Raise ``DatasetError("<file>: <reason>")``, or record it when skipping invalid items."""
         message = f"{file}: {reason}"
         if not self.skip_invalid:
-            raise DatasetError(message)
+            raise DatasetError(f"{message}; {SKIP_HINT}")
         self.skipped.append(message)
 
     def check_box(

@@ -675,6 +675,12 @@ def _dense(
 ) -> list[dict[str, Tensor]]:
     """FCOS / RetinaNet post-processing that keeps each box's logits row and feature row.
 
+    Locations in the batch's padding (torchvision pads every image at the bottom / right to
+    the batch's largest size, a multiple of 32) see no image, yet the head scores them; their
+    boxes, clipped to the image, used to lie along its bottom or right edge (a tiny FCOS on
+    640x480 photos: most confident boxes touched the bottom edge, scripts/bottom_edge.py). They
+    are not candidates, and boxes left with no area by the clipping are dropped.
+
     ``head_outputs`` / ``anchors`` may be passed in (computed once for several passes)."""
     if head_outputs is None:
         head_outputs = model.head(levels)
@@ -692,6 +698,7 @@ def _dense(
         regress = head_outputs["bbox_regression"][b].split(num_per_level)
         ctr = head_outputs["bbox_ctrness"][b].split(num_per_level) if is_fcos else None
         anchors_b = anchors[b].split(num_per_level)
+        height, width = batch.image_sizes[b]
         kept = {
             "boxes": [],
             "scores": [],
@@ -708,6 +715,9 @@ def _dense(
                 scores = torch.sqrt(torch.sigmoid(logits[lvl]) * torch.sigmoid(ctr[lvl])).flatten()
             else:
                 scores = torch.sigmoid(logits[lvl]).flatten()
+            centres = (anchors_b[lvl][:, :2] + anchors_b[lvl][:, 2:]) / 2
+            on_image = (centres[:, 0] < width) & (centres[:, 1] < height)
+            scores = scores * on_image.repeat_interleave(num_classes)  # padding: never > thresh
             candidates = torch.where(scores > model.score_thresh)[0]
             scores = scores[candidates]
             k = min(int(candidates.numel()), model.topk_candidates)
@@ -729,6 +739,8 @@ def _dense(
             kept["sources"].append(anchor_idx + level_start)
             level_start += num_per_level[lvl]
         merged = {k: torch.cat(v) for k, v in kept.items()}
+        has_area = box_ops.remove_small_boxes(merged["boxes"], 1e-3)
+        merged = {k: v[has_area] for k, v in merged.items()}
         keep = box_ops.batched_nms(
             merged["boxes"], merged["scores"], merged["labels"], model.nms_thresh
         )[: model.detections_per_img]

@@ -56,11 +56,14 @@ def parse_view(spec: str, key: str = "strategy.scorer.views") -> View:
         number = float(value)
     except ValueError:
         raise AlrunError(f"{key}: view '{spec}' needs a number (expected {_EXPECTED})") from None
-    ok = math.isfinite(number) and {
-        "scale": 0 < number <= MAX_VIEW_SCALE,
-        "jitter": 0 <= number < 1,
-        "noise": number > 0,
-    }[kind]
+    ok = (
+        math.isfinite(number)
+        and {
+            "scale": 0 < number <= MAX_VIEW_SCALE,
+            "jitter": 0 <= number < 1,
+            "noise": number > 0,
+        }[kind]
+    )
     if not ok:
         raise AlrunError(f"{key}: view '{spec}' out of range (expected {_EXPECTED})")
     return View(kind, number)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from alrun.diagnostics import FLOOR_MAP50, RunHealth, rounds_text, run_health
 from alrun.report.gather import ReportError, Run, RunSet, config_value
 from alrun.report.stats import Estimate, PairedDifference, aulc, mean_ci, paired_difference
 
@@ -13,6 +14,12 @@ from alrun.report.stats import Estimate, PairedDifference, aulc, mean_ci, paired
 AXES = {"images": "labelled images", "boxes": "labelled boxes", "cost_s": "annotation time (s)"}
 #: budget.unit -> the results.csv column that measures it
 UNIT_COLUMN = {"images": "images", "boxes": "boxes", "seconds": "cost_s"}
+#: metrics that live in [0, 1] (intervals and bands are clipped to it)
+BOUNDED_PREFIXES = ("mAP", "mAR", "AP", "AR")
+
+
+def metric_range(metric: str) -> tuple[float, float] | None:
+    return (0.0, 1.0) if metric.startswith(BOUNDED_PREFIXES) else None
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,10 @@ class GroupSummary:
     reach_images: float | None  # the baseline's final mean (None: not reached)
     versus_baseline: PairedDifference | None
     aulc_versus_baseline: PairedDifference | None
+    unhealthy: tuple[int, ...] = ()  # seeds with a collapsed or floor-level round
+    #: why the paired comparison cannot mean anything (collapsed / floor-level models on either
+    #: side), or None
+    not_comparable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,12 @@ class Comparison:
     curves: dict[str, list[CurvePoint]]
     summaries: list[GroupSummary]
     baseline_final: float | None
+    health: dict[str, dict[int, RunHealth]]  # group -> seed -> health
+    floor_map50: float = FLOOR_MAP50
+
+    def flagged_seeds(self, group: str, r: int) -> int:
+        """How many of the group's seeds had a collapsed or floor-level model in round r."""
+        return sum(r in h.flagged for h in self.health[group].values())
 
 
 def curve(runs: list[Run], metric: str) -> list[CurvePoint]:
@@ -59,8 +76,14 @@ def curve(runs: list[Run], metric: str) -> list[CurvePoint]:
     return points
 
 
-def compare(run_set: RunSet, metric: str = "mAP", baseline: str = "random") -> Comparison:
+def compare(
+    run_set: RunSet, metric: str = "mAP", baseline: str = "random", floor_map50: float = FLOOR_MAP50
+) -> Comparison:
     groups = run_set.groups
+    health = {
+        g: {run.seed: run_health(run.rows, floor_map50) for run in runs}
+        for g, runs in groups.items()
+    }
     first = run_set.runs[0]
     unit = str(config_value(first.config, "budget.unit") or "images")
     axis = UNIT_COLUMN.get(unit, "images")
@@ -96,6 +119,10 @@ def compare(run_set: RunSet, metric: str = "mAP", baseline: str = "random") -> C
                     for r in base_runs
                 },
             )
+        unhealthy = tuple(seed for seed, h in health[group].items() if not h.healthy)
+        not_comparable = None
+        if versus is not None:
+            not_comparable = _not_comparable(health, group, baseline, versus.seeds)
         summaries.append(
             GroupSummary(
                 group=group,
@@ -107,9 +134,26 @@ def compare(run_set: RunSet, metric: str = "mAP", baseline: str = "random") -> C
                 reach_images=reach_images,
                 versus_baseline=versus,
                 aulc_versus_baseline=versus_aulc,
+                unhealthy=unhealthy,
+                not_comparable=not_comparable,
             )
         )
-    return Comparison(metric, baseline, axis, curves, summaries, base_final)
+    return Comparison(metric, baseline, axis, curves, summaries, base_final, health, floor_map50)
+
+
+def _not_comparable(
+    health: dict[str, dict[int, RunHealth]], group: str, baseline: str, seeds: tuple[int, ...]
+) -> str | None:
+    """'not comparable: ...' when a paired seed of either side had a collapsed or floor-level
+    model in any round (a dead model's selections shape every later round of that seed)."""
+    sides = []
+    for name in (group, baseline):
+        bad = [s for s in seeds if not health[name][s].healthy]
+        if bad:
+            sides.append(f"{name} {len(bad)} of {len(seeds)} seeds")
+    if not sides:
+        return None
+    return f"not comparable: collapsed or floor-level models ({'; '.join(sides)})"
 
 
 def raise_missing(run: Run, metric: str) -> None:
@@ -135,12 +179,13 @@ def table_rows(comparison: Comparison) -> list[dict[str, str]]:
         else:
             e = s.versus_baseline.estimate
             width = "" if e.half_width is None else f" ± {e.half_width:.3f}"
-            versus = f"{e.mean:+.3f}{width}: {s.versus_baseline.verdict}"
+            versus = f"{e.mean:+.3f}{width}: {s.not_comparable or s.versus_baseline.verdict}"
         rows.append(
             {
                 "group": s.group,
                 "seeds": " ".join(map(str, s.seeds)),
                 "status": _status(s),
+                "model health": _health(s, comparison.floor_map50),
                 f"final {m} (95% CI)": s.final.text(),
                 f"AULC {m} (normalised, per {comparison.budget_axis})": s.aulc.text(),
                 f"cost to reach {base}'s final {m}": reach,
@@ -148,6 +193,54 @@ def table_rows(comparison: Comparison) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def _health(s: GroupSummary, floor_map50: float) -> str:
+    if not s.unhealthy:
+        return "ok"
+    seeds = " ".join(map(str, s.unhealthy))
+    return (
+        f"collapsed or floor-level (mAP50 < {floor_map50:g}) rounds in {len(s.unhealthy)} of "
+        f"{len(s.seeds)} seeds ({seeds})"
+    )
+
+
+def health_rows(run_set: RunSet, comparison: Comparison) -> list[dict[str, str]]:
+    """Per group and seed: which rounds had a collapsed or floor-level model."""
+    rows = []
+    for group, runs in run_set.groups.items():
+        for run in runs:
+            h = comparison.health[group][run.seed]
+            map50 = [row["mAP50"] for row in run.rows if "mAP50" in row]
+            rows.append(
+                {
+                    "group": group,
+                    "seed": str(run.seed),
+                    "rounds": str(h.rounds),
+                    "collapsed rounds (loop's flag)": rounds_text(h.collapsed, h.rounds),
+                    f"floor rounds (test mAP50 < {comparison.floor_map50:g})": rounds_text(
+                        h.floor, h.rounds
+                    ),
+                    "best mAP50": f"{max(map50):.3f}" if map50 else "–",
+                    "final mAP50": f"{map50[-1]:.3f}" if map50 else "–",
+                    "verdict": "ok" if h.healthy else "suspect: its selections and comparisons",
+                }
+            )
+    return rows
+
+
+def health_line(comparison: Comparison) -> str | None:
+    """One line for the page, the terminal and the log when any run had such rounds."""
+    runs = [h for seeds in comparison.health.values() for h in seeds.values()]
+    bad = [h for h in runs if not h.healthy]
+    if not bad:
+        return None
+    collapsed = sum(bool(h.collapsed) for h in runs)
+    return (
+        f"{len(bad)} of {len(runs)} runs had collapsed or floor-level models (test mAP50 < "
+        f"{comparison.floor_map50:g}; {collapsed} flagged collapsed by the loop): comparisons "
+        "involving them are marked 'not comparable'"
+    )
 
 
 def _status(s: GroupSummary) -> str:
@@ -161,8 +254,10 @@ def _status(s: GroupSummary) -> str:
 
 def curve_rows(comparison: Comparison) -> list[dict[str, float | int | str]]:
     rows: list[dict[str, float | int | str]] = []
+    low, high = metric_range(comparison.metric) or (-np.inf, np.inf)
     for group, points in comparison.curves.items():
         for p in points:
+            band = p.y.clipped(low, high)
             rows.append(
                 {
                     "group": group,
@@ -170,8 +265,9 @@ def curve_rows(comparison: Comparison) -> list[dict[str, float | int | str]]:
                     "n": p.y.n,
                     **{f"mean_{axis}": p.x[axis] for axis in AXES},
                     f"mean_{comparison.metric}": p.y.mean,
-                    "ci95_low": "" if p.y.low is None else p.y.low,
-                    "ci95_high": "" if p.y.high is None else p.y.high,
+                    "ci95_low": "" if band is None else band[0],
+                    "ci95_high": "" if band is None else band[1],
+                    "flagged_seeds": comparison.flagged_seeds(group, p.round),
                 }
             )
     return rows

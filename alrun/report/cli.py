@@ -7,8 +7,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from alrun.diagnostics import FLOOR_MAP50
 from alrun.errors import AlrunError
-from alrun.report.analysis import Comparison, compare, table_rows
+from alrun.report.analysis import Comparison, compare, health_line, table_rows
 from alrun.report.gather import RunSet, gather
 from alrun.report.render import GALLERY_CHOICES, write_report
 
@@ -20,9 +21,10 @@ def build(
     metric: str = "mAP",
     baseline: str = "random",
     gallery: str = "all",
+    floor_map50: float = FLOOR_MAP50,
 ) -> tuple[RunSet, Comparison, dict[str, Path]]:
     run_set = gather(paths, group_by)
-    comparison = compare(run_set, metric, baseline)
+    comparison = compare(run_set, metric, baseline, floor_map50)
     return run_set, comparison, write_report(run_set, comparison, out_dir, gallery)
 
 
@@ -38,6 +40,9 @@ def print_summary(run_set: RunSet, comparison: Comparison, files: dict[str, Path
     for row in rows:
         table.add_row(*row.values())
     console.print(table)
+    health = health_line(comparison)
+    if health:
+        console.print(f"[red]warning:[/red] {health} (report: model health)", highlight=False)
     for warning in run_set.warnings:
         console.print(f"[red]warning:[/red] {warning}", highlight=False)
     console.print(f"report: {files['html']}", highlight=False)
@@ -46,7 +51,7 @@ def print_summary(run_set: RunSet, comparison: Comparison, files: dict[str, Path
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alrun-report",
-        description="Compare alrun runs: curves with 95%% CI over seeds, AULC, a table, HTML.",
+        description="Compare alrun runs: curves with 95 % CI over seeds, AULC, a table, HTML.",
     )
     p.add_argument("paths", nargs="+", type=Path, help="sweep directories or run directories")
     p.add_argument("--group-by", default="strategy.name", help="config key (default strategy.name)")
@@ -59,6 +64,12 @@ def parser() -> argparse.ArgumentParser:
         help="selected-image galleries: every seed (default), the first seed, or none",
     )
     p.add_argument(
+        "--floor-map50",
+        type=float,
+        default=FLOOR_MAP50,
+        help=f"a round whose test mAP50 is below this is floor-level (default {FLOOR_MAP50:g})",
+    )
+    p.add_argument(
         "--out", type=Path, default=None, help="output dir (default: <first path>/report)"
     )
     return p
@@ -69,7 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or args.paths[0] / "report"
     try:
         run_set, comparison, files = build(
-            args.paths, out, args.group_by, args.metric, args.baseline, args.gallery
+            args.paths,
+            out,
+            args.group_by,
+            args.metric,
+            args.baseline,
+            args.gallery,
+            args.floor_map50,
         )
     except AlrunError as err:
         print(f"alrun-report: error: {err}", file=sys.stderr)

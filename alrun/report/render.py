@@ -11,8 +11,17 @@ from pathlib import Path
 import numpy as np
 
 from alrun.io import atomic_write_bytes, write_csv
-from alrun.report.analysis import AXES, Comparison, curve_rows, table_rows
+from alrun.report.analysis import (
+    AXES,
+    Comparison,
+    curve_rows,
+    health_line,
+    health_rows,
+    metric_range,
+    table_rows,
+)
 from alrun.report.gather import Run, RunSet
+from alrun.report.stats import MIN_SEEDS_TO_COMPARE
 
 BASELINE_COLOUR = "#404040"  # the random baseline: always dark grey, dashed
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -26,14 +35,21 @@ def colours(groups: list[str], baseline: str) -> dict[str, str]:
     return out
 
 
+FLAG_COLOUR = "#e00000"  # rounds with a collapsed or floor-level model
+
+
 def plot_curves(comparison: Comparison) -> bytes:
-    """mAP vs images, boxes and annotation seconds: mean over seeds with a 95 % t band."""
+    """mAP vs images, boxes and annotation seconds: mean over seeds with a 95 % t band (from
+    3 seeds on, clipped to the metric's range); a red x marks a round in which at least one
+    seed's model had collapsed or was at the floor."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     palette = colours(list(comparison.curves), comparison.baseline)
+    low, high = metric_range(comparison.metric) or (-np.inf, np.inf)
+    flagged_any = False
     fig, axes = plt.subplots(1, len(AXES), figsize=(5 * len(AXES), 4), sharey=True)
     for ax, (axis, label) in zip(axes, AXES.items()):
         for group, points in comparison.curves.items():
@@ -49,19 +65,45 @@ def plot_curves(comparison: Comparison) -> bytes:
                 linestyle="--" if is_base else "-",
                 label=group,
             )
-            with_ci = [p for p in points if p.y.half_width is not None]
+            with_ci = [p for p in points if p.y.half_width is not None and not p.y.too_wide]
             if with_ci:
+                bands = [p.y.clipped(low, high) for p in with_ci]
                 ax.fill_between(
                     [p.x[axis] for p in with_ci],
-                    [p.y.low for p in with_ci],
-                    [p.y.high for p in with_ci],
+                    [b[0] for b in bands],  # type: ignore[index]
+                    [b[1] for b in bands],  # type: ignore[index]
                     color=palette[group],
                     alpha=0.15,
                     linewidth=0,
                 )
+            flagged = [p for p in points if comparison.flagged_seeds(group, p.round)]
+            if flagged:
+                flagged_any = True
+                ax.plot(
+                    [p.x[axis] for p in flagged],
+                    [p.y.mean for p in flagged],
+                    linestyle="none",
+                    marker="x",
+                    markersize=8,
+                    markeredgewidth=2,
+                    color=FLAG_COLOUR,
+                    zorder=5,
+                )
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"{comparison.metric} (mean over seeds, 95% CI band)")
+    axes[0].set_ylabel(
+        f"{comparison.metric} (mean over seeds, 95% CI band from {MIN_SEEDS_TO_COMPARE} seeds)"
+    )
+    if flagged_any:
+        axes[-1].plot(
+            [],
+            [],
+            linestyle="none",
+            marker="x",
+            markeredgewidth=2,
+            color=FLAG_COLOUR,
+            label=f"collapsed/floor model (mAP50 < {comparison.floor_map50:g}), ≥ 1 seed",
+        )
     axes[-1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -211,12 +253,27 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:1500px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#f2f2f2} .warn{color:#a33} .note{color:#555;font-size:13px}
+.alert{border:2px solid #a33;padding:8px 12px;background:#fff3f3}
 .gallery{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0;font-size:11px;text-align:center}
 .missing{width:160px;height:160px;background:#eee;display:flex;align-items:center;
 justify-content:center}
 img.curves{max-width:100%}
 """
+
+
+def _health_alert(run_set: RunSet, comparison: Comparison) -> str:
+    line = health_line(comparison)
+    if line is None:
+        return ""
+    names = {str(r.config.get("name")) for r in run_set.runs}
+    smoke = (
+        " experiment=smoke trains for a handful of iterations: its models are expected to look "
+        "collapsed (it checks the pipeline, not accuracy)."
+        if "smoke" in names
+        else ""
+    )
+    return f"<p class='warn alert'><b>{html.escape(line)}.</b>{html.escape(smoke)}</p>"
 
 
 GALLERY_CHOICES = ("all", "first", "none")
@@ -244,23 +301,28 @@ def galleries_html(run_set: RunSet, which: str = "all") -> str:
 def write_report(
     run_set: RunSet, comparison: Comparison, out_dir: Path, gallery: str = "all"
 ) -> dict[str, Path]:
-    """Write report.html (self-contained), curves.png, summary.csv, curves.csv, errors.csv."""
+    """Write report.html (self-contained), curves.png, summary.csv, curves.csv, errors.csv,
+    health.csv."""
     out_dir.mkdir(parents=True, exist_ok=True)
     png = plot_curves(comparison)
     table = table_rows(comparison)
     errors = error_rows(run_set)
+    health = health_rows(run_set, comparison)
     paths = {
         "html": out_dir / "report.html",
         "png": out_dir / "curves.png",
         "summary": out_dir / "summary.csv",
         "curves": out_dir / "curves.csv",
         "errors": out_dir / "errors.csv",
+        "health": out_dir / "health.csv",
     }
     atomic_write_bytes(paths["png"], png)
     write_csv(paths["summary"], table)
     write_csv(paths["curves"], curve_rows(comparison))
     write_csv(paths["errors"], errors)
+    write_csv(paths["health"], health)
     warnings = "".join(f"<li class=warn>{html.escape(w)}</li>" for w in run_set.warnings)
+    alert = _health_alert(run_set, comparison)
     runs = [
         {"run": str(r.path), run_set.group_key: r.group, "seed": str(r.seed), "status": r.status}
         for r in (*run_set.runs, *run_set.failed, *run_set.empty)
@@ -270,15 +332,26 @@ def write_report(
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>alrun report</title><style>{STYLE}</style></head><body>
 <h1>alrun report: {html.escape(comparison.metric)} by {html.escape(run_set.group_key)}</h1>
+{alert}
 <p>{len(run_set.runs)} runs in {len(run_set.groups)} groups; seeds are replicates. Intervals are
-95 % Student-t intervals over seeds (none with a single seed). AULC: area under the
-{html.escape(comparison.metric)} curve over {html.escape(comparison.budget_axis)} divided by its
-range. Paired differences use the seeds both groups ran. Partial (unfinished) runs appear in the
-curves but not in the final, AULC or paired numbers.</p>
+95 % Student-t intervals over seeds (none with a single seed). With 2 seeds t = 12.7, so an
+interval spans about ±9 standard deviations: the table says "interval too wide to compare" and
+the curves draw no band; bands are drawn from {MIN_SEEDS_TO_COMPARE} seeds on, clipped to the
+metric's range. AULC: area under the {html.escape(comparison.metric)} curve over
+{html.escape(comparison.budget_axis)} divided by its range. Paired differences use the seeds both
+groups ran. Partial (unfinished) runs appear in the curves but not in the final, AULC or paired
+numbers.</p>
 {f"<ul>{warnings}</ul>" if warnings else ""}
 <h2>Comparison</h2>{_table(table)}
 <h2>Learning curves</h2>
 <img class=curves alt="learning curves" src="data:image/png;base64,{png_b64}">
+<h2>Model health (per group and seed)</h2>
+<p class=note>Collapsed: the loop's flag (test mAP50 &lt; 0.01, or the training loss did not fall
+when training from scratch; alrun/diagnostics.py). Floor: test mAP50 &lt;
+{comparison.floor_map50:g}, a model that detects almost nothing. Such a model's selections are
+close to arbitrary and shape every later round of its seed, so a paired comparison with such a
+seed on either side is marked "not comparable" instead of (not) significant; on the curves a
+red x marks a round where at least one seed had one.</p>{_table(health)}
 <h2>Failure modes (TIDE, test split) and pool misses</h2>
 <p class=note>Counts at the run's metric.failure_score_threshold; ΔAP50: AP50 gained by fixing
 that error type (Bolya et al. 2020); pool missed/img: ground-truth objects the round's model

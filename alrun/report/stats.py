@@ -2,7 +2,9 @@
 
 Seeds are replicates. A 95 % interval is ``mean ± t(0.975, n-1) · s / sqrt(n)`` (Student t,
 sample standard deviation); with fewer than two values there is no interval and the report
-says so instead of inventing one.
+says so instead of inventing one. With two, t(0.975, 1) = 12.7: the interval is ±9 standard
+deviations wide, so the report says it is too wide to compare rather than calling a difference
+"not significant" (or drawing a band from -1 to 2).
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def t_quantile(p: float, df: float) -> float:
     return 0.5 * (lo + hi)
 
 
+#: fewer seeds than this give an interval too wide to compare anything with (see above)
+MIN_SEEDS_TO_COMPARE = 3
+
+
 @dataclass(frozen=True)
 class Estimate:
     """Mean of n replicates with its 95 % t interval half-width (None when n < 2)."""
@@ -86,9 +92,25 @@ class Estimate:
     def high(self) -> float | None:
         return None if self.half_width is None else self.mean + self.half_width
 
+    @property
+    def too_wide(self) -> bool:
+        """An interval exists but from so few seeds that it cannot separate anything."""
+        return self.half_width is not None and self.n < MIN_SEEDS_TO_COMPARE
+
+    def clipped(self, low: float, high: float) -> tuple[float, float] | None:
+        """The interval limited to the metric's range (None without an interval)."""
+        if self.half_width is None:
+            return None
+        return max(low, self.mean - self.half_width), min(high, self.mean + self.half_width)
+
     def text(self, digits: int = 3) -> str:
         if self.half_width is None:
             return f"{self.mean:.{digits}f} (n={self.n}, no CI: needs ≥ 2 seeds)"
+        if self.too_wide:
+            return (
+                f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f} "
+                f"(n={self.n}: interval too wide to compare)"
+            )
         return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f} (n={self.n})"
 
 
@@ -131,6 +153,9 @@ class PairedDifference:
         e = self.estimate
         if e.half_width is None:
             return f"cannot compute a CI from {e.n} paired seed(s)"
+        if e.too_wide:
+            t = t_quantile(0.975, e.n - 1)
+            return f"{e.n} seeds: interval too wide to compare (t = {t:.1f})"
         if e.low <= 0.0 <= e.high:  # type: ignore[operator]
             return "not significant (95% CI contains 0)"
         return "significant (95% CI excludes 0)" + (" — better" if e.mean > 0 else " — worse")

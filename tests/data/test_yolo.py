@@ -127,8 +127,14 @@ def test_box_outside_image(tmp_path: Path) -> None:
 
 def test_zero_size_box(tmp_path: Path) -> None:
     root = make_yolo(tmp_path / "y", {"a": "1 0.5 0.5 0.0 0.2\n"})
-    with pytest.raises(DatasetError, match=r"a\.txt: line 1 \(dog\) has x2<=x1"):
+    with pytest.raises(DatasetError, match=r"a\.txt: line 1 \(dog\) has x2<=x1") as err:
         read_yolo(root)
+    # the message names the switch that drops such items (a Roboflow export often has some)
+    assert str(err.value).endswith(
+        "; dataset.skip_invalid=true drops such items and lists them in skipped.json"
+    )
+    ds = read_yolo(root, skip_invalid=True)
+    assert ds.images[0].num_boxes == 0 and "x2<=x1" in ds.skipped[0]  # the box is dropped
 
 
 def test_duplicate_stems(tmp_path: Path) -> None:

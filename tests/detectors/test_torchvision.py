@@ -674,3 +674,41 @@ def test_mc_passes_at_box_locations_equal_a_full_masked_pass(images, family, mon
         for key in ("boxes", "scores", "probs", "class_probs"):
             torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
         assert torch.equal(a["sources"], b["sources"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_dense_heads_keep_no_boxes_from_the_padding_of_non_square_images(tmp_path):
+    """A 64x40 photo is padded to 64x64 (a multiple of 32) at the bottom; the head scores the
+    padding too. torchvision's own post-processing clips those boxes onto the bottom edge; ours
+    keeps only boxes whose location lies on the image, and none without area."""
+    import numpy as np
+    from PIL import Image
+
+    from alrun.data.dataset import ImageRecord
+    from alrun.data.images import load_image
+
+    height, width = 40, 64
+    file = tmp_path / "wide.png"
+    pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(file)
+    record = ImageRecord("wide", file, width, height, np.zeros((0, 4), np.float32), np.zeros(0))
+    builder = partial(tiny_fcos, image_size=64, detections_per_img=1000, regression_bias=0.25)
+    det = TorchvisionDetector(builder, num_classes=1, device="cpu")
+    model = det.model
+    torch.nn.init.constant_(model.head.classification_head.cls_logits.bias, 6.0)  # fire everywhere
+    model.eval()
+    image = load_image(record)
+    with torch.no_grad():
+        stock = model([image])[0]["boxes"]
+        (ours,) = det.predict([record], Needs())
+        batch, _ = model.transform([image])
+        assert tuple(batch.tensors.shape[-2:]) == (64, 64) and batch.image_sizes[0] == (40, 64)
+        levels = list(model.backbone(batch.tensors).values())
+        anchors = model.anchor_generator(batch, levels)[0]
+    on_edge = stock[:, 1] >= height - 1e-3  # boxes squashed onto the bottom edge by the clip
+    assert int(on_edge.sum()) > 0, "the stock post-processing should show the padding boxes"
+    assert len(ours) > 0
+    centres = (anchors[ours.sources, :2] + anchors[ours.sources, 2:]) / 2
+    assert bool((centres[:, 1] < height).all()) and bool((centres[:, 0] < width).all())
+    assert bool((ours.boxes[:, 3] > ours.boxes[:, 1]).all())
+    assert bool((ours.boxes[:, 1] < height - 1e-3).all())
+    assert float(ours.boxes[:, 3].max()) <= height
