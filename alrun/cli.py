@@ -1,6 +1,7 @@
 """Command-line entry point: ``alrun`` (Hydra app: run, ``-m`` sweeps, ``--cfg``, ``--help``).
 
-User mistakes end as one line ``alrun: error: <key or file>: <what was expected>`` and exit 2;
+User mistakes end as one line ``alrun: error: <key or file>: <what was expected>``, then
+``alrun: see docs/<page>.md`` (the manual's page for that key), and exit 2;
 Ctrl-C ends as ``alrun: interrupted; re-run the same command to resume`` and exit 130. Inside a
 sweep a failing job (a user error or a bug) writes ``error.json`` into its directory (a bug also
 ``traceback.txt``) and the sweep goes on; the sweep
@@ -78,6 +79,40 @@ def user_error(err: BaseException) -> str | None:
     return None
 
 
+# The manual's page for an error, by the config key (or kind of problem) the message starts with.
+DOCS_PAGES = (
+    ("dataset", "docs/getting-started.md"),
+    ("strategy", "docs/strategies.md"),
+    ("supervision", "docs/supervision.md"),
+    ("budget", "docs/budgets.md"),
+    ("oracle.path", "docs/supervision.md"),  # imported labels (oracle=recorded)
+    ("oracle.missing", "docs/supervision.md"),
+    ("oracle.kind", "docs/supervision.md"),  # label kinds
+    ("oracle", "docs/budgets.md"),  # the cost model
+    ("detector", "docs/clusters.md"),
+    ("resume", "docs/crash-safety.md"),
+)
+
+
+def docs_page(message: str) -> str:
+    """The docs page that explains what ``message`` (one ``alrun: error:`` line) is about."""
+    key = message.split(":", 1)[0].strip()
+    for prefix, page in DOCS_PAGES:  # "budget.unit", "strategy=ppal", "supervision (Full...)"
+        if key == prefix or (key.startswith(prefix) and key[len(prefix)] in ". ="):
+            return page
+    if "Could not" in message or "override" in message:  # a typo in a group option or key
+        return "docs/reference/config-groups.md"
+    if "another alrun process" in message or "resume" in message or "cannot write" in message:
+        return "docs/crash-safety.md"
+    return "docs/configuration.md"
+
+
+def print_error(message: str) -> None:
+    """The one error line, then where the manual explains it."""
+    print(f"alrun: error: {message}", file=sys.stderr)
+    print(f"alrun: see {docs_page(message)}", file=sys.stderr)
+
+
 _GROUP_KEY = re.compile(
     r"(?<![\w.+/])((?:dataset|detector|supervision|strategy|budget|oracle|trainer)(?:\.\w+)+)"
 )
@@ -141,7 +176,7 @@ def run(cfg: DictConfig) -> dict[str, str] | None:
         if multirun:  # one failing job is recorded and the sweep goes on
             write_json(out_dir / "error.json", {"error": message})
             return {"error": message}
-        print(f"alrun: error: {message}", file=sys.stderr)
+        print_error(message)
         sys.exit(2)
     return None
 
@@ -195,7 +230,7 @@ def _one_line_composition_errors(report: Callable) -> Callable:
             except (HydraException, OmegaConfBaseException) as err:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
-                print(f"alrun: error: {composition_error(err)}", file=sys.stderr)
+                print_error(composition_error(err))
                 sys.exit(2)
 
         return report(guarded)
