@@ -1,7 +1,7 @@
 """Command-line entry point: ``alrun`` (Hydra app: run, ``-m`` sweeps, ``--cfg``, ``--help``).
 
 User mistakes end as one line ``alrun: error: <key or file>: <what was expected>``, then
-``alrun: see docs/<page>.md`` (the manual's page for that key), and exit 2;
+``  see docs/<page>.md`` (the manual's page for that key), and exit 2;
 Ctrl-C ends as ``alrun: interrupted; re-run the same command to resume`` and exit 130. Inside a
 sweep a failing job (a user error or a bug) writes ``error.json`` into its directory (a bug also
 ``traceback.txt``) and the sweep goes on; the sweep
@@ -79,7 +79,7 @@ def user_error(err: BaseException) -> str | None:
     return None
 
 
-# The manual's page for an error, by the config key (or kind of problem) the message starts with.
+# The manual's page for an error, by the config key the message starts with.
 DOCS_PAGES = (
     ("dataset", "docs/getting-started.md"),
     ("strategy", "docs/strategies.md"),
@@ -90,27 +90,33 @@ DOCS_PAGES = (
     ("oracle.kind", "docs/supervision.md"),  # label kinds
     ("oracle", "docs/budgets.md"),  # the cost model
     ("detector", "docs/clusters.md"),
+    ("metric", "docs/reports.md"),
     ("resume", "docs/crash-safety.md"),
 )
+_RUN_DIR_FILES = re.compile(r"state\.json|config\.json|round_\d+|\.lock\b")
 
 
 def docs_page(message: str) -> str:
-    """The docs page that explains what ``message`` (one ``alrun: error:`` line) is about."""
-    key = message.split(":", 1)[0].strip()
+    """The docs page that explains what ``message`` (an ``alrun: error:`` line) is about."""
+    key = message.split(": ", 1)[0].strip()
+    if "another alrun process" in message or "cannot write" in message:
+        return "docs/crash-safety.md"
     for prefix, page in DOCS_PAGES:  # "budget.unit", "strategy=ppal", "supervision (Full...)"
         if key == prefix or (key.startswith(prefix) and key[len(prefix)] in ". ="):
             return page
-    if "Could not" in message or "override" in message:  # a typo in a group option or key
+    if message.startswith(("Could not", "In '")):  # a typo in a key or a group option
         return "docs/reference/config-groups.md"
-    if "another alrun process" in message or "resume" in message or "cannot write" in message:
+    if _RUN_DIR_FILES.search(key):
         return "docs/crash-safety.md"
+    if "/" in key or "file not found" in key:  # a data file or folder
+        return "docs/getting-started.md"
     return "docs/configuration.md"
 
 
 def print_error(message: str) -> None:
-    """The one error line, then where the manual explains it."""
+    """The one error line, then the manual's page for it."""
     print(f"alrun: error: {message}", file=sys.stderr)
-    print(f"alrun: see {docs_page(message)}", file=sys.stderr)
+    print(f"  see {docs_page(message)}", file=sys.stderr)
 
 
 _GROUP_KEY = re.compile(

@@ -255,7 +255,7 @@ def test_cli_refuses_a_click_outside_the_image_before_training(tmp_path):
         f"alrun: error: oracle.path: {path} line 1 (image '{first.image_id}', "
         f"{first.width}x{first.height}): click ({first.width + 7}, 3) is outside the "
         f"{first.width}x{first.height} image; expected 0 <= x <= {first.width} and "
-        f"0 <= y <= {first.height}"
+        f"0 <= y <= {first.height}\n  see docs/supervision.md"
     )
     assert result.stderr.strip() == expected
     assert_clean_failure(result, tmp_path)

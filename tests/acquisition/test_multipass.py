@@ -261,7 +261,8 @@ def test_cli_refuses_bad_passes_before_writing_anything(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
-        "alrun: error: strategy.scorer.passes: expected an integer >= 1, got 0"
+        "alrun: error: strategy.scorer.passes: expected an integer >= 1, got 0",
+        "  see docs/strategies.md",
     ]
     assert not list(run.glob("round_*")) and not (run / "state.json").exists()
 

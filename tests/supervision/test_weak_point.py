@@ -217,7 +217,7 @@ def test_cli_refuses_an_out_of_range_switch_threshold_in_one_line(tmp_path):
     assert_clean_failure(
         result, tmp_path, "alrun: error: supervision.soft_threshold: expected a number in [0, 1]"
     )
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.strip().splitlines()[1:] == ["  see docs/supervision.md"]
 
 
 def test_label_kinds_are_what_the_settings_can_ask_for():
