@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 
 import alrun
 from alrun.types import Needs
@@ -26,10 +26,11 @@ GROUPS = ("dataset", "detector", "supervision", "strategy", "budget", "oracle", 
 STRATEGIES_PAGE = "reference/strategies.md"
 GROUPS_PAGE = "reference/config-groups.md"
 
-# "Sener & Savarese 2018", "Choi et al., "...", ICCV 2021", "Kao et al. 2018", "Cordier et al."
+# "Sener & Savarese 2018", "Choi et al., "<title>", ICCV 2021", "Kao et al. 2018", "Cordier et al."
 _CITATION = re.compile(
-    r"[A-Z][\w-]+(?: et al\.| & [A-Z][\w-]+)(?:,? \"[^\"]+\",)?(?:,? (?:[A-Z]{2,} )?\d{4})?"
+    r"([A-Z][\w-]+(?: et al\.| & [A-Z][\w-]+))(?:,? \"[^\"]+\",)?((?:,? (?:[A-Z]{2,} )?\d{4})?)"
 )
+SUMMARY_CHARS = 220  # the table's "what it does": the header's first sentence, this long at most
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,29 @@ def header_comment(path: Path) -> str:
         if not text.startswith("@package"):
             lines.append(text)
     return " ".join(lines).strip()
+
+
+def summary(text: str) -> str:
+    """The first sentence of a header comment, without its citations (the reference column
+    has them), cut at ``SUMMARY_CHARS``."""
+    text = re.sub(r" ?\((?:[^()]*\d{4}|[^()]*et al\.[^()]*)\)", "", text)  # "(Kao et al. 2018)"
+    first = re.split(r"(?<=[a-z0-9)])(?<! al)\. ", text, maxsplit=1)[0].rstrip(".")
+    return first if len(first) <= SUMMARY_CHARS else first[: SUMMARY_CHARS - 1].rstrip() + "…"
+
+
+def _citations(text: str) -> list[str]:
+    return [name + year for name, year in _CITATION.findall(text)]
+
+
+def references(header: str, cfg) -> str:
+    """The works the yaml's header cites, else those the docstrings of the classes and
+    functions it names (``_target_``: scorer, box score, selector) cite."""
+    found = _citations(header)
+    for node in (cfg.scorer, cfg.scorer.get("box_score") or {}, cfg.selector):
+        target = node.get("_target_") if hasattr(node, "get") else None
+        if not found and target:
+            found += _citations(" ".join((get_object(target).__doc__ or "").split()))
+    return "; ".join(dict.fromkeys(found)) or "–"
 
 
 def family(scorer: str, selector: str, source: str | None) -> str:
@@ -107,8 +131,8 @@ def strategy_rows() -> tuple[StrategyRow, ...]:
             name=path.stem,
             family=family(scorer, selector, cfg.scorer.get("source")),
             needs=describe_needs(strategy.needs),
-            description=text,
-            reference="; ".join(dict.fromkeys(_CITATION.findall(text))) or "–",
+            description=summary(text),
+            reference=references(text, cfg),
         ))  # fmt: skip
     return tuple(rows)
 
