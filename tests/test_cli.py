@@ -96,6 +96,7 @@ def test_unknown_strategy(tmp_path):
     ]
 
 
+@pytest.mark.integration
 def test_config_key_typo(tmp_path):
     result = alrun(tmp_path, "trainer.lrr=0.1")
     assert_clean_failure(result, tmp_path, "lrr")
@@ -112,6 +113,7 @@ def test_missing_dataset_path(tmp_path):
     assert result.stderr.strip().splitlines()[1:] == ["  see docs/getting-started.md"]
 
 
+@pytest.mark.integration
 def test_malformed_annotation(tmp_path):
     root = tmp_path / "voc"
     (root / "Annotations").mkdir(parents=True)
@@ -129,32 +131,38 @@ def test_malformed_annotation(tmp_path):
     assert_clean_failure(result, tmp_path, "alrun: error:", "broken.xml")
 
 
+@pytest.mark.integration
 def test_budget_unit_typo(tmp_path):
     result = alrun(tmp_path, "budget.unit=imgs")
     assert_clean_failure(result, tmp_path, "budget.unit", "imgs")
 
 
+BAD_VALUES = [
+    ("dataset.num_pool=0", "must be > 0"),
+    ("budget.initial=5000", "budget.initial"),
+    ("detector.pretrained=/no/such.pt", "detector.pretrained"),
+    ("budget.per_round=0", "budget.per_round"),
+    ("trainer.init=warm", "trainer.init"),
+    ("strategy.scorer.aggregator=median", "strategy.scorer.aggregator"),
+    ("trainer.lr=-1", "trainer.lr: expected > 0, got -1"),
+    ("trainer.epochs=-1", "trainer.epochs: expected >= 0, got -1"),
+    ("keep_checkpoints=foo", "keep_checkpoints: expected last|all, got 'foo'"),
+    ("save_predictions=maybe", "save_predictions: expected true|false, got 'maybe'"),
+    ("resume=foo", "resume: expected auto|true|false, got 'foo'"),
+    ("budget.per_round=[5,5,5]", "budget.per_round: 3 amounts listed for 2 rounds"),
+    ("strategy.scorer.distribution=softmax", "strategy.scorer.distribution: expected one of"),
+    ("strategy.scorer.distribution=with_background", "needs a softmax head"),
+    ("budget.fill=greedy", "budget.fill: expected one of stop|skip, got 'greedy'"),
+    ("detector.pretrained_backbone=/no/such.pth", "detector.pretrained_backbone: file"),
+]
+FAST_BAD_VALUES = ("budget.initial=5000", "strategy.scorer.aggregator=median", "trainer.lr=-1")
+
+
 @pytest.mark.parametrize(
     "override,needle",
-    [
-        ("dataset.num_pool=0", "must be > 0"),
-        ("budget.initial=5000", "budget.initial"),
-        ("detector.pretrained=/no/such.pt", "detector.pretrained"),
-        ("budget.per_round=0", "budget.per_round"),
-        ("trainer.init=warm", "trainer.init"),
-        ("strategy.scorer.aggregator=median", "strategy.scorer.aggregator"),
-        ("trainer.lr=-1", "trainer.lr: expected > 0, got -1"),
-        ("trainer.epochs=-1", "trainer.epochs: expected >= 0, got -1"),
-        ("keep_checkpoints=foo", "keep_checkpoints: expected last|all, got 'foo'"),
-        ("save_predictions=maybe", "save_predictions: expected true|false, got 'maybe'"),
-        ("resume=foo", "resume: expected auto|true|false, got 'foo'"),
-        ("budget.per_round=[5,5,5]", "budget.per_round: 3 amounts listed for 2 rounds"),
-        ("strategy.scorer.distribution=softmax", "strategy.scorer.distribution: expected one of"),
-        ("strategy.scorer.distribution=with_background", "needs a softmax head"),
-        ("budget.fill=greedy", "budget.fill: expected one of stop|skip, got 'greedy'"),
-        ("detector.pretrained_backbone=/no/such.pth", "detector.pretrained_backbone: file"),
-    ],
-)
+    [v if v[0] in FAST_BAD_VALUES else pytest.param(*v, marks=pytest.mark.integration)
+     for v in BAD_VALUES],
+)  # fmt: skip
 def test_bad_values(tmp_path, override, needle):
     result = alrun(tmp_path, override)
     assert_clean_failure(result, tmp_path, "alrun: error:", needle)
@@ -165,6 +173,7 @@ def _sweep(sweep: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
 
 
+@pytest.mark.integration
 def test_sweep_writes_one_run_per_job_and_counts_failures(tmp_path):
     sweep = tmp_path / "sweep"
     result = _sweep(sweep, "experiment=smoke", "budget.rounds=0,-1", "strategy=random,entropy")
@@ -181,6 +190,7 @@ def test_sweep_writes_one_run_per_job_and_counts_failures(tmp_path):
     assert last == f"alrun: sweep finished: 2 of 4 jobs failed; errors in {sweep}/*/error.json"
 
 
+@pytest.mark.integration
 def test_sweep_in_which_every_job_failed_exits_non_zero(tmp_path):
     sweep = tmp_path / "sweep"
     result = _sweep(sweep, "experiment=smoke", "budget.unit=imgs,pixels")
@@ -198,6 +208,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.integration
 def test_ctrl_c_says_how_to_resume(tmp_path):
     run = tmp_path / "run"
     cmd = [
@@ -230,6 +241,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert not (run / ".round_00.tmp").exists() and not (run / "round_00").exists()
 
 
+@pytest.mark.integration
 def test_second_process_in_the_same_run_dir_is_refused(tmp_path):
     run = tmp_path / "run"
     code = (
@@ -254,6 +266,7 @@ def test_second_process_in_the_same_run_dir_is_refused(tmp_path):
     assert not (run / "config.json").exists()
 
 
+@pytest.mark.integration
 def test_refused_rerun_names_the_keys_and_keeps_the_record(tmp_path):
     first = alrun(tmp_path, "budget.rounds=0")
     assert first.returncode == 0, first.stderr
@@ -267,6 +280,7 @@ def test_refused_rerun_names_the_keys_and_keeps_the_record(tmp_path):
     assert len(record) == 4  # config.json + .hydra/{config,hydra,overrides}.yaml
 
 
+@pytest.mark.integration
 def test_full_disk_is_one_line_naming_the_file(tmp_path):
     target = tmp_path / "run" / ".round_00.tmp" / "metrics.json"
     cmd_env = {**ENV, "ALRUN_FAULT_KIND": "enospc", "ALRUN_FAULT_AT": f"write {target}"}
@@ -289,6 +303,7 @@ def test_full_disk_is_one_line_naming_the_file(tmp_path):
     assert not list((tmp_path / "run").glob("*round_00*"))
 
 
+@pytest.mark.integration
 def test_wrong_key_for_the_chosen_dataset(tmp_path):
     """A synthetic-only key with a VOC dataset is a one-line config error naming the key."""
     result = alrun(tmp_path, "dataset=voc", "dataset.root=/tmp", "+dataset.num_pool=60")
@@ -296,6 +311,7 @@ def test_wrong_key_for_the_chosen_dataset(tmp_path):
     assert result.stderr.strip().splitlines()[1:] == ["  see docs/getting-started.md"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
 def test_unwritable_output_dir_is_one_line(key):
     cmd = [sys.executable, "-m", "alrun.cli", "experiment=smoke", f"{key}=/proc/alrun/run"]
@@ -321,6 +337,7 @@ def test_hints_name_keys_the_way_they_must_be_typed():
     assert hint_keys(kept, cfg) == kept  # keys in the schema are typed without +
 
 
+@pytest.mark.integration
 def test_pretrained_backbone_of_another_architecture(tmp_path):
     import torch
     import torchvision

@@ -178,6 +178,7 @@ def _alrun(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
         (["dataset=yolo"], "alrun: error: dataset.root: required; set dataset.root=<path>"),
     ],
 )
+@pytest.mark.integration
 def test_required_dataset_keys_are_one_line_errors(tmp_path, overrides, expected) -> None:
     result = _alrun(tmp_path, *overrides)
     assert result.returncode != 0
@@ -187,6 +188,7 @@ def test_required_dataset_keys_are_one_line_errors(tmp_path, overrides, expected
     assert not list((tmp_path / "run").glob("round_*"))
 
 
+@pytest.mark.integration
 def test_data_yaml_naming_a_missing_directory_from_the_cli(tmp_path: Path) -> None:
     root = make_yolo(
         tmp_path / "ds", data_yaml="train: images/train\nval: images/va\nnames: [a, b]\n"

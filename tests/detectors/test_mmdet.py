@@ -52,6 +52,7 @@ def test_module_imports_without_mmdet():
     assert out.strip() == "[]"
 
 
+@pytest.mark.integration
 @without_mmdet
 def test_without_mmdet_the_cli_says_how_to_install_it(tmp_path):
     run_dir = tmp_path / "run"

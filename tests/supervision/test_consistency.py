@@ -261,6 +261,7 @@ def test_two_stage_hook_loss_reaches_the_roi_box_head():
     assert stats["images"] == 2 and stats["matched_per_image"] > 0
 
 
+@pytest.mark.integration
 def test_one_round_end_to_end_with_faster_rcnn(tmp_path):
     tiny = ["detector.builder.min_size=64", "detector.builder.max_size=64"]
     cfg = compose_config(["experiment=smoke", "quiet=true", "budget.rounds=1",
