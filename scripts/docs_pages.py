@@ -30,7 +30,7 @@ GROUPS_PAGE = "reference/config-groups.md"
 _CITATION = re.compile(
     r"([A-Z][\w-]+(?: et al\.| & [A-Z][\w-]+))(?:,? \"[^\"]+\",)?((?:,? (?:[A-Z]{2,} )?\d{4})?)"
 )
-SUMMARY_CHARS = 220  # the table's "what it does": the header's first sentence, this long at most
+SUMMARY_CHARS = 160  # the table's "what it does": the header's first sentence, this long at most
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ def summary(text: str) -> str:
     """The first sentence of a header comment, without its citations (the reference column
     has them), cut at ``SUMMARY_CHARS``."""
     text = re.sub(r" ?\((?:[^()]*\d{4}|[^()]*et al\.[^()]*)\)", "", text)  # "(Kao et al. 2018)"
+    text = re.sub(r" ?\([\w./]+\.(?:py|yaml)\)", "", text)  # "(base/multipass.yaml)": see the code
     first = re.split(r"(?<=[a-z0-9)])(?<! al)\. ", text, maxsplit=1)[0].rstrip(".")
     return first if len(first) <= SUMMARY_CHARS else first[: SUMMARY_CHARS - 1].rstrip() + "…"
 
