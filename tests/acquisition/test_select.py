@@ -179,6 +179,7 @@ def test_each_diversity_strategy_runs_one_round(tmp_path, strategy):
         assert sum(selection["weights_this_round"].values()) == pytest.approx(1.0, abs=0.02)
 
 
+@pytest.mark.integration
 def test_ppal_selection_is_deterministic_per_seed(tmp_path):
     first, _, _ = _one_round(tmp_path / "a", "ppal")
     again, _, _ = _one_round(tmp_path / "b", "ppal")
