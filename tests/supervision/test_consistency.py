@@ -120,7 +120,9 @@ def test_consistency_needs_a_dense_head():
         FlipConsistency(match_threshold=2)
 
 
-@pytest.mark.parametrize("init", ["continue", "scratch"])
+@pytest.mark.parametrize(
+    "init", [pytest.param("continue", marks=pytest.mark.integration), "scratch"]
+)
 def test_one_round_end_to_end_adds_the_consistency_loss(tmp_path, init):
     cfg = compose_config(["experiment=smoke", "quiet=true", "budget.rounds=1",
                           "supervision=consistency", "supervision.match_threshold=0.0",

@@ -166,7 +166,9 @@ def test_cli_bad_threshold_is_one_line_and_writes_nothing(tmp_path):
 SMOKE = ["experiment=smoke", "quiet=true", "budget.rounds=1", "supervision=pseudo_label"]
 
 
-@pytest.mark.parametrize("init", ["continue", "scratch"])
+@pytest.mark.parametrize(
+    "init", [pytest.param("continue", marks=pytest.mark.integration), "scratch"]
+)
 def test_one_round_end_to_end_records_the_pseudo_labels(tmp_path, init):
     cfg = compose_config([*SMOKE, "supervision.threshold=0.1", f"trainer.init={init}"])
     rows = run_experiment(cfg, tmp_path)
