@@ -1,6 +1,7 @@
 """Command-line entry point: ``alrun`` (Hydra app: run, ``-m`` sweeps, ``--cfg``, ``--help``).
 
-User mistakes end as one line ``alrun: error: <key or file>: <what was expected>`` and exit 2;
+User mistakes end as one line ``alrun: error: <key or file>: <what was expected>``, then
+``  see docs/<page>.md`` (the manual's page for that key), and exit 2;
 Ctrl-C ends as ``alrun: interrupted; re-run the same command to resume`` and exit 130. Inside a
 sweep a failing job (a user error or a bug) writes ``error.json`` into its directory (a bug also
 ``traceback.txt``) and the sweep goes on; the sweep
@@ -76,6 +77,46 @@ def user_error(err: BaseException) -> str | None:
     return None
 
 
+# The manual's page for an error, by the config key the message starts with.
+DOCS_PAGES = (
+    ("dataset", "docs/getting-started.md"),
+    ("strategy", "docs/strategies.md"),
+    ("supervision", "docs/supervision.md"),
+    ("budget", "docs/budgets.md"),
+    ("oracle.path", "docs/supervision.md"),  # imported labels (oracle=recorded)
+    ("oracle.missing", "docs/supervision.md"),
+    ("oracle.kind", "docs/supervision.md"),  # label kinds
+    ("oracle", "docs/budgets.md"),  # the cost model
+    ("detector", "docs/clusters.md"),
+    ("metric", "docs/reports.md"),
+    ("resume", "docs/crash-safety.md"),
+)
+_RUN_DIR_FILES = re.compile(r"state\.json|config\.json|round_\d+|\.lock\b")
+
+
+def docs_page(message: str) -> str:
+    """The docs page that explains what ``message`` (an ``alrun: error:`` line) is about."""
+    key = message.split(": ", 1)[0].strip()
+    if "another alrun process" in message or "cannot write" in message:
+        return "docs/crash-safety.md"
+    for prefix, page in DOCS_PAGES:  # "budget.unit", "strategy=ppal", "supervision (Full...)"
+        if key == prefix or (key.startswith(prefix) and key[len(prefix)] in ". ="):
+            return page
+    if message.startswith(("Could not", "In '")):  # a typo in a key or a group option
+        return "docs/reference/config-groups.md"
+    if _RUN_DIR_FILES.search(key):
+        return "docs/crash-safety.md"
+    if "/" in key or "file not found" in key:  # a data file or folder
+        return "docs/getting-started.md"
+    return "docs/configuration.md"
+
+
+def print_error(message: str) -> None:
+    """The one error line, then the manual's page for it."""
+    print(f"alrun: error: {message}", file=sys.stderr)
+    print(f"  see {docs_page(message)}", file=sys.stderr)
+
+
 _GROUP_KEY = re.compile(
     r"(?<![\w.+/])((?:dataset|detector|supervision|strategy|budget|oracle|trainer)(?:\.\w+)+)"
 )
@@ -139,7 +180,7 @@ def run(cfg: DictConfig) -> dict[str, str] | None:
         if multirun:  # one failing job is recorded and the sweep goes on
             write_json(out_dir / "error.json", {"error": message})
             return {"error": message}
-        print(f"alrun: error: {message}", file=sys.stderr)
+        print_error(message)
         sys.exit(2)
     return None
 
@@ -193,7 +234,7 @@ def _one_line_composition_errors(report: Callable) -> Callable:
             except (HydraException, OmegaConfBaseException) as err:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
-                print(f"alrun: error: {composition_error(err)}", file=sys.stderr)
+                print_error(composition_error(err))
                 sys.exit(2)
 
         return report(guarded)

@@ -124,6 +124,7 @@ def test_boxes_and_seconds_budgets_never_exceeded(tmp_path, unit, budget):
     assert sel["selected"], "a budget this size buys at least one image"
 
 
+@pytest.mark.integration
 def test_pool_exhaustion_stops_cleanly(tmp_path):
     rows = _run(
         tmp_path,
@@ -141,12 +142,14 @@ def test_initial_budget_larger_than_pool_is_an_error(tmp_path):
     assert not list(tmp_path.glob("round_*"))
 
 
+@pytest.mark.integration
 def test_changed_config_in_same_dir_is_refused(tmp_path):
     _run(tmp_path, ["budget.rounds=1"])
     with pytest.raises(AlrunError, match=r"different config \(trainer\.lr: 0\.01 -> 0\.02\)"):
         _run(tmp_path, ["budget.rounds=1", "trainer.lr=0.02"])
 
 
+@pytest.mark.integration
 def test_completed_run_is_not_redone(tmp_path):
     rows = _run(tmp_path, ["budget.rounds=1"])
     mtime = (tmp_path / "round_01/metrics.json").stat().st_mtime_ns
@@ -159,6 +162,7 @@ def _cli(run_dir: Path, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "alrun.cli", *SMOKE, f"hydra.run.dir={run_dir}", *extra]
 
 
+@pytest.mark.integration
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     """Killed by another process inside round 1's training (observed: its temp dir appears)."""
     extra = ["budget.rounds=2", "trainer.iterations=40"]
@@ -208,6 +212,7 @@ def _labelled_ids(run_dir: Path) -> dict[str, list[str]]:
     }
 
 
+@pytest.mark.integration
 def test_state_lagging_a_finished_round_resumes_without_redoing_it(tmp_path, monkeypatch):
     """Crash right after round 1's directory was committed, before state.json caught up;
     with init=scratch and keep_checkpoints=all."""
@@ -244,6 +249,7 @@ def test_resume_true_continues_from_checkpoint_and_resume_false_refuses(tmp_path
         _run(tmp_path / "empty", [*overrides, "resume=true"])
 
 
+@pytest.mark.integration
 def test_real_voc_dataset_with_recorded_skips(tmp_path):
     from tests.helpers import shared_dataset
 
@@ -296,6 +302,7 @@ def test_a_collapsed_round_is_said_loudly(tmp_path, caplog):
     assert any("looks collapsed" in rec.message for rec in caplog.records)
 
 
+@pytest.mark.integration
 def test_scratch_resume_gives_regimes_the_last_rounds_model(tmp_path, monkeypatch):
     """trainer.init=scratch retrains every round, but weak_point makes its pseudo-boxes with the
     previous round's model first: a resumed run must hand it the same model (it used to get a

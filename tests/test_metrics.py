@@ -346,6 +346,7 @@ def test_loop_records_protocol_threshold_tide_and_pool_misses(tmp_path, monkeypa
     assert last["pool_misses"] is None  # the last round scores no pool
 
 
+@pytest.mark.integration
 def test_cli_unknown_protocol_fails_before_any_round(tmp_path):
     import subprocess
     import sys
@@ -366,6 +367,7 @@ def test_cli_unknown_protocol_fails_before_any_round(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "alrun: error: metric.protocol: expected one of coco|voc07|voc12, got 'voc2012'"
+        "alrun: error: metric.protocol: expected one of coco|voc07|voc12, got 'voc2012'\n"
+        "  see docs/reports.md"
     )
     assert not list((tmp_path / "run").glob("round_*"))

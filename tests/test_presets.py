@@ -174,6 +174,7 @@ def test_user_configs_folder_is_on_the_search_path(tmp_path, monkeypatch):
         compose_config(["experiment=mine"])
 
 
+@pytest.mark.integration
 def test_cli_runs_a_user_preset_from_the_working_directory(tmp_path):
     """A whole (tiny) run of a preset and dataset config that live only in ./configs."""
     write_user_configs(tmp_path)

@@ -272,6 +272,7 @@ def test_bad_files_are_one_line_errors_naming_file_line_and_expectation(tmp_path
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.integration
 def test_cli_refuses_a_click_outside_the_image_before_training(tmp_path):
     from tests.test_cli import alrun, assert_clean_failure
 
@@ -290,7 +291,7 @@ def test_cli_refuses_a_click_outside_the_image_before_training(tmp_path):
         f"alrun: error: oracle.path: {path} line 1 (image '{first.image_id}', "
         f"{first.width}x{first.height}): click ({first.width + 7}, 3) is outside the "
         f"{first.width}x{first.height} image; expected 0 <= x <= {first.width} and "
-        f"0 <= y <= {first.height}"
+        f"0 <= y <= {first.height}\n  see docs/supervision.md"
     )
     assert result.stderr.strip() == expected
     assert_clean_failure(result, tmp_path)
@@ -379,6 +380,7 @@ def _answer_from_truth(record: ImageRecord, kind: str) -> dict:
         ("weak_point", "center_click"),
     ],
 )
+@pytest.mark.integration
 def test_every_regime_runs_on_recorded_labels(tmp_path, regime, kind):
     overrides = [*SMOKE[:3], f"supervision={regime}"]
     pool = instantiate(compose_config(overrides).dataset).pool

@@ -46,6 +46,7 @@ def test_submitit_launcher_configs_compose(option, cls, tmp_path):
         assert (launcher.cpus_per_task, launcher.timeout_min) == (8, 240)
 
 
+@pytest.mark.integration
 def test_sweep_ends_with_report_and_failed_job_listed(tmp_path):
     """A 2-job sweep where one job fails on bad input: the sweep finishes and reports both."""
     sweep_dir = tmp_path / "sweep"
@@ -82,6 +83,7 @@ def test_sweep_ends_with_report_and_failed_job_listed(tmp_path):
     assert "mAP by strategy.name" in result.stdout
 
 
+@pytest.mark.integration
 def test_a_job_that_hits_a_bug_is_recorded_and_the_sweep_goes_on(tmp_path):
     """A genuine bug (not a user error) in one job: traceback.txt + error.json there, the other
     job still runs, the sweep's report lists the failed job, exit 0."""

@@ -182,6 +182,7 @@ def test_lock_names_the_holder_and_dies_with_it(tmp_path):
         assert (root / ".lock").read_text().strip() == str(os.getpid())
 
 
+@pytest.mark.integration
 def test_fault_drill_small_version(tmp_path):
     """scripts/fault_drill.py on the crash windows issue 7 found: a round dir committed before
     state.json, a temp state file written but not renamed, an old checkpoint not yet pruned,

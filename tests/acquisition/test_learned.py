@@ -112,6 +112,7 @@ def test_untrained_head_is_a_clear_error():
         LossPrediction()(ctx)
 
 
+@pytest.mark.integration
 def test_loss_prediction_trains_on_a_detector_with_1x1_batchnorm_maps(data):
     """SSDlite's extra layers end in 1x1 maps with BatchNorm: the per-image loss forwards
     (one image each) used to fail with 'Expected more than 1 value per channel'."""

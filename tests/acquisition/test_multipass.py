@@ -250,6 +250,7 @@ def test_start_up_errors_name_the_key(overrides, needle):
     assert message is not None and needle in message and "\n" not in message, message
 
 
+@pytest.mark.integration
 def test_cli_refuses_bad_passes_before_writing_anything(tmp_path):
     env = {"PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
@@ -261,7 +262,8 @@ def test_cli_refuses_bad_passes_before_writing_anything(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
-        "alrun: error: strategy.scorer.passes: expected an integer >= 1, got 0"
+        "alrun: error: strategy.scorer.passes: expected an integer >= 1, got 0",
+        "  see docs/strategies.md",
     ]
     assert not list(run.glob("round_*")) and not (run / "state.json").exists()
 
@@ -290,7 +292,14 @@ STRATEGIES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+FAST = ("mc_entropy", "ensemble_bald")  # MC dropout and an ensemble in the fast tier
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in FAST else pytest.param(n, marks=pytest.mark.integration)
+     for n in sorted(STRATEGIES)],
+)  # fmt: skip
 def test_one_round_of_each_multipass_strategy(tmp_path, name):
     overrides = [f"strategy={name}", "budget.rounds=1", *STRATEGIES[name]]
     rows = run_experiment(compose_config(SMOKE + overrides), tmp_path)

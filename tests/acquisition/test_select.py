@@ -151,7 +151,14 @@ def _one_round(tmp_path, strategy, seed=0):
     return selection, metrics, {im["id"] for im in labelled["images"]}
 
 
-@pytest.mark.parametrize("strategy", sorted(DIVERSITY_STRATEGIES))
+FAST = ("kmeans_pp", "ppal")  # a diversity and a hybrid strategy in the fast tier
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [s if s in FAST else pytest.param(s, marks=pytest.mark.integration)
+     for s in sorted(DIVERSITY_STRATEGIES)],
+)  # fmt: skip
 def test_each_diversity_strategy_runs_one_round(tmp_path, strategy):
     expected, train_keys = DIVERSITY_STRATEGIES[strategy]
     selection, metrics, labelled = _one_round(tmp_path, strategy)
@@ -172,6 +179,7 @@ def test_each_diversity_strategy_runs_one_round(tmp_path, strategy):
         assert sum(selection["weights_this_round"].values()) == pytest.approx(1.0, abs=0.02)
 
 
+@pytest.mark.integration
 def test_ppal_selection_is_deterministic_per_seed(tmp_path):
     first, _, _ = _one_round(tmp_path / "a", "ppal")
     again, _, _ = _one_round(tmp_path / "b", "ppal")

@@ -178,24 +178,28 @@ def _alrun(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
         (["dataset=yolo"], "alrun: error: dataset.root: required; set dataset.root=<path>"),
     ],
 )
+@pytest.mark.integration
 def test_required_dataset_keys_are_one_line_errors(tmp_path, overrides, expected) -> None:
     result = _alrun(tmp_path, *overrides)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
+    error, page = result.stderr.strip().splitlines()[-2:]
+    assert error.startswith(expected) and page == "  see docs/getting-started.md", result.stderr
     assert "Traceback" not in result.stderr and "MissingMandatoryValue" not in result.stderr
     assert not list((tmp_path / "run").glob("round_*"))
 
 
+@pytest.mark.integration
 def test_data_yaml_naming_a_missing_directory_from_the_cli(tmp_path: Path) -> None:
     root = make_yolo(
         tmp_path / "ds", data_yaml="train: images/train\nval: images/va\nnames: [a, b]\n"
     )
     result = _alrun(tmp_path, "dataset=yolo", f"dataset.root={root}")
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert result.stderr.strip().splitlines()[-2:] == [
         f"alrun: error: {root / 'data.yaml'}: 'val' names {root / 'images' / 'va'}, "
-        "which does not exist"
-    )
+        "which does not exist",
+        "  see docs/getting-started.md",
+    ]
     assert not list((tmp_path / "run").glob("round_*"))
 
 

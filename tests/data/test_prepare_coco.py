@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra.utils import instantiate
 
 from tests.data.fabricate import make_coco_root
@@ -36,6 +37,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
         assert needle in lines[0], lines[0]
 
 
+@pytest.mark.integration
 def test_checks_a_copy_and_writes_a_user_config(tmp_path, monkeypatch):
     root = make_coco_root(tmp_path / "coco")
     result = prepare(tmp_path, "--root", str(root), "--write-config", "mycoco")
@@ -47,6 +49,7 @@ def test_checks_a_copy_and_writes_a_user_config(tmp_path, monkeypatch):
     assert (len(splits.pool), len(splits.test)) == (8, 4)
 
 
+@pytest.mark.integration
 def test_missing_pieces_are_one_line(tmp_path):
     assert_one_line_error(prepare(tmp_path, "--root", str(tmp_path / "none")), "does not exist")
     root = make_coco_root(tmp_path / "coco")

@@ -52,6 +52,7 @@ def test_module_imports_without_mmdet():
     assert out.strip() == "[]"
 
 
+@pytest.mark.integration
 @without_mmdet
 def test_without_mmdet_the_cli_says_how_to_install_it(tmp_path):
     run_dir = tmp_path / "run"
@@ -62,7 +63,8 @@ def test_without_mmdet_the_cli_says_how_to_install_it(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines[1] == "  see docs/clusters.md"
     assert lines[0].startswith("alrun: error: detector: the MMDetection backend needs mmdet")
     assert "bash scripts/install_mmdet.sh" in lines[0] and ".venv-mmdet" in lines[0]
     assert not list(run_dir.glob("round_*")) and not (run_dir / "state.json").exists()

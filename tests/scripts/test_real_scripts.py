@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO, shared_dataset
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
 ALRUN = f"{sys.executable} -m alrun.cli"
 
 
+@pytest.mark.integration
 def test_gpu_smoke_script_in_its_tiny_cpu_setting(tmp_path):
     out = tmp_path / "smoke"
     env = {**ENV, "GPU_SMOKE_TINY": "1", "GPU_SMOKE_DIR": str(out), "ALRUN_CMD": ALRUN,
@@ -32,6 +35,7 @@ def test_gpu_smoke_script_in_its_tiny_cpu_setting(tmp_path):
     assert "retinanet_resnet50_fpn" in config
 
 
+@pytest.mark.integration
 def test_bench_real_script_sweeps_and_reports(tmp_path):
     shared_dataset("bccd")
     out = tmp_path / "bench"

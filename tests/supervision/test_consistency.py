@@ -120,7 +120,9 @@ def test_consistency_needs_a_dense_head():
         FlipConsistency(match_threshold=2)
 
 
-@pytest.mark.parametrize("init", ["continue", "scratch"])
+@pytest.mark.parametrize(
+    "init", [pytest.param("continue", marks=pytest.mark.integration), "scratch"]
+)
 def test_one_round_end_to_end_adds_the_consistency_loss(tmp_path, init):
     cfg = compose_config(["experiment=smoke", "quiet=true", "budget.rounds=1",
                           "supervision=consistency", "supervision.match_threshold=0.0",
@@ -263,6 +265,7 @@ def test_two_stage_hook_loss_reaches_the_roi_box_head():
     assert stats["images"] == 2 and stats["matched_per_image"] > 0
 
 
+@pytest.mark.integration
 def test_one_round_end_to_end_with_faster_rcnn(tmp_path):
     tiny = ["detector.builder.min_size=64", "detector.builder.max_size=64"]
     cfg = compose_config(["experiment=smoke", "quiet=true", "budget.rounds=1",

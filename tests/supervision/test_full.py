@@ -73,6 +73,7 @@ def test_regime_and_oracle_kinds_are_checked_at_start_up():
         build_experiment(compose_config(["experiment=smoke", "oracle.kind=center_click"]))
 
 
+@pytest.mark.integration
 def test_full_with_click_oracle_is_a_one_line_error_and_writes_nothing(tmp_path):
     """Before: boxes were trained on and billed as clicks. Now: refused before any work."""
     out = tmp_path / "run"

@@ -151,6 +151,7 @@ def test_threshold_outside_unit_interval_is_refused(bad):
         PseudoLabelSelfTraining(empty="ignore")
 
 
+@pytest.mark.integration
 def test_cli_bad_threshold_is_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     code, errors = alrun_errors(
@@ -165,7 +166,9 @@ def test_cli_bad_threshold_is_one_line_and_writes_nothing(tmp_path):
 SMOKE = ["experiment=smoke", "quiet=true", "budget.rounds=1", "supervision=pseudo_label"]
 
 
-@pytest.mark.parametrize("init", ["continue", "scratch"])
+@pytest.mark.parametrize(
+    "init", [pytest.param("continue", marks=pytest.mark.integration), "scratch"]
+)
 def test_one_round_end_to_end_records_the_pseudo_labels(tmp_path, init):
     cfg = compose_config([*SMOKE, "supervision.threshold=0.1", f"trainer.init={init}"])
     rows = run_experiment(cfg, tmp_path)
@@ -179,6 +182,7 @@ def test_one_round_end_to_end_records_the_pseudo_labels(tmp_path, init):
     assert train["pseudo/boxes"] > 0  # round 1's EMA teacher is sure of something at 0.1
 
 
+@pytest.mark.integration
 def test_previous_round_teacher_has_none_in_round_zero(tmp_path):
     cfg = compose_config([*SMOKE, "supervision.teacher=previous_round", "trainer.init=scratch",
                           "supervision.threshold=0.0"])  # fmt: skip

@@ -78,6 +78,7 @@ def test_round_starts_from_the_cached_pretrained_weights(tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("init", ["continue", "scratch"])
 def test_one_round_on_bccd_from_synthetic_pretraining(tmp_path, init):
     root = shared_dataset("bccd")

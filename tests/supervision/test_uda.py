@@ -43,6 +43,7 @@ def test_domain_loss_and_votes_on_hand_made_logits():
     assert says_target.tolist() == [True, False]
 
 
+@pytest.mark.integration
 def test_uda_without_target_domain_is_one_line_at_start_up(tmp_path):
     out = tmp_path / "run"
     code, errors = alrun_errors("experiment=smoke", "supervision=uda", f"hydra.run.dir={out}")
@@ -79,6 +80,7 @@ TINY = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("init", ["continue", "scratch"])
 def test_one_round_on_synthetic_domains_records_alignment_and_pseudo_labels(tmp_path, init):
     rows = run_experiment(compose_config([*TINY, f"trainer.init={init}"]), tmp_path)
@@ -105,6 +107,7 @@ def test_source_only_baseline_trains_without_target_labels_or_alignment(tmp_path
     assert not any(k.startswith(("domain/", "pseudo/")) for k in train)
 
 
+@pytest.mark.integration
 def test_one_round_on_txl_pbc_raabin_to_bccd(tmp_path):
     root = shared_dataset("txl_pbc")
     cfg = compose_config([
