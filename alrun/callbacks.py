@@ -128,7 +128,9 @@ def _fail_on_error(check: Callable[..., None], *args: Any) -> None:
     try:
         check(*args)
     except AlrunError as err:
-        print(f"alrun: error: {err}", file=sys.stderr)
+        from alrun.cli import print_error  # cli imports this module
+
+        print_error(str(err))
         sys.exit(2)
 
 
@@ -140,8 +142,7 @@ def _check_writable(path: Path, key: str) -> None:
     except OSError as err:
         writable, reason = False, err.strerror or type(err).__name__
     if not writable:
-        print(
-            f"alrun: error: {key}: cannot create or write {path.absolute()} ({reason})",
-            file=sys.stderr,
-        )
+        from alrun.cli import print_error  # cli imports this module
+
+        print_error(f"{key}: cannot create or write {path.absolute()} ({reason})")
         sys.exit(2)

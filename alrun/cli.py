@@ -97,7 +97,8 @@ _RUN_DIR_FILES = re.compile(r"state\.json|config\.json|round_\d+|\.lock\b")
 def docs_page(message: str) -> str:
     """The docs page that explains what ``message`` (an ``alrun: error:`` line) is about."""
     key = message.split(": ", 1)[0].strip()
-    if "another alrun process" in message or "cannot write" in message:
+    crash_safety = ("another alrun process", "cannot write", "not an alrun", "torch threads")
+    if any(needle in message for needle in crash_safety):
         return "docs/crash-safety.md"
     for prefix, page in DOCS_PAGES:  # "budget.unit", "strategy=ppal", "supervision (Full...)"
         if key == prefix or (key.startswith(prefix) and key[len(prefix)] in ". ="):

@@ -332,6 +332,7 @@ def test_unwritable_output_dir_is_one_line(key):
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"alrun: error: {key}: cannot create or write /proc/alrun/run (No such file or directory)"
+        "\n  see docs/configuration.md"
     )
 
 
@@ -377,7 +378,8 @@ def test_a_users_folder_is_refused_untouched(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == (
         f"alrun: error: {mine}: not an alrun run directory (holds .notes.tmp, .round_03.tmp, "
-        "paper.tex, round_07); choose another hydra.run.dir or empty it"
+        "paper.tex, round_07); choose another hydra.run.dir or empty it\n"
+        "  see docs/crash-safety.md"
     )
     assert _tree(mine) == before
 
@@ -391,7 +393,7 @@ def test_a_users_folder_is_refused_as_sweep_dir_untouched(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == (
         f"alrun: error: {mine}: not an alrun sweep directory (holds data); choose another "
-        "hydra.sweep.dir or empty it"
+        "hydra.sweep.dir or empty it\n  see docs/crash-safety.md"
     )
     assert _tree(mine) == before
 
@@ -413,7 +415,8 @@ def test_run_names_cannot_leave_the_output_root(tmp_path, override, key):
     result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=work, timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"alrun: error: {key}: expected a plain name"), result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    page = "strategies" if key.startswith("strategy") else "configuration"
+    assert result.stderr.strip().splitlines()[1:] == [f"  see docs/{page}.md"]
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing written anywhere
 
 
@@ -450,6 +453,7 @@ def test_full_disk_at_the_first_log_write_is_one_line(tmp_path):
     assert result.stderr.strip() == (
         f"alrun: error: {run / 'cli.log'}: cannot write the log (No space left on device); "
         "free space or choose a writable hydra.run.dir, then re-run the same command to resume"
+        "\n  see docs/crash-safety.md"
     )
 
 
