@@ -83,8 +83,8 @@ def test_ssd_with_what_it_can_do_still_builds(strategy):
     "weights, message",
     [
         ("[[1,1.0]]", r"weights.uncertainty: no step covers round 0"),
-        ("[[0,nan]]", r"weights.uncertainty: expected a finite weight"),
-        ("nan", r"weights.uncertainty: expected a finite weight"),
+        ("[[0,nan]]", r"weights.uncertainty(\[0\]\[1\])?: expected a finite number >= 0, got nan"),
+        ("nan", r"weights.uncertainty: expected a finite number >= 0 or a list of lists .*got nan"),
     ],
 )
 def test_weighted_schedule_refused_before_round_0(weights, message):
