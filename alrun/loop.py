@@ -23,19 +23,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.select import TopK
-from alrun.acquisition.strategies import RandomScore, Strategy
-from alrun.budget import Budget, check_initial_affordable, cost_function
+from alrun.acquisition.strategies import RandomScore
+from alrun.budget import check_initial_affordable, cost_function
 from alrun.data.coco import write_coco
-from alrun.data.dataset import DatasetSplits, split_record
-from alrun.detectors.base import Detector, TrainSchedule
+from alrun.data.dataset import split_record
 from alrun.diagnostics import collapse_reason
 from alrun.engine import starts_from_scratch
-from alrun.errors import AlrunError, BudgetError
+from alrun.errors import BudgetError
+from alrun.experiment import Experiment, build_experiment
 from alrun.io import atomic_write_bytes, read_json, save_torch, write_json
 from alrun.logger import NullLogger
-from alrun.metrics import MetricConfig, evaluate, failure_analysis, pool_misses
+from alrun.metrics import evaluate, failure_analysis, pool_misses
 from alrun.oracle import SimulatedOracle
-from alrun.params import check_config
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
 from alrun.rundir import (
@@ -48,76 +47,12 @@ from alrun.rundir import (
     pool_state,
     restore_pool,
 )
-from alrun.supervision.base import LabelRequest, Regime, check_regime
+from alrun.supervision.base import LabelRequest
 from alrun.types import Detections, ImageLabels, Needs, RoundResult, Selection
 
-__all__ = ["build_experiment", "run_experiment", "run_round", "unit_cost"]
+__all__ = ["Experiment", "build_experiment", "run_experiment", "run_round", "unit_cost"]
 
 log = logging.getLogger("alrun")
-
-
-@dataclass
-class Experiment:
-    """Everything a run is made of, built from the composed config."""
-
-    splits: DatasetSplits
-    detector: Detector
-    regime: Regime
-    strategy: Strategy
-    budget: Budget
-    oracle: SimulatedOracle
-    schedule: TrainSchedule
-    seed: int
-    metric: MetricConfig = MetricConfig()
-
-
-def build_experiment(cfg: DictConfig) -> Experiment:
-    """Instantiate every config group (``_target_`` + ``hydra.utils.instantiate``).
-
-    Every declared setting is checked first (:func:`alrun.params.check_config`: types, ranges,
-    keys, rules across keys), then the cheap groups are built, so a bad value is reported before
-    a dataset is read, a model is built or a file is written.
-    """
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
-        raise AlrunError(f"seed: expected a non-negative integer, got {cfg.seed!r}")
-    check_config(cfg)
-    schedule = instantiate(cfg.trainer)
-    budget = instantiate(cfg.budget)
-    strategy = instantiate(cfg.strategy)
-    oracle = instantiate(cfg.oracle)
-    regime = instantiate(cfg.supervision)
-    check_regime(regime, oracle)
-    metric = instantiate(cfg.metric) if "metric" in cfg else MetricConfig()
-    splits = instantiate(cfg.dataset)
-    if not isinstance(splits, DatasetSplits):
-        raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
-    strategy.check_data(splits)  # class_weights: one per class; scale views: bounded size
-    if hasattr(regime, "check_data"):  # e.g. uda: the dataset must be its target domain
-        regime.check_data(splits)
-    if hasattr(oracle, "check_data"):  # oracle=recorded: file ids, classes, coordinates
-        oracle.check_data(splits)
-    detector = instantiate(cfg.detector, num_classes=len(splits.classes))
-    strategy.check_detector(
-        getattr(detector, "head_type", "softmax"), getattr(detector, "can_embed", True)
-    )
-    if hasattr(regime, "check_detector"):  # e.g. consistency, uda: which heads they run on
-        regime.check_detector(detector)
-    if strategy.training_hooks:  # learned scorers train their heads with the detector
-        detector.strategy_hooks = strategy.training_hooks
-    prepare = getattr(detector, "prepare", None)  # multi-pass set-up: MC dropout, ensembles
-    if prepare is not None:
-        prepare(strategy.needs)
-    return Experiment(
-        splits=splits,
-        detector=detector,
-        regime=regime,
-        strategy=strategy,
-        budget=budget,
-        oracle=oracle,
-        schedule=schedule,
-        seed=int(cfg.seed),
-        metric=metric,
-    )
 
 
 def derive_seed(seed: int, round_index: int, purpose: int) -> int:
@@ -194,7 +129,7 @@ def run_experiment(
             # regimes that use it before retraining (pseudo-boxes, teachers) see the same model
             # as an uninterrupted run; with scratch an absent checkpoint is not an error
             if not starts_from_scratch(exp.schedule, start) or run_dir.has_checkpoint(start - 1):
-                exp.detector.load_state_dict(run_dir.load_checkpoint(start - 1))
+                exp.load_model_state(run_dir.load_checkpoint(start - 1))
             reporter.info(f"resuming {root} after round {start - 1}")
         logger = instantiate(cfg.logger) if "logger" in cfg else NullLogger()
         logger.start(
@@ -273,8 +208,9 @@ def run_round(
 def _train(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> tuple[dict, float]:
     t0 = time.perf_counter()
     with reporter.task(f"round {r}/{exp.budget.rounds} train") as progress:
+        seed = derive_seed(exp.seed, r, 1)
         stats = exp.regime.train(
-            exp.detector, pool, exp.schedule, derive_seed(exp.seed, r, 1), r, progress
+            exp.detector, pool, exp.schedule, seed, r, progress, strategy=exp.training
         )
     return stats, time.perf_counter() - t0
 
@@ -326,10 +262,10 @@ def _write_round(
             "timings_s": {"train": train_s, **acquired.timings},
         },
     )
-    save_torch(tmp / "checkpoint.pt", exp.detector.state_dict())
-    round_record = getattr(exp.regime, "round_record", None)  # optional: what the regime did
-    if round_record is not None:
-        write_json(tmp / "supervision.json", round_record(r))
+    save_torch(tmp / "checkpoint.pt", exp.model_state())
+    record = exp.regime.round_record(r)  # what the regime did, if it says
+    if record is not None:
+        write_json(tmp / "supervision.json", record)
 
 
 def _result_row(
@@ -407,7 +343,7 @@ def _select(
     if needs.detections or needs.embedding or needs.labelled_embeddings:
         t0 = time.perf_counter()
         with reporter.task(f"round {r}/{exp.budget.rounds} score pool") as progress:
-            preds = exp.detector.predict(pool.records(unlabelled), needs, progress)
+            preds = exp.predictor.predict(pool.records(unlabelled), needs, progress)
         if needs.labelled_embeddings:
             labelled = exp.detector.predict(pool.records(pool.labelled_ids), Needs(embedding=True))
             labelled_embeddings = torch.stack([d.embedding for d in labelled])
@@ -454,7 +390,7 @@ def _select(
 def _labelled_detections(exp: Experiment, pool: LabelPool, needs: Needs):
     """Predictions on the labelled images with boxes, and those (oracle) boxes."""
     records = pool.training_set().images
-    preds = PredictionBatch.from_detections(exp.detector.predict(records, needs))
+    preds = PredictionBatch.from_detections(exp.predictor.predict(records, needs))
     targets = {r.image_id: (torch.as_tensor(r.boxes), torch.as_tensor(r.labels)) for r in records}
     return preds, targets
 
