@@ -104,6 +104,7 @@ PROPOSALS = "proposals"
 BOX_FEATURES = "box_features"
 EMBEDDINGS = "embeddings"
 FEATURE_MAPS = "feature_maps"
+FPN_FEATURES = "fpn_features"
 TEACHER = "teacher"
 FLIP_VIEWS = "flip_views"
 IMAGE_VIEWS = "image_views"
@@ -119,7 +120,8 @@ CAPABILITIES: dict[str, str] = {
     PROPOSALS: "the region proposal each box was regressed from (two-stage models)",
     BOX_FEATURES: "a fixed-size feature vector per box (`Detections.feats`)",
     EMBEDDINGS: "an image embedding (`Detections.embedding`)",
-    FEATURE_MAPS: "feature maps of one width, with gradients in training (`FeatureMaps.features`)",
+    FEATURE_MAPS: "feature maps with gradients in training (`FeatureMaps.features`)",
+    FPN_FEATURES: "feature maps all of one width (an FPN), for one classifier across levels",
     TEACHER: "a torch module (`.model`) whose own forward gives post-processed boxes on training "
     "batches, to copy as a frozen or EMA teacher (`TeacherSource`)",
     FLIP_VIEWS: "head outputs on horizontally flipped feature maps (flip consistency)",
@@ -178,7 +180,8 @@ class FeatureMaps(Detector, Protocol):
     as domain-adversarial alignment or learned scorers' heads)."""
 
     def features(self, images: list[Tensor]) -> dict[str, Tensor]:
-        """Named feature maps (B, C, h, w) of a batch of images, all of one width C."""
+        """Named feature maps (B, C, h, w) of a batch of images (of one width C when the
+        detector also declares ``fpn_features``)."""
 
 
 #: the former name of :class:`FeatureMaps`

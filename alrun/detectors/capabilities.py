@@ -130,8 +130,23 @@ def check_capabilities(
             raise AlrunError(refusal(who, missing, detector))
 
 
+def _identity(config: Mapping[str, Any] | DictConfig) -> tuple:
+    builder = config.get("builder") or {}
+    return (config.get("_target_"), builder.get("_target_"), builder.get("config"))
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_identities() -> dict[tuple, list[str]]:
+    found: dict[tuple, list[str]] = {}
+    for path in sorted(DETECTOR_CONFIGS.glob("*.yaml")):
+        found.setdefault(_identity(_detector_file(path)), []).append(path.stem)
+    return found
+
+
 def detector_label(config: Mapping[str, Any] | DictConfig, choice: str | None = None) -> str:
-    """``detector=<option>`` when the option is known, else the detector's class."""
-    if choice:
-        return f"detector={choice}"
+    """``detector=<option>``: the option chosen on the command line, else the one shipped
+    config with the same model (class, builder, mmdet config), else the detector's class."""
+    names = [choice] if choice else _shipped_identities().get(_identity(config), [])
+    if len(names) == 1:
+        return f"detector={names[0]}"
     return f"detector {str(config.get('_target_', '?')).rsplit('.', 1)[-1]}"

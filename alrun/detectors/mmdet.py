@@ -52,6 +52,7 @@ from alrun.detectors.base import (
     BOX_FEATURES,
     EMBEDDINGS,
     FEATURE_MAPS,
+    FPN_FEATURES,
     IMAGE_VIEWS,
     PROPOSALS,
     Progress,
@@ -510,8 +511,10 @@ class MMDetDetector:
 
 #: what alrun implements for each supported kind of mmdet model
 _KIND_CAPABILITIES = {
-    "dense": frozenset({BOX_FEATURES, EMBEDDINGS, FEATURE_MAPS, IMAGE_VIEWS}),
-    "two_stage": frozenset({BOX_FEATURES, EMBEDDINGS, FEATURE_MAPS, IMAGE_VIEWS, PROPOSALS}),
+    "dense": frozenset({BOX_FEATURES, EMBEDDINGS, FEATURE_MAPS, FPN_FEATURES, IMAGE_VIEWS}),
+    "two_stage": frozenset(
+        {BOX_FEATURES, EMBEDDINGS, FEATURE_MAPS, FPN_FEATURES, IMAGE_VIEWS, PROPOSALS}
+    ),
 }
 
 

@@ -399,6 +399,7 @@ _DENSE = frozenset(
         base.BOX_FEATURES,
         base.EMBEDDINGS,
         base.FEATURE_MAPS,
+        base.FPN_FEATURES,
         base.TEACHER,
         base.FLIP_VIEWS,
         base.IMAGE_VIEWS,
@@ -407,7 +408,7 @@ _DENSE = frozenset(
 )
 _TWO_STAGE = (_DENSE - {base.MIXTURE_HEAD}) | {base.PROPOSALS}
 #: SSD: levels of different widths (no box feature, no one-width feature maps), no dropout site
-_SSD = frozenset({base.EMBEDDINGS, base.TEACHER, base.IMAGE_VIEWS, base.REBUILD})
+_SSD = frozenset({base.EMBEDDINGS, base.FEATURE_MAPS, base.TEACHER, base.IMAGE_VIEWS, base.REBUILD})
 
 
 def family_capabilities(family: type) -> frozenset[str]:

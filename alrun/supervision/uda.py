@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from alrun.data.dataset import DatasetSplits, DetectionDataset
-from alrun.detectors.base import FEATURE_MAPS, TEACHER, Detector, Progress, TrainSchedule
+from alrun.detectors.base import FPN_FEATURES, TEACHER, Detector, Progress, TrainSchedule
 from alrun.engine import (
     NO_STRATEGY_TRAINING,
     BatchSource,
@@ -75,7 +75,7 @@ def domain_loss_and_votes(logits: Sequence[Tensor], is_target: float) -> tuple[T
 
 def feature_channels(detector: Detector) -> int:
     """The one channel count of every feature level the domain classifier sees (FPN width)."""
-    if FEATURE_MAPS not in detector.capabilities:
+    if FPN_FEATURES not in detector.capabilities:
         raise AlrunError(
             f"supervision=uda: needs the detector's feature maps of one width (features()), "
             f"which {type(detector).__name__} does not declare"
@@ -208,7 +208,7 @@ class DomainAdaptation(BaseRegime):
     @property
     def requires(self) -> frozenset[str]:
         """The EMA teacher copies the torch module; the domain classifier reads feature maps."""
-        return frozenset({TEACHER, FEATURE_MAPS} if self.adversarial_weight > 0 else {TEACHER})
+        return frozenset({TEACHER, FPN_FEATURES} if self.adversarial_weight > 0 else {TEACHER})
 
     def train(
         self,
