@@ -524,7 +524,7 @@ def kind_capabilities(kind: str) -> frozenset[str]:
 
 def declared_kind(config: Any) -> str | None:
     """``dense`` / ``two_stage`` from an mmdet config without reading it with mmengine."""
-    if isinstance(config, Mapping) or hasattr(config, "keys"):
+    if isinstance(config, Mapping):  # a dict config (OmegaConf's DictConfig is one too)
         model_type = str((config.get("model") or {}).get("type", ""))
         name = model_type.lower()
     elif isinstance(config, str):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import typing
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -426,7 +426,7 @@ def _annotated_family(builder: Any) -> type | None:
     """The model class a builder config's ``_target_`` says it returns (its annotation)."""
     from hydra.utils import get_method
 
-    target = builder.get("_target_") if hasattr(builder, "get") else None
+    target = builder.get("_target_") if isinstance(builder, Mapping) else None
     if not isinstance(target, str):
         return None
     try:
