@@ -100,6 +100,8 @@ def docs_page(message: str) -> str:
     crash_safety = ("another alrun process", "cannot write", "not an alrun", "torch threads")
     if any(needle in message for needle in crash_safety):
         return "docs/crash-safety.md"
+    if "; detectors that have it: " in message:  # a missing capability (alrun.experiment)
+        return "docs/reference/capabilities.md"
     for prefix, page in DOCS_PAGES:  # "budget.unit", "strategy=ppal", "supervision (Full...)"
         if key == prefix or (key.startswith(prefix) and key[len(prefix)] in ". ="):
             return page

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.data.images import TrainingImages
-from alrun.detectors.base import Detector, Progress, TrainSchedule
+from alrun.detectors.base import MIXTURE_HEAD, Detector, Progress, TrainSchedule
+from alrun.detectors.passes import Ensemble, member_seed
 from alrun.errors import AlrunError
 
 log = logging.getLogger("alrun")
@@ -98,6 +99,8 @@ class TrainingHook:
     """
 
     name = "hook"
+    #: capability names (``alrun.detectors.base``) the hook needs of the detector
+    requires: tuple[str, ...] = ()
 
     def before_training(self, detector: Detector, total: int) -> None:
         pass
@@ -115,6 +118,20 @@ class TrainingHook:
         return {}
 
 
+@dataclass(frozen=True)
+class StrategyTraining:
+    """What the strategy trains with the detector every round, handed by the loop to the
+    regime and by the regime to :func:`train_round`: the hooks of learned scorers (their heads
+    train on the run's detector, never on an ensemble member) and the ensemble's members."""
+
+    hooks: tuple[TrainingHook, ...] = ()
+    ensemble: Ensemble | None = None
+
+
+#: a strategy that trains nothing beside the detector
+NO_STRATEGY_TRAINING = StrategyTraining()
+
+
 def starts_from_scratch(schedule: TrainSchedule, round_index: int) -> bool:
     """The ``trainer.init`` policy: ``scratch`` re-initialises every round, ``continue`` only in
     round 0 (later rounds fine-tune the previous round's weights)."""
@@ -129,17 +146,38 @@ def train_round(
     round_index: int,
     hooks: Sequence[TrainingHook] = (),
     progress: Progress | None = None,
+    strategy: StrategyTraining = NO_STRATEGY_TRAINING,
 ) -> dict[str, float]:
-    """Apply the ``trainer.init`` policy (reset from ``seed``), then :func:`train`."""
+    """Apply the ``trainer.init`` policy (reset from ``seed``), then :func:`train` with the
+    regime's ``hooks`` and the ``strategy``'s; then train an independent ensemble's members."""
     from_scratch = starts_from_scratch(schedule, round_index)
     if from_scratch:
         detector.reset(seed)
-    members, kind = ensemble_of(detector)
-    if members and kind == "snapshot":
-        hooks = [*hooks, SnapshotHook(len(members))]
+    return train_with_strategy(
+        detector, sources, schedule, seed, round_index, hooks, progress, strategy
+    )
+
+
+def train_with_strategy(
+    detector: Detector,
+    sources: Sequence[BatchSource],
+    schedule: TrainSchedule,
+    seed: int,
+    round_index: int,
+    hooks: Sequence[TrainingHook] = (),
+    progress: Progress | None = None,
+    strategy: StrategyTraining = NO_STRATEGY_TRAINING,
+) -> dict[str, float]:
+    """:func:`train` with the ``strategy``'s hooks and snapshot members, then an independent
+    ensemble's members (for regimes that apply ``trainer.init`` themselves)."""
+    from_scratch = starts_from_scratch(schedule, round_index)
+    hooks = [*hooks, *strategy.hooks]
+    ensemble = strategy.ensemble
+    if ensemble is not None and ensemble.kind == "snapshot":
+        hooks.append(SnapshotHook(ensemble))
     stats = train(detector, sources, schedule, seed, from_scratch, hooks, progress)
-    if members and kind == "independent":
-        stats.update(train_members(members, sources, schedule, seed, round_index))
+    if ensemble is not None and ensemble.kind == "independent":
+        stats.update(train_members(ensemble.members, sources, schedule, seed, round_index))
     return stats
 
 
@@ -166,7 +204,6 @@ def train(
     if len({s.name for s in sources}) != len(sources):
         raise AlrunError("trainer: batch source names must be unique")
     total = schedule.num_iterations(len(sources[0].dataset), from_scratch)
-    hooks = (*hooks, *getattr(detector, "strategy_hooks", ()))  # learned scorers' heads
     torch.manual_seed(seed)
     streams = [
         _stream(source, schedule, total, _source_seed(seed, i), detector.device)
@@ -230,8 +267,8 @@ def _parameter_groups(
     scorers, UDA's domain classifier) and the detector's ``auxiliary_parameters()`` (AL-MDN's
     mixture head). The gradient-norm clip treats the groups separately, so a head trained
     beside the detector leaves the detector's updates exactly as without it."""
-    extra = getattr(detector, "auxiliary_parameters", None)
-    aux_ids = {id(p) for p in (extra() if extra is not None else ())}
+    extra = detector.auxiliary_parameters() if MIXTURE_HEAD in detector.capabilities else ()
+    aux_ids = {id(p) for p in extra}
     own = [p for p in detector.parameters() if p.requires_grad]
     main = [p for p in own if id(p) not in aux_ids]
     auxiliary = [p for p in own if id(p) in aux_ids]
@@ -371,20 +408,6 @@ def warmup_cosine(schedule: TrainSchedule, total: int) -> Callable[[int], float]
 
 
 # --- ensembles (strategies that compare K models: alrun.acquisition.multipass) --------------
-def ensemble_of(detector: Detector) -> tuple[list[Detector], str]:
-    """The extra ensemble members of ``detector`` (``ensemble_members()``: members 1..K-1; the
-    detector itself is member 0) and their kind, ``independent`` or ``snapshot``."""
-    members = getattr(detector, "ensemble_members", None)
-    if members is None:
-        return [], "independent"
-    return list(members()), getattr(detector, "ensemble_kind", "independent")
-
-
-def member_seed(seed: int, member: int) -> int:
-    """Member ``member``'s own seed (init and batch order) for a round seeded ``seed``."""
-    return int(np.random.SeedSequence([seed, 0xE45E, member]).generate_state(1)[0] >> 1)
-
-
 def train_members(
     members: Sequence[Detector],
     sources: Sequence[BatchSource],
@@ -393,8 +416,9 @@ def train_members(
     round_index: int,
 ) -> dict[str, float]:
     """Independent ensemble: each member trains like the main model, with its own seed (its own
-    init under ``trainer.init``, its own batch order). Regime hooks (EMA teachers, extra
-    losses) belong to the main model and are not applied to members."""
+    init under ``trainer.init``, its own batch order). Regime and strategy hooks (EMA teachers,
+    extra losses, learned scorers' heads) belong to the main model and are not applied to
+    members."""
     stats: dict[str, float] = {}
     for k, member in enumerate(members, start=1):
         result = train_round(member, sources, schedule, member_seed(seed, k), round_index)
@@ -408,14 +432,15 @@ class SnapshotHook(TrainingHook):
 
     name = "snapshot"
 
-    def __init__(self, count: int):
-        self.count = count
+    def __init__(self, ensemble: Ensemble):
+        self.ensemble = ensemble
+        self.count = len(ensemble.members)
         self.taken: list[int] = []
 
     def after_step(self, step: Step) -> None:
         k = len(self.taken) + 1
         if k <= self.count and step.index + 1 >= round(step.total * k / (self.count + 1)):
-            step.detector.snapshot_member(k)
+            self.ensemble.snapshot(step.detector, k)
             self.taken.append(step.index + 1)
 
     def after_training(self) -> Mapping[str, float]:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from alrun.data.dataset import ImageRecord
+from alrun.data.dataset import DatasetSplits, ImageRecord
 from alrun.errors import AlrunError
 from alrun.params import NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat
 from alrun.types import LABEL_KINDS, ImageLabels
@@ -117,6 +117,10 @@ class SimulatedOracle:
     def kinds(self) -> tuple[str, ...]:
         """The label kinds this oracle can produce."""
         return (self.kind,) if self.kind is not None else LABEL_KINDS
+
+    def check_data(self, splits: DatasetSplits) -> None:
+        """Start-up check against the dataset (the recorded oracle checks its file here); a
+        simulated oracle answers from the dataset itself."""
 
     def require(self, kinds: Sequence[str], who: str) -> None:
         """Start-up check: ``who`` (a config group) may ask for each of ``kinds``."""

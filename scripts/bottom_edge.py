@@ -60,7 +60,8 @@ def main() -> None:
     else:
         pool = LabelPool(exp.splits.pool)
         pool.add(exp.oracle.annotate(pool.records(initial_selection(exp, pool))), 0)
-        exp.regime.train(exp.detector, pool, exp.schedule, derive_seed(args.seed, 0, 1), 0)
+        seed0 = derive_seed(args.seed, 0, 1)
+        exp.regime.train(exp.detector, pool, exp.schedule, seed0, 0, strategy=exp.training)
         save_torch(args.checkpoint, exp.detector.state_dict())
         print(f"model: trained round 0, saved to {args.checkpoint}")
     records = [*exp.splits.pool.images, *exp.splits.test.images]

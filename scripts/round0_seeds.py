@@ -53,7 +53,8 @@ def main() -> None:
         pool = LabelPool(exp.splits.pool)
         pool.add(exp.oracle.annotate(pool.records(initial_selection(exp, pool))), 0)
         t0 = time.perf_counter()
-        stats = exp.regime.train(exp.detector, pool, exp.schedule, derive_seed(seed, 0, 1), 0)
+        seed0 = derive_seed(seed, 0, 1)
+        stats = exp.regime.train(exp.detector, pool, exp.schedule, seed0, 0, strategy=exp.training)
         took = time.perf_counter() - t0
         test = list(exp.splits.test.images)
         metrics = evaluate(exp.splits.test, exp.detector.predict(test, Needs()))

@@ -98,6 +98,22 @@ def test_unknown_strategy(tmp_path):
     ]
 
 
+@pytest.mark.integration  # a CLI process: ~5-8 s on 2 shared cores
+def test_missing_capability_is_one_line_and_writes_nothing(tmp_path):
+    """The tiny FCOS has no region proposals: refused before any data is read."""
+    result = alrun(tmp_path, "strategy=loc_tightness")
+    assert result.returncode == 2
+    assert_clean_failure(result, tmp_path)
+    error, see = result.stderr.strip().splitlines()
+    assert error.startswith(
+        "alrun: error: strategy=loc_tightness: needs proposals (the region proposal each box was "
+        "regressed from (two-stage models)), which detector=tiny_fcos does not have; detectors "
+        "that have it: detector=fasterrcnn_mobilenet_v3_large_320_fpn, "
+    )
+    assert "detector=mmdet_faster_rcnn_r50" in error
+    assert see == "  see docs/reference/capabilities.md"
+
+
 @pytest.mark.integration
 def test_config_key_typo(tmp_path):
     result = alrun(tmp_path, "trainer.lrr=0.1")

@@ -32,6 +32,8 @@ class ToyDetector:
 
     num_classes = 2
     device = torch.device("cpu")
+    head_type = "softmax"
+    capabilities: frozenset[str] = frozenset()
 
     def __init__(self):
         self.resets: list[int] = []

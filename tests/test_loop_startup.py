@@ -44,10 +44,10 @@ def one_torch_thread():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["strategy=badge"], r"strategy: needs per-box features .* SSD"),
-        (["strategy=ppal"], r"strategy: needs per-box features .* SSD"),
-        (["strategy=ccms"], r"strategy: needs per-box features .* SSD"),
-        (["supervision=consistency"], r"supervision=consistency: .* got SSD"),
+        (["strategy=badge"], r"^strategy=badge: needs box_features .* detector=ssdlite320_mobile"),
+        (["strategy=ppal"], r"^strategy=ppal: needs box_features .* detector=ssdlite320_mobile"),
+        (["strategy=ccms"], r"^strategy=ccms: needs box_features .* detector=ssdlite320_mobile"),
+        (["supervision=consistency"], r"^supervision \(FlipConsistency\): needs flip_views"),
         (
             [
                 "experiment=uda_synthetic",  # replaces smoke: small sizes again
@@ -55,7 +55,8 @@ def one_torch_thread():
                 "dataset.max_pool_images=20",
                 "dataset.max_test_images=5",
             ],
-            r"supervision=uda: .*SSD's levels differ in width: choose detector=tiny_fcos",
+            r"^supervision \(DomainAdaptation\): needs fpn_features \(feature maps all of one.*"
+            r"does not have; detectors that have it: .*detector=tiny_fcos",
         ),
     ],
 )
@@ -69,7 +70,7 @@ def test_ssd_without_what_a_family_needs_is_refused_at_build(overrides, message)
 
 def test_a_refused_run_writes_nothing(tmp_path):
     cfg = compose_config([*SMOKE, "strategy=badge", *SSD])
-    with pytest.raises(AlrunError, match="per-box features"):
+    with pytest.raises(AlrunError, match="needs box_features"):
         run_experiment(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 

@@ -211,7 +211,7 @@ def embeddings_of(ids: Sequence[str], context: AcquisitionContext) -> Tensor:
     if emb is None:
         raise AlrunError(
             "strategy.selector: needs image embeddings but the detector returned none; "
-            "choose a detector that produces them (can_embed) or another strategy"
+            "choose a detector with the embeddings capability or another strategy"
         )
     row = {i: n for n, i in enumerate(context.preds.image_ids)}
     out = emb[[row[i] for i in ids]].float()

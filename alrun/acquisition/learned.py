@@ -30,20 +30,25 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from alrun.acquisition.context import AcquisitionContext
+from alrun.detectors.base import FEATURE_MAPS, TEACHER
 from alrun.engine import Step, TrainingHook
 from alrun.errors import AlrunError
 from alrun.params import NonNegativeFloat, PositiveFloat, PositiveInt, ScoreThreshold
 from alrun.types import Needs
 
+#: what a learned head reads of the detector: feature maps, and the torch module's backbone
+#: (loss prediction) or its own post-processed detections (false negatives)
+HEAD_REQUIRES = (FEATURE_MAPS, TEACHER)
+
 
 def _backbone(detector) -> nn.Module:
-    backbone = getattr(getattr(detector, "model", None), "backbone", None)
-    if backbone is None or not hasattr(detector, "features"):
+    missing = [c for c in HEAD_REQUIRES if c not in detector.capabilities]
+    if missing:
         raise AlrunError(
-            "strategy.scorer: learned heads need a detector with a torchvision-style "
-            "model.backbone and features() (the torchvision backend)"
+            f"strategy.scorer: learned heads need the detector's {' and '.join(missing)}, "
+            f"which {type(detector).__name__} does not declare"
         )
-    return backbone
+    return detector.model.backbone
 
 
 def pooled(levels) -> Tensor:
@@ -91,6 +96,7 @@ class LossPredictionHook(TrainingHook):
     """Trains the loss-prediction head with the detector (see the module docstring)."""
 
     name = "loss_prediction"
+    requires = HEAD_REQUIRES
 
     def __init__(self, hidden: int = 64, margin: float = 1.0, weight: float = 1.0):
         self.hidden, self.margin, self.weight = int(hidden), float(margin), float(weight)
@@ -203,6 +209,7 @@ class FalseNegativeHook(TrainingHook):
     """Fits the missed-objects head on the round's final model (see the module docstring)."""
 
     name = "fn_prediction"
+    requires = HEAD_REQUIRES
 
     def __init__(
         self,
@@ -243,7 +250,7 @@ class FalseNegativeHook(TrainingHook):
         model = self.detector.model
         images = [im for im, _ in self.seen.values()]
         targets = [t for _, t in self.seen.values()]
-        offset = int(getattr(self.detector, "label_offset", 0))
+        offset = int(self.detector.label_offset)
         model.eval()
         with torch.no_grad():
             features, detections = [], []

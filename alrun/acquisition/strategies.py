@@ -25,6 +25,7 @@ from alrun.acquisition.context import AcquisitionContext, PredictionBatch, Score
 from alrun.acquisition.scores import DISTRIBUTIONS, distribution
 from alrun.acquisition.select import TopK
 from alrun.data.dataset import DatasetSplits
+from alrun.detectors.capabilities import needs_capabilities
 from alrun.detectors.views import check_view_size
 from alrun.errors import AlrunError
 from alrun.params import NonNegativeFloat, ScoreThreshold
@@ -260,6 +261,13 @@ class Strategy:
         )
 
     @property
+    def requires(self) -> frozenset[str]:
+        """Capability names (``alrun.detectors.base``) the detector must have: what ``needs``
+        asks it to output and what the training hooks read (``alrun.detectors.capabilities``)."""
+        hooked = {name for hook in self.training_hooks for name in hook.requires}
+        return needs_capabilities(self.needs) | hooked
+
+    @property
     def aggregator(self) -> str | None:
         agg = getattr(self.scorer, "aggregator", None)
         return agg if agg is None or isinstance(agg, str) else _name_of(agg)
@@ -268,17 +276,12 @@ class Strategy:
     def score_threshold(self) -> float:
         return float(getattr(self.scorer, "score_threshold", 0.0))
 
-    def check_detector(self, head_type: str, can_embed: bool = True) -> None:
-        """Start-up checks against the detector, before any training."""
+    def check_detector(self, head_type: str) -> None:
+        """Start-up check against the built detector's head (e.g. ``with_background`` needs a
+        softmax head); capabilities are checked before, by ``alrun.detectors.capabilities``."""
         check = getattr(self.scorer, "check_detector", None)
         if check is not None:
             check(head_type)
-        needs = self.needs
-        if (needs.embedding or needs.labelled_embeddings) and not can_embed:
-            raise AlrunError(
-                f"strategy={self.name}: needs image embeddings, which this detector cannot "
-                "produce; choose another detector or strategy"
-            )
 
     def check_data(self, splits: DatasetSplits) -> None:
         """Start-up checks against the dataset, before any training: ``class_weights`` against

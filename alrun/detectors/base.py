@@ -88,6 +88,49 @@ def _check_ranges(schedule: TrainSchedule) -> None:
             raise AlrunError(f"trainer.{key}: expected {expected}, got {getattr(schedule, key)}")
 
 
+# --- optional capabilities -----------------------------------------------------------------
+# A detector declares what it can do beyond the protocol as a frozenset of these names
+# (``capabilities``); strategies and regimes declare the names they require (``requires``),
+# and ``alrun.detectors.capabilities.check_capabilities`` compares the two at start-up, before
+# any data is read.
+# Names rather than ``runtime_checkable`` protocols alone: a protocol check sees only that a
+# method exists, not whether this model has the part (one torchvision class holds one- and
+# two-stage models), it cannot be asked of a config without building the model (the matrix in
+# docs/reference/capabilities.md is made that way, mmdet included), and a name is what the
+# one-line refusal prints. The protocols below say which members each name promises.
+MC_DROPOUT = "mc_dropout"
+MIXTURE_HEAD = "mixture_head"
+PROPOSALS = "proposals"
+BOX_FEATURES = "box_features"
+EMBEDDINGS = "embeddings"
+FEATURE_MAPS = "feature_maps"
+FPN_FEATURES = "fpn_features"
+TEACHER = "teacher"
+FLIP_VIEWS = "flip_views"
+IMAGE_VIEWS = "image_views"
+REBUILD = "rebuild"
+GRADIENTS = "gradients"
+
+#: every capability name, with what it means (docs/reference/capabilities.md prints these)
+CAPABILITIES: dict[str, str] = {
+    MC_DROPOUT: "MC-dropout passes through the last layers of the heads "
+    "(`MCDropout.enable_mc_dropout`)",
+    MIXTURE_HEAD: "an AL-MDN mixture-density head beside a dense head, trained with it "
+    "(`MixtureHead.add_mixture_head`, `auxiliary_parameters`)",
+    PROPOSALS: "the region proposal each box was regressed from (two-stage models)",
+    BOX_FEATURES: "a fixed-size feature vector per box (`Detections.feats`)",
+    EMBEDDINGS: "an image embedding (`Detections.embedding`)",
+    FEATURE_MAPS: "feature maps with gradients in training (`FeatureMaps.features`)",
+    FPN_FEATURES: "feature maps all of one width (an FPN), for one classifier across levels",
+    TEACHER: "a torch module (`.model`) whose own forward gives post-processed boxes on training "
+    "batches, to copy as a frozen or EMA teacher (`TeacherSource`)",
+    FLIP_VIEWS: "head outputs on horizontally flipped feature maps (flip consistency)",
+    IMAGE_VIEWS: "predictions on transformed image tensors (test-time views)",
+    REBUILD: "the same architecture built again for another class list (synthetic pre-training)",
+    GRADIENTS: "per-box gradient embeddings",
+}
+
+
 @runtime_checkable
 class Detector(Protocol):
     """What the loop and the training engine need from a detector backend.
@@ -96,10 +139,14 @@ class Detector(Protocol):
     backend whose head reserves class 0 for background shifts them itself). Training goes through
     :mod:`alrun.engine`, which needs only ``device``, ``train_mode``, ``parameters`` and
     ``losses``; the backend owns its model, its losses and its post-processing.
+    ``head_type`` is ``sigmoid`` (dense heads without background) or ``softmax``;
+    ``capabilities`` the optional capability names above that it implements.
     """
 
     num_classes: int
     device: torch.device
+    head_type: str
+    capabilities: frozenset[str]
 
     def reset(self, seed: int) -> None:
         """Re-initialise weights (``trainer.init: scratch``) deterministically from ``seed``."""
@@ -128,9 +175,50 @@ class Detector(Protocol):
 
 
 @runtime_checkable
-class FeatureDetector(Detector, Protocol):
-    """A backend that also exposes intermediate features, with gradients, in training mode (for
-    hooks such as domain-adversarial alignment or consistency on feature maps)."""
+class FeatureMaps(Detector, Protocol):
+    """``feature_maps``: intermediate features, with gradients, in training mode (for hooks such
+    as domain-adversarial alignment or learned scorers' heads)."""
 
     def features(self, images: list[Tensor]) -> dict[str, Tensor]:
-        """Named feature maps (B, C, h, w) of a batch of images."""
+        """Named feature maps (B, C, h, w) of a batch of images (of one width C when the
+        detector also declares ``fpn_features``)."""
+
+
+#: the former name of :class:`FeatureMaps`
+FeatureDetector = FeatureMaps
+
+
+@runtime_checkable
+class MCDropout(Detector, Protocol):
+    """``mc_dropout``: dropout of ``p`` before the heads' last layers (the model trains with it);
+    ``predict`` then gives ``needs.passes`` stochastic passes when ``needs.head_dropout > 0``."""
+
+    def enable_mc_dropout(self, p: float) -> None: ...
+
+
+@runtime_checkable
+class MixtureHead(Detector, Protocol):
+    """``mixture_head``: AL-MDN's mixture-density head beside the dense head; its parameters are
+    ``auxiliary_parameters`` (the engine clips their gradients as their own group)."""
+
+    def add_mixture_head(self, components: int) -> None: ...
+
+    def auxiliary_parameters(self) -> list[Tensor]: ...
+
+
+@runtime_checkable
+class TeacherSource(Detector, Protocol):
+    """``teacher``: the torch module itself, whose forward in eval mode returns torchvision-style
+    post-processed detections of image tensors with labels shifted by ``label_offset``."""
+
+    model: torch.nn.Module
+    label_offset: int
+
+
+@runtime_checkable
+class ImageViews(Detector, Protocol):
+    """``image_views``: predictions on image tensors the caller loaded (and transformed)."""
+
+    def predict_images(
+        self, records: Sequence[ImageRecord], images: list[Tensor], needs: Needs
+    ) -> list[Detections]: ...

@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,16 @@ from torchvision.ops import boxes as box_ops
 
 from alrun.data.dataset import ImageRecord
 from alrun.data.images import load_image
-from alrun.detectors.base import Progress
+from alrun.detectors.base import (
+    BOX_FEATURES,
+    EMBEDDINGS,
+    FEATURE_MAPS,
+    FPN_FEATURES,
+    IMAGE_VIEWS,
+    PROPOSALS,
+    Progress,
+)
+from alrun.detectors.passes import with_views
 from alrun.detectors.torchvision import resolve_device
 from alrun.errors import AlrunError
 from alrun.params import PositiveInt
@@ -201,6 +210,12 @@ def mmdet_model(
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise AlrunError(f"detector.builder.config: cannot build '{config}' ({first})") from None
     model.init_weights()
+    declared = declared_kind(config)
+    if declared is not None and declared != _model_kind(model):
+        raise AlrunError(
+            f"detector.builder.config: '{config}' is named as a {declared} model but builds a "
+            f"{_model_kind(model)} one (its capabilities are read from the name)"
+        )
     if image_size is not None:
         min_size = max_size = image_size
     return MMDetBuild(model, int(min_size), int(max_size))
@@ -338,6 +353,18 @@ class MMDetDetector:
         """``sigmoid`` for dense heads (RetinaNet), ``softmax`` for two-stage RoI heads."""
         return "sigmoid" if self.kind == "dense" else "softmax"
 
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return kind_capabilities(self.kind)
+
+    @staticmethod
+    def declared_capabilities(config: Any) -> frozenset[str] | None:
+        """From the config alone (mmdet is not imported): the model type of a dict config, else
+        the config file's name (``*rcnn*``: two-stage, ``*retinanet*``: dense); None otherwise.
+        ``_build`` checks the built model against this."""
+        kind = declared_kind(config.get("builder", {}).get("config"))
+        return None if kind is None else kind_capabilities(kind)
+
     def reset(self, seed: int) -> None:
         self._build(seed)
 
@@ -410,32 +437,6 @@ class MMDetDetector:
         )
         return data["inputs"], data["data_samples"]
 
-    def prepare(self, needs: Needs) -> None:
-        """Start-up check (before any training): what this backend cannot compute yet is a
-        one-line error now, not after round 0's training."""
-        missing = [
-            what
-            for what, asked in (
-                ("multi-pass predictions (MC dropout, ensembles)", needs.passes > 1),
-                ("head dropout", needs.head_dropout > 0),
-                ("ensemble members", needs.ensemble > 0),
-                ("test-time views", bool(needs.augment)),
-                ("gradient outputs", needs.grads),
-                ("mixture-density uncertainties (AL-MDN)", needs.mixture_density > 0),
-                (
-                    "region proposals (one-stage model)",
-                    needs.proposals and _model_kind(self.model) != "two_stage",
-                ),
-            )
-            if asked
-        ]
-        if missing:
-            raise AlrunError(
-                f"strategy: {', '.join(missing)} are not implemented by the mmdet backend; use "
-                "a torchvision detector (detector=retinanet_resnet50_fpn, fasterrcnn_*) or "
-                "another strategy"
-            )
-
     # --- prediction -------------------------------------------------------------------------
     @torch.no_grad()
     def predict(
@@ -444,11 +445,14 @@ class MMDetDetector:
         needs: Needs = NOTHING,
         progress: Progress | None = None,
     ) -> list[Detections]:
-        if needs.passes > 1 or needs.augment or needs.grads:
+        if needs.passes > 1 or needs.grads or needs.head_dropout or needs.mixture_density:
             raise AlrunError(
-                "detector: multi-pass, test-time augmentation and gradient outputs are not "
-                "implemented by the mmdet backend yet"
+                "detector: MC dropout, mixture heads and gradient outputs are not implemented "
+                "by the mmdet backend yet"
             )
+        if needs.augment:  # the backend-independent views, as any detector gets them
+            plain = self.predict(images, replace(needs, augment=()), progress)
+            return with_views(self, list(images), plain, needs.augment)
         self.model.eval()
         records = list(images)
         out: list[Detections] = []
@@ -459,6 +463,14 @@ class MMDetDetector:
             if progress:
                 progress(len(out), len(records))
         return out
+
+    @torch.no_grad()
+    def predict_images(
+        self, records: Sequence[ImageRecord], images: list[Tensor], needs: Needs
+    ) -> list[Detections]:
+        """Single-pass detections of ``images`` (already loaded, possibly transformed)."""
+        self.model.eval()
+        return self._forward(records, images, needs)
 
     def _forward(
         self, records: Sequence[ImageRecord], tensors: list[Tensor], needs: Needs
@@ -495,6 +507,35 @@ class MMDetDetector:
                 )
             )
         return results
+
+
+#: what alrun implements for each supported kind of mmdet model
+_KIND_CAPABILITIES = {
+    "dense": frozenset({BOX_FEATURES, EMBEDDINGS, FEATURE_MAPS, FPN_FEATURES, IMAGE_VIEWS}),
+    "two_stage": frozenset(
+        {BOX_FEATURES, EMBEDDINGS, FEATURE_MAPS, FPN_FEATURES, IMAGE_VIEWS, PROPOSALS}
+    ),
+}
+
+
+def kind_capabilities(kind: str) -> frozenset[str]:
+    return _KIND_CAPABILITIES.get(kind, frozenset())
+
+
+def declared_kind(config: Any) -> str | None:
+    """``dense`` / ``two_stage`` from an mmdet config without reading it with mmengine."""
+    if isinstance(config, Mapping):  # a dict config (OmegaConf's DictConfig is one too)
+        model_type = str((config.get("model") or {}).get("type", ""))
+        name = model_type.lower()
+    elif isinstance(config, str):
+        name = Path(config).name.lower()
+    else:
+        return None
+    if "rcnn" in name or "r-cnn" in name:
+        return "two_stage"
+    if "retinanet" in name:
+        return "dense"
+    return None
 
 
 def _model_kind(model: nn.Module) -> str:

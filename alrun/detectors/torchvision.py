@@ -20,10 +20,9 @@ The image embedding is the concatenation of every feature level's global average
 from __future__ import annotations
 
 import contextlib
-import copy
 import typing
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,6 +38,7 @@ from torchvision.ops import boxes as box_ops
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.data.images import load_image
+from alrun.detectors import base
 from alrun.detectors.base import Progress, TrainSchedule
 from alrun.detectors.mdn import (
     check_mixture_density,
@@ -46,7 +46,7 @@ from alrun.detectors.mdn import (
     install_mixture_density,
     uncertainty_at,
 )
-from alrun.detectors.views import apply_view, boxes_to_original, parse_view
+from alrun.detectors.passes import PASS_NEEDS, with_views
 from alrun.engine import BatchSource, train
 from alrun.errors import AlrunError
 from alrun.params import PositiveInt, Range
@@ -95,9 +95,7 @@ class TorchvisionDetector:
                 f"detector.head_dropout: expected a number in [0, 1), got {head_dropout}"
             )
         self.head_dropout = float(head_dropout)
-        self.ensemble_kind = "independent"
         self.mdn_components = 0  # > 0: AL-MDN's mixture head beside the dense head (prepare())
-        self.members: list[TorchvisionDetector] = []  # ensemble members 1..K-1 (prepare())
         if isinstance(pretrained, str) and not Path(pretrained).is_file():
             raise AlrunError(f"detector.pretrained: checkpoint '{pretrained}' does not exist")
         if pretrained_backbone is not None and not Path(pretrained_backbone).is_file():
@@ -158,94 +156,56 @@ class TorchvisionDetector:
         """``sigmoid`` for dense heads (FCOS, RetinaNet), ``softmax`` otherwise."""
         return "sigmoid" if isinstance(self.model, (FCOS, RetinaNet)) else "softmax"
 
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The optional capabilities of this model's family (:func:`family_capabilities`)."""
+        return family_capabilities(type(self.model))
+
+    @staticmethod
+    def declared_capabilities(config: Any) -> frozenset[str] | None:
+        """The capabilities a detector config gives, read from the return annotation of its
+        builder's ``_target_`` without building anything (None: not known before building)."""
+        family = _annotated_family(config.get("builder"))
+        return None if family is None else family_capabilities(family)
+
     def reset(self, seed: int) -> None:
         self.model = self._build(seed)
 
     def state_dict(self) -> dict[str, Any]:
-        """The model's weights, plus each ensemble member's under ``member<k>.`` (k = 1..K-1),
-        so a round's checkpoint stores the whole ensemble."""
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        for k, member in enumerate(self.members, start=1):
-            state.update({f"member{k}.{name}": v for name, v in member.state_dict().items()})
-        return state
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        own = {k: v for k, v in state.items() if not _is_member_key(k)}
-        self.model.load_state_dict(own)
-        for k, member in enumerate(self.members, start=1):
-            prefix = f"member{k}."
-            part = {n[len(prefix) :]: v for n, v in state.items() if n.startswith(prefix)}
-            if part:
-                member.model.load_state_dict(part)
+        self.model.load_state_dict(state)
 
-    # --- multi-pass set-up (MC dropout, ensembles), before any training ----------------------
+    # --- multi-pass set-up (MC dropout, mixture head), before any training -------------------
     def prepare(self, needs: Needs) -> None:
-        """Build what a strategy's ``needs`` require, at start-up (before any training):
-        dropout in the heads for MC dropout (the model trains with it), ensemble members.
-        Impossible requests are one-line errors here, not after a round of training."""
-        if needs.proposals and not isinstance(self.model, FasterRCNN):
-            raise AlrunError(
-                f"strategy: needs region proposals (localization tightness), which only "
-                f"two-stage detectors have; this detector ({type(self.model).__name__}) is "
-                "one-stage: choose detector=fasterrcnn_* or another strategy"
-            )
-        if needs.feats and isinstance(self.model, SSD):
-            raise AlrunError(
-                "strategy: needs per-box features (BADGE, CCMS, PPAL), which SSD does not have "
-                "(its levels differ in width: no fixed-size box feature); choose "
-                "detector=tiny_fcos, fcos_*, retinanet_* or fasterrcnn_*, or another strategy"
-            )
-        kinds = [needs.head_dropout > 0, needs.ensemble > 0, bool(needs.augment)]
-        if sum(kinds) > 1:
-            raise AlrunError(
-                "strategy: one kind of extra passes at a time (MC dropout, ensemble or "
-                "test-time views)"
-            )
-        if needs.augment and not isinstance(self.model, (FCOS, RetinaNet, FasterRCNN, SSD)):
-            raise AlrunError("strategy: test-time views need a torchvision detector")
+        """Build what ``needs`` asks of this model at start-up (before any training): dropout
+        in the heads for MC dropout (the model trains with it), AL-MDN's mixture head. The
+        loop does this through :func:`alrun.detectors.capabilities.set_up_detector`; this is the
+        shortcut for scripts and tests."""
         if needs.head_dropout > 0:
-            if needs.passes < 1:
-                raise AlrunError(f"strategy.scorer.passes: expected >= 1, got {needs.passes}")
-            if not isinstance(self.model, (FCOS, RetinaNet, FasterRCNN)):
-                raise AlrunError(
-                    "strategy: MC dropout is implemented for FCOS, RetinaNet and Faster R-CNN "
-                    f"heads; this detector is {type(self.model).__name__}: use an ensemble or "
-                    "test-time views"
-                )
-            if self.head_dropout == 0:  # detector.head_dropout wins when set
-                self.head_dropout = float(needs.head_dropout)
-                self.model = self._build(seed=0)
+            self.enable_mc_dropout(needs.head_dropout)
         if needs.mixture_density:
-            check_mixture_density(self.model, needs.mixture_density)  # before the rebuild
-            self.mdn_components = int(needs.mixture_density)
+            self.add_mixture_head(needs.mixture_density)
+
+    def enable_mc_dropout(self, p: float) -> None:
+        """Dropout of ``p`` before the class/box logits of the heads; ``detector.head_dropout``
+        wins when set."""
+        if not isinstance(self.model, (FCOS, RetinaNet, FasterRCNN)):
+            raise AlrunError(
+                "strategy: MC dropout is implemented for FCOS, RetinaNet and Faster R-CNN "
+                f"heads; this detector is {type(self.model).__name__}: use an ensemble or "
+                "test-time views"
+            )
+        if self.head_dropout == 0:
+            self.head_dropout = float(p)
             self.model = self._build(seed=0)
-        if needs.ensemble:
-            if needs.ensemble < 2:
-                raise AlrunError(
-                    f"strategy.scorer.members: an ensemble needs >= 2 members, got {needs.ensemble}"
-                )
-            if needs.ensemble_kind not in ENSEMBLE_KINDS:
-                raise AlrunError(
-                    f"strategy.scorer.ensemble_kind: expected one of {'|'.join(ENSEMBLE_KINDS)}, "
-                    f"got '{needs.ensemble_kind}'"
-                )
-            self.ensemble_kind = needs.ensemble_kind
-            self.members = [self._member(k) for k in range(1, needs.ensemble)]
 
-    def _member(self, k: int) -> TorchvisionDetector:
-        member = copy.copy(self)
-        member.members = []
-        member.model = self._build(seed=k)
-        return member
-
-    def ensemble_members(self) -> list[TorchvisionDetector]:
-        """Members 1..K-1 of the ensemble (this detector is member 0); the engine trains them
-        (``alrun.engine.train_round``) and ``state_dict`` stores them as ``member<k>.*``."""
-        return list(self.members)
-
-    def snapshot_member(self, k: int) -> None:
-        """Copy the current weights into member ``k`` (1..K-1): a snapshot ensemble."""
-        self.members[k - 1].model.load_state_dict(self.model.state_dict())
+    def add_mixture_head(self, components: int) -> None:
+        """AL-MDN's mixture-density head of ``components`` beside the dense head."""
+        check_mixture_density(self.model, components)  # before the rebuild
+        self.mdn_components = int(components)
+        self.model = self._build(seed=0)
 
     # --- training (the loop itself is alrun.engine) -------------------------------------------
     def train_mode(self) -> None:
@@ -295,9 +255,8 @@ class TorchvisionDetector:
         * ``head_dropout > 0``: ``passes`` MC-dropout passes. The backbone, FPN and the head
           towers run once; only the last layers (dropout + class / box logits) run per pass,
           read at the reference boxes' anchors (row i of a pass = row i of the reference).
-        * ``augment``: one pass per test-time view (:mod:`alrun.detectors.views`), boxes mapped
-          back to the original image.
-        * ``ensemble``: one pass per member, this model first.
+        * ``augment``: one pass per test-time view (:func:`alrun.detectors.passes.with_views`),
+          boxes mapped back to the original image.
 
         The returned ``Detections`` are the deterministic, un-augmented pass; the extra ones are
         in ``Detections.passes`` (probabilities always kept).
@@ -306,10 +265,10 @@ class TorchvisionDetector:
             raise AlrunError(
                 "detector: gradient outputs are not implemented by the torchvision backend yet"
             )
-        if needs.passes > 1 and not needs.head_dropout and not needs.ensemble:
+        if needs.passes > 1 and not needs.head_dropout:
             raise AlrunError(
-                f"detector: {needs.passes} multi-pass predictions asked without a source: MC "
-                "dropout (needs.head_dropout > 0) or an ensemble (needs.ensemble)"
+                f"detector: {needs.passes} multi-pass predictions asked without MC dropout "
+                "(needs.head_dropout > 0); ensembles are alrun.detectors.passes.Ensemble"
             )
         mc_passes = needs.passes if needs.head_dropout > 0 else 0
         if mc_passes and not _head_dropouts(self.model):
@@ -317,47 +276,28 @@ class TorchvisionDetector:
                 "detector: MC-dropout passes asked but the heads have no dropout (the strategy "
                 "sets it up at start-up through detector.prepare, or set detector.head_dropout)"
             )
-        if needs.ensemble and len(self.members) + 1 < needs.ensemble:
-            raise AlrunError(
-                f"detector: {needs.ensemble} ensemble members asked, {len(self.members) + 1} "
-                "prepared (detector.prepare)"
-            )
-        views = [parse_view(v, "needs.augment") for v in needs.augment]
+        if needs.augment:  # the backend-independent views, as any detector gets them
+            plain = self.predict(images, replace(needs, augment=()), progress)
+            return with_views(self, list(images), plain, needs.augment)
         self.model.eval()
-        for member in self.members:
-            member.model.eval()
         out: list[Detections] = []
         records = list(images)
         for start in range(0, len(records), self.predict_batch_size):
             chunk = records[start : start + self.predict_batch_size]
             tensors = [load_image(r).to(self.device) for r in chunk]
             found = self._forward(chunk, tensors, needs, mc_passes)
-            if views:
-                found = self._with_views(chunk, tensors, found, views)
-            if needs.ensemble:
-                found = self._with_members(chunk, tensors, found)
             out.extend(found)
             if progress:
                 progress(len(out), len(records))
         return out
 
-    def _with_views(self, chunk, tensors, found: list[Detections], views) -> list[Detections]:
-        per_view = []
-        for view in views:
-            viewed = [apply_view(t, view, r.image_id) for r, t in zip(chunk, tensors)]
-            dets = self._forward(chunk, viewed, PASS_NEEDS, 0)
-            per_view.append(
-                [
-                    replace(d, boxes=boxes_to_original(d.boxes, view, tuple(t.shape[-2:])))
-                    for d, t in zip(dets, tensors)
-                ]
-            )
-        return [replace(d, passes=tuple(v[i] for v in per_view)) for i, d in enumerate(found)]
-
-    def _with_members(self, chunk, tensors, found: list[Detections]) -> list[Detections]:
-        own = [_plain(d) for d in found]
-        members = [m._forward(chunk, tensors, PASS_NEEDS, 0) for m in self.members]
-        return [replace(d, passes=(own[i], *(m[i] for m in members))) for i, d in enumerate(found)]
+    @torch.no_grad()
+    def predict_images(
+        self, records: Sequence[ImageRecord], images: list[Tensor], needs: Needs
+    ) -> list[Detections]:
+        """Single-pass detections of ``images`` (already loaded, possibly transformed)."""
+        self.model.eval()
+        return self._forward(records, images, needs, 0)
 
     def _forward(
         self,
@@ -451,21 +391,49 @@ class TorchvisionDetector:
         )
 
 
-#: what every extra pass keeps: probabilities (for the scores), boxes, sources
-PASS_NEEDS = Needs(probs=True)
+#: the optional capabilities (``alrun.detectors.base``) of each supported model family
+_DENSE = frozenset(
+    {
+        base.MC_DROPOUT,
+        base.MIXTURE_HEAD,
+        base.BOX_FEATURES,
+        base.EMBEDDINGS,
+        base.FEATURE_MAPS,
+        base.FPN_FEATURES,
+        base.TEACHER,
+        base.FLIP_VIEWS,
+        base.IMAGE_VIEWS,
+        base.REBUILD,
+    }
+)
+_TWO_STAGE = (_DENSE - {base.MIXTURE_HEAD}) | {base.PROPOSALS}
+#: SSD: levels of different widths (no box feature, no one-width feature maps), no dropout site
+_SSD = frozenset({base.EMBEDDINGS, base.FEATURE_MAPS, base.TEACHER, base.IMAGE_VIEWS, base.REBUILD})
 
-#: ``strategy.scorer.ensemble_kind`` choices
-ENSEMBLE_KINDS = ("independent", "snapshot")
+
+def family_capabilities(family: type) -> frozenset[str]:
+    """What alrun implements for a torchvision model class (FCOS, RetinaNet, FasterRCNN, SSD)."""
+    if issubclass(family, (FCOS, RetinaNet)):
+        return _DENSE
+    if issubclass(family, FasterRCNN):
+        return _TWO_STAGE
+    if issubclass(family, SSD):
+        return _SSD
+    return frozenset()
 
 
-def _plain(det: Detections) -> Detections:
-    """``det`` as an extra pass: probabilities kept, no features, embedding or passes."""
-    return replace(det, feats=None, embedding=None, passes=())
+def _annotated_family(builder: Any) -> type | None:
+    """The model class a builder config's ``_target_`` says it returns (its annotation)."""
+    from hydra.utils import get_method
 
-
-def _is_member_key(name: str) -> bool:
-    head = name.split(".", 1)[0]
-    return head.startswith("member") and head[len("member") :].isdigit()
+    target = builder.get("_target_") if isinstance(builder, Mapping) else None
+    if not isinstance(target, str):
+        return None
+    try:
+        returned = typing.get_type_hints(get_method(target)).get("return")
+    except Exception:  # noqa: BLE001 - an unknown target is reported when the model is built
+        return None
+    return returned if isinstance(returned, type) else None
 
 
 class HeadDropout:

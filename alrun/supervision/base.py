@@ -13,8 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from alrun.data.dataset import ImageRecord
+from alrun.data.dataset import DatasetSplits, ImageRecord
 from alrun.detectors.base import Detector, Progress, TrainSchedule
+from alrun.engine import NO_STRATEGY_TRAINING, StrategyTraining
 from alrun.errors import AlrunError
 from alrun.pool import LabelPool
 from alrun.types import ImageLabels
@@ -46,6 +47,9 @@ class Regime(Protocol):
 
     #: every label kind this regime may ask for; checked against the oracle at start-up
     label_kinds: tuple[str, ...]
+    #: capability names (``alrun.detectors.base``) it needs of the detector; checked against
+    #: the detector's at start-up (``alrun.detectors.capabilities``)
+    requires: frozenset[str]
 
     def label_kind(self, request: LabelRequest) -> str:
         """The kind asked for in this request (prices the selection). Called once or more per
@@ -64,8 +68,17 @@ class Regime(Protocol):
         seed: int,
         round_index: int,
         progress: Progress | None = None,
+        strategy: StrategyTraining = NO_STRATEGY_TRAINING,
     ) -> dict[str, float]:
-        """Train ``detector`` for one round; returns numbers recorded in metrics.json."""
+        """Train ``detector`` for one round (``alrun.engine.train_round``, handing it
+        ``strategy``: what the strategy trains with the detector); returns numbers recorded in
+        metrics.json."""
+
+    def check_data(self, splits: DatasetSplits) -> None:
+        """Start-up check against the dataset, before any training."""
+
+    def round_record(self, round_index: int) -> dict[str, Any] | None:
+        """What the regime did this round (``round_XX/supervision.json``); None: nothing."""
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (kept small: it is rewritten into state.json every round)."""
@@ -77,6 +90,7 @@ class BaseRegime:
     """Defaults for a regime that asks for one kind every round and keeps no state."""
 
     label_kinds: tuple[str, ...] = ("box",)
+    requires: frozenset[str] = frozenset()
 
     def label_kind(self, request: LabelRequest) -> str:
         return self.label_kinds[0]
@@ -85,6 +99,13 @@ class BaseRegime:
         self, oracle: SimulatedOracle, records: Sequence[ImageRecord], request: LabelRequest
     ) -> list[ImageLabels]:
         return oracle.annotate(records, self.label_kind(request))
+
+    def check_data(self, splits: DatasetSplits) -> None:
+        """Start-up check against the dataset, before any training (e.g. uda: its domain)."""
+
+    def round_record(self, round_index: int) -> dict[str, Any] | None:
+        """What the regime did this round (``round_XX/supervision.json``); None: nothing."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -101,7 +122,8 @@ def check_regime(regime: Any, oracle: SimulatedOracle) -> None:
     """Start-up check: ``regime`` is a Regime and the oracle can produce every kind it asks for."""
     if not isinstance(regime, Regime):
         raise AlrunError(
-            f"supervision: _target_ must build a Regime (label_kinds, label_kind, annotate, train, "
-            f"state_dict, load_state_dict), got {type(regime).__name__}"
+            f"supervision: _target_ must build a Regime (label_kinds, requires, label_kind, "
+            f"annotate, train, check_data, round_record, state_dict, load_state_dict; "
+            f"BaseRegime has defaults), got {type(regime).__name__}"
         )
     oracle.require(regime.label_kinds, f"supervision ({type(regime).__name__})")

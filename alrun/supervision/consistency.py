@@ -32,8 +32,8 @@ from torch import Tensor
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.image_list import ImageList
 
-from alrun.detectors.base import Detector, Progress, TrainSchedule
-from alrun.engine import Step, TrainingHook, train_round
+from alrun.detectors.base import FLIP_VIEWS, Detector, Progress, TrainSchedule
+from alrun.engine import NO_STRATEGY_TRAINING, Step, StrategyTraining, TrainingHook, train_round
 from alrun.errors import AlrunError
 from alrun.params import Fraction, NonNegativeFloat, PositiveInt
 from alrun.pool import LabelPool
@@ -281,6 +281,7 @@ class FlipConsistency(BaseRegime):
     (``supervision=consistency``). metrics.json records ``consistency/*`` per round."""
 
     label_kinds = ("box",)
+    requires = frozenset({FLIP_VIEWS})
 
     def __init__(
         self,
@@ -296,10 +297,6 @@ class FlipConsistency(BaseRegime):
         self.rampup = check_fraction(rampup, "supervision.rampup")
         self.unlabelled_batch_size = unlabelled_batch_size
 
-    def check_detector(self, detector: Detector) -> None:
-        """Start-up check (``build_experiment``), before round 0 trains."""
-        check_consistency_detector(detector)
-
     def train(
         self,
         detector: Detector,
@@ -308,6 +305,7 @@ class FlipConsistency(BaseRegime):
         seed: int,
         round_index: int,
         progress: Progress | None = None,
+        strategy: StrategyTraining = NO_STRATEGY_TRAINING,
     ) -> dict[str, float]:
         sources = labelled_and_unlabelled_sources(pool, self.unlabelled_batch_size)
         hooks: list[TrainingHook] = []
@@ -317,4 +315,6 @@ class FlipConsistency(BaseRegime):
                     "unlabelled", self.weight, self.box_weight, self.match_threshold, self.rampup
                 )
             )
-        return train_round(detector, sources, schedule, seed, round_index, hooks, progress)
+        return train_round(
+            detector, sources, schedule, seed, round_index, hooks, progress, strategy
+        )

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from alrun.data.dataset import ImageRecord
 from alrun.detectors.base import Detector, Progress, TrainSchedule
-from alrun.engine import BatchSource, train_round
+from alrun.engine import NO_STRATEGY_TRAINING, BatchSource, StrategyTraining, train_round
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime, LabelRequest
 from alrun.supervision.pseudo_boxes import PseudoBoxTally, RoundLog, kinds_received
@@ -52,6 +52,9 @@ class ExtremeRegime(RoundLog, BaseRegime):
         seed: int,
         round_index: int,
         progress: Progress | None = None,
+        strategy: StrategyTraining = NO_STRATEGY_TRAINING,
     ) -> dict[str, float]:
         source = BatchSource("labelled", pool.training_set())  # the tight boxes of the points
-        return train_round(detector, [source], schedule, seed, round_index, progress=progress)
+        return train_round(
+            detector, [source], schedule, seed, round_index, progress=progress, strategy=strategy
+        )

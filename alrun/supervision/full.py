@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alrun.detectors.base import Detector, Progress, TrainSchedule
-from alrun.engine import BatchSource, train_round
+from alrun.engine import NO_STRATEGY_TRAINING, BatchSource, StrategyTraining, train_round
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime
 
@@ -22,6 +22,9 @@ class FullSupervision(BaseRegime):
         seed: int,
         round_index: int,
         progress: Progress | None = None,
+        strategy: StrategyTraining = NO_STRATEGY_TRAINING,
     ) -> dict[str, float]:
         source = BatchSource("labelled", pool.training_set())
-        return train_round(detector, [source], schedule, seed, round_index, progress=progress)
+        return train_round(
+            detector, [source], schedule, seed, round_index, progress=progress, strategy=strategy
+        )

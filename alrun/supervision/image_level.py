@@ -22,7 +22,7 @@ import numpy as np
 
 from alrun.data.dataset import ImageRecord
 from alrun.detectors.base import Detector, Progress, TrainSchedule
-from alrun.engine import BatchSource, train_round
+from alrun.engine import NO_STRATEGY_TRAINING, BatchSource, StrategyTraining, train_round
 from alrun.params import Fraction
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime, LabelRequest
@@ -76,6 +76,7 @@ class ImageLevelRegime(RoundLog, BaseRegime):
         seed: int,
         round_index: int,
         progress: Progress | None = None,
+        strategy: StrategyTraining = NO_STRATEGY_TRAINING,
     ) -> dict[str, float]:
         tagged = [i for i in pool.labelled_ids if pool.labels[i].kind == "image_label"]
         records = pool.records(tagged)
@@ -101,5 +102,7 @@ class ImageLevelRegime(RoundLog, BaseRegime):
         stats = {"images": float(len(pseudo)), "dropped_images": float(dropped), **tally.summary()}
         self._log("pseudo_boxes", {"round": round_index, "min_score": self.min_score, **stats})
         source = BatchSource("labelled", merged(pool, pseudo, "image_labels"))
-        result = train_round(detector, [source], schedule, seed, round_index, progress=progress)
+        result = train_round(
+            detector, [source], schedule, seed, round_index, progress=progress, strategy=strategy
+        )
         return {**result, **{f"image_level/{k}": v for k, v in stats.items()}}

@@ -25,8 +25,15 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from alrun.data.dataset import DetectionDataset
-from alrun.detectors.base import Detector, Progress, TrainSchedule
-from alrun.engine import BatchSource, Step, TrainingHook, train_round
+from alrun.detectors.base import TEACHER, Detector, Progress, TrainSchedule
+from alrun.engine import (
+    NO_STRATEGY_TRAINING,
+    BatchSource,
+    Step,
+    StrategyTraining,
+    TrainingHook,
+    train_round,
+)
 from alrun.errors import AlrunError
 from alrun.params import Fraction, NonNegativeFloat, PositiveInt
 from alrun.pool import LabelPool
@@ -98,13 +105,12 @@ def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
 
 def dense_model(detector: Detector, who: str) -> nn.Module:
     """The torch module of a torchvision-backed detector (teachers copy it, hooks run its parts)."""
-    model = getattr(detector, "model", None)
-    if not isinstance(model, nn.Module):
+    if TEACHER not in detector.capabilities:
         raise AlrunError(
             f"{who}: needs a detector backed by a torch module (.model), e.g. the torchvision "
-            f"backend; {type(detector).__name__} has none"
+            f"backend; {type(detector).__name__} does not declare the teacher capability"
         )
-    return model
+    return detector.model
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -182,7 +188,7 @@ class PseudoLabelHook(TrainingHook):
 
     def before_training(self, detector: Detector, total: int) -> None:
         model = dense_model(detector, "supervision (pseudo-labels)")
-        self.label_offset = int(getattr(detector, "label_offset", 0))
+        self.label_offset = int(detector.label_offset)
         if self.mode == "ema":
             self.teacher = frozen_copy(model)
         self.boxes = self.hits = self.gt_objects = self.images = 0
@@ -286,6 +292,7 @@ class PseudoLabelSelfTraining(BaseRegime):
     ``pseudo/precision`` and ``pseudo/recall`` (against the hidden ground truth, IoU 0.5)."""
 
     label_kinds = ("box",)
+    requires = frozenset({TEACHER})  # EMA or previous-round teacher: a copy of the torch module
 
     def __init__(
         self,
@@ -311,6 +318,7 @@ class PseudoLabelSelfTraining(BaseRegime):
         seed: int,
         round_index: int,
         progress: Progress | None = None,
+        strategy: StrategyTraining = NO_STRATEGY_TRAINING,
     ) -> dict[str, float]:
         sources = labelled_and_unlabelled_sources(pool, self.unlabelled_batch_size)
         hooks: list[TrainingHook] = []
@@ -329,4 +337,6 @@ class PseudoLabelSelfTraining(BaseRegime):
                     self.empty,
                 )
             )
-        return train_round(detector, sources, schedule, seed, round_index, hooks, progress)
+        return train_round(
+            detector, sources, schedule, seed, round_index, hooks, progress, strategy
+        )

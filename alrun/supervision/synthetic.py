@@ -23,9 +23,16 @@ import torch
 from torch import Tensor
 
 from alrun.data.synthetic import CLASSES, DOMAINS, default_cache_dir, synthetic_dataset
-from alrun.detectors.base import Detector, Progress, TrainSchedule
+from alrun.detectors.base import REBUILD, Detector, Progress, TrainSchedule
 from alrun.detectors.torchvision import TorchvisionDetector
-from alrun.engine import BatchSource, starts_from_scratch, train
+from alrun.engine import (
+    NO_STRATEGY_TRAINING,
+    BatchSource,
+    StrategyTraining,
+    starts_from_scratch,
+    train,
+    train_with_strategy,
+)
 from alrun.errors import AlrunError
 from alrun.io import atomic_write_bytes, write_json
 from alrun.params import NonNegativeInt, PositiveFloat, PositiveInt, Range
@@ -103,6 +110,7 @@ class SyntheticPretrain(BaseRegime):
     """Full box supervision on the real pool, from a synthetic pre-training checkpoint."""
 
     label_kinds = ("box",)
+    requires = frozenset({REBUILD})  # the same model built again for the synthetic classes
 
     def __init__(
         self,
@@ -232,6 +240,7 @@ class SyntheticPretrain(BaseRegime):
         seed: int,
         round_index: int,
         progress: Progress | None = None,
+        strategy: StrategyTraining = NO_STRATEGY_TRAINING,
     ) -> dict[str, float]:
         from_scratch = starts_from_scratch(schedule, round_index)
         info: dict[str, float] = {}
@@ -246,5 +255,7 @@ class SyntheticPretrain(BaseRegime):
                 "pretrain/cache_hit": float(self._cache_hit),
             }
         source = BatchSource("labelled", pool.training_set())
-        stats = train(detector, [source], schedule, seed, from_scratch, progress=progress)
+        stats = train_with_strategy(
+            detector, [source], schedule, seed, round_index, progress=progress, strategy=strategy
+        )
         return {**stats, **info}

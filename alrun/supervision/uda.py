@@ -28,8 +28,15 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from alrun.data.dataset import DatasetSplits, DetectionDataset
-from alrun.detectors.base import Detector, Progress, TrainSchedule
-from alrun.engine import BatchSource, Step, TrainingHook, train_round
+from alrun.detectors.base import FPN_FEATURES, TEACHER, Detector, Progress, TrainSchedule
+from alrun.engine import (
+    NO_STRATEGY_TRAINING,
+    BatchSource,
+    Step,
+    StrategyTraining,
+    TrainingHook,
+    train_round,
+)
 from alrun.errors import AlrunError
 from alrun.params import Fraction, NonNegativeFloat, PositiveInt
 from alrun.pool import LabelPool
@@ -41,7 +48,6 @@ from alrun.supervision.pseudo_label import (
     check_empty,
     check_fraction,
     check_weight,
-    dense_model,
     hidden_ground_truth,
 )
 
@@ -69,21 +75,12 @@ def domain_loss_and_votes(logits: Sequence[Tensor], is_target: float) -> tuple[T
 
 def feature_channels(detector: Detector) -> int:
     """The one channel count of every feature level the domain classifier sees (FPN width)."""
-    model = dense_model(detector, "supervision=uda")
-    if not hasattr(detector, "features"):
+    if FPN_FEATURES not in detector.capabilities:
         raise AlrunError(
-            f"supervision=uda: needs the detector's feature maps (features()), which "
-            f"{type(detector).__name__} does not give: choose detector=tiny_fcos, fcos_*, "
-            "retinanet_* or fasterrcnn_*"
+            f"supervision=uda: needs the detector's feature maps of one width (features()), "
+            f"which {type(detector).__name__} does not declare"
         )
-    channels = getattr(getattr(model, "backbone", None), "out_channels", None)
-    if not isinstance(channels, int):
-        raise AlrunError(
-            "supervision=uda: the domain classifier needs feature maps of one width (a "
-            f"backbone with out_channels, e.g. an FPN); {type(model).__name__}'s levels differ "
-            "in width: choose detector=tiny_fcos, fcos_*, retinanet_* or fasterrcnn_*"
-        )
-    return channels
+    return int(detector.model.backbone.out_channels)
 
 
 class DomainAlignmentHook(TrainingHook):
@@ -208,11 +205,10 @@ class DomainAdaptation(BaseRegime):
                 f"dataset's {list(splits.classes)}"
             )
 
-    def check_detector(self, detector: Detector) -> None:
-        """Start-up check (``build_experiment``), before round 0 trains."""
-        dense_model(detector, "supervision=uda")  # the EMA teacher copies the torch module
-        if self.adversarial_weight > 0:
-            feature_channels(detector)
+    @property
+    def requires(self) -> frozenset[str]:
+        """The EMA teacher copies the torch module; the domain classifier reads feature maps."""
+        return frozenset({TEACHER, FPN_FEATURES} if self.adversarial_weight > 0 else {TEACHER})
 
     def train(
         self,
@@ -222,6 +218,7 @@ class DomainAdaptation(BaseRegime):
         seed: int,
         round_index: int,
         progress: Progress | None = None,
+        strategy: StrategyTraining = NO_STRATEGY_TRAINING,
     ) -> dict[str, float]:
         sources = [BatchSource("source", self.source)]
         target_labelled = pool.training_set()
@@ -263,5 +260,7 @@ class DomainAdaptation(BaseRegime):
                     self.pseudo_empty,
                 )
             )
-        stats = train_round(detector, sources, schedule, seed, round_index, hooks, progress)
+        stats = train_round(
+            detector, sources, schedule, seed, round_index, hooks, progress, strategy
+        )
         return {**stats, "target_labels_used": float(self.use_target_labels)}

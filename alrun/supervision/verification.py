@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.detectors.base import Detector, Progress, TrainSchedule
-from alrun.engine import BatchSource, train_round
+from alrun.engine import NO_STRATEGY_TRAINING, BatchSource, StrategyTraining, train_round
 from alrun.params import Fraction
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime, LabelRequest
@@ -108,6 +108,7 @@ class BoxVerificationRegime(RoundLog, BaseRegime):
         seed: int,
         round_index: int,
         progress: Progress | None = None,
+        strategy: StrategyTraining = NO_STRATEGY_TRAINING,
     ) -> dict[str, float]:
         full = pool.training_set()
         kept = tuple(
@@ -117,7 +118,9 @@ class BoxVerificationRegime(RoundLog, BaseRegime):
         )
         dataset = DetectionDataset(full.name, full.classes, kept)
         source = BatchSource("labelled", dataset)
-        stats = train_round(detector, [source], schedule, seed, round_index, progress=progress)
+        stats = train_round(
+            detector, [source], schedule, seed, round_index, progress=progress, strategy=strategy
+        )
         skipped = len(full.images) - len(kept)
         self._log("training", {"round": round_index, "images": len(kept), "skipped": skipped})
         return {**stats, "verify/skipped_images": float(skipped)}

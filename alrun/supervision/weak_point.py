@@ -40,7 +40,7 @@ import numpy as np
 
 from alrun.data.dataset import ImageRecord
 from alrun.detectors.base import Detector, Progress, TrainSchedule
-from alrun.engine import BatchSource, train_round
+from alrun.engine import NO_STRATEGY_TRAINING, BatchSource, StrategyTraining, train_round
 from alrun.errors import AlrunError
 from alrun.params import Fraction, NonNegativeFloat, PositiveFloat
 from alrun.pool import LabelPool
@@ -230,6 +230,7 @@ class WeakPointRegime(RoundLog, BaseRegime):
         seed: int,
         round_index: int,
         progress: Progress | None = None,
+        strategy: StrategyTraining = NO_STRATEGY_TRAINING,
     ) -> dict[str, float]:
         clicked = [i for i in pool.labelled_ids if pool.labels[i].kind in CLICK_KINDS]
         records = pool.records(clicked)
@@ -255,7 +256,9 @@ class WeakPointRegime(RoundLog, BaseRegime):
         self._log("pseudo_boxes", {"round": round_index, "no_match": self.no_match, **stats})
         dataset = merged(pool, pseudo, "clicks")
         source = BatchSource("labelled", dataset)
-        result = train_round(detector, [source], schedule, seed, round_index, progress=progress)
+        result = train_round(
+            detector, [source], schedule, seed, round_index, progress=progress, strategy=strategy
+        )
         return {**result, **{f"weak/{k}": v for k, v in stats.items()}}
 
     def pseudo_boxes(

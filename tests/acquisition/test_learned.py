@@ -68,8 +68,8 @@ def test_missed_counts_greedy_same_class():
 def test_loss_prediction_head_trains_with_the_detector_and_its_loss_decreases(data):
     det = detector()
     scorer = LossPrediction(hidden=32)
-    det.strategy_hooks = scorer.training_hooks  # what the loop does
-    stats = train(det, [BatchSource("labelled", data)], schedule(40), seed=0, from_scratch=True)
+    hooks = scorer.training_hooks  # what the loop hands the regime, and it the engine
+    stats = train(det, [BatchSource("labelled", data)], schedule(40), 0, True, hooks)
     assert stats["loss_prediction/updates"] == 40
     assert stats["loss_prediction/final_loss"] < stats["loss_prediction/first_loss"]
     assert any(k.startswith("loss_prediction/") for k in stats)
@@ -84,10 +84,10 @@ def test_loss_prediction_leaves_the_detector_weights_alone(data):
     """Detached features + restored BatchNorm statistics: without gradient clipping (whose
     global norm includes the head's gradients) the detector trains exactly as without it."""
     plain, with_head = detector(), detector()
-    with_head.strategy_hooks = LossPrediction(hidden=16).training_hooks
+    hooks = LossPrediction(hidden=16).training_hooks
     sources = [BatchSource("labelled", data)]
     train(plain, sources, schedule(6, grad_clip=0.0), seed=1, from_scratch=True)
-    train(with_head, sources, schedule(6, grad_clip=0.0), seed=1, from_scratch=True)
+    train(with_head, sources, schedule(6, grad_clip=0.0), seed=1, from_scratch=True, hooks=hooks)
     for p, q in zip(plain.model.state_dict().values(), with_head.model.state_dict().values()):
         assert torch.allclose(p.float(), q.float(), atol=1e-5)
 
@@ -95,8 +95,8 @@ def test_loss_prediction_leaves_the_detector_weights_alone(data):
 def test_false_negative_head_fits_missed_counts_and_scores_the_pool(data):
     det = detector()
     scorer = FalseNegativePrediction(hidden=32, fit_steps=150, score_threshold=0.3)
-    det.strategy_hooks = scorer.training_hooks
-    stats = train(det, [BatchSource("labelled", data)], schedule(20), seed=0, from_scratch=True)
+    hooks = scorer.training_hooks
+    stats = train(det, [BatchSource("labelled", data)], schedule(20), 0, True, hooks)
     assert stats["fn_prediction/images"] == 16
     assert stats["fn_prediction/mean_missed"] > 0  # an undertrained detector misses objects
     assert stats["fn_prediction/final_loss"] < 0.5 * stats["fn_prediction/first_loss"]
@@ -120,6 +120,6 @@ def test_loss_prediction_trains_on_a_detector_with_1x1_batchnorm_maps(data):
 
     builder = partial(ssdlite320_mobilenet_v3_large, weights=None, weights_backbone=None)
     det = TorchvisionDetector(builder, num_classes=4, device="cpu")
-    det.strategy_hooks = LossPrediction(hidden=16).training_hooks
-    stats = train(det, [BatchSource("labelled", data)], schedule(2), seed=0, from_scratch=True)
+    hooks = LossPrediction(hidden=16).training_hooks
+    stats = train(det, [BatchSource("labelled", data)], schedule(2), 0, True, hooks)
     assert stats["loss_prediction/updates"] == 2

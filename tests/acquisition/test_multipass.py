@@ -232,7 +232,7 @@ def one_torch_thread():
         (["strategy=bald", "strategy.scorer.match_threshold=0"], "match_threshold"),
         (["strategy=ensemble_entropy", "strategy.scorer.members=1"], "members: expected an"),
         (["strategy=mc_margin", "strategy.scorer.aggregator=median"], "aggregator"),
-        (["strategy=loc_tightness"], "one-stage"),
+        (["strategy=loc_tightness"], "needs proposals"),
         (
             [
                 "strategy=mc_entropy",

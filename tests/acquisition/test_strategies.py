@@ -8,6 +8,7 @@ from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.scores import entropy, least_confidence, margin
 from alrun.acquisition.select import TopK
 from alrun.acquisition.strategies import BoxUncertainty, RandomScore, Strategy
+from alrun.detectors.capabilities import check_capabilities
 from alrun.errors import AlrunError
 from alrun.types import Detections, Needs
 
@@ -308,12 +309,13 @@ def test_named_callable_aggregator():
     assert scorer.describe()["aggregator"] == "top2_sum"
 
 
-def test_selector_needing_embeddings_is_refused_for_a_detector_without_them():
+def test_selector_needing_embeddings_requires_the_embeddings_capability():
     class NeedsEmbeddings(TopK):
         needs = Needs(detections=False, embedding=True, labelled_embeddings=True)
 
     strategy = Strategy("kcenter", RandomScore(), NeedsEmbeddings())
     assert strategy.needs.embedding and strategy.needs.labelled_embeddings
-    strategy.check_detector("softmax", can_embed=True)
-    with pytest.raises(AlrunError, match="needs image embeddings"):
-        strategy.check_detector("softmax", can_embed=False)
+    assert strategy.requires == {"embeddings"}
+    check_capabilities([("strategy=kcenter", strategy.requires)], frozenset({"embeddings"}), "d")
+    with pytest.raises(AlrunError, match="^strategy=kcenter: needs embeddings .* which d does"):
+        check_capabilities([("strategy=kcenter", strategy.requires)], frozenset(), "d")

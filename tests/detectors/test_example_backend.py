@@ -17,6 +17,9 @@ from tests.helpers import compose_config
 class OneBoxDetector(nn.Module):  # nn.Module gives parameters(), state_dict(), load_state_dict()
     """One box per image: a small conv net gives class logits and the box as image fractions."""
 
+    head_type = "softmax"  # one distribution over the classes per box
+    capabilities: frozenset[str] = frozenset()  # none of the optional ones (detectors/base.py)
+
     def __init__(self, num_classes: int, device: str = "cpu"):
         super().__init__()
         self.num_classes, self.device = num_classes, torch.device(device)

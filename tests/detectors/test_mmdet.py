@@ -279,16 +279,51 @@ def test_config_files_name_the_mmdet_models():
         assert Path(REPO / "alrun" / "configs" / "detector" / f"{name}.yaml").is_file()
 
 
+def test_capabilities_are_declared_from_the_config_without_mmdet():
+    from alrun.detectors.capabilities import detector_config_capabilities
+
+    dense = detector_config_capabilities(compose_config(["detector=mmdet_retinanet_r50"]).detector)
+    two_stage = detector_config_capabilities(
+        compose_config(["detector=mmdet_faster_rcnn_r50"]).detector
+    )
+    assert {"box_features", "embeddings", "image_views"} <= dense
+    assert "proposals" not in dense and two_stage - dense == {"proposals"}
+    assert "mc_dropout" not in two_stage and "teacher" not in two_stage
+
+
 @needs_mmdet
 @pytest.mark.mmdet
-def test_what_the_backend_cannot_compute_is_refused_at_start_up():
+def test_built_models_declare_what_their_configs_say_and_refuse_the_rest(data):
     det = retinanet()
-    det.prepare(Needs(probs=True, feats=True, embedding=True))  # what it does compute
-    with pytest.raises(AlrunError) as err:
-        det.prepare(Needs(passes=10, head_dropout=0.2))
-    message = str(err.value)
-    assert message.startswith("strategy: multi-pass predictions (MC dropout, ensembles), head")
-    assert "not implemented by the mmdet backend" in message and "\n" not in message
-    with pytest.raises(AlrunError, match=r"region proposals \(one-stage model\)"):
-        det.prepare(Needs(proposals=True))
-    faster_rcnn().prepare(Needs(proposals=True))  # two-stage models have them
+    assert det.capabilities == detector_config_capabilities_of("mmdet_retinanet_r50")
+    assert faster_rcnn().capabilities == detector_config_capabilities_of("mmdet_faster_rcnn_r50")
+    with pytest.raises(AlrunError, match="MC dropout, mixture heads and gradient outputs"):
+        det.predict(data.images[:1], Needs(passes=10, head_dropout=0.2))
+
+
+def detector_config_capabilities_of(name: str):
+    from alrun.detectors.capabilities import detector_config_capabilities
+
+    return detector_config_capabilities(compose_config([f"detector={name}"]).detector)
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+def test_backend_independent_ensemble_and_views_on_mmdet(data):
+    """Ensembles (fresh members, trained by the engine) and test-time views need nothing of
+    the mmdet backend beyond its protocol and predict_images."""
+    from alrun.detectors.passes import Ensemble, Predictor
+    from alrun.engine import BatchSource, StrategyTraining, train_round
+
+    det = retinanet()
+    ensemble = Ensemble(retinanet, 2)
+    schedule = TrainSchedule(iterations=1, batch_size=2, warmup_iters=1, lr=0.001)
+    training = StrategyTraining(ensemble=ensemble)
+    stats = train_round(det, [BatchSource("labelled", data)], schedule, 0, 0, strategy=training)
+    assert "member1/final_loss" in stats
+    preds = Predictor(det, ensemble).predict(
+        data.images[:2], Needs(probs=True, passes=2, ensemble=2)
+    )
+    assert all(len(p.passes) == 2 for p in preds)
+    viewed = det.predict(data.images[:2], Needs(probs=True, augment=("hflip",)))
+    assert all(len(p.passes) == 1 for p in viewed)

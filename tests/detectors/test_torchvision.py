@@ -11,6 +11,7 @@ from torchvision.models.detection import FCOS
 
 from alrun.data.synthetic import synthetic_dataset
 from alrun.detectors.base import Detector, TrainSchedule
+from alrun.detectors.capabilities import check_passes
 from alrun.detectors.tiny import tiny_fcos
 from alrun.detectors.torchvision import TorchvisionDetector
 from alrun.errors import AlrunError
@@ -470,14 +471,13 @@ def test_head_dropout_is_active_in_training_only_by_default():
 
 def test_multi_pass_without_source_and_mc_on_unsupported_heads_are_errors(images):
     det = TorchvisionDetector(_low_threshold_fcos, num_classes=3, device="cpu")
-    with pytest.raises(AlrunError, match="without a source"):
+    with pytest.raises(AlrunError, match="without MC dropout"):
         det.predict(images.images[:1], Needs(passes=3))
     with pytest.raises(AlrunError, match="heads have no dropout"):
         det.predict(images.images[:1], MC)
-    with pytest.raises(AlrunError, match="one-stage"):
-        det.prepare(Needs(proposals=True))
+    assert "proposals" not in det.capabilities  # one-stage (refused by build_experiment)
     with pytest.raises(AlrunError, match="one kind of extra passes"):
-        det.prepare(Needs(passes=2, head_dropout=0.2, augment=("hflip",)))
+        check_passes(Needs(passes=2, head_dropout=0.2, augment=("hflip",)), "strategy")
 
 
 def test_views_map_boxes_back():
@@ -518,55 +518,6 @@ def test_tta_gives_one_pass_per_view_in_the_original_frame(images):
     mapped = boxes_to_original(flipped.boxes, parse_view("hflip"), (64, 64))
     # (batch of 2 vs batch of 1: float sums in another order)
     torch.testing.assert_close(preds[0].passes[0].boxes, mapped, atol=1e-4, rtol=1e-4)
-
-
-def test_ensemble_members_predict_train_and_checkpoint(images, tmp_path):
-    from alrun.engine import train_round
-
-    det = TorchvisionDetector(_low_threshold_fcos, num_classes=4, device="cpu")
-    needs = Needs(probs=True, passes=3, ensemble=3)
-    det.prepare(needs)
-    assert len(det.members) == 2
-    preds = det.predict(images.images[:2], needs)
-    for p in preds:
-        assert len(p.passes) == 3
-        torch.testing.assert_close(p.passes[0].boxes, p.boxes)  # member 0 is the model itself
-    before = [m.state_dict() for m in det.members]
-    schedule = TrainSchedule(iterations=3, batch_size=2, warmup_iters=1)
-    from alrun.engine import BatchSource
-
-    stats = train_round(det, [BatchSource("labelled", images)], schedule, seed=5, round_index=0)
-    assert {"member1/final_loss", "member2/final_loss"} <= stats.keys()
-    after = [m.state_dict() for m in det.members]
-    for b, a in zip(before, after):
-        assert any(not torch.equal(b[k], a[k]) for k in b), "members must train"
-    # members are stored with the model and restored into a fresh prepared detector
-    state = det.state_dict()
-    assert any(k.startswith("member2.") for k in state)
-    fresh = TorchvisionDetector(_low_threshold_fcos, num_classes=4, device="cpu")
-    fresh.prepare(needs)
-    fresh.load_state_dict(state)
-    trained = det.predict(images.images[:2], needs)
-    again = fresh.predict(images.images[:2], needs)
-    for p, q in zip(trained, again):
-        for x, y in zip(p.passes, q.passes):
-            torch.testing.assert_close(x.boxes, y.boxes)
-
-
-def test_snapshot_ensemble_takes_checkpoints_of_one_run(images):
-    from alrun.engine import BatchSource, train_round
-
-    det = TorchvisionDetector(_low_threshold_fcos, num_classes=4, device="cpu")
-    det.prepare(Needs(probs=True, passes=3, ensemble=3, ensemble_kind="snapshot"))
-    schedule = TrainSchedule(iterations=6, batch_size=2, warmup_iters=1)
-    stats = train_round(det, [BatchSource("labelled", images)], schedule, seed=5, round_index=0)
-    assert stats["snapshot/members"] == 2.0 and "member1/final_loss" not in stats
-    final = det.model.state_dict()
-    snaps = [m.model.state_dict() for m in det.members]
-    weight = "head.classification_head.cls_logits.weight"
-    # snapshots after 2 and 4 of 6 iterations: all different from each other and the final
-    assert not torch.equal(snaps[0][weight], snaps[1][weight])
-    assert not torch.equal(snaps[1][weight], final[weight])
 
 
 def test_two_stage_proposals_feed_localization_tightness(images):

@@ -48,7 +48,7 @@ def _local_links(markdown: str) -> list[str]:
 
 
 def test_readme_links_and_the_nav_point_at_existing_pages():
-    generated = {docs_pages.STRATEGIES_PAGE, docs_pages.GROUPS_PAGE}
+    generated = {docs_pages.STRATEGIES_PAGE, docs_pages.GROUPS_PAGE, docs_pages.CAPABILITIES_PAGE}
     for link in _local_links((REPO / "README.md").read_text()):
         target = link.removeprefix("docs/")
         assert (REPO / link).exists() or target in generated, link

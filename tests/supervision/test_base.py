@@ -34,10 +34,12 @@ class RememberingRegime(FullSupervision):
         self.crash_round, self.marker = crash_round, Path(marker)
         self.trained: list[int] = []
 
-    def train(self, detector, pool, schedule, seed, round_index, progress=None):
+    def train(self, detector, pool, schedule, seed, round_index, progress=None, strategy=None):
         hooks = [CrashOnce(self.marker)] if round_index == self.crash_round else []
         source = BatchSource("labelled", pool.training_set())
-        stats = train_round(detector, [source], schedule, seed, round_index, hooks, progress)
+        stats = train_round(
+            detector, [source], schedule, seed, round_index, hooks, progress, strategy
+        )
         self.trained.append(round_index)
         return stats
 

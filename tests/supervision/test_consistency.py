@@ -105,6 +105,7 @@ def test_hook_loss_reaches_the_backbone():
 def test_consistency_needs_a_dense_head():
     class NotDense:
         model = torch.nn.Linear(1, 1)
+        capabilities = frozenset({"teacher"})  # a torch module, but not a detection head
 
     with pytest.raises(AlrunError, match=r"needs a dense head .* or a two-stage one"):
         FlipConsistencyHook("u").before_training(NotDense(), 1)

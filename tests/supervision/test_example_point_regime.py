@@ -37,7 +37,7 @@ class ClickRegime(BaseRegime):
     def __init__(self, box_px: float = 16.0):
         self.box_px = box_px
 
-    def train(self, detector, pool, schedule, seed, round_index, progress=None):
+    def train(self, detector, pool, schedule, seed, round_index, progress=None, strategy=None):
         records = []
         for rec in pool.labelled_set().images:
             lab, half = pool.labels[rec.image_id], self.box_px / 2
@@ -46,7 +46,10 @@ class ClickRegime(BaseRegime):
             records.append(replace(rec, boxes=boxes, labels=lab.labels))
         pseudo = DetectionDataset("clicks", pool.dataset.classes, tuple(records))
         source = BatchSource("clicks", pseudo, role="pseudo")
-        return train_round(detector, [source], schedule, seed, round_index, [L2Hook()], progress)
+        hooks = [L2Hook()]
+        return train_round(
+            detector, [source], schedule, seed, round_index, hooks, progress, strategy
+        )
 
 
 def test_click_regime_trains_from_pseudo_boxes_with_an_extra_loss(tmp_path):

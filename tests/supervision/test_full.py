@@ -43,7 +43,9 @@ def _pool() -> LabelPool:
 def test_trains_on_the_box_labelled_images_through_the_engine(monkeypatch):
     calls = []
 
-    def fake_train_round(detector, sources, schedule, seed, round_index, hooks=(), progress=None):
+    def fake_train_round(
+        detector, sources, schedule, seed, round_index, hooks=(), progress=None, strategy=None
+    ):
         calls.append(([(s.name, s.role, tuple(s.dataset.ids)) for s in sources], seed, round_index))
         return {"iterations": 1.0}
 

@@ -64,6 +64,7 @@ class FixedTeacher(nn.Module):
 
 class RecordingDetector:
     label_offset = 1
+    capabilities = frozenset({"teacher"})
     device = torch.device("cpu")
 
     def __init__(self):

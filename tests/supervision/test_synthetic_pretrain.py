@@ -57,7 +57,8 @@ def test_round_starts_from_the_cached_pretrained_weights(tmp_path, monkeypatch):
     pool = LabelPool(exp.splits.pool)
     pool.add(exp.oracle.annotate(pool.records(pool.unlabelled_ids[:4])), 0)
     exp.regime.pretrained_state(exp.detector)  # pre-trains for real (3 iterations) and caches
-    monkeypatch.setattr(synthetic, "train", lambda *a, **k: {"iterations": 0.0})  # no fine-tune
+    no_fine_tune = lambda *a, **k: {"iterations": 0.0}  # noqa: E731
+    monkeypatch.setattr(synthetic, "train_with_strategy", no_fine_tune)
     stats = exp.regime.train(exp.detector, pool, TrainSchedule(iterations=1), 5, 0)
     path = exp.regime.checkpoint_path(exp.detector)
     pretrained = torch.load(path, weights_only=True)

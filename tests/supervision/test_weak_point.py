@@ -252,7 +252,9 @@ def test_train_turns_clicks_into_nearest_predictions_priors_or_drops(monkeypatch
     }
     trained = {}
 
-    def fake_train_round(detector, sources, schedule, seed, round_index, hooks=(), progress=None):
+    def fake_train_round(
+        detector, sources, schedule, seed, round_index, hooks=(), progress=None, strategy=None
+    ):
         trained["images"] = {r.image_id: r for r in sources[0].dataset.images}
         return {"iterations": 1.0}
 

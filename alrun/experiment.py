@@ -1,0 +1,143 @@
+"""Building a run from its composed config: every group instantiated and checked, in an order
+that reports a bad value before a dataset is read, a model is built or a file is written."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from alrun.acquisition.strategies import Strategy
+from alrun.budget import Budget
+from alrun.data.dataset import DatasetSplits
+from alrun.detectors.base import Detector, TrainSchedule
+from alrun.detectors.capabilities import (
+    check_capabilities,
+    check_passes,
+    detector_config_capabilities,
+    detector_label,
+)
+from alrun.detectors.passes import Ensemble, Predictor, is_member_key
+from alrun.engine import StrategyTraining
+from alrun.errors import AlrunError
+from alrun.metrics import MetricConfig
+from alrun.oracle import SimulatedOracle
+from alrun.params import check_config
+from alrun.supervision.base import Regime, check_regime
+from alrun.types import Needs
+
+
+@dataclass
+class Experiment:
+    """Everything a run is made of, built from the composed config.
+
+    ``training``: what the strategy trains with the detector (handed to the regime every
+    round); ``predictor``: the detector plus the strategy's backend-independent passes
+    (ensemble members, test-time views), which the loop asks for pool predictions.
+    """
+
+    splits: DatasetSplits
+    detector: Detector
+    regime: Regime
+    strategy: Strategy
+    budget: Budget
+    oracle: SimulatedOracle
+    schedule: TrainSchedule
+    seed: int
+    metric: MetricConfig = MetricConfig()
+    training: StrategyTraining = StrategyTraining()
+    predictor: Predictor | None = None
+
+    def __post_init__(self) -> None:
+        if self.predictor is None:
+            self.predictor = Predictor(self.detector, self.training.ensemble)
+
+    def model_state(self) -> dict[str, Any]:
+        """The round's checkpoint: the detector's weights, each ensemble member's beside them
+        under ``member<k>.``."""
+        state = self.detector.state_dict()
+        if self.training.ensemble is not None:
+            state.update(self.training.ensemble.state_dict())
+        return state
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict({k: v for k, v in state.items() if not is_member_key(k)})
+        if self.training.ensemble is not None:
+            self.training.ensemble.load_state_dict(state)
+
+
+def _choice(group: str) -> str | None:
+    """The option chosen for ``group`` on the command line (None outside a Hydra app)."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group)
+
+
+def requirements(strategy: Strategy, regime: Regime, regime_name: str | None = None):
+    """``(who, capability names)`` of the strategy and of the regime."""
+    regime_name = regime_name or _choice("supervision")
+    who = f"supervision={regime_name}" if regime_name else f"supervision ({type(regime).__name__})"
+    return [(f"strategy={strategy.name}", strategy.requires), (who, frozenset(regime.requires))]
+
+
+def set_up_detector(detector: Detector, needs: Needs) -> None:
+    """What the strategy's ``needs`` build into the detector before any training (the model
+    trains with them): MC-dropout layers, AL-MDN's mixture head."""
+    if needs.head_dropout > 0:
+        detector.enable_mc_dropout(needs.head_dropout)
+    if needs.mixture_density:
+        detector.add_mixture_head(needs.mixture_density)
+
+
+def build_experiment(cfg: DictConfig) -> Experiment:
+    """Instantiate every config group (``_target_`` + ``hydra.utils.instantiate``).
+
+    Every declared setting is checked first (:func:`alrun.params.check_config`: types, ranges,
+    keys, rules across keys), then the cheap groups are built and what the strategy and the
+    regime require is checked against what the detector's config declares
+    (:mod:`alrun.detectors.capabilities`), so a bad value is reported before a dataset is read,
+    a model is built or a file is written.
+    """
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise AlrunError(f"seed: expected a non-negative integer, got {cfg.seed!r}")
+    check_config(cfg)
+    schedule = instantiate(cfg.trainer)
+    budget = instantiate(cfg.budget)
+    strategy = instantiate(cfg.strategy)
+    oracle = instantiate(cfg.oracle)
+    regime = instantiate(cfg.supervision)
+    check_regime(regime, oracle)
+    needs = strategy.needs
+    check_passes(needs, f"strategy={strategy.name}")
+    wanted = requirements(strategy, regime)
+    detector_name = detector_label(cfg.detector, _choice("detector"))
+    check_capabilities(wanted, detector_config_capabilities(cfg.detector), detector_name)
+    metric = instantiate(cfg.metric) if "metric" in cfg else MetricConfig()
+    splits = instantiate(cfg.dataset)
+    if not isinstance(splits, DatasetSplits):
+        raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
+    strategy.check_data(splits)  # class_weights: one per class; scale views: bounded size
+    regime.check_data(splits)  # e.g. uda: the dataset must be its target domain
+    oracle.check_data(splits)  # oracle=recorded: file ids, classes, coordinates
+    factory = functools.partial(instantiate, cfg.detector, num_classes=len(splits.classes))
+    detector = factory()
+    check_capabilities(wanted, detector.capabilities, detector_name)  # undeclared configs
+    strategy.check_detector(detector.head_type)
+    set_up_detector(detector, needs)
+    ensemble = Ensemble(factory, needs.ensemble, needs.ensemble_kind) if needs.ensemble else None
+    return Experiment(
+        splits=splits,
+        detector=detector,
+        regime=regime,
+        strategy=strategy,
+        budget=budget,
+        oracle=oracle,
+        schedule=schedule,
+        seed=int(cfg.seed),
+        metric=metric,
+        training=StrategyTraining(tuple(strategy.training_hooks), ensemble),
+    )

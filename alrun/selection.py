@@ -1,0 +1,167 @@
+"""The acquisition step of a round: predict on the pool, score, pick within the budget, label.
+
+Also the seeded random initial set. All randomness comes from ``(seed, round)``
+(:meth:`alrun.acquisition.context.AcquisitionContext.rng`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+from alrun.acquisition.select import TopK
+from alrun.acquisition.strategies import RandomScore
+from alrun.budget import check_initial_affordable, cost_function
+from alrun.errors import BudgetError
+from alrun.experiment import Experiment
+from alrun.metrics import pool_misses
+from alrun.oracle import SimulatedOracle
+from alrun.pool import LabelPool
+from alrun.progress import Reporter
+from alrun.supervision.base import LabelRequest
+from alrun.types import Detections, ImageLabels, Needs, Selection
+
+
+@dataclass
+class RoundSelection:
+    """What the acquisition step of one round produced."""
+
+    selection: Selection
+    labels: list[ImageLabels]
+    stopped: str | None
+    timings: dict[str, float]
+    preds: list[Detections] | None = None
+    scores: dict[str, float] | None = None
+    batch: PredictionBatch | None = None  # ``preds`` as the ragged batch the strategy saw
+
+
+@dataclass(frozen=True)
+class PoolPredictions:
+    """What the strategy asked the detector for, on the pool and on the labelled set."""
+
+    preds: list[Detections] | None = None
+    labelled_embeddings: torch.Tensor | None = None
+    labelled_preds: PredictionBatch | None = None
+    labelled_targets: dict | None = None
+
+
+def unit_cost(unit: str, oracle: SimulatedOracle, pool: LabelPool, kind: str | None = None):
+    return cost_function(unit, oracle, pool.record, kind)
+
+
+def initial_selection(exp: Experiment, pool: LabelPool) -> list[str]:
+    """Seeded random initial set filled up to ``budget.initial`` (in the budget unit)."""
+    cost_of = unit_cost(exp.budget.unit, exp.oracle, pool, exp.regime.label_kind(LabelRequest(0)))
+    check_initial_affordable(exp.budget, cost_of, pool)
+    context = AcquisitionContext(
+        tuple(pool.unlabelled_ids),
+        exp.seed,
+        -1,
+        budget=exp.budget.initial,
+        cost_of=cost_of,
+        fill=exp.budget.fill,
+    )
+    picked = TopK()(RandomScore()(context), context)
+    if not picked:
+        raise BudgetError(f"budget.initial: {exp.budget.initial:g} {exp.budget.unit} buys no image")
+    return picked
+
+
+def predict_for_strategy(
+    exp: Experiment, pool: LabelPool, r: int, reporter: Reporter
+) -> PoolPredictions:
+    """Only what the strategy's ``needs`` ask (random: nothing)."""
+    needs = exp.strategy.needs
+    if not (needs.detections or needs.embedding or needs.labelled_embeddings):
+        return PoolPredictions()
+    with reporter.task(f"round {r}/{exp.budget.rounds} score pool") as progress:
+        preds = exp.predictor.predict(pool.records(pool.unlabelled_ids), needs, progress)
+    embeddings, labelled_preds, targets = None, None, None
+    if needs.labelled_embeddings:
+        labelled = exp.detector.predict(pool.records(pool.labelled_ids), Needs(embedding=True))
+        embeddings = torch.stack([d.embedding for d in labelled])
+    if needs.labelled_detections:  # (issue 13: PPAL difficulty, false-negative targets)
+        labelled_preds, targets = labelled_detections(exp, pool, needs)
+    return PoolPredictions(preds, embeddings, labelled_preds, targets)
+
+
+def select_round(
+    exp: Experiment, pool: LabelPool, r: int, reporter: Reporter, request: LabelRequest
+) -> RoundSelection:
+    """Score the unlabelled pool and pick within this round's budget (not after the last round).
+
+    When the pool runs dry the run stops cleanly: either nothing is left to score, or the
+    budget buys no remaining image.
+    """
+    timings = {"predict_s": 0.0, "score_s": 0.0, "select_s": 0.0}
+    strategy = exp.strategy
+    empty = Selection((), (), (), strategy.describe_unscored())
+    if r >= exp.budget.rounds:
+        return RoundSelection(empty, [], None, timings)
+    if not pool.unlabelled_ids:
+        return RoundSelection(empty, [], "pool exhausted: every image is labelled", timings)
+    t0 = time.perf_counter()
+    found = predict_for_strategy(exp, pool, r, reporter)
+    timings["predict_s"] = time.perf_counter() - t0 if found.preds is not None else 0.0
+    context = _context(exp, pool, r, request, found)
+    t0 = time.perf_counter()
+    scores = strategy.score(context)
+    timings["score_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    picked = strategy.select(scores, context)
+    timings["select_s"] = time.perf_counter() - t0
+    if not picked:
+        stopped = f"budget.per_round: {context.budget:g} {exp.budget.unit} buys no remaining image"
+        nothing = Selection((), (), (), strategy.describe())  # this round's scoring
+        return RoundSelection(nothing, [], stopped, timings, found.preds, scores, context.preds)
+    labels = exp.regime.annotate(exp.oracle, pool.records(picked), request)
+    selection = Selection(
+        tuple(picked),
+        tuple(float(scores[i]) for i in picked),
+        tuple(lab.cost_s for lab in labels),
+        strategy.describe(),
+    )
+    return RoundSelection(selection, labels, None, timings, found.preds, scores, context.preds)
+
+
+def _context(
+    exp: Experiment, pool: LabelPool, r: int, request: LabelRequest, found: PoolPredictions
+) -> AcquisitionContext:
+    kind = exp.regime.label_kind(request)
+    return AcquisitionContext(
+        pool_ids=tuple(pool.unlabelled_ids),
+        seed=exp.seed,
+        round=r,
+        budget=exp.budget.amount(r),
+        cost_of=unit_cost(exp.budget.unit, exp.oracle, pool, kind),
+        fill=exp.budget.fill,
+        preds=None if found.preds is None else PredictionBatch.from_detections(found.preds),
+        labelled_ids=tuple(pool.labelled_ids),
+        labelled_embeddings=found.labelled_embeddings,
+        history=request.history,
+        selections=pool.selections(),
+        labelled_preds=found.labelled_preds,
+        labelled_targets=found.labelled_targets,
+    )
+
+
+def labelled_detections(exp: Experiment, pool: LabelPool, needs: Needs):
+    """Predictions on the labelled images with boxes, and those (oracle) boxes."""
+    records = pool.training_set().images
+    preds = PredictionBatch.from_detections(exp.predictor.predict(records, needs))
+    targets = {r.image_id: (torch.as_tensor(r.boxes), torch.as_tensor(r.labels)) for r in records}
+    return preds, targets
+
+
+def selection_pool_misses(
+    exp: Experiment, pool: LabelPool, acquired: RoundSelection
+) -> dict | None:
+    """Objects the model misses in the selected images vs the rest (None: no pool predictions)."""
+    if not acquired.preds:
+        return None
+    records = pool.records([p.image_id for p in acquired.preds])
+    threshold = exp.metric.failure_score_threshold
+    return pool_misses(records, acquired.preds, acquired.selection.image_ids, threshold)
