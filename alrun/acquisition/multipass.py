@@ -234,6 +234,8 @@ class PassUncertainty:
     (the reference class's probability as a Bernoulli, in every pass) or ``with_background``.
     ``class_weights`` (one per class) multiplies each box's score by its class's weight before
     aggregation. The ``weighted`` aggregator weights boxes by their max class probability.
+    ``max_boxes`` keeps at most that many boxes per image, those of the highest max class
+    probability (CALD scores an image's top 30).
     """
 
     def __init__(
@@ -253,6 +255,7 @@ class PassUncertainty:
         distribution: Literal[PASS_DISTRIBUTIONS] = "binary",
         class_weights: ClassWeights = None,
         count_sources: CountSources = "once",
+        max_boxes: PositiveInt | None = None,
     ):
         name = _name_of(box_score)
         inputs = _required_inputs(box_score)
@@ -319,6 +322,11 @@ class PassUncertainty:
         self.distribution = distribution
         self.class_weights = check_class_weights(class_weights)
         self.count_sources = count_sources
+        if max_boxes is not None and not (isinstance(max_boxes, int) and max_boxes >= 1):
+            raise AlrunError(
+                f"strategy.scorer.max_boxes: expected null or an integer >= 1, got {max_boxes!r}"
+            )
+        self.max_boxes = max_boxes
         self.needs = self._needs()
 
     def _needs(self) -> Needs:
@@ -345,7 +353,7 @@ class PassUncertainty:
             raise AlrunError("strategy: detector returned no class probabilities")
         if len(batch) == 0:
             return []
-        rows = kept_rows(batch, self.score_threshold, self.count_sources)
+        rows = kept_rows(batch, self.score_threshold, self.count_sources, max_boxes=self.max_boxes)
         class_probs = batch.class_probs if batch.class_probs is not None else batch.probs[:, :-1]
         confidence = box_confidence(batch, rows)
         available: dict[str, Tensor] = {"boxes": batch.boxes[rows], "confidence": confidence}
@@ -394,5 +402,6 @@ class PassUncertainty:
             "box_score": _name_of(self.box_score),
             **passes,
             "distribution": self.distribution,
+            "max_boxes": self.max_boxes,
             **reduction_record(self),
         }

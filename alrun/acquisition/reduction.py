@@ -119,16 +119,27 @@ def kept_rows(
     score_threshold: float,
     count_sources: str = "once",
     validity: tuple[float, float] | None = None,
+    max_boxes: int | None = None,
 ) -> Tensor:
     """Rows (int64, image order) a scorer scores: detector score >= ``score_threshold``, valid
-    boxes only when ``validity = (min_size, max_aspect_ratio)`` is given, and one row per
-    source unless ``count_sources = per_class``."""
+    boxes only when ``validity = (min_size, max_aspect_ratio)`` is given, one row per source
+    unless ``count_sources = per_class``, and at most ``max_boxes`` per image (those of the
+    highest max class probability, :func:`box_confidence`)."""
     keep = batch.scores >= score_threshold
     if validity is not None and batch.num_boxes:
         keep = keep & valid_boxes(batch.boxes, *validity)
     if count_sources == "once":
         keep = unique_sources(batch, keep)
-    return torch.nonzero(keep).flatten()
+    rows = torch.nonzero(keep).flatten()
+    if max_boxes is not None and len(rows):
+        conf = box_confidence(batch, rows).double()
+        seg = batch.segment[rows]
+        order = torch.argsort(conf, descending=True, stable=True)
+        order = order[torch.argsort(seg[order], stable=True)]  # by image, best first
+        start = torch.searchsorted(seg[order], seg[order], right=False)
+        rank = torch.arange(len(order)) - start
+        rows = torch.sort(rows[order[rank < max_boxes]]).values
+    return rows
 
 
 def box_confidence(batch: PredictionBatch, rows: Tensor) -> Tensor:
