@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from alrun.errors import AlrunError
+from alrun.params import NonNegativeInt
 
 AGGREGATORS = ("sum", "mean", "max", "min", "weighted")
 
@@ -65,7 +66,7 @@ def aggregate_segments(
 
 
 def kao_localization_stability(
-    scores: Tensor, segment: Tensor, num_segments: int, confidences: Tensor | None
+    scores: Tensor, segment: Tensor, num_segments: NonNegativeInt, confidences: Tensor | None
 ) -> Tensor:
     """Kao et al. 2018's image score with its classification term, as CALD's re-implementation
     (we1pingyu/CALD ``ls_c_train.get_uncertainty``) computes it, sign flipped so that higher
