@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from alrun.errors import AlrunError
+from alrun.params import NonNegativeInt
 
 AGGREGATORS = ("sum", "mean", "max", "min", "weighted")
 
@@ -62,6 +63,24 @@ def aggregate_segments(
     else:
         raise ValueError(f"strategy.aggregator: expected one of {AGGREGATORS}, got '{name}'")
     return torch.where(count > 0, out, torch.full_like(out, torch.nan))
+
+
+def kao_localization_stability(
+    scores: Tensor, segment: Tensor, num_segments: NonNegativeInt, confidences: Tensor | None
+) -> Tensor:
+    """Kao et al. 2018's image score with its classification term, as CALD's re-implementation
+    (we1pingyu/CALD ``ls_c_train.get_uncertainty``) computes it, sign flipped so that higher
+    is more informative: ``U - sum(c_i S_i) / sum(c_i)`` with ``S_i = 1 - scores_i`` a box's
+    localization stability, ``c_i`` its max class probability and ``U = max_i (1 - c_i)``.
+    A callable aggregator (``aggregator: {_target_: ..., _partial_: true}``); NaN: no box."""
+    if confidences is None:
+        raise ValueError("kao_localization_stability needs box confidences")
+    conf = confidences.double().clamp(0, 1)
+    stability = aggregate_segments(1.0 - scores.double(), segment, num_segments, "weighted", conf)
+    worst = torch.full((num_segments,), -torch.inf, dtype=torch.float64).scatter_reduce_(
+        0, segment, 1.0 - conf, reduce="amax"
+    )
+    return worst - stability
 
 
 def check_class_weights(weights, key: str = "strategy.scorer.class_weights") -> tuple | None:

@@ -16,6 +16,13 @@ is ``(p - onehot(pred)) outer f`` - in closed form, no backward pass:
 Per image the box gradients (boxes with score >= ``score_threshold``, each anchor/proposal
 once) are summed (``aggregate: sum``; ``mean`` for the average); an image without such a box
 has the zero embedding (nothing to learn from its detections).
+
+Seeding follows BADGE's reference code (JordanAsh/badge ``init_centers``): the first centre is
+the embedding of largest norm, every next one is drawn with probability proportional to its
+squared distance to the nearest centre so far (plain D^2 sampling, no greedy local trials).
+``seeding: kmeans_plusplus`` uses scikit-learn's k-means++ instead (random first centre,
+greedy local trials), alrun's choice before. Where every remaining embedding coincides with a
+centre (the reference stops in the debugger there), the rest are taken in a seeded order.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,6 +42,32 @@ from alrun.params import ScoreThreshold
 from alrun.types import Needs
 
 AGGREGATES = ("sum", "mean")
+SEEDINGS = ("badge", "kmeans_plusplus")
+
+
+def badge_seeding_order(x: np.ndarray, k: int, seed: int) -> list[int]:
+    """``k`` distinct rows of ``x`` in BADGE's seeding order (see the module docstring)."""
+    n = len(x)
+    k = min(int(k), n)
+    if k <= 0:
+        return []
+    x = np.asarray(x, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    first = int(np.argmax(np.linalg.norm(x, axis=1)))
+    order = [first]
+    dist = np.linalg.norm(x - x[first], axis=1)
+    while len(order) < k:
+        d2 = dist**2
+        d2[order] = 0.0
+        total = d2.sum()
+        if not total > 0:  # only duplicates of centres left
+            rest = [i for i in rng.permutation(n).tolist() if i not in set(order)]
+            order.extend(rest[: k - len(order)])
+            break
+        nxt = int(rng.choice(n, p=d2 / total))
+        order.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(x - x[nxt], axis=1))
+    return order
 
 
 def box_gradients(probs: Tensor, labels: Tensor, feats: Tensor) -> Tensor:
@@ -84,7 +118,10 @@ class Badge(KMeansPlusPlus):
     """k-means++ seeding over per-image gradient embeddings (see the module docstring)."""
 
     def __init__(
-        self, score_threshold: ScoreThreshold = 0.05, aggregate: Literal[AGGREGATES] = "sum"
+        self,
+        score_threshold: ScoreThreshold = 0.05,
+        aggregate: Literal[AGGREGATES] = "sum",
+        seeding: Literal[SEEDINGS] = "badge",
     ):
         if not 0.0 <= score_threshold < 1.0:
             raise AlrunError(
@@ -95,8 +132,13 @@ class Badge(KMeansPlusPlus):
             raise AlrunError(
                 f"strategy.selector.aggregate: expected one of {AGGREGATES}, got '{aggregate}'"
             )
+        if seeding not in SEEDINGS:
+            raise AlrunError(
+                f"strategy.selector.seeding: expected one of {'|'.join(SEEDINGS)}, got '{seeding}'"
+            )
         self.score_threshold = float(score_threshold)
         self.aggregate = aggregate
+        self.seeding = seeding
         super().__init__(self._features, Needs(probs=True, feats=True), name="badge")
 
     def _features(self, context: AcquisitionContext, ids: Sequence[str]) -> Tensor:
@@ -105,9 +147,15 @@ class Badge(KMeansPlusPlus):
             context.preds, [row[i] for i in ids], self.score_threshold, self.aggregate
         )
 
+    def seeding_order(self, x: np.ndarray, k: int, seed: int) -> list[int]:
+        if self.seeding == "badge":
+            return badge_seeding_order(x, k, seed)
+        return super().seeding_order(x, k, seed)
+
     def describe(self) -> dict[str, Any]:
         return {
             "selector": "badge",
             "badge_score_threshold": self.score_threshold,
             "badge_aggregate": self.aggregate,
+            "badge_seeding": self.seeding,
         }

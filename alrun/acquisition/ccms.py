@@ -12,7 +12,8 @@ without kept boxes are identical (1); one without and one with are opposite (-1)
 
 Selection is PPAL's k-centroid: greedy farthest-first initialisation on the distance
 ``1 - CCMS`` (first centre a seeded random image), then k-medoids iterations (assign each image
-to its nearest centre, move each centre to the member with the least total distance). The
+to its nearest centre, move each centre to the member with the least total distance; 100
+iterations as PPAL's ``DiversitySampler.kmeans``, stopping early once no centre moves). The
 distance matrix is over the candidates only, so use it inside the two-phase scheme
 (``max_candidates`` guards against an N x N matrix over a large pool).
 """
@@ -91,7 +92,7 @@ def batch_ccms(batch: PredictionBatch, rows: Sequence[int], score_threshold: flo
     )
 
 
-def k_centroid(distance: Tensor, k: int, first: int, iterations: int = 10) -> list[int]:
+def k_centroid(distance: Tensor, k: int, first: int, iterations: int = 100) -> list[int]:
     """PPAL's k-centroid on a precomputed (n, n) distance: farthest-first init from ``first``,
     then k-medoids updates; returns ``k`` distinct indices (init order kept per cluster)."""
     n = len(distance)
@@ -137,7 +138,7 @@ class CCMSKCentroid:
     def __init__(
         self,
         score_threshold: ScoreThreshold = 0.05,
-        iterations: NonNegativeInt = 10,
+        iterations: NonNegativeInt = 100,
         max_candidates: Annotated[int, Range(1, MAX_CANDIDATES)] = 20000,
     ):
         if not 0.0 <= score_threshold < 1.0:

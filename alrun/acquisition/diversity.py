@@ -295,8 +295,12 @@ class KMeansPlusPlus:
         if not bool(torch.isfinite(x).all()):
             raise AlrunError(f"strategy.selector: {self.name} features contain NaN or inf")
         seed = int(context.rng(_RNG_PURPOSE).integers(2**31 - 1))
-        order = kmeans_plusplus_order(x.double().numpy(), affordable_count(ids, context), seed)
+        order = self.seeding_order(x.double().numpy(), affordable_count(ids, context), seed)
         return fill_budget([ids[i] for i in order], context.budget, context.cost_of, context.fill)
+
+    def seeding_order(self, x: np.ndarray, k: int, seed: int) -> list[int]:
+        """The pick order over the rows of ``x`` (subclasses may seed differently)."""
+        return kmeans_plusplus_order(x, k, seed)
 
     def describe(self) -> dict[str, Any]:
         return {"selector": self.name}

@@ -10,7 +10,6 @@ the four instead (each on its own, normalised the same way), ``combine: sum`` ad
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -18,17 +17,19 @@ from torch import Tensor
 
 from alrun.acquisition.aggregate import check_class_weights, class_weighted
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
-from alrun.acquisition.strategies import (
+from alrun.acquisition.reduction import (
     Aggregator,
     ClassWeights,
+    CountSources,
     EmptyPolicy,
+    box_confidence,
     check_reduction,
-    empty_image_score,
+    kept_rows,
     reduce_per_image,
     reduction_record,
-    score_pool,
-    unique_sources,
+    with_empty,
 )
+from alrun.acquisition.strategies import score_pool
 from alrun.detectors.mdn import UNCERTAINTIES
 from alrun.errors import AlrunError
 from alrun.params import PositiveInt, ScoreThreshold
@@ -65,6 +66,7 @@ class MixtureUncertainty:
         score_threshold: ScoreThreshold = 0.5,
         empty: EmptyPolicy = "min",
         class_weights: ClassWeights = None,
+        count_sources: CountSources = "once",
     ):
         if isinstance(components, bool) or not isinstance(components, int) or components < 1:
             raise AlrunError(
@@ -79,7 +81,8 @@ class MixtureUncertainty:
             raise AlrunError(
                 f"strategy.scorer.combine: expected one of {'|'.join(COMBINE)}, got '{combine}'"
             )
-        check_reduction(aggregator, empty, score_threshold)
+        check_reduction(aggregator, empty, score_threshold, count_sources)
+        self.count_sources = count_sources
         self.components = components
         self.uncertainty = uncertainty
         self.combine = combine
@@ -99,7 +102,7 @@ class MixtureUncertainty:
                 "strategy: the detector returned no mixture-density uncertainties (AL-MDN "
                 "needs a detector with a mixture head: FCOS or RetinaNet)"
             )
-        keep = unique_sources(batch, batch.scores >= self.score_threshold)
+        keep = kept_rows(batch, self.score_threshold, self.count_sources)
         values = batch.mdn[keep].double()
         columns = (
             list(range(len(UNCERTAINTIES)))
@@ -119,7 +122,11 @@ class MixtureUncertainty:
         per_image = torch.stack(
             [
                 reduce_per_image(
-                    self.aggregator, normalised[:, j], segment, len(batch), batch.scores[keep]
+                    self.aggregator,
+                    normalised[:, j],
+                    segment,
+                    len(batch),
+                    box_confidence(batch, keep),
                 )
                 for j in range(len(columns))
             ],
@@ -129,8 +136,7 @@ class MixtureUncertainty:
             combined = per_image.amax(dim=1)
         else:
             combined = per_image.sum(dim=1)
-        empty = empty_image_score(self.empty)
-        return [empty if math.isnan(x) else x for x in combined.tolist()]
+        return with_empty(combined, self.empty)
 
     def __call__(self, context: AcquisitionContext) -> dict[str, float]:
         return score_pool(self, context)

@@ -12,7 +12,6 @@ configure with one of those scores.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -20,25 +19,22 @@ from typing import Annotated, Any, Literal
 import torch
 from torch import Tensor
 
-from alrun.acquisition.aggregate import (
-    check_class_weights,
-    class_weighted,
-)
+from alrun.acquisition.aggregate import check_class_weights
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.match import MATCH_METRICS, check_matching, match_aligned, match_boxes
-from alrun.acquisition.strategies import (
+from alrun.acquisition.reduction import (
     Aggregator,
     ClassWeights,
+    CountSources,
     EmptyPolicy,
     _name_of,
-    check_distribution_head,
+    box_confidence,
     check_reduction,
-    empty_image_score,
-    reduce_per_image,
+    image_scores,
+    kept_rows,
     reduction_record,
-    score_pool,
-    unique_sources,
 )
+from alrun.acquisition.strategies import check_distribution_head, score_pool
 from alrun.detectors.views import parse_view
 from alrun.errors import AlrunError
 from alrun.params import OpenFraction, PositiveInt, Range, ScoreThreshold
@@ -238,6 +234,8 @@ class PassUncertainty:
     (the reference class's probability as a Bernoulli, in every pass) or ``with_background``.
     ``class_weights`` (one per class) multiplies each box's score by its class's weight before
     aggregation. The ``weighted`` aggregator weights boxes by their max class probability.
+    ``max_boxes`` keeps at most that many boxes per image, those of the highest max class
+    probability (CALD scores an image's top 30).
     """
 
     def __init__(
@@ -256,6 +254,8 @@ class PassUncertainty:
         empty: EmptyPolicy = "min",
         distribution: Literal[PASS_DISTRIBUTIONS] = "binary",
         class_weights: ClassWeights = None,
+        count_sources: CountSources = "once",
+        max_boxes: PositiveInt | None = None,
     ):
         name = _name_of(box_score)
         inputs = _required_inputs(box_score)
@@ -299,7 +299,7 @@ class PassUncertainty:
                     f"'{ensemble_kind}'"
                 )
         check_matching(match_metric, match_threshold)
-        check_reduction(aggregator, empty, score_threshold)
+        check_reduction(aggregator, empty, score_threshold, count_sources)
         if distribution not in PASS_DISTRIBUTIONS:
             raise AlrunError(
                 f"strategy.scorer.distribution: expected one of {'|'.join(PASS_DISTRIBUTIONS)} "
@@ -321,6 +321,12 @@ class PassUncertainty:
         self.empty = empty
         self.distribution = distribution
         self.class_weights = check_class_weights(class_weights)
+        self.count_sources = count_sources
+        if max_boxes is not None and not (isinstance(max_boxes, int) and max_boxes >= 1):
+            raise AlrunError(
+                f"strategy.scorer.max_boxes: expected null or an integer >= 1, got {max_boxes!r}"
+            )
+        self.max_boxes = max_boxes
         self.needs = self._needs()
 
     def _needs(self) -> Needs:
@@ -347,10 +353,9 @@ class PassUncertainty:
             raise AlrunError("strategy: detector returned no class probabilities")
         if len(batch) == 0:
             return []
-        keep = unique_sources(batch, batch.scores >= self.score_threshold)
-        rows = torch.nonzero(keep).flatten()
+        rows = kept_rows(batch, self.score_threshold, self.count_sources, max_boxes=self.max_boxes)
         class_probs = batch.class_probs if batch.class_probs is not None else batch.probs[:, :-1]
-        confidence = class_probs[rows].max(dim=1).values
+        confidence = box_confidence(batch, rows)
         available: dict[str, Tensor] = {"boxes": batch.boxes[rows], "confidence": confidence}
         if "ref_probs" in self.inputs:
             available["ref_probs"] = box_distribution(
@@ -373,11 +378,7 @@ class PassUncertainty:
                 matched=matched.matched,
             )
         box_scores = self.box_score(**{k: available[k] for k in self.inputs})
-        box_scores = class_weighted(box_scores, batch.labels[rows], self.class_weights)
-        segment = batch.segment[rows]
-        per_image = reduce_per_image(self.aggregator, box_scores, segment, len(batch), confidence)
-        empty = empty_image_score(self.empty)
-        return [empty if math.isnan(x) else x for x in per_image.tolist()]
+        return image_scores(self, batch, rows, box_scores)
 
     def __call__(self, context: AcquisitionContext) -> dict[str, float]:
         return score_pool(self, context)
@@ -401,6 +402,6 @@ class PassUncertainty:
             "box_score": _name_of(self.box_score),
             **passes,
             "distribution": self.distribution,
+            "max_boxes": self.max_boxes,
             **reduction_record(self),
-            "aggregator_weights": "max class probability",
         }

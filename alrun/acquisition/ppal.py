@@ -15,24 +15,31 @@ Class weights follow PPAL's sampler (``DCUSSampler._get_classwise_weight``)::
 so an easy class (q = 1) weighs 1 and a hard one (q = 0) weighs 1 + ub. An image's score is
 the sum over its boxes with score >= ``score_threshold`` of ``w_label * entropy(box)``, entropy
 on the box's binary (detected / not) distribution; images without such a box score 0.
-Defaults follow PPAL's configs: score_thr 0.05, class_weight_ub 0.2, class_weight_alpha 0.3.
+
+As ``DCUSSampler.al_acquisition`` does, only *valid* boxes count (``BaseALSampler.is_box_valid``:
+``sqrt(w h) > 16`` px and both side ratios ``< 5``; alrun's detectors already clip boxes to the
+image, as that function does first), and every detection NMS keeps is scored - two classes
+kept at one anchor count twice (``count_sources: per_class``). ``count_sources: once`` is
+alrun's one-row-per-anchor rule; ``min_box_size: 0`` and ``max_aspect_ratio: .inf`` switch the
+validity filter off. Defaults follow PPAL's configs and sampler: score_thr 0.05,
+class_weight_ub 0.2, class_weight_alpha 0.3, size_thr 16, ratio_thr 5.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+from alrun.acquisition.reduction import COUNT_SOURCES, CountSources, kept_rows
 from alrun.acquisition.scores import binary, entropy
-from alrun.acquisition.strategies import unique_sources
 from alrun.errors import AlrunError
-from alrun.params import Fraction, NonNegativeFloat, PositiveFloat, ScoreThreshold
+from alrun.params import Fraction, NonNegativeFloat, PositiveFloat, Range, ScoreThreshold
 from alrun.types import Needs
 
 
@@ -95,6 +102,9 @@ class DifficultyCalibratedUncertainty:
         class_weight_ub: NonNegativeFloat = 0.2,
         class_weight_alpha: PositiveFloat = 0.3,
         xi: Fraction = 0.6,
+        count_sources: CountSources = "per_class",
+        min_box_size: NonNegativeFloat = 16.0,
+        max_aspect_ratio: Annotated[float, Range(1, low_open=True)] = 5.0,
     ):
         if not 0.0 <= score_threshold < 1.0:
             raise AlrunError(
@@ -107,6 +117,22 @@ class DifficultyCalibratedUncertainty:
             )
         if not 0.0 <= xi <= 1.0:
             raise AlrunError(f"strategy.scorer.xi: expected a number in [0, 1], got {xi}")
+        if count_sources not in COUNT_SOURCES:
+            raise AlrunError(
+                f"strategy.scorer.count_sources: expected one of {'|'.join(COUNT_SOURCES)}, "
+                f"got '{count_sources}'"
+            )
+        if not min_box_size >= 0:
+            raise AlrunError(
+                f"strategy.scorer.min_box_size: expected a number >= 0 (pixels), got {min_box_size}"
+            )
+        if not max_aspect_ratio > 1:
+            raise AlrunError(
+                f"strategy.scorer.max_aspect_ratio: expected a number > 1, got {max_aspect_ratio}"
+            )
+        self.count_sources = count_sources
+        self.min_box_size = float(min_box_size)
+        self.max_aspect_ratio = float(max_aspect_ratio)
         self.score_threshold = float(score_threshold)
         self.class_weight_ub = float(class_weight_ub)
         self.class_weight_alpha = float(class_weight_alpha)
@@ -127,7 +153,12 @@ class DifficultyCalibratedUncertainty:
         self.last_quality, self.last_weights = quality, weights
         if len(batch) == 0:
             return {}
-        keep = unique_sources(batch, batch.scores >= self.score_threshold)
+        keep = kept_rows(
+            batch,
+            self.score_threshold,
+            self.count_sources,
+            (self.min_box_size, self.max_aspect_ratio),
+        )
         labels = batch.labels[keep]
         class_probs = batch.class_probs[keep] if batch.class_probs is not None else None
         dist = binary(class_probs if class_probs is not None else batch.probs[keep, :-1], labels)
@@ -146,6 +177,9 @@ class DifficultyCalibratedUncertainty:
             "class_weight_ub": self.class_weight_ub,
             "class_weight_alpha": self.class_weight_alpha,
             "xi": self.xi,
+            "count_sources": self.count_sources,
+            "min_box_size": self.min_box_size,
+            "max_aspect_ratio": self.max_aspect_ratio,
             "class_quality": self.last_quality,
             "class_weights": self.last_weights,
         }

@@ -129,9 +129,10 @@ def js_divergence(p: Tensor, q: Tensor) -> Tensor:
 def augmentation_inconsistency(
     ref_probs: Tensor, pass_probs: Tensor, iou: Tensor, box_weight: NonNegativeFloat = 1.0
 ) -> Tensor:
-    """Mean over views of ``JS(ref, view) + box_weight * (1 - IoU(ref box, view box))``
-    (Elezi et al. 2022; CALD, Yu et al. 2022): disagreement of the class distribution and of
-    the box under test-time augmentation."""
+    """Mean over views of ``JS(ref, view) + box_weight * (1 - IoU(ref box, view box))``:
+    alrun's own disagreement of the class distribution and of the box under test-time
+    augmentation (after Elezi et al. 2022). Not CALD's formula: that is ``strategy=cald``
+    (:mod:`alrun.acquisition.cald`)."""
     js = js_divergence(ref_probs.unsqueeze(1).expand_as(pass_probs), pass_probs)  # (N, T)
     return (js + box_weight * (1.0 - iou)).mean(dim=1)
 

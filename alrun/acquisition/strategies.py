@@ -8,72 +8,37 @@ only those (random needs no prediction at all). Both receive one
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from alrun.acquisition.aggregate import (
-    AGGREGATORS,
-    aggregate_segments,
-    check_class_weights,
-    class_weighted,
-)
+from alrun.acquisition.aggregate import check_class_weights
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch, Scorer, Selector
+from alrun.acquisition.reduction import (  # noqa: F401 - re-exported for older imports
+    EMPTY_POLICIES,
+    Aggregator,
+    ClassWeights,
+    CountSources,
+    EmptyPolicy,
+    _name_of,
+    check_reduction,
+    empty_image_score,
+    image_scores,
+    kept_rows,
+    reduce_per_image,
+    reduction_record,
+    unique_sources,
+)
 from alrun.acquisition.scores import DISTRIBUTIONS, distribution
 from alrun.acquisition.select import TopK
 from alrun.data.dataset import DatasetSplits
 from alrun.detectors.capabilities import needs_capabilities
 from alrun.detectors.views import check_view_size
 from alrun.errors import AlrunError
-from alrun.params import NonNegativeFloat, ScoreThreshold
+from alrun.params import ScoreThreshold
 from alrun.types import Detections, Needs
-
-EMPTY_POLICIES = ("min", "max", "skip")
-
-#: a named aggregator (``AGGREGATORS``) or a callable with :func:`aggregate_segments`'s
-#: signature after ``name``: ``fn(scores, segment, num_segments, confidences) -> (I,)``
-Aggregator = Literal[AGGREGATORS] | Callable[[Tensor, Tensor, int, Tensor | None], Tensor]
-#: images without a box: ``min`` | ``max`` | ``skip`` | a score (see :func:`empty_image_score`)
-EmptyPolicy = Literal[EMPTY_POLICIES] | float
-#: null, or one weight >= 0 per class
-ClassWeights = Sequence[NonNegativeFloat] | None
-
-
-def _name_of(fn: Any) -> str:
-    fn = getattr(fn, "func", fn)  # functools.partial from Hydra's _partial_
-    return getattr(fn, "__name__", type(fn).__name__)
-
-
-def check_reduction(aggregator: Aggregator, empty: str | float, score_threshold: float) -> None:
-    """Start-up checks shared by every per-box scorer: aggregator, empty-image policy, threshold."""
-    if isinstance(aggregator, str) and aggregator not in AGGREGATORS:
-        raise AlrunError(
-            f"strategy.scorer.aggregator: expected one of {'|'.join(AGGREGATORS)} or a "
-            f"callable, got '{aggregator}'"
-        )
-    if isinstance(empty, str) and empty not in EMPTY_POLICIES:
-        raise AlrunError(
-            f"strategy.scorer.empty: expected one of {'|'.join(EMPTY_POLICIES)} or a number, "
-            f"got '{empty}'"
-        )
-    if not 0.0 <= score_threshold < 1.0:
-        raise AlrunError(
-            f"strategy.scorer.score_threshold: expected a number in [0, 1), got {score_threshold}"
-        )
-
-
-def empty_image_score(empty: str | float) -> float | None:
-    """The score of an image without boxes under the ``empty`` policy (None: leave it out)."""
-    if empty == "min":
-        return -math.inf
-    if empty == "max":
-        return math.inf
-    if empty == "skip":
-        return None
-    return float(empty)
 
 
 def check_distribution_head(distribution: str, head_type: str, instead: str) -> None:
@@ -101,27 +66,6 @@ def check_class_count(scorer: Any, num_classes: int, key: str = "strategy.scorer
         check_class_count(part, num_classes, f"{key}.scorers.{name}")
 
 
-def reduce_per_image(
-    aggregator: Aggregator, scores: Tensor, segment: Tensor, num_images: int, confidences: Tensor
-) -> Tensor:
-    """Per-image reduction of box scores by a named or a callable aggregator (NaN: no box)."""
-    if callable(aggregator):
-        return aggregator(scores, segment, num_images, confidences)
-    return aggregate_segments(scores, segment, num_images, aggregator, confidences)
-
-
-def reduction_record(scorer: Any) -> dict[str, Any]:
-    """What ``selection.json`` records about a per-box scorer's reduction to one image score."""
-    aggregator = scorer.aggregator
-    return {
-        "aggregator": aggregator if isinstance(aggregator, str) else _name_of(aggregator),
-        "score_threshold": scorer.score_threshold,
-        "empty": scorer.empty,
-        "sources_counted_once": True,
-        "class_weights": None if scorer.class_weights is None else list(scorer.class_weights),
-    }
-
-
 def score_pool(scorer: Any, context: AcquisitionContext) -> dict[str, float]:
     """``scorer.batch_scores`` on the pool predictions as {image id: score} (None: left out)."""
     if context.preds is None:
@@ -145,27 +89,6 @@ class RandomScore:
         return {"scorer": "random"}
 
 
-def unique_sources(batch: PredictionBatch, keep: Tensor) -> Tensor:
-    """Restrict ``keep`` (bool mask over boxes) to one row per (image, source).
-
-    Per-class NMS may keep one box per class from the same anchor/proposal; those rows share
-    probabilities and features, so counting each would weight exactly the ambiguous sources
-    k times. Of such rows the one with the highest detector score is kept.
-    """
-    if batch.sources is None or not bool(keep.any()):
-        return keep
-    idx = torch.nonzero(keep).flatten()
-    seg = batch.segment[idx]
-    key = seg * (int(batch.sources.max()) + 1) + batch.sources[idx]
-    by_score = torch.argsort(batch.scores[idx], descending=True, stable=True)
-    by_key = by_score[torch.argsort(key[by_score], stable=True)]
-    first = torch.ones(len(by_key), dtype=torch.bool)
-    first[1:] = key[by_key][1:] != key[by_key][:-1]
-    out = torch.zeros_like(keep)
-    out[idx[by_key[first]]] = True
-    return out
-
-
 class BoxUncertainty:
     """Per-box uncertainty on a class distribution, reduced per image.
 
@@ -173,9 +96,10 @@ class BoxUncertainty:
     ``foreground``, see :func:`alrun.acquisition.scores.distribution`); the default ``binary``
     never yields constant scores, one-class datasets included.
     ``score_threshold`` drops boxes whose detector confidence is below it before scoring; each
-    anchor/proposal is counted once (:func:`unique_sources`). ``empty`` decides images left
-    with no box: ``min`` ranks them after every image with boxes, ``max`` before, ``skip``
-    never selects them, a number gives them that score.
+    anchor/proposal is counted once (``count_sources: once``, :func:`unique_sources`) or every
+    row NMS keeps (``per_class``). ``empty`` decides images left with no box: ``min`` ranks
+    them after every image with boxes, ``max`` before, ``skip`` never selects them, a number
+    gives them that score. The reduction is :mod:`alrun.acquisition.reduction`'s.
     """
 
     def __init__(
@@ -186,8 +110,9 @@ class BoxUncertainty:
         empty: EmptyPolicy = "min",
         distribution: Literal[DISTRIBUTIONS] = "binary",
         class_weights: ClassWeights = None,
+        count_sources: CountSources = "once",
     ):
-        check_reduction(aggregator, empty, score_threshold)
+        check_reduction(aggregator, empty, score_threshold, count_sources)
         if distribution not in DISTRIBUTIONS:
             raise AlrunError(
                 f"strategy.scorer.distribution: expected one of {'|'.join(DISTRIBUTIONS)}, "
@@ -199,6 +124,7 @@ class BoxUncertainty:
         self.empty = empty
         self.distribution = distribution
         self.class_weights = check_class_weights(class_weights)
+        self.count_sources = count_sources
         self.needs = Needs(probs=True)
 
     def check_detector(self, head_type: str) -> None:
@@ -214,18 +140,14 @@ class BoxUncertainty:
             raise AlrunError("strategy: detector returned no class probabilities")
         if len(batch) == 0:
             return []
-        keep = unique_sources(batch, batch.scores >= self.score_threshold)
+        rows = kept_rows(batch, self.score_threshold, self.count_sources)
         dist = distribution(
             self.distribution,
-            batch.probs[keep],
-            None if batch.class_probs is None else batch.class_probs[keep],
-            batch.labels[keep],
+            batch.probs[rows],
+            None if batch.class_probs is None else batch.class_probs[rows],
+            batch.labels[rows],
         )
-        box_scores = class_weighted(self.box_score(dist), batch.labels[keep], self.class_weights)
-        segment, confidences = batch.segment[keep], batch.scores[keep]
-        per_image = reduce_per_image(self.aggregator, box_scores, segment, len(batch), confidences)
-        empty = empty_image_score(self.empty)
-        return [empty if math.isnan(x) else x for x in per_image.tolist()]
+        return image_scores(self, batch, rows, self.box_score(dist))
 
     def __call__(self, context: AcquisitionContext) -> dict[str, float]:
         return score_pool(self, context)

@@ -307,13 +307,18 @@ def test_one_round_of_each_multipass_strategy(tmp_path, name):
     selection = json.loads((tmp_path / "round_00" / "selection.json").read_text())
     assert selection["strategy"] == name and selection["scorer"] == "pass_uncertainty"
     assert len(selection["selected"]) == 10
-    assert selection["aggregator"] in ("mean", "weighted")
-    assert selection["score_threshold"] == 0.1
     assert selection["source"] in ("mc_dropout", "tta", "ensemble")
     scores = [s["score"] for s in selection["selected"]]
     assert scores == sorted(scores, reverse=True)
     finite = [s for s in scores if isinstance(s, float)]
-    assert finite and all(s >= 0 for s in finite)
+    if name == "loc_stability":  # Kao/CALD: U - weighted stability, in [-1, 1]
+        assert selection["aggregator"] == "kao_localization_stability"
+        assert selection["score_threshold"] == 0.05
+        assert finite and all(-1 <= s <= 1 for s in finite)
+    else:
+        assert selection["aggregator"] in ("mean", "weighted")
+        assert selection["score_threshold"] == 0.1
+        assert finite and all(s >= 0 for s in finite)
     if name != "mc_variation_ratio":  # votes of a 10-iteration model rarely cross p = 0.5
         assert len(set(finite)) > 1, "scores should vary"
     if name.startswith("ensemble"):

@@ -56,8 +56,8 @@ def test_hard_classes_weigh_more_in_the_image_score():
     labelled = dets("L", [[0, 0, 10, 10]], [0], [[1.0, 0.0]])
     targets = {"L": (torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), torch.tensor([0, 1]))}
     pool = [
-        dets("x", [[0, 0, 5, 5]], [0], [[0.5, 0.1]]),  # easy class, p = 0.5
-        dets("y", [[0, 0, 5, 5]], [1], [[0.1, 0.5]]),  # hard class, p = 0.5
+        dets("x", [[0, 0, 30, 30]], [0], [[0.5, 0.1]]),  # easy class, p = 0.5
+        dets("y", [[0, 0, 30, 30]], [1], [[0.1, 0.5]]),  # hard class, p = 0.5
         dets("z", [], [], torch.zeros((0, 2))),
     ]
     ctx = AcquisitionContext(

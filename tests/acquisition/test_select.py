@@ -122,7 +122,7 @@ DIVERSITY_STRATEGIES = {
     "badge": ({"selector": "badge"}, ()),
     "has_detection": ({"scorer": "has_detection"}, ()),
     "detection_count": ({"scorer": "detection_count"}, ()),
-    "box_in_box": ({"scorer": "box_in_box", "diversity": "k_center_greedy"}, ()),
+    "box_in_box": ({"scorer": "box_in_box", "selector": "bib_kmeans_pp"}, ()),
     "loss_prediction": ({"scorer": "loss_prediction"}, ("loss_prediction/final_loss",)),
     "fn_prediction": ({"scorer": "fn_prediction"}, ("fn_prediction/final_loss",)),
     "failure_aware": ({"scorer": "failure_mode_weighted"}, ("fn_prediction/final_loss",)),
