@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from alrun import initial_set
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.select import TopK
 from alrun.acquisition.strategies import RandomScore, Strategy
@@ -69,6 +70,7 @@ class Experiment:
     schedule: TrainSchedule
     seed: int
     metric: MetricConfig = MetricConfig()
+    initial_ids: tuple[str, ...] | None = None  # budget.initial_ids, resolved against the pool
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -92,6 +94,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     if not isinstance(splits, DatasetSplits):
         raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
     strategy.check_data(splits)  # class_weights: one per class; scale views: bounded size
+    initial_ids = _initial_ids(budget, splits, oracle, regime)
     if hasattr(regime, "check_data"):  # e.g. uda: the dataset must be its target domain
         regime.check_data(splits)
     if hasattr(oracle, "check_data"):  # oracle=recorded: file ids, classes, coordinates
@@ -117,7 +120,23 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         schedule=schedule,
         seed=int(cfg.seed),
         metric=metric,
+        initial_ids=initial_ids,
     )
+
+
+def _initial_ids(
+    budget: Budget, splits: DatasetSplits, oracle: SimulatedOracle, regime: Regime
+) -> tuple[str, ...] | None:
+    """``budget.initial_ids`` read and checked against the pool and ``budget.initial``."""
+    if budget.initial_ids is None:
+        return None
+    path = Path(budget.initial_ids).expanduser()
+    ids = initial_set.resolve(path, splits)
+    records = {r.image_id: r for r in splits.pool.images}
+    kind = regime.label_kind(LabelRequest(0))
+    cost_of = cost_function(budget.unit, oracle, records.__getitem__, kind)
+    initial_set.check_affordable(path, ids, budget.initial, budget.unit, cost_of)
+    return ids
 
 
 def derive_seed(seed: int, round_index: int, purpose: int) -> int:
@@ -126,7 +145,10 @@ def derive_seed(seed: int, round_index: int, purpose: int) -> int:
 
 
 def initial_selection(exp: Experiment, pool: LabelPool) -> list[str]:
-    """Seeded random initial set filled up to ``budget.initial`` (in the budget unit)."""
+    """Seeded random initial set filled up to ``budget.initial`` (in the budget unit), or the
+    images ``budget.initial_ids`` lists (checked in :func:`build_experiment`)."""
+    if exp.initial_ids is not None:
+        return list(exp.initial_ids)
     cost_of = unit_cost(exp.budget.unit, exp.oracle, pool, exp.regime.label_kind(LabelRequest(0)))
     check_initial_affordable(exp.budget, cost_of, pool)
     context = AcquisitionContext(
