@@ -109,3 +109,25 @@ def test_smoke_run_starts_from_the_listed_images(tmp_path):
     with pytest.raises(BudgetError, match="lists 11 images costing 11 images, more than budget"):
         run_experiment(compose_config([*base, f"budget.initial_ids={ids}"]), tmp_path / "big")
     assert not (tmp_path / "big").exists() or not any((tmp_path / "big").iterdir())
+
+
+@pytest.mark.integration
+def test_cli_names_the_file_and_the_unknown_id_and_writes_nothing(tmp_path):
+    from tests.test_cli import alrun, assert_clean_failure
+
+    ids = tmp_path / "ids.txt"
+    ids.write_text("no_such_image\n")
+    result = alrun(tmp_path, f"budget.initial_ids={ids}")
+    assert_clean_failure(
+        result, tmp_path, f"alrun: error: budget.initial_ids: {ids}: 'no_such_image' is not an"
+    )
+    assert result.stderr.strip().splitlines()[1:] == ["  see docs/budgets.md"]
+
+
+@pytest.mark.integration
+def test_cli_refuses_a_step_milestone_past_the_round_in_one_line(tmp_path):
+    from tests.test_cli import alrun, assert_clean_failure
+
+    result = alrun(tmp_path, "trainer.lr_schedule=step", "trainer.lr_steps=[7]")
+    assert_clean_failure(result, tmp_path, "alrun: error: trainer.lr_steps: milestone 7 is past")
+    assert len(result.stderr.strip().splitlines()) == 2
