@@ -64,6 +64,7 @@ class Budget:
     rounds: int
     unit: str = "images"
     fill: str = "stop"
+    initial_ids: str | None = None  # a file listing the initial set (alrun.initial_set)
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -89,6 +90,7 @@ class Budget:
         rounds: NonNegativeInt,
         unit: Literal[UNITS] = "images",
         fill: Literal[FILL_POLICIES] = "stop",
+        initial_ids: str | None = None,
     ) -> Budget:
         if isinstance(per_round, (int, float)):
             schedule: float | tuple[float, ...] = float(per_round)
@@ -99,7 +101,9 @@ class Budget:
                     f"budget.per_round: {len(schedule)} amounts listed for {rounds} rounds "
                     f"(budget.rounds); list exactly {rounds}"
                 )
-        return cls(float(initial), schedule, int(rounds), unit, fill)
+        if initial_ids is not None and not str(initial_ids).strip():
+            raise BudgetError("budget.initial_ids: expected a file path or null, got ''")
+        return cls(float(initial), schedule, int(rounds), unit, fill, initial_ids)
 
     def schedule(self) -> list[float]:
         if isinstance(self.per_round, tuple):

@@ -3,8 +3,8 @@
 A round's training is: apply the ``trainer.init`` policy (:func:`train_round`), then run
 ``schedule``'s iterations (:func:`train`). Every iteration draws one batch from each
 :class:`BatchSource`, asks the backend for its losses on the sources that carry targets, adds what
-each :class:`TrainingHook` contributes, and takes one SGD step (warmup + cosine learning rate,
-gradient-norm clipping). The backend only has to expose the training pieces of the
+each :class:`TrainingHook` contributes, and takes one SGD step (warmup then cosine or step
+learning rate, gradient-norm clipping). The backend only has to expose the training pieces of the
 :class:`~alrun.detectors.base.Detector` protocol: ``device``, ``train_mode()``, ``parameters()``
 and ``losses(images, targets)``.
 
@@ -217,7 +217,7 @@ def train(
     optimizer = torch.optim.SGD(
         params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
     )
-    lr_at = warmup_cosine(schedule, total)
+    lr_at = learning_rate(schedule, total)
     losses: list[float] = []
     for index, drawn in enumerate(zip(*streams)):
         lr = lr_at(index)
@@ -393,16 +393,58 @@ def batch_plan(
     return batches
 
 
+def learning_rate(schedule: TrainSchedule, total: int) -> Callable[[int], float]:
+    """``trainer.lr_schedule``'s learning rate at each of ``total`` steps."""
+    if schedule.lr_schedule == "step":
+        return warmup_step(schedule, total)
+    return warmup_cosine(schedule, total)
+
+
+def _warmup_factor(schedule: TrainSchedule, step: int, warmup: int) -> float:
+    """mmcv's linear warmup: from ``warmup_ratio`` at step 0 up to 1 at step ``warmup``."""
+    if step >= warmup:
+        return 1.0
+    return schedule.warmup_ratio + (1 - schedule.warmup_ratio) * step / warmup
+
+
 def warmup_cosine(schedule: TrainSchedule, total: int) -> Callable[[int], float]:
-    """Learning rate at each step: linear warmup from 10 % then cosine decay to ``min_lr_ratio``."""
+    """Learning rate at each step: linear warmup from ``warmup_ratio`` then cosine decay to
+    ``min_lr_ratio``."""
     warmup = min(schedule.warmup_iters, max(total - 1, 0))
 
     def lr_at(step: int) -> float:
         if step < warmup:
-            return schedule.lr * (0.1 + 0.9 * step / warmup)
+            return schedule.lr * _warmup_factor(schedule, step, warmup)
         progress = (step - warmup) / max(1, total - warmup)
         low = schedule.min_lr_ratio
         return schedule.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return lr_at
+
+
+def step_milestones(schedule: TrainSchedule, total: int) -> list[int]:
+    """``trainer.lr_steps`` as iteration indices of a ``total``-step round: a fraction ``f``
+    becomes ``round(f * total)`` (so epoch 20 of 26 is ``20 / 26``), a whole number stays an
+    index. An index at or past the round's end would never fire: one line naming the key."""
+    milestones = [round(x * total) if x < 1 else int(x) for x in schedule.lr_steps]
+    for given, at in zip(schedule.lr_steps, milestones):
+        if given >= 1 and at >= total:
+            raise AlrunError(
+                f"trainer.lr_steps: milestone {at} is past this round's last iteration "
+                f"({total} iterations); use a fraction in (0, 1) or a smaller index"
+            )
+    return milestones
+
+
+def warmup_step(schedule: TrainSchedule, total: int) -> Callable[[int], float]:
+    """mmcv's ``StepLrUpdaterHook`` with linear warmup: ``lr * gamma^(milestones passed)``,
+    times the warmup factor during the first ``warmup_iters`` steps."""
+    warmup = min(schedule.warmup_iters, max(total - 1, 0))
+    milestones = step_milestones(schedule, total)
+
+    def lr_at(step: int) -> float:
+        passed = sum(step >= m for m in milestones)
+        return schedule.lr * schedule.gamma**passed * _warmup_factor(schedule, step, warmup)
 
     return lr_at
 

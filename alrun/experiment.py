@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from alrun import initial_set
 from alrun.acquisition.strategies import Strategy
-from alrun.budget import Budget
+from alrun.budget import Budget, cost_function
 from alrun.data.dataset import DatasetSplits
 from alrun.detectors.base import Detector, TrainSchedule
 from alrun.detectors.capabilities import (
@@ -27,7 +29,7 @@ from alrun.errors import AlrunError
 from alrun.metrics import MetricConfig
 from alrun.oracle import SimulatedOracle
 from alrun.params import check_config
-from alrun.supervision.base import Regime, check_regime
+from alrun.supervision.base import LabelRequest, Regime, check_regime
 from alrun.types import Needs
 
 
@@ -51,6 +53,7 @@ class Experiment:
     metric: MetricConfig = MetricConfig()
     training: StrategyTraining = StrategyTraining()
     predictor: Predictor | None = None
+    initial_ids: tuple[str, ...] | None = None  # budget.initial_ids, resolved against the pool
 
     def __post_init__(self) -> None:
         if self.predictor is None:
@@ -121,6 +124,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     if not isinstance(splits, DatasetSplits):
         raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
     strategy.check_data(splits)  # class_weights: one per class; scale views: bounded size
+    initial_ids = _initial_ids(budget, splits, oracle, regime)
     regime.check_data(splits)  # e.g. uda: the dataset must be its target domain
     oracle.check_data(splits)  # oracle=recorded: file ids, classes, coordinates
     factory = functools.partial(instantiate, cfg.detector, num_classes=len(splits.classes))
@@ -140,4 +144,20 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         seed=int(cfg.seed),
         metric=metric,
         training=StrategyTraining(tuple(strategy.training_hooks), ensemble),
+        initial_ids=initial_ids,
     )
+
+
+def _initial_ids(
+    budget: Budget, splits: DatasetSplits, oracle: SimulatedOracle, regime: Regime
+) -> tuple[str, ...] | None:
+    """``budget.initial_ids`` read and checked against the pool and ``budget.initial``."""
+    if budget.initial_ids is None:
+        return None
+    path = Path(budget.initial_ids).expanduser()
+    ids = initial_set.resolve(path, splits)
+    records = {r.image_id: r for r in splits.pool.images}
+    kind = regime.label_kind(LabelRequest(0))
+    cost_of = cost_function(budget.unit, oracle, records.__getitem__, kind)
+    initial_set.check_affordable(path, ids, budget.initial, budget.unit, cost_of)
+    return ids

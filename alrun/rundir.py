@@ -77,7 +77,8 @@ RUN_CONTROL_KEYS = (
     "logger",
     "allow_thread_change",
 )
-#: config keys whose values form the default run dir ``outputs/<name>/<dataset>/<strategy.name>/seed<seed>``
+#: config keys whose values form the default run dir
+#: ``outputs/<name>/<dataset>/<strategy.name>/seed<seed>``
 RUN_NAME_KEYS = ("name", "strategy.name", "seed")
 
 

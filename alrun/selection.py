@@ -53,7 +53,10 @@ def unit_cost(unit: str, oracle: SimulatedOracle, pool: LabelPool, kind: str | N
 
 
 def initial_selection(exp: Experiment, pool: LabelPool) -> list[str]:
-    """Seeded random initial set filled up to ``budget.initial`` (in the budget unit)."""
+    """Seeded random initial set filled up to ``budget.initial`` (in the budget unit), or the
+    images ``budget.initial_ids`` lists (checked in :func:`build_experiment`)."""
+    if exp.initial_ids is not None:
+        return list(exp.initial_ids)
     cost_of = unit_cost(exp.budget.unit, exp.oracle, pool, exp.regime.label_kind(LabelRequest(0)))
     check_initial_affordable(exp.budget, cost_of, pool)
     context = AcquisitionContext(

@@ -98,6 +98,7 @@ def test_random_initial_set_keeps_the_pool_share_of_empty_images(unit):
             oracle=SimulatedOracle(CostModel()),
             regime=FullSupervision(),
             seed=seed,
+            initial_ids=None,
         )
         picked = initial_selection(exp, pool)
         shares.append(sum(pool.record(i).num_boxes == 0 for i in picked) / len(picked))

@@ -20,6 +20,7 @@ from alrun.engine import (
     train,
     train_round,
     warmup_cosine,
+    warmup_step,
 )
 from alrun.errors import AlrunError
 from alrun.types import Detections
@@ -90,6 +91,82 @@ def test_warmup_then_cosine_to_the_floor():
     assert lr_at(10) == pytest.approx(0.1)
     assert lr_at(55) == pytest.approx(0.1 * (0.05 + 0.95 * 0.5))  # half-way down the cosine
     assert lr_at(100) == pytest.approx(0.005)
+
+
+def test_step_schedule_matches_mmcv_step_hook_with_linear_warmup():
+    """Held against mmcv's ``StepLrUpdaterHook`` (``policy='step'``) with ``warmup='linear'``
+    as PPAL's ``configs/voc_active_learning/al_train/retinanet_26e.py`` sets it (lr 0.002, 500
+    warmup iterations at ratio 0.001, x0.1 at epoch 20 of 26). mmcv: regular lr = lr x
+    gamma^(epochs >= step), warmup lr = regular x (1 - (1 - i / 500) x (1 - 0.001)); 100
+    iterations an epoch here, so epoch 20 starts at iteration 2000."""
+    schedule = TrainSchedule(
+        epochs=26,
+        iterations=0,
+        lr=0.002,
+        warmup_iters=500,
+        warmup_ratio=0.001,
+        lr_schedule="step",
+        lr_steps=[20 / 26],
+        gamma=0.1,
+    )
+    total = schedule.num_iterations(800, from_scratch=True)  # 800 images / batch 8 = 100
+    assert total == 2600
+    lr_at = warmup_step(schedule, total)
+    assert lr_at(0) == pytest.approx(2e-6)  # 0.002 x 0.001
+    assert lr_at(250) == pytest.approx(0.002 * (1 - 0.5 * 0.999))  # 0.001001
+    assert lr_at(500) == pytest.approx(0.002)
+    assert lr_at(1999) == pytest.approx(0.002)
+    assert lr_at(2000) == pytest.approx(0.0002)
+    assert lr_at(2599) == pytest.approx(0.0002)
+
+
+def test_step_schedule_by_iteration_index_with_two_milestones():
+    schedule = TrainSchedule(
+        iterations=10, lr=1.0, warmup_iters=0, lr_schedule="step", lr_steps=[4, 8], gamma=0.5
+    )
+    assert [warmup_step(schedule, 10)(i) for i in range(10)] == [1.0] * 4 + [0.5] * 4 + [0.25] * 2
+
+
+def test_engine_trains_with_the_step_schedule(tmp_path):
+    """The optimiser runs at the scheduled rate: the spy sees what SGD was given."""
+    rates: list[float] = []
+
+    class Spy(TrainingHook):
+        def after_step(self, step):
+            rates.append(step.lr)
+
+    def run(**kw):
+        schedule = TrainSchedule(iterations=6, lr=0.1, **{**PLAIN, **kw})
+        detector = ToyDetector()
+        train(detector, [BatchSource("l", _dataset(tmp_path, "l", 2))], schedule, 0, hooks=[Spy()])
+        return detector.weight.detach().clone()
+
+    stepped = run(lr_schedule="step", lr_steps=[0.5], gamma=0.1)
+    assert rates == pytest.approx([0.1] * 3 + [0.01] * 3)
+    assert not torch.equal(stepped, run())  # the cosine default (floor 1.0 here) differs
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(lr_steps=[0.5]), "lr_steps: milestones need trainer.lr_schedule=step"),
+        (dict(lr_schedule="step"), "lr_steps: expected at least one milestone"),
+        (dict(lr_schedule="step", lr_steps=[1.5]), "fractions in \\(0, 1\\) or whole"),
+        (dict(lr_schedule="step", lr_steps=[0.8, 0.5]), "expected increasing milestones"),
+        (dict(lr_schedule="step", lr_steps=[300]), "milestone 300 is past the last iteration"),
+        (dict(lr_schedule="step", lr_steps=[0.5], gamma=0.0), "trainer.gamma: expected in"),
+        (dict(lr_schedule="linear"), "trainer.lr_schedule: expected 'cosine' or 'step'"),
+    ],
+)
+def test_bad_step_schedules_are_one_line_naming_the_key(settings, message):
+    with pytest.raises(AlrunError, match=message):
+        TrainSchedule(iterations=300, **settings)
+
+
+def test_an_iteration_milestone_past_an_epoch_round_is_refused_when_it_trains():
+    schedule = TrainSchedule(epochs=2, iterations=0, lr_schedule="step", lr_steps=[30])
+    with pytest.raises(AlrunError, match="trainer.lr_steps: milestone 30 is past this round"):
+        warmup_step(schedule, schedule.num_iterations(40, False))  # 2 x 5 = 10 iterations
 
 
 def test_batch_plan_walks_epochs_and_is_seeded():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
+from alrun.engine import warmup_step
 from alrun.errors import AlrunError, DatasetError
 from alrun.loop import build_experiment
 from tests.data.fabricate import make_coco_root, make_vocdevkit
@@ -56,6 +57,32 @@ def test_paper_preset_composes_with_its_protocol(preset: str):
     assert cfg.detector.pretrained_backbone.endswith(".pth")
     text = (REPO / "alrun" / "configs" / "experiment" / f"{preset}.yaml").read_text()
     assert text.count("[") >= 8, "every number cites its source"
+
+
+#: (preset, milestone as a fraction of the round, warmup iterations, warmup ratio): PPAL's
+#: retinanet_26e.py step=[20] of 26 epochs; MI-AOD's last 3-epoch label-set training drops for
+#: its third epoch (16 of 18 passes); learning loss x0.1 after 240 of 300 epochs
+PAPER_SCHEDULES = {
+    "voc_ppal": (20 / 26, 500, 0.001),
+    "coco_ppal": (20 / 26, 500, 0.001),
+    "voc_miaod": (16 / 18, 0, 0.1),
+    "voc_learning_loss": (240 / 300, 500, 0.001),
+}
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_paper_presets_step_the_learning_rate_as_their_papers(preset: str):
+    fraction, warmup, ratio = PAPER_SCHEDULES[preset]
+    schedule = instantiate(compose_config([f"experiment={preset}"]).trainer)
+    assert schedule.lr_schedule == "step" and schedule.gamma == 0.1
+    assert schedule.lr_steps == pytest.approx((fraction,), abs=1e-9)
+    assert (schedule.warmup_iters, schedule.warmup_ratio) == (warmup, ratio)
+    epoch = 50  # iterations an epoch: the drop lands on the paper's epoch boundary
+    total = schedule.epochs * epoch
+    lr_at = warmup_step(schedule, total)
+    drop = round(fraction * schedule.epochs) * epoch
+    assert lr_at(drop - 1) == pytest.approx(schedule.lr)
+    assert lr_at(drop) == pytest.approx(schedule.lr * 0.1)
 
 
 @pytest.mark.parametrize("preset", ["voc_ppal", "coco_ppal", "voc_miaod"])

@@ -6,11 +6,19 @@ embeddings the loop already computes. A strategy's hooks join every regime's tra
 ``Strategy.training_hooks`` (the loop attaches them to the detector; ``alrun.engine.train``
 runs them with the regime's own hooks).
 
-* :class:`LossPrediction` (Yoo & Kweon 2019): a head predicting each image's detection loss,
-  trained *during* the detector's training (``parameters`` + ``extra_losses``) with their
-  margin ranking loss on pairs of the labelled batch. The per-image target losses come from an
-  extra no-grad forward per image (BatchNorm statistics restored after), and the head reads
-  detached features, so the detector trains exactly as without it. Score = predicted loss.
+* :class:`LossPrediction` (Yoo & Kweon 2019; reference: Mephisto405/Learning-Loss-for-Active-
+  Learning ``models/lossnet.py`` ``LossNet``, ``main.py`` ``LossPredLoss`` / ``train_epoch``,
+  ``config.py``): a head predicting each image's detection loss, trained *during* the detector's
+  training (``parameters`` + ``extra_losses``) with the margin ranking loss on pairs of the
+  labelled batch. Defaults as the reference: per level GAP -> FC(128) -> ReLU, concatenated ->
+  FC(1) (``head=per_level``); its gradient reaches the backbone for the first ``detach_after``
+  (60 %: epoch 120 of 200) of the round's iterations, the features are detached after; a random
+  ``subset`` of 10,000 pool images is ranked each round (the rest are not candidates). The
+  per-image target losses come from an extra no-grad forward per image (BatchNorm statistics
+  restored after). alrun's earlier choices are options: ``head=concat hidden=64`` (the
+  concatenated embedding -> FC -> ReLU -> FC), ``detach_after=0`` (always detached: the detector
+  trains exactly as without the head), ``subset=null`` (the whole pool), ``pairs=halves``.
+  Score = predicted loss.
 * :class:`FalseNegativePrediction` (Nakamura et al. 2024): a head predicting how many objects
   the detector misses in an image. Its targets need the *trained* model's detections, so it is
   fitted in ``after_training``: the labelled images seen in the round's batches are run through
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,12 +41,16 @@ from alrun.acquisition.context import AcquisitionContext
 from alrun.detectors.base import FEATURE_MAPS, TEACHER
 from alrun.engine import Step, TrainingHook
 from alrun.errors import AlrunError
-from alrun.params import NonNegativeFloat, PositiveFloat, PositiveInt, ScoreThreshold
+from alrun.params import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, ScoreThreshold
 from alrun.types import Needs
 
 #: what a learned head reads of the detector: feature maps, and the torch module's backbone
 #: (loss prediction) or its own post-processed detections (false negatives)
 HEAD_REQUIRES = (FEATURE_MAPS, TEACHER)
+LOSS_HEADS = ("per_level", "concat")
+PAIRINGS = ("flip", "halves")
+#: the random stream of the loss-prediction subset (``AcquisitionContext.rng``)
+_SUBSET_PURPOSE = 0x1055
 
 
 def _backbone(detector) -> nn.Module:
@@ -57,14 +69,36 @@ def pooled(levels) -> Tensor:
     return torch.cat([f.mean(dim=(2, 3)) for f in values], dim=1)
 
 
-def _embedding_width(detector) -> int:
+def _level_widths(detector) -> list[int]:
+    """Channels of every feature level, in the embedding's order."""
     model = detector.model
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        dim = pooled(detector.features([torch.zeros((3, 64, 64), device=detector.device)]))
+        levels = detector.features([torch.zeros((3, 64, 64), device=detector.device)])
     model.train(was_training)
-    return int(dim.shape[1])
+    return [int(f.shape[1]) for f in levels.values()]
+
+
+def _embedding_width(detector) -> int:
+    return sum(_level_widths(detector))
+
+
+class PerLevelHead(nn.Module):
+    """Yoo & Kweon's loss-prediction module (the reference ``LossNet``) on pooled levels: each
+    level's global average -> FC(``hidden``) -> ReLU, concatenated -> FC(1). Reads the image
+    embedding (every level's average, concatenated) and splits it by ``widths``."""
+
+    def __init__(self, widths: Sequence[int], hidden: int = 128):
+        super().__init__()
+        self.widths = [int(w) for w in widths]
+        self.levels = nn.ModuleList(nn.Linear(w, hidden) for w in self.widths)
+        self.out = nn.Linear(hidden * len(self.widths), 1)
+
+    def forward(self, embedding: Tensor) -> Tensor:
+        parts = torch.split(embedding, self.widths, dim=1)
+        hidden = [torch.relu(fc(x)) for fc, x in zip(self.levels, parts)]
+        return self.out(torch.cat(hidden, dim=1))
 
 
 def _head(width: int, hidden: int) -> nn.Module:
@@ -82,14 +116,25 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def margin_ranking(pred: Tensor, target: Tensor, margin: float) -> Tensor | None:
-    """Yoo & Kweon's loss on pairs (i, i + B/2): ``max(0, -sign(l_i - l_j) (p_i - p_j) + m)``."""
+def margin_ranking(
+    pred: Tensor, target: Tensor, margin: float, pairs: str = "flip"
+) -> Tensor | None:
+    """Yoo & Kweon's ranking loss ``mean max(0, m - one * (p_i - p_j))`` over pairs of a batch.
+
+    ``flip`` (the reference ``LossPredLoss``): pairs (i, B-1-i) for i < B/2, ``one`` = +1 when
+    ``l_i - l_j > 0`` else -1 (a tie counts as -1); ``halves`` (alrun's earlier): pairs
+    (i, i + B/2), ``one = sign(l_i - l_j)`` (a tie counts 0). Targets are detached."""
     half = len(pred) // 2
     if half == 0:
         return None
-    a, b = pred[:half], pred[half : 2 * half]
-    sign = torch.sign(target[:half] - target[half : 2 * half])
-    return torch.clamp(-sign * (a - b) + margin, min=0).mean()
+    target = target.detach()
+    if pairs == "flip":
+        diff, wanted = (pred - pred.flip(0))[:half], (target - target.flip(0))[:half]
+        one = 2 * torch.sign(torch.clamp(wanted, min=0)) - 1
+    else:
+        diff = pred[:half] - pred[half : 2 * half]
+        one = torch.sign(target[:half] - target[half : 2 * half])
+    return torch.clamp(margin - one * diff, min=0).mean()
 
 
 class LossPredictionHook(TrainingHook):
@@ -98,10 +143,20 @@ class LossPredictionHook(TrainingHook):
     name = "loss_prediction"
     requires = HEAD_REQUIRES
 
-    def __init__(self, hidden: int = 64, margin: float = 1.0, weight: float = 1.0):
+    def __init__(
+        self,
+        hidden: int = 128,
+        margin: float = 1.0,
+        weight: float = 1.0,
+        head: str = "per_level",
+        detach_after: float = 0.6,
+        pairs: str = "flip",
+    ):
         self.hidden, self.margin, self.weight = int(hidden), float(margin), float(weight)
+        self.kind, self.detach_after, self.pairs = head, float(detach_after), pairs
         self.head: nn.Module | None = None
         self.losses: list[float] = []
+        self.steps_with_gradient = 0
         self._captured: list[Tensor] = []
         self._capturing = True
         self._handle = None
@@ -109,27 +164,41 @@ class LossPredictionHook(TrainingHook):
     def before_training(self, detector, total: int) -> None:
         backbone = _backbone(detector)
         self.detector = detector
-        self.head = _head(_embedding_width(detector), self.hidden).to(detector.device)
+        if self.kind == "per_level":
+            self.head = PerLevelHead(_level_widths(detector), self.hidden)
+        else:
+            self.head = _head(_embedding_width(detector), self.hidden)
+        self.head = self.head.to(detector.device)
         self.losses = []
+        self.steps_with_gradient = 0
         self._captured = []
         if self._handle is not None:
             self._handle.remove()
         self._handle = backbone.register_forward_hook(self._capture)
 
     def _capture(self, _module, _inputs, output) -> None:
-        if self._capturing:
-            self._captured.append(pooled(output).detach())
+        if self._capturing:  # with its graph: detached in extra_losses once past detach_after
+            self._captured.append(pooled(output))
 
     def parameters(self) -> Sequence[Tensor]:
         return list(self.head.parameters()) if self.head is not None else []
+
+    def reaches_backbone(self, index: int, total: int) -> bool:
+        """The reference stops the module's gradient into the backbone after epoch 120 of 200:
+        here after the first ``detach_after`` of the round's iterations."""
+        return index < round(self.detach_after * total)
 
     def extra_losses(self, step: Step) -> dict[str, Tensor]:
         batch = next((b for b in step.batches.values() if b.targets is not None), None)
         if batch is None or not self._captured or len(batch.images) < 2:
             return {}
         features = self._captured[0]  # the forward of the first source with targets
+        if self.reaches_backbone(step.index, step.total):
+            self.steps_with_gradient += 1
+        else:
+            features = features.detach()
         target = self._per_image_losses(batch.images, batch.targets)
-        loss = margin_ranking(self.head(features).squeeze(1), target, self.margin)
+        loss = margin_ranking(self.head(features).squeeze(1), target, self.margin, self.pairs)
         if loss is None:
             return {}
         self.losses.append(float(loss.detach()))
@@ -178,7 +247,11 @@ class LossPredictionHook(TrainingHook):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        return _summary(self.losses)
+        self._captured = []
+        summary = _summary(self.losses)
+        return (
+            {**summary, "steps_with_gradient": float(self.steps_with_gradient)} if summary else {}
+        )
 
 
 def missed_counts(
@@ -322,24 +395,59 @@ class _HeadScorer:
 
 
 class LossPrediction(_HeadScorer):
-    """Score = the loss the head predicts for the image (Yoo & Kweon 2019)."""
+    """Score = the loss the head predicts for the image (Yoo & Kweon 2019); see the module
+    docstring for the reference defaults and alrun's earlier choices."""
 
     label = "loss prediction"
 
     def __init__(
         self,
-        hidden: PositiveInt = 64,
+        hidden: PositiveInt = 128,
         margin: NonNegativeFloat = 1.0,
         weight: PositiveFloat = 1.0,
+        head: Literal[LOSS_HEADS] = "per_level",
+        detach_after: Fraction = 0.6,
+        subset: PositiveInt | None = 10_000,
+        pairs: Literal[PAIRINGS] = "flip",
     ):
-        super().__init__(LossPredictionHook(hidden, margin, weight))
+        for key, value, allowed in (("head", head, LOSS_HEADS), ("pairs", pairs, PAIRINGS)):
+            if value not in allowed:
+                raise AlrunError(f"strategy.scorer.{key}: expected one of {allowed}, got {value!r}")
+        if not 0 <= detach_after <= 1:
+            raise AlrunError(
+                f"strategy.scorer.detach_after: expected a fraction of the round in [0, 1], got "
+                f"{detach_after}"
+            )
+        if subset is not None and (isinstance(subset, bool) or int(subset) < 1):
+            raise AlrunError(f"strategy.scorer.subset: expected >= 1 or null, got {subset!r}")
+        super().__init__(LossPredictionHook(hidden, margin, weight, head, detach_after, pairs))
+        self.subset = None if subset is None else int(subset)
 
     def _apply(self, embeddings: Tensor) -> Tensor:
         return self.hook.head(embeddings).squeeze(1)
 
+    def __call__(self, context: AcquisitionContext) -> dict[str, float]:
+        """The reference ranks a random subset of ``subset`` pool images (seeded by
+        ``(seed, round)``); the others get no score and are not selected this round."""
+        scores = super().__call__(context)
+        if self.subset is None or len(scores) <= self.subset:
+            return scores
+        ordered = sorted(scores)
+        drawn = context.rng(_SUBSET_PURPOSE).choice(len(ordered), self.subset, replace=False)
+        return {ordered[i]: scores[ordered[i]] for i in sorted(drawn.tolist())}
+
     def describe(self) -> dict[str, Any]:
         h = self.hook
-        return {"scorer": "loss_prediction", "margin": h.margin, "loss_weight": h.weight}
+        return {
+            "scorer": "loss_prediction",
+            "margin": h.margin,
+            "loss_weight": h.weight,
+            "head": h.kind,
+            "hidden": h.hidden,
+            "detach_after": h.detach_after,
+            "subset": self.subset,
+            "pairs": h.pairs,
+        }
 
 
 class FalseNegativePrediction(_HeadScorer):

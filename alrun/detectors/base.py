@@ -31,6 +31,12 @@ class TrainSchedule:
 
     ``first_iterations`` lets training from random init (round 0, or every round with
     ``init: scratch``) run longer than rounds that continue from the last weights.
+
+    Learning rate: linear warmup from ``warmup_ratio`` x ``lr`` over ``warmup_iters`` (mmcv's
+    ``warmup='linear'``), then ``lr_schedule``: ``cosine`` decays to ``min_lr_ratio`` x ``lr``;
+    ``step`` multiplies by ``gamma`` at each of ``lr_steps`` (mmcv's ``policy='step'``): a
+    milestone in (0, 1) is a fraction of the round's iterations, a whole number >= 1 an
+    iteration index (:func:`alrun.engine.step_milestones`).
     """
 
     epochs: NonNegativeInt = 0
@@ -43,6 +49,10 @@ class TrainSchedule:
     grad_clip: NonNegativeFloat = 10.0  # 0: no clipping
     warmup_iters: NonNegativeInt = 50
     min_lr_ratio: Fraction = 0.05
+    lr_schedule: Literal["cosine", "step"] = "cosine"
+    lr_steps: Sequence[PositiveFloat] = ()
+    gamma: Annotated[float, Range(0, 1, low_open=True)] = 0.1
+    warmup_ratio: Fraction = 0.1
     hflip: bool = True
     num_workers: NonNegativeInt = 0  # image-decoding worker processes (GPU users: 4-8)
     init: Literal["scratch", "continue"] = "continue"
@@ -57,6 +67,7 @@ class TrainSchedule:
         if self.batch_size <= 0:
             raise AlrunError(f"trainer.batch_size: expected > 0, got {self.batch_size}")
         _check_ranges(self)
+        _check_steps(self)
 
     def num_iterations(self, num_images: int, from_scratch: bool) -> int:
         if self.iterations > 0:
@@ -129,6 +140,47 @@ CAPABILITIES: dict[str, str] = {
     REBUILD: "the same architecture built again for another class list (synthetic pre-training)",
     GRADIENTS: "per-box gradient embeddings",
 }
+
+
+def _check_steps(schedule: TrainSchedule) -> None:
+    """Step milestones: only with ``lr_schedule: step``, increasing, each a fraction in (0, 1) or
+    a whole iteration index >= 1 (a fraction of 1 or more would never fire)."""
+    steps = tuple(float(x) for x in schedule.lr_steps)
+    object.__setattr__(schedule, "lr_steps", steps)  # Hydra hands a ListConfig
+    if schedule.lr_schedule not in ("cosine", "step"):
+        raise AlrunError(
+            f"trainer.lr_schedule: expected 'cosine' or 'step', got '{schedule.lr_schedule}'"
+        )
+    if schedule.lr_schedule == "cosine" and steps:
+        raise AlrunError(
+            "trainer.lr_steps: milestones need trainer.lr_schedule=step (cosine has none); "
+            f"got {list(steps)}"
+        )
+    if schedule.lr_schedule == "step" and not steps:
+        raise AlrunError(
+            "trainer.lr_steps: expected at least one milestone for trainer.lr_schedule=step "
+            "(a fraction of the round in (0, 1) or an iteration index >= 1)"
+        )
+    for x in steps:
+        if not (0 < x < 1 or (x >= 1 and x.is_integer())):
+            raise AlrunError(
+                f"trainer.lr_steps: expected fractions in (0, 1) or whole iteration indices "
+                f">= 1, got {x:g}"
+            )
+    shortest = min(schedule.iterations, schedule.first_iterations or schedule.iterations)
+    late = [x for x in steps if x >= 1 and schedule.iterations > 0 and x >= shortest]
+    if late:
+        raise AlrunError(
+            f"trainer.lr_steps: milestone {late[0]:g} is past the last iteration of a "
+            f"{shortest}-iteration round (trainer.iterations / first_iterations); use a "
+            "fraction in (0, 1) or a smaller index"
+        )
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise AlrunError(f"trainer.lr_steps: expected increasing milestones, got {list(steps)}")
+    if not 0 < schedule.gamma <= 1:
+        raise AlrunError(f"trainer.gamma: expected in (0, 1], got {schedule.gamma}")
+    if not 0 <= schedule.warmup_ratio <= 1:
+        raise AlrunError(f"trainer.warmup_ratio: expected in [0, 1], got {schedule.warmup_ratio}")
 
 
 @runtime_checkable

@@ -2,30 +2,43 @@
 
 Every iteration the unlabelled batch goes through the dense head twice, as it is and mirrored;
 the mirrored view's per-location outputs are mirrored back so location (y, x) of both views
-looks at the same image content. At locations where the plain view sees an object (its highest
-class probability >= ``match_threshold``: CSD's background elimination) the two views must agree:
+looks at the same image content. At locations where the plain view sees an object the two views
+must agree. The defaults follow CSD's reference code (soo89/CSD-SSD ``train_csd.py``, the
+consistency block of ``train()`` and ``rampweight``):
 
-* classes: symmetric Jensen-Shannon divergence of the class distributions (C + background);
-* boxes: L2 between the plain view's box offsets and the mirror image of the flipped view's
-  (FCOS ``(l, t, r, b)`` -> ``(r, t, l, b)``; RetinaNet ``(dx, dy, dw, dh)`` -> ``(-dx, ...)``).
+* which locations (``match``): ``beats_background``, the plain view's most probable foreground
+  class beats its background probability (CSD's background elimination); alrun's earlier rule,
+  ``threshold``, compares where the highest foreground probability is >= ``match_threshold``;
+* classes (``class_divergence``): ``symmetric_kl``, (KL(p||q) + KL(q||p)) / 2 where each KL's
+  target is detached (CSD's two ``KLDivLoss`` calls, halved), or ``js``, the Jensen-Shannon
+  divergence with gradients through both views;
+* boxes (``box_term``): ``mean`` over the 4 offsets of the squared difference between the plain
+  view's offsets and the mirror image of the flipped view's (CSD divides the 4 per-coordinate
+  means by 4), or ``sum`` over them (alrun's earlier choice: 4x larger). Mirrored offsets:
+  FCOS ``(l, t, r, b)`` -> ``(r, t, l, b)``; RetinaNet / Faster R-CNN ``(dx, dy, dw, dh)`` ->
+  ``(-dx, dy, dw, dh)``;
+* weight over the round (``ramp``): ``gaussian``, CSD's exp(-5 (1 - t / rampup)^2) up to
+  ``rampup`` of the round (32k of 120k iterations) and exp(-12.5 (1 - (1 - t) / rampdown)^2)
+  over its last ``rampdown`` (20k of 120k), 0 at the first iteration; or ``linear`` up over
+  ``rampup`` (alrun's earlier choice, with ``rampdown: 0``).
+
+The distribution of a sigmoid head (FCOS, RetinaNet) is ``softmax([logits, 0])`` (background
+last), so ``beats_background`` there means a foreground logit above 0.
 
 Two-stage heads (Faster R-CNN; CSD's R-FCN variant): the RPN proposes boxes on the plain view
 (test-time proposal counts, detached: they are inputs to the RoI head); the RoI head is run on the
 plain view with those proposals and on the mirrored view with the same proposals mirrored
-(``x1' = W - x2``, ``x2' = W - x1``), so proposal i of both views covers the same content. A
-proposal is compared when the plain view's highest foreground probability is >= ``match_threshold``:
-
-* classes: symmetric JS divergence of the two (C + 1)-way softmax distributions;
-* boxes: L2 between the plain view's deltas and the mirrored view's with dx negated, both of the
-  plain view's most probable foreground class (the box the detector would report for it).
-
-Gradients flow through both views, as in CSD. The weight ramps up linearly over the first
-``rampup`` fraction of the iterations.
+(``x1' = W - x2``, ``x2' = W - x1``), so proposal i of both views covers the same content. The
+same rules compare the two (C + 1)-way softmax distributions and the deltas of the plain view's
+most probable foreground class (the box the detector would report for it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -46,6 +59,82 @@ from alrun.supervision.pseudo_label import (
 )
 
 _EPS = 1e-8
+_CSD_EPS = 1e-7  # CSD adds 1e-7 to both distributions before the KL terms
+
+CLASS_DIVERGENCES = ("symmetric_kl", "js")
+BOX_TERMS = ("mean", "sum")
+MATCH_RULES = ("beats_background", "threshold")
+RAMPS = ("gaussian", "linear")
+#: CSD's ramp (train_csd.py rampweight): up to iteration 32,000 and down from 100,000 of 120,000
+CSD_RAMPUP = 32_000 / 120_000
+CSD_RAMPDOWN = 20_000 / 120_000
+
+
+@dataclass(frozen=True)
+class ConsistencyRule:
+    """Which locations are compared and how (see the module docstring); the defaults are CSD's."""
+
+    class_divergence: str = "symmetric_kl"
+    box_term: str = "mean"
+    match: str = "beats_background"
+    match_threshold: float = 0.3  # used by match="threshold" only
+
+
+#: alrun's choices before issue 19 (true JS, box term summed, sigmoid >= 0.3), for comparison
+ALRUN_RULE = ConsistencyRule("js", "sum", "threshold", 0.3)
+
+
+def csd_symmetric_kl(p: Tensor, q: Tensor) -> Tensor:
+    """Per row (KL(q'||p) + KL(p'||q)) / 2, the primes detached targets: CSD's two
+    ``KLDivLoss(log(x + 1e-7), y.detach() + 1e-7)`` terms summed over classes, halved."""
+    p, q = p + _CSD_EPS, q + _CSD_EPS
+    kl_q_p = (q.detach() * (q.detach().log() - p.log())).sum(dim=-1)
+    kl_p_q = (p.detach() * (p.detach().log() - q.log())).sum(dim=-1)
+    return 0.5 * (kl_q_p + kl_p_q)
+
+
+def class_divergence(p: Tensor, q: Tensor, kind: str) -> Tensor:
+    """Mean over rows of ``kind`` between the class distributions ``p`` and ``q`` (N, K)."""
+    if kind == "js":
+        return js_divergence(p, q).mean()
+    return csd_symmetric_kl(p, q).mean()
+
+
+def box_difference(plain: Tensor, mirrored_back: Tensor, kind: str) -> Tensor:
+    """Mean over rows of the squared offset differences, averaged (CSD) or summed over the 4."""
+    squared = (plain - mirrored_back).pow(2)
+    return (squared.mean(-1) if kind == "mean" else squared.sum(-1)).mean()
+
+
+def matched_rows(probs: Tensor, background: int, rule: ConsistencyRule) -> Tensor:
+    """Rows (N,) of (N, C + 1) distributions where the plain view sees an object (no gradient):
+    the best foreground class beats the background (CSD) or reaches ``match_threshold``."""
+    probs = probs.detach()
+    foreground = torch.cat([probs[:, :background], probs[:, background + 1 :]], dim=1)
+    best = foreground.amax(dim=1) if foreground.shape[1] else probs.new_zeros(len(probs))
+    if rule.match == "beats_background":
+        return best > probs[:, background]
+    return best >= rule.match_threshold
+
+
+def ramp_weight(kind: str, index: int, total: int, rampup: float, rampdown: float) -> float:
+    """The consistency weight's factor at iteration ``index`` (0-based) of ``total``.
+
+    ``gaussian``: CSD's ``rampweight`` with its 32k / 100k / 120k iterations as fractions
+    ``rampup`` / ``1 - rampdown`` / 1 of the round; ``linear``: (index + 1) / (rampup x total),
+    capped at 1, and a linear ramp-down over the last ``rampdown``."""
+    t = index / max(1, total)
+    if kind == "linear":
+        up = min(1.0, (index + 1) / max(1.0, rampup * total))
+        down = min(1.0, (1 - t) / rampdown) if rampdown > 0 else 1.0
+        return up * down
+    if index == 0:
+        return 0.0
+    if t < rampup:
+        return math.exp(-5 * (1 - t / rampup) ** 2)
+    if rampdown > 0 and t > 1 - rampdown:
+        return math.exp(-12.5 * (1 - (1 - t) / rampdown) ** 2)
+    return 1.0
 
 
 def js_divergence(p: Tensor, q: Tensor) -> Tensor:
@@ -94,21 +183,21 @@ def consistency_terms(
     box_plain: Tensor,
     box_flipped: Tensor,
     encoding: str,
-    match_threshold: float,
+    rule: ConsistencyRule = ConsistencyRule(),
 ) -> tuple[Tensor, Tensor, int]:
-    """(JS term, L2 term, matched locations) of one batch. ``*_flipped`` are already mirrored
-    back (:func:`unflip_locations`); ``cls_*`` are sigmoid logits (N, C), ``box_*`` offsets (N, 4).
-    Terms are 0 (with gradient) when no location is matched."""
-    matched = torch.sigmoid(cls_plain.detach()).amax(dim=-1) >= match_threshold
+    """(class term, box term, matched locations) of one batch. ``*_flipped`` are already
+    mirrored back (:func:`unflip_locations`); ``cls_*`` are sigmoid logits (N, C), ``box_*``
+    offsets (N, 4). Terms are 0 (with gradient) when no location is matched."""
+    p_all = class_distribution(cls_plain)
+    matched = matched_rows(p_all, cls_plain.shape[-1], rule)
     count = int(matched.sum())
     if count == 0:
         zero = (cls_plain.sum() + box_plain.sum()) * 0.0
         return zero, zero, 0
-    p = class_distribution(cls_plain[matched])
     q = class_distribution(cls_flipped[matched])
-    js = js_divergence(p, q).mean()
-    l2 = (box_plain[matched] - mirror_offsets(box_flipped[matched], encoding)).pow(2).sum(-1).mean()
-    return js, l2, count
+    cls_term = class_divergence(p_all[matched], q, rule.class_divergence)
+    back = mirror_offsets(box_flipped[matched], encoding)
+    return cls_term, box_difference(box_plain[matched], back, rule.box_term), count
 
 
 def mirror_boxes(boxes: Tensor, width: float) -> Tensor:
@@ -123,26 +212,26 @@ def two_stage_consistency_terms(
     logits_flipped: Tensor,
     deltas_plain: Tensor,
     deltas_flipped: Tensor,
-    match_threshold: float,
+    rule: ConsistencyRule = ConsistencyRule(),
 ) -> tuple[Tensor, Tensor, int]:
-    """(JS term, L2 term, matched proposals) of a RoI head run on paired proposals (row i of the
-    flipped view = proposal i mirrored). ``logits_*``: (N, C + 1) softmax logits, background in
-    column 0 (torchvision); ``deltas_*``: (N, (C + 1) * 4) class-specific ``(dx, dy, dw, dh)``.
+    """(class term, box term, matched proposals) of a RoI head run on paired proposals (row i of
+    the flipped view = proposal i mirrored). ``logits_*``: (N, C + 1) softmax logits, background
+    in column 0 (torchvision); ``deltas_*``: (N, (C + 1) * 4) class-specific ``(dx, dy, dw, dh)``.
     The box term compares the deltas of the plain view's most probable foreground class."""
     probs_plain = torch.softmax(logits_plain, dim=-1)
-    best, label = probs_plain.detach()[:, 1:].max(dim=-1)
-    matched = best >= match_threshold
+    matched = matched_rows(probs_plain, 0, rule)
     count = int(matched.sum())
     if count == 0:
         zero = (logits_plain.sum() + deltas_plain.sum()) * 0.0
         return zero, zero, 0
-    js = js_divergence(probs_plain[matched], torch.softmax(logits_flipped[matched], dim=-1)).mean()
+    q = torch.softmax(logits_flipped[matched], dim=-1)
+    cls_term = class_divergence(probs_plain[matched], q, rule.class_divergence)
     rows = torch.nonzero(matched).reshape(-1)
-    label = label[matched] + 1  # column in the (C + 1)-way layout
+    label = probs_plain.detach()[matched, 1:].argmax(dim=-1) + 1  # column in the C + 1 layout
     box_plain = deltas_plain.reshape(len(deltas_plain), -1, 4)[rows, label]
     box_flipped = deltas_flipped.reshape(len(deltas_flipped), -1, 4)[rows, label]
-    l2 = (box_plain - mirror_offsets(box_flipped, "delta")).pow(2).sum(-1).mean()
-    return js, l2, count
+    back = mirror_offsets(box_flipped, "delta")
+    return cls_term, box_difference(box_plain, back, rule.box_term), count
 
 
 def flip_within_sizes(images: ImageList) -> Tensor:
@@ -204,33 +293,35 @@ class FlipConsistencyHook(TrainingHook):
         source: str,
         weight: float = 1.0,
         box_weight: float = 1.0,
-        match_threshold: float = 0.3,
-        rampup: float = 0.25,
+        rule: ConsistencyRule = ConsistencyRule(),
+        ramp: str = "gaussian",
+        rampup: float = CSD_RAMPUP,
+        rampdown: float = CSD_RAMPDOWN,
     ):
         self.source = source
         self.weight = weight
         self.box_weight = box_weight
-        self.match_threshold = match_threshold
+        self.rule = rule
+        self.ramp = ramp
         self.rampup = rampup
-        self.sums = {"js": 0.0, "l2": 0.0, "matched": 0.0, "images": 0.0, "steps": 0.0}
+        self.rampdown = rampdown
+        self.sums = {"class": 0.0, "box": 0.0, "matched": 0.0, "images": 0.0, "steps": 0.0}
+        self.ramp_sum = 0.0
 
     def before_training(self, detector: Detector, total: int) -> None:
         check_consistency_detector(detector)
         self.sums = dict.fromkeys(self.sums, 0.0)
+        self.ramp_sum = 0.0
 
     def extra_losses(self, step: Step) -> Mapping[str, Tensor]:
         model = step.detector.model
         batch = step.batches[self.source]
         if isinstance(model, FasterRCNN):
             logits, deltas, n_plain = two_stage_views(model, list(batch.images))
-            js, l2, matched = two_stage_consistency_terms(
-                logits[:n_plain],
-                logits[n_plain:],
-                deltas[:n_plain],
-                deltas[n_plain:],
-                self.match_threshold,
+            cls_term, box_term, matched = two_stage_consistency_terms(
+                logits[:n_plain], logits[n_plain:], deltas[:n_plain], deltas[n_plain:], self.rule
             )
-            return self._weighted(step, js, l2, matched, len(batch.images))
+            return self._weighted(step, cls_term, box_term, matched, len(batch.images))
         transformed, _ = model.transform(batch.images)
         x = transformed.tensors
         n = x.shape[0]
@@ -242,43 +333,47 @@ class FlipConsistencyHook(TrainingHook):
         cls_back = unflip_locations(cls[n:], shapes, per_location)
         box_back = unflip_locations(box[n:], shapes, per_location)
         encoding = "ltrb" if isinstance(model, FCOS) else "delta"
-        js, l2, matched = consistency_terms(
+        cls_term, box_term, matched = consistency_terms(
             cls[:n].reshape(-1, cls.shape[-1]),
             cls_back.reshape(-1, cls.shape[-1]),
             box[:n].reshape(-1, 4),
             box_back.reshape(-1, 4),
             encoding,
-            self.match_threshold,
+            self.rule,
         )
-        return self._weighted(step, js, l2, matched, n)
+        return self._weighted(step, cls_term, box_term, matched, n)
 
     def _weighted(
-        self, step: Step, js: Tensor, l2: Tensor, matched: int, n: int
+        self, step: Step, cls_term: Tensor, box_term: Tensor, matched: int, n: int
     ) -> Mapping[str, Tensor]:
-        self.sums["js"] += float(js.detach())
-        self.sums["l2"] += float(l2.detach())
+        self.sums["class"] += float(cls_term.detach())
+        self.sums["box"] += float(box_term.detach())
         self.sums["matched"] += matched
         self.sums["images"] += n
         self.sums["steps"] += 1
-        ramp = min(1.0, (step.index + 1) / max(1.0, self.rampup * step.total))
+        ramp = ramp_weight(self.ramp, step.index, step.total, self.rampup, self.rampdown)
+        self.ramp_sum += ramp
         weight = self.weight * ramp
-        return {"js": weight * js, "l2": weight * self.box_weight * l2}
+        return {"class": weight * cls_term, "box": weight * self.box_weight * box_term}
 
     def after_training(self) -> Mapping[str, float]:
         steps, images = self.sums["steps"], self.sums["images"]
         return {
             "weight": self.weight,
-            "match_threshold": self.match_threshold,
             "matched_per_image": self.sums["matched"] / images if images else 0.0,
-            "js_mean": self.sums["js"] / steps if steps else 0.0,
-            "l2_mean": self.sums["l2"] / steps if steps else 0.0,
+            "class_mean": self.sums["class"] / steps if steps else 0.0,
+            "box_mean": self.sums["box"] / steps if steps else 0.0,
+            "ramp_mean": self.ramp_sum / steps if steps else 0.0,
             "images": images,
         }
 
 
 class FlipConsistency(BaseRegime):
     """Boxes from the oracle + CSD flip consistency on the unlabelled pool
-    (``supervision=consistency``). metrics.json records ``consistency/*`` per round."""
+    (``supervision=consistency``). metrics.json records ``consistency/*`` per round.
+
+    CSD's computation is the default; ``class_divergence=js box_term=sum match=threshold
+    ramp=linear rampup=0.25 rampdown=0`` is alrun's earlier one (:data:`ALRUN_RULE`)."""
 
     label_kinds = ("box",)
     requires = frozenset({FLIP_VIEWS})
@@ -287,14 +382,46 @@ class FlipConsistency(BaseRegime):
         self,
         weight: NonNegativeFloat = 1.0,
         box_weight: NonNegativeFloat = 1.0,
-        match_threshold: Fraction = 0.3,
-        rampup: Fraction = 0.25,
+        class_divergence: Literal[CLASS_DIVERGENCES] = "symmetric_kl",
+        box_term: Literal[BOX_TERMS] = "mean",
+        match: Literal[MATCH_RULES] = "beats_background",
+        match_threshold: Fraction | None = None,
+        ramp: Literal[RAMPS] = "gaussian",
+        rampup: Fraction = CSD_RAMPUP,
+        rampdown: Fraction = CSD_RAMPDOWN,
         unlabelled_batch_size: PositiveInt | None = None,
     ):
         self.weight = check_weight(weight, "supervision.weight")
         self.box_weight = check_weight(box_weight, "supervision.box_weight")
-        self.match_threshold = check_fraction(match_threshold, "supervision.match_threshold")
+        for key, value, allowed in (
+            ("class_divergence", class_divergence, CLASS_DIVERGENCES),
+            ("box_term", box_term, BOX_TERMS),
+            ("match", match, MATCH_RULES),
+            ("ramp", ramp, RAMPS),
+        ):
+            if value not in allowed:
+                raise AlrunError(f"supervision.{key}: expected one of {allowed}, got {value!r}")
+        if match_threshold is not None and match != "threshold":
+            raise AlrunError(
+                "supervision.match_threshold: only with supervision.match=threshold "
+                f"(match={match} compares foreground with background); got {match_threshold}"
+            )
+        threshold = 0.3 if match_threshold is None else match_threshold
+        self.rule = ConsistencyRule(
+            class_divergence,
+            box_term,
+            match,
+            check_fraction(threshold, "supervision.match_threshold"),
+        )
+        self.ramp = ramp
         self.rampup = check_fraction(rampup, "supervision.rampup")
+        self.rampdown = check_fraction(rampdown, "supervision.rampdown")
+        if self.rampup + self.rampdown > 1 + 1e-9:
+            raise AlrunError(
+                f"supervision.rampup + supervision.rampdown: the ramps are fractions of a "
+                f"round's iterations and must fit in it (sum <= 1), got {rampup:g} + "
+                f"{rampdown:g}"
+            )
         self.unlabelled_batch_size = unlabelled_batch_size
 
     def train(
@@ -312,7 +439,13 @@ class FlipConsistency(BaseRegime):
         if pool.unlabelled_ids:
             hooks.append(
                 FlipConsistencyHook(
-                    "unlabelled", self.weight, self.box_weight, self.match_threshold, self.rampup
+                    "unlabelled",
+                    self.weight,
+                    self.box_weight,
+                    self.rule,
+                    self.ramp,
+                    self.rampup,
+                    self.rampdown,
                 )
             )
         return train_round(

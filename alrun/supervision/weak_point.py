@@ -21,11 +21,20 @@ Switches (both off by default, both may be on):
   previous round divided by the seconds those labels cost is compared with the threshold; the
   first time it falls below, every later request asks for boxes. A pure function of the history,
   so a resumed run decides as the uninterrupted one.
-* soft (``soft_threshold`` in [0, 1]): per selected image, the mean over its predicted boxes
-  (those with ``score >= min_score``: the post-NMS tail of near-zero boxes would drown the mean)
-  of the max class probability (0 when there is none); below the threshold the image gets
-  boxes, the others clicks. The selection is priced as clicks (``label_kind``); the switched
-  images' real cost is what is recorded.
+* soft (``soft_threshold`` in [0, 1]), ``soft_rule``:
+
+  - ``after_clicks`` (default; Desai et al.'s order): every selected image is clicked first
+    (clicks paid); each click is matched to its pseudo-box (:func:`nearest_center`, the box the
+    image would train on) and the image's confidence is the mean detector score of those
+    pseudo-boxes, an unmatched click counting 0. Below the threshold the image *also* gets
+    boxes (clicks + boxes paid) and trains on the boxes; an image without objects (no click)
+    keeps its (empty) click answer;
+  - ``before_clicks`` (alrun's earlier rule): per selected image, the mean over all its
+    predicted boxes with ``score >= min_score`` of the max class probability (0 when there is
+    none) decides before anything is bought: below the threshold boxes, else clicks.
+
+  The selection is priced as clicks (``label_kind``); the switched images' real cost is what
+  is recorded.
 
 Every decision is written to ``round_XX/supervision.json``.
 """
@@ -34,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -63,6 +73,7 @@ from alrun.supervision.pseudo_boxes import (
 from alrun.types import Detections, ImageLabels, Needs
 
 NO_MATCH_RULES = ("prior", "drop")
+SOFT_RULES = ("after_clicks", "before_clicks")
 HARD_METRICS = ("mAP", "mAP50", "mAR")
 
 
@@ -106,6 +117,21 @@ def image_confidence(det: Detections, min_score: float = 0.0) -> float:
     return float(probs.max(dim=1).values.mean())
 
 
+def clicked_confidence(
+    lab: ImageLabels, det: Detections, min_score: float, require_inside: bool
+) -> float | None:
+    """Desai's soft-switch confidence: the mean detector score of the pseudo-boxes the image's
+    clicks pick (:func:`nearest_center`; an unmatched click counts 0). None without clicks."""
+    points = lab.points if lab.points is not None else np.zeros((0, 2), np.float32)
+    if len(points) == 0:
+        return None
+    if len(det) == 0:
+        return 0.0
+    boxes, labels, scores = as_numpy(det)
+    chosen = nearest_center(points, lab.labels, boxes, labels, scores, min_score, require_inside)
+    return float(np.where(chosen >= 0, scores[np.maximum(chosen, 0)], 0.0).mean())
+
+
 class WeakPointRegime(RoundLog, BaseRegime):
     """Clicks instead of boxes, trained through nearest-center pseudo-boxes; optional Desai
     hard / soft switches to boxes (see the module docstring)."""
@@ -121,6 +147,7 @@ class WeakPointRegime(RoundLog, BaseRegime):
         hard_threshold: NonNegativeFloat | None = None,
         hard_metric: Literal[HARD_METRICS] = "mAP",
         soft_threshold: Fraction | None = None,
+        soft_rule: Literal[SOFT_RULES] | None = None,
     ):
         self.click_kind = check_choice("supervision.click_kind", click_kind, CLICK_KINDS)
         self.initial_kind = check_choice(
@@ -151,6 +178,14 @@ class WeakPointRegime(RoundLog, BaseRegime):
             None
             if soft_threshold is None
             else check_fraction("supervision.soft_threshold", soft_threshold)
+        )
+        if soft_rule is not None and soft_threshold is None:
+            raise AlrunError(
+                f"supervision.soft_rule: only with the soft switch (supervision.soft_threshold "
+                f"in [0, 1]); got soft_rule={soft_rule} with soft_threshold=null"
+            )
+        self.soft_rule = check_choice(
+            "supervision.soft_rule", soft_rule or SOFT_RULES[0], SOFT_RULES
         )
         switches = hard_threshold is not None or soft_threshold is not None
         self.label_kinds = tuple(
@@ -197,6 +232,8 @@ class WeakPointRegime(RoundLog, BaseRegime):
     def _soft_switch(
         self, oracle, records: Sequence[ImageRecord], detector: Detector
     ) -> tuple[list[ImageLabels], dict[str, Any]]:
+        if self.soft_rule == "after_clicks":
+            return self._soft_switch_after_clicks(oracle, records, detector)
         preds = predict(detector, records, Needs(probs=True))
         confidence = {
             r.image_id: image_confidence(preds[r.image_id], self.min_score) for r in records
@@ -204,16 +241,57 @@ class WeakPointRegime(RoundLog, BaseRegime):
         to_boxes = [r for r in records if confidence[r.image_id] < self.soft_threshold]
         to_clicks = [r for r in records if confidence[r.image_id] >= self.soft_threshold]
         answered = [*oracle.annotate(to_boxes, "box"), *oracle.annotate(to_clicks, self.click_kind)]
+        return self._soft_record(records, answered, confidence, len(to_boxes), len(to_clicks))
+
+    def _soft_switch_after_clicks(
+        self, oracle, records: Sequence[ImageRecord], detector: Detector
+    ) -> tuple[list[ImageLabels], dict[str, Any]]:
+        """Desai et al.: click every image, then buy boxes too where the clicks' pseudo-boxes
+        are not trusted; a switched image's label is its boxes, priced clicks + boxes."""
+        clicks = {lab.image_id: lab for lab in oracle.annotate(records, self.click_kind)}
+        preds = predict(detector, records)
+        confidence = {
+            r.image_id: clicked_confidence(
+                clicks[r.image_id], preds[r.image_id], self.min_score, self.require_inside
+            )
+            for r in records
+        }
+        low = [
+            r
+            for r in records
+            if (c := confidence[r.image_id]) is not None and c < self.soft_threshold
+        ]
+        boxes = {lab.image_id: lab for lab in oracle.annotate(low, "box")}
+        answered = [
+            replace(boxes[i], cost_s=boxes[i].cost_s + lab.cost_s) if i in boxes else lab
+            for i, lab in clicks.items()
+        ]
+        record = self._soft_record(
+            records, answered, confidence, len(boxes), len(records) - len(boxes)
+        )
+        record[1]["clicks_paid_for_boxed"] = math.fsum(clicks[i].cost_s for i in boxes)
+        return record
+
+    def _soft_record(
+        self,
+        records: Sequence[ImageRecord],
+        answered: Sequence[ImageLabels],
+        confidence: Mapping[str, float | None],
+        boxes: int,
+        clicks: int,
+    ) -> tuple[list[ImageLabels], dict[str, Any]]:
         answers = {lab.image_id: lab for lab in answered}
         decision = {
+            "rule": self.soft_rule,
             "threshold": self.soft_threshold,
-            "boxes": len(to_boxes),
-            "clicks": len(to_clicks),
+            "boxes": boxes,
+            "clicks": clicks,
             "images": [
                 {
                     "image_id": r.image_id,
                     "confidence": confidence[r.image_id],
                     "kind": answers[r.image_id].kind,
+                    "cost_s": answers[r.image_id].cost_s,
                 }
                 for r in records
             ],

@@ -1,6 +1,7 @@
-"""CSD flip consistency: the JS and L2 terms on hand-made tensors, the mirror bookkeeping, the
-gradient reaching the backbone, and one round end to end on the tiny detector; the same for the
-two-stage version (Faster R-CNN: paired mirrored proposals, gradient to the RoI box head)."""
+"""CSD flip consistency: parity with soo89/CSD-SSD, the class and box terms on hand-made
+tensors, the mirror bookkeeping, the gradient reaching the backbone, and one round end to end on
+the tiny detector; the same for the two-stage version (Faster R-CNN: paired mirrored proposals,
+gradient to the RoI box head)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,19 @@ from alrun.engine import Batch, BatchSource, Step
 from alrun.errors import AlrunError
 from alrun.loop import run_experiment
 from alrun.supervision.consistency import (
+    ALRUN_RULE,
+    CSD_RAMPDOWN,
+    CSD_RAMPUP,
+    ConsistencyRule,
     FlipConsistency,
     FlipConsistencyHook,
     consistency_terms,
+    csd_symmetric_kl,
     flip_within_sizes,
     js_divergence,
     mirror_boxes,
     mirror_offsets,
+    ramp_weight,
     two_stage_consistency_terms,
     two_stage_views,
     unflip_locations,
@@ -37,6 +44,90 @@ from alrun.supervision.consistency import (
 from tests.helpers import compose_config
 
 T = torch.tensor
+#: alrun's earlier rule at a threshold (tests written before the CSD defaults)
+AT_HALF = ConsistencyRule("js", "sum", "threshold", 0.5)
+#: a hook that compares every location from the first iteration on
+EVERYWHERE = dict(rule=ConsistencyRule(match="threshold", match_threshold=0.0), ramp="linear",
+                  rampup=0.0, rampdown=0.0)  # fmt: skip
+
+
+# --- parity with soo89/CSD-SSD train_csd.py (train(): the consistency block; rampweight) -------
+# Expected numbers are the reference formulas evaluated by hand (plain math, eps 1e-7 as CSD):
+# class = (KLDivLoss(log(p + e), q + e).sum + KLDivLoss(log(q + e), p + e).sum) / 2, mean over
+# the sampled locations; box = the 4 per-coordinate means of squared differences (dx as
+# loc + loc_flip) divided by 4; sampled = max foreground probability > background probability.
+
+#: 3 locations, 2 classes (sigmoid logits; distribution softmax([logits, 0]), background last).
+#: Location 0: foreground logit 2 > 0 beats the background; the flipped view prefers the other
+#: class. Location 1: sigmoid(-0.5) = 0.378 >= 0.3 but background wins. Location 2: neither.
+CLS_PLAIN = T([[2.0, -3.0], [-0.5, -1.0], [-4.0, -3.0]])
+CLS_FLIP = T([[-3.0, 2.0], [-1.0, -0.5], [-4.0, -3.0]])
+BOX_PLAIN = T([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+BOX_FLIP = T([[3.0, 2.0, 1.5, 4.0], [0.0, 0.0, 0.2, 0.0], [9.0, 9.0, 9.0, 9.0]])  # l: +0.5, +0.2
+
+
+def test_csd_parity_class_term_box_term_and_background_rule():
+    """soo89/CSD-SSD train_csd.py train(): only location 0 is sampled; class term 4.348490
+    (symmetric KL / 2), box term 0.5^2 / 4 = 0.0625 (averaged over the 4 offsets)."""
+    cls_term, box_term, matched = consistency_terms(
+        CLS_PLAIN, CLS_FLIP, BOX_PLAIN, BOX_FLIP, "ltrb"
+    )
+    assert matched == 1
+    assert float(cls_term) == pytest.approx(4.348490, abs=1e-5)
+    assert float(box_term) == pytest.approx(0.0625, abs=1e-7)
+
+
+def test_alrun_rule_differs_from_csd_on_the_same_inputs():
+    """alrun's earlier rule (``ALRUN_RULE``): sigmoid >= 0.3 takes location 1 too; JS mean
+    (0.575591 + 0.014954) / 2 = 0.295272; box summed (0.25 + 0.04) / 2 = 0.145."""
+    cls_term, box_term, matched = consistency_terms(
+        CLS_PLAIN, CLS_FLIP, BOX_PLAIN, BOX_FLIP, "ltrb", ALRUN_RULE
+    )
+    assert matched == 2
+    assert float(cls_term) == pytest.approx(0.295272, abs=1e-5)
+    assert float(box_term) == pytest.approx(0.145, abs=1e-6)
+
+
+def test_csd_class_term_detaches_each_kl_target():
+    """CSD's KLDivLoss(log p, q.detach()) + KLDivLoss(log q, p.detach()): with the flipped view
+    fixed, the gradient on the plain view is that of KL(q || p) / 2 alone."""
+    logits = T([[2.0, -3.0, 0.0]], requires_grad=True)
+    q = torch.softmax(T([[-3.0, 2.0, 0.0]]), -1)
+    csd_symmetric_kl(torch.softmax(logits, -1), q).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    p = torch.softmax(logits, -1)
+    (0.5 * (q * (q.log() - p.log())).sum()).backward()
+    torch.testing.assert_close(ours, logits.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("iteration", "expected"),
+    [(0, 0.0), (1, 0.006740053), (16_000, 0.286504797), (31_999, 0.999999995), (32_000, 1.0),
+     (100_000, 1.0), (100_001, 0.999999969), (110_000, 0.043936934), (119_999, 3.7313e-06)],
+)  # fmt: skip
+def test_csd_parity_ramp_weight(iteration, expected):
+    """soo89/CSD-SSD train_csd.py rampweight(): Gaussian up to 32k, down after 100k of 120k."""
+    got = ramp_weight("gaussian", iteration, 120_000, CSD_RAMPUP, CSD_RAMPDOWN)
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_linear_ramp_is_alruns_earlier_one():
+    assert [ramp_weight("linear", i, 8, 0.25, 0.0) for i in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(rampup=0.9, rampdown=0.2), "supervision.rampup \\+ supervision.rampdown: .*sum <= 1"),
+        (dict(match_threshold=0.3), "supervision.match_threshold: only with supervision.match"),
+        (dict(class_divergence="kl"), "supervision.class_divergence: expected one of"),
+        (dict(rampup=1.5), "supervision.rampup: expected a number in"),
+    ],
+)
+def test_bad_consistency_options_are_one_line_naming_the_key(settings, message):
+    with pytest.raises(AlrunError, match=message):
+        FlipConsistency(**settings)
 
 
 def test_js_divergence_hand_values():
@@ -70,17 +161,24 @@ def test_consistency_terms_on_hand_made_outputs():
     cls_flip = T([[-3.0, 2.0], [5.0, 5.0], [0.0, 0.0]])  # location 0 disagrees on the class
     box_plain = T([[1.0, 2.0, 3.0, 4.0], [0.0, 0, 0, 0], [0.0, 0, 0, 0]])
     box_flip = T([[3.0, 2.0, 1.5, 4.0], [9.0, 9, 9, 9], [9.0, 9, 9, 9]])  # l differs by 0.5
-    js, l2, matched = consistency_terms(cls_plain, cls_flip, box_plain, box_flip, "ltrb", 0.5)
+    js, l2, matched = consistency_terms(cls_plain, cls_flip, box_plain, box_flip, "ltrb", AT_HALF)
     assert matched == 1
     p = torch.softmax(T([2.0, -3.0, 0.0]), 0)
     q = torch.softmax(T([-3.0, 2.0, 0.0]), 0)
     assert float(js) == pytest.approx(float(js_divergence(p[None], q[None])[0]), abs=1e-6)
     assert float(l2) == pytest.approx(0.25)
     agree, same_box, _ = consistency_terms(
-        cls_plain, cls_plain, box_plain, mirror_offsets(box_plain, "ltrb"), "ltrb", 0.5
+        cls_plain, cls_plain, box_plain, mirror_offsets(box_plain, "ltrb"), "ltrb", AT_HALF
     )
     assert float(agree) == pytest.approx(0.0, abs=1e-6) and float(same_box) == 0.0
-    none = consistency_terms(cls_plain, cls_flip, box_plain, box_flip, "ltrb", 0.99)
+    none = consistency_terms(
+        cls_plain,
+        cls_flip,
+        box_plain,
+        box_flip,
+        "ltrb",
+        ConsistencyRule(match="threshold", match_threshold=0.99),
+    )
     assert none[2] == 0 and float(none[0]) == 0.0
 
 
@@ -88,13 +186,13 @@ def test_hook_loss_reaches_the_backbone():
     detector = TorchvisionDetector(lambda **kw: tiny_fcos(image_size=64, **kw), num_classes=2,
                                    device="cpu")  # fmt: skip
     detector.train_mode()
-    hook = FlipConsistencyHook("u", weight=1.0, match_threshold=0.0, rampup=0.0)
+    hook = FlipConsistencyHook("u", weight=1.0, **EVERYWHERE)
     hook.before_training(detector, 1)
     torch.manual_seed(0)
     images = [torch.rand(3, 64, 64)]
     batch = Batch(BatchSource("u", None, role="unlabelled"), images, None, ("a",), (False,))
     losses = hook.extra_losses(Step(0, 1, 0.1, detector, {"u": batch}))
-    assert float(losses["js"].detach()) > 0 and float(losses["l2"].detach()) > 0
+    assert float(losses["class"].detach()) > 0 and float(losses["box"].detach()) > 0
     sum(losses.values()).backward()
     first_conv = detector.model.backbone.blocks[0][0].weight
     assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
@@ -118,7 +216,7 @@ def test_consistency_needs_a_dense_head():
     with pytest.raises(AlrunError, match="got SSD"):
         FlipConsistencyHook("u").before_training(ssd, 1)
     with pytest.raises(AlrunError, match=r"supervision\.match_threshold"):
-        FlipConsistency(match_threshold=2)
+        FlipConsistency(match="threshold", match_threshold=2)
 
 
 @pytest.mark.parametrize(
@@ -126,13 +224,14 @@ def test_consistency_needs_a_dense_head():
 )
 def test_one_round_end_to_end_adds_the_consistency_loss(tmp_path, init):
     cfg = compose_config(["experiment=smoke", "quiet=true", "budget.rounds=1",
-                          "supervision=consistency", "supervision.match_threshold=0.0",
+                          "supervision=consistency", "supervision.match=threshold",
+                          "supervision.match_threshold=0.0",
                           f"trainer.init={init}"])  # fmt: skip
     rows = run_experiment(cfg, tmp_path)
     assert [r["images"] for r in rows] == [10, 20]
     for r in (0, 1):
         train = json.loads((tmp_path / f"round_0{r}/metrics.json").read_text())["train"]
-        assert train["consistency/js_mean"] > 0 and train["consistency/l2_mean"] > 0
+        assert train["consistency/class_mean"] > 0 and train["consistency/box_mean"] > 0
         assert train["consistency/matched_per_image"] > 0
 
 
@@ -148,7 +247,7 @@ def test_two_stage_terms_on_hand_made_outputs():
     deltas_plain[0, 8:12] = T([0.2, 0.1, 0.3, -0.1])  # class 2 of proposal 0
     deltas_flip[0, 8:12] = T([0.1, 0.1, 0.5, -0.1])  # mirrored back: (-0.1, 0.1, 0.5, -0.1)
     js, l2, matched = two_stage_consistency_terms(
-        logits_plain, logits_flip, deltas_plain, deltas_flip, 0.5
+        logits_plain, logits_flip, deltas_plain, deltas_flip, AT_HALF
     )
     assert matched == 1
     e = [math.exp(v) for v in (0.0, -1.0, 3.0)]
@@ -160,16 +259,24 @@ def test_two_stage_terms_on_hand_made_outputs():
     assert float(l2) == pytest.approx(0.3**2 + 0.2**2, abs=1e-6)  # dx 0.2 vs -0.1, dw 0.3 vs 0.5
     mirrored = deltas_plain.reshape(2, 3, 4) * T([-1.0, 1.0, 1.0, 1.0])
     agree = two_stage_consistency_terms(
-        logits_plain, logits_plain, deltas_plain, mirrored.reshape(2, 12), 0.5
+        logits_plain, logits_plain, deltas_plain, mirrored.reshape(2, 12), AT_HALF
     )
     assert float(agree[0]) == pytest.approx(0.0, abs=1e-6) and float(agree[1]) == 0.0
     assert agree[2] == 1
-    none = two_stage_consistency_terms(logits_plain, logits_flip, deltas_plain, deltas_flip, 0.99)
+    strict = ConsistencyRule(match="threshold", match_threshold=0.99)
+    none = two_stage_consistency_terms(logits_plain, logits_flip, deltas_plain, deltas_flip, strict)
     assert none[2] == 0 and float(none[0]) == 0.0 and float(none[1]) == 0.0
     no_proposals = two_stage_consistency_terms(
-        logits_plain[:0], logits_flip[:0], deltas_plain[:0], deltas_flip[:0], 0.0
+        logits_plain[:0], logits_flip[:0], deltas_plain[:0], deltas_flip[:0]
     )
     assert no_proposals[2] == 0 and float(no_proposals[0]) == 0.0
+    # CSD's rule and terms (soo89/CSD-SSD train_csd.py): proposal 0 only (class 2 beats the
+    # background, proposal 1's background wins); symmetric KL / 2 = 3.676362 (hand-derived with
+    # eps 1e-7), box (0.3^2 + 0.2^2) / 4 = 0.0325
+    csd = two_stage_consistency_terms(logits_plain, logits_flip, deltas_plain, deltas_flip)
+    assert csd[2] == 1
+    assert float(csd[0]) == pytest.approx(3.676362, abs=1e-5)
+    assert float(csd[1]) == pytest.approx(0.0325, abs=1e-7)
 
 
 def test_mirrored_proposals_cover_the_mirrored_content():
@@ -245,13 +352,13 @@ def test_two_stage_views_pair_each_proposal_with_its_mirror():
 def test_two_stage_hook_loss_reaches_the_roi_box_head():
     detector = _tiny_faster_rcnn()
     detector.train_mode()
-    hook = FlipConsistencyHook("u", weight=1.0, match_threshold=0.0, rampup=0.0)
+    hook = FlipConsistencyHook("u", weight=1.0, **EVERYWHERE)
     hook.before_training(detector, 1)
     torch.manual_seed(0)
     images = [torch.rand(3, 64, 80), torch.rand(3, 48, 64)]
     batch = Batch(BatchSource("u", None, role="unlabelled"), images, None, ("a", "b"), (False,) * 2)
     losses = hook.extra_losses(Step(0, 1, 0.1, detector, {"u": batch}))
-    assert float(losses["js"].detach()) > 0 and float(losses["l2"].detach()) > 0
+    assert float(losses["class"].detach()) > 0 and float(losses["box"].detach()) > 0
     sum(losses.values()).backward()
     model = detector.model
     assert model.training and model.rpn.training  # the RPN's eval-mode proposals are restored
@@ -270,13 +377,14 @@ def test_two_stage_hook_loss_reaches_the_roi_box_head():
 def test_one_round_end_to_end_with_faster_rcnn(tmp_path):
     tiny = ["detector.builder.min_size=64", "detector.builder.max_size=64"]
     cfg = compose_config(["experiment=smoke", "quiet=true", "budget.rounds=1",
-                          "supervision=consistency", "supervision.match_threshold=0.0",
+                          "supervision=consistency", "supervision.match=threshold",
+                          "supervision.match_threshold=0.0",
                           "supervision.unlabelled_batch_size=2",
                           "detector=fasterrcnn_mobilenet_v3_large_320_fpn", *tiny])  # fmt: skip
     rows = run_experiment(cfg, tmp_path)
     assert [r["images"] for r in rows] == [10, 20]
     for r in (0, 1):
         train = json.loads((tmp_path / f"round_0{r}/metrics.json").read_text())["train"]
-        assert train["consistency/js_mean"] > 0 and train["consistency/l2_mean"] > 0
+        assert train["consistency/class_mean"] > 0 and train["consistency/box_mean"] > 0
         assert train["consistency/matched_per_image"] > 0
         assert train["consistency/images"] == 2 * train["iterations"]

@@ -16,6 +16,7 @@ from alrun.oracle import CostModel, SimulatedOracle
 from alrun.supervision.base import LabelRequest
 from alrun.supervision.weak_point import (
     WeakPointRegime,
+    clicked_confidence,
     hard_switch_round,
     image_confidence,
     weak_round_rates,
@@ -122,7 +123,7 @@ def test_soft_switch_gives_boxes_exactly_to_images_below_the_threshold():
         for i, p in probs.items()
     }
     assert [image_confidence(preds[i]) for i in "abcd"] == pytest.approx([0.3, 0.5, 0.7, 0.0])
-    regime = WeakPointRegime(soft_threshold=0.5)
+    regime = WeakPointRegime(soft_threshold=0.5, soft_rule="before_clicks")
     request = LabelRequest(1, HISTORY[:1], FixedDetector(preds))
     assert regime.label_kind(request) == "center_click"  # priced as clicks
     labels = regime.annotate(SimulatedOracle(CostModel()), recs, request)
@@ -138,6 +139,64 @@ def test_soft_switch_gives_boxes_exactly_to_images_below_the_threshold():
         ("c", "center_click"),
         ("d", "box"),
     ]
+
+
+#: the issue's example: one object predicted at 0.60 and three background boxes near 0.33
+OBJECT = record("img", [[10, 10, 30, 30]], [0])  # center click at (20, 20)
+ONE_OBJECT_THREE_BACKGROUND = {
+    "img": dets(
+        "img",
+        [[8, 8, 32, 32], [40, 40, 60, 60], [0, 40, 20, 60], [40, 0, 60, 20]],
+        [0, 0, 0, 0],
+        [0.60, 0.33, 0.33, 0.34],
+    )
+}
+
+
+def test_desai_soft_switch_clicks_first_and_trusts_the_clicked_pseudo_boxes():
+    """Desai et al. 2019 (soft switch): the click picks the 0.60 box, mean 0.60 >= 0.5: the
+    image keeps its click; alrun's earlier rule averaged all four boxes (0.40) and bought boxes."""
+    oracle = SimulatedOracle(CostModel())
+    request = LabelRequest(1, HISTORY[:1], FixedDetector(ONE_OBJECT_THREE_BACKGROUND))
+    paper = WeakPointRegime(soft_threshold=0.5)
+    [label] = paper.annotate(oracle, [OBJECT], request)
+    assert label.kind == "center_click" and label.cost_s == pytest.approx(1.87)
+    soft = paper.round_record(0)["labels"][0]["soft_switch"]
+    assert soft["rule"] == "after_clicks" and soft["images"][0]["confidence"] == pytest.approx(0.6)
+    earlier = WeakPointRegime(soft_threshold=0.5, soft_rule="before_clicks")
+    [label] = earlier.annotate(oracle, [OBJECT], request)
+    assert label.kind == "box" and label.cost_s == pytest.approx(25.5)
+    conf = earlier.round_record(0)["labels"][0]["soft_switch"]["images"][0]["confidence"]
+    assert conf == pytest.approx((0.60 + 0.33 + 0.33 + 0.34) / 4)
+
+
+def test_desai_soft_switch_low_confidence_images_pay_clicks_and_boxes():
+    """Two objects; the click on the second finds no box of its class (counts 0): mean
+    (0.60 + 0) / 2 = 0.30 < 0.5, so the image gets boxes too, priced 2 clicks + 2 boxes. An image
+    without objects keeps its empty click answer."""
+    two = record("two", [[10, 10, 30, 30], [40, 40, 60, 60]], [0, 1])
+    empty = record("empty", [], [])
+    preds = {"two": dets("two", [[8, 8, 32, 32]], [0], [0.6]), "empty": Detections.empty("empty")}
+    request = LabelRequest(1, HISTORY[:1], FixedDetector(preds))
+    regime = WeakPointRegime(soft_threshold=0.5)
+    labels = regime.annotate(SimulatedOracle(CostModel()), [two, empty], request)
+    assert [lab.kind for lab in labels] == ["box", "center_click"]
+    assert labels[0].cost_s == pytest.approx(2 * 1.87 + 2 * 25.5)
+    np.testing.assert_array_equal(labels[0].boxes, two.boxes)  # trains on the bought boxes
+    entry = regime.round_record(0)["labels"][0]
+    assert entry["cost_s"] == pytest.approx(2 * 1.87 + 2 * 25.5 + labels[1].cost_s)
+    soft = entry["soft_switch"]
+    assert (soft["boxes"], soft["clicks"]) == (1, 1)
+    assert [x["confidence"] for x in soft["images"]] == [pytest.approx(0.3), None]
+    assert soft["clicks_paid_for_boxed"] == pytest.approx(2 * 1.87)
+
+
+def test_clicked_confidence_uses_the_pseudo_box_each_click_picks():
+    lab = SimulatedOracle(CostModel()).annotate([OBJECT], "center_click")[0]
+    det = ONE_OBJECT_THREE_BACKGROUND["img"]
+    assert clicked_confidence(lab, det, 0.3, True) == pytest.approx(0.60)
+    assert clicked_confidence(lab, det, 0.7, True) == 0.0  # the 0.60 box is below min_score
+    assert clicked_confidence(lab, Detections.empty("img"), 0.3, True) == 0.0
 
 
 def test_click_pseudo_boxes_use_the_nearest_prediction_or_the_prior():
@@ -157,6 +216,7 @@ def test_click_pseudo_boxes_use_the_nearest_prediction_or_the_prior():
     [
         ("soft_threshold", 1.5, r"supervision\.soft_threshold: expected a number in \[0, 1\]"),
         ("soft_threshold", -0.2, r"supervision\.soft_threshold: expected a number in \[0, 1\]"),
+        ("soft_rule", "before_clicks", r"supervision\.soft_rule: only with the soft switch"),
         ("hard_threshold", -1.0, r"supervision\.hard_threshold: expected null or a finite gain"),
         ("hard_threshold", float("inf"), r"supervision\.hard_threshold: expected null"),
         ("no_match", "ignore", r"supervision\.no_match: expected one of prior\|drop"),
@@ -209,6 +269,22 @@ def test_hard_switch_end_to_end_requests_boxes_after_a_weak_round(tmp_path):
     assert decision["hard_switch"]["switched_at_round"] == 1
     assert decision["requested"] == "box"
     assert rows[2]["boxes"] > rows[1]["boxes"]
+
+
+@pytest.mark.integration
+def test_soft_switch_end_to_end_clicks_first_and_records_what_was_paid(tmp_path):
+    """weak_point_soft (Desai's order): every selected image is clicked; the switched ones carry
+    boxes priced clicks + boxes; the round's recorded cost is the sum of what was paid."""
+    cfg = compose_config([*SMOKE, "budget.rounds=1", "supervision=weak_point_soft"])
+    rows = run_experiment(cfg, tmp_path)
+    entry = json.loads((tmp_path / "round_00/supervision.json").read_text())["labels"][1]
+    soft = entry["soft_switch"]
+    assert soft["rule"] == "after_clicks" and soft["boxes"] + soft["clicks"] == 10
+    assert entry["cost_s"] == pytest.approx(sum(x["cost_s"] for x in soft["images"]))
+    assert rows[1]["cost_s"] - rows[0]["cost_s"] == pytest.approx(entry["cost_s"])
+    for image in soft["images"]:
+        if image["kind"] == "box":  # boxes bought on top of the clicks
+            assert image["confidence"] is not None and image["confidence"] < 0.5
 
 
 @pytest.mark.integration
