@@ -114,7 +114,7 @@ def test_cached_detector_trains_exactly_as_uncached(tmp_path, batch):
         builder = partial(lite0_fcos, image_size=64, cache_dir=str(tmp_path), feature_cache=cached)
         det = TorchvisionDetector(builder, num_classes=4, device="cpu")
         det.train_mode()
-        losses.append({k: float(v) for k, v in det.losses(list(batch), targets).items()})
+        losses.append({k: float(v.detach()) for k, v in det.losses(list(batch), targets).items()})
     for name in losses[0]:
         assert losses[1][name] == pytest.approx(losses[0][name], rel=1e-5)
         assert losses[2][name] == pytest.approx(losses[0][name], rel=1e-5)
