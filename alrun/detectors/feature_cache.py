@@ -73,6 +73,7 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         self.rebuilt = 0
+        self.writable = True
 
     def key(self, digest: str, shape: tuple[int, ...]) -> dict[str, str]:
         return {
@@ -89,19 +90,20 @@ class FeatureCache:
     def fetch(
         self, images: Tensor, compute: Callable[[Tensor], dict[str, Tensor]]
     ) -> dict[str, Tensor]:
-        """``compute(images)`` (a dict of per-image batched tensors), served from the cache
-        where an entry with this exact key exists; missing images are computed in one batch."""
+        """``compute(images)`` (a dict of batched tensors), served per image from the cache where
+        an entry with this exact key exists."""
+        if len(images) == 0:
+            return compute(images)
         digests = [input_digest(image) for image in images]
         keys = [self.key(d, tuple(images.shape[1:])) for d in digests]
         found = [self._load(d, k) for d, k in zip(digests, keys)]
-        missing = [i for i, entry in enumerate(found) if entry is None]
-        if missing:
-            computed = compute(images[missing])
-            for j, i in enumerate(missing):
-                entry = {
-                    name: value[j : j + 1].detach().cpu().clone()
-                    for name, value in computed.items()
-                }
+        for i, entry in enumerate(found):
+            if entry is None:
+                # one image at a time: a stored entry never depends on which other images
+                # happened to miss with it (batched kernels differ in the last bits), so a run
+                # computes the same with a cold or a warm cache (same seed, same selections)
+                computed = compute(images[i : i + 1])
+                entry = {name: value.detach().cpu().clone() for name, value in computed.items()}
                 self._store(digests[i], keys[i], entry)
                 found[i] = entry
         device = images.device
@@ -133,12 +135,14 @@ class FeatureCache:
         return stored["tensors"]
 
     def _store(self, digest: str, key: dict[str, str], tensors: dict[str, Tensor]) -> None:
-        buffer = io.BytesIO()
-        torch.save({"key": key, "tensors": tensors}, buffer)
-        try:
-            atomic_write_bytes(self.path(digest), buffer.getvalue())
-        except OSError as err:  # a full or read-only cache dir slows runs down, nothing more
-            log.warning("feature cache: cannot write %s (%s); continuing uncached", self.root, err)
+        if self.writable:
+            buffer = io.BytesIO()
+            torch.save({"key": key, "tensors": tensors}, buffer)
+            try:
+                atomic_write_bytes(self.path(digest), buffer.getvalue())
+            except OSError as err:  # a full or read-only cache dir slows runs down, no more
+                self.writable = False
+                log.warning("feature cache: cannot write %s (%s); memory only", self.root, err)
         _remember(self._memory_key(key), tensors)
 
 
