@@ -87,6 +87,7 @@ DOCS_PAGES = (
     ("oracle.missing", "docs/supervision.md"),
     ("oracle.kind", "docs/supervision.md"),  # label kinds
     ("oracle", "docs/budgets.md"),  # the cost model
+    ("detector.builder", "docs/detectors.md"),  # image sizes, backbone weights, feature cache
     ("detector", "docs/clusters.md"),
     ("metric", "docs/reports.md"),
     ("resume", "docs/crash-safety.md"),

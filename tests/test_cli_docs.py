@@ -27,6 +27,7 @@ def _exists(page: str) -> bool:
         ("dataset.root: required; set dataset.root=<path>", "docs/getting-started.md"),
         ("/data/voc/Annotations/1.xml: not well-formed XML", "docs/getting-started.md"),
         ("detector: the MMDetection backend needs mmdet", "docs/clusters.md"),
+        ("detector.builder.weights_backbone: the ImageNet weights of", "docs/detectors.md"),
         ("metric.protocol: expected one of coco|voc07|voc12", "docs/reports.md"),
         ("In 'run': Could not find 'strategy/entropyy'", "docs/reference/config-groups.md"),
         ("Could not override 'trainer.lrr'. To append", "docs/reference/config-groups.md"),

@@ -175,6 +175,25 @@ def test_cpu_preset_builds_on_the_shared_dataset(preset: str):
     assert exp.detector.model.transform.min_size[0] >= 160  # the CPU image size, see the yaml
 
 
+#: presets on detector=lite0_fcos -> (their dataset, the tiny-FCOS preset they mirror)
+LITE0_PRESETS = {"bccd_lite0": ("bccd", "bccd")}
+
+
+@pytest.mark.parametrize("preset", sorted(LITE0_PRESETS))
+def test_lite0_preset_builds_with_the_tiny_presets_budget(preset: str):
+    """Same budget as the tiny-FCOS preset of the dataset, so the detectors compare round for
+    round; the pretrained backbone frozen and its features cached."""
+    dataset, mirrored = LITE0_PRESETS[preset]
+    shared_dataset(dataset)
+    cfg, tiny = compose_config([f"experiment={preset}"]), compose_config([f"experiment={mirrored}"])
+    assert cfg.budget == tiny.budget
+    exp = build_experiment(cfg)
+    backbone = exp.detector.model.backbone
+    assert type(backbone).__name__ == "Lite0FPN" and backbone.frozen_blocks == 16
+    assert backbone._cache_args is not None
+    assert exp.detector.model.transform.min_size[0] % 32 == 0
+
+
 # --- the user's ./configs on the search path ------------------------------------------------
 def write_user_configs(root: Path) -> None:
     (root / "configs" / "experiment").mkdir(parents=True)
