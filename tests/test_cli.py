@@ -376,6 +376,9 @@ def test_pretrained_backbone_of_another_architecture(tmp_path):
     assert_clean_failure(result, tmp_path, "detector.pretrained_backbone:", "does not fit")
 
 
+INTEGRATION = pytest.mark.integration
+
+
 def _tree(root: Path) -> dict[str, bytes | None]:
     return {
         str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
@@ -400,6 +403,7 @@ def test_a_users_folder_is_refused_untouched(tmp_path):
     assert _tree(mine) == before
 
 
+@pytest.mark.integration
 def test_a_users_folder_is_refused_as_sweep_dir_untouched(tmp_path):
     mine = tmp_path / "sweep"
     (mine / "data").mkdir(parents=True)
@@ -418,9 +422,9 @@ def test_a_users_folder_is_refused_as_sweep_dir_untouched(tmp_path):
     "override,key",
     [
         ("name=../../../escaped", "name"),
-        ("strategy.name=../../../escaped", "strategy.name"),
-        ("strategy.name=a/b", "strategy.name"),
-        ("name=", "name"),
+        pytest.param("strategy.name=../../../escaped", "strategy.name", marks=INTEGRATION),
+        pytest.param("strategy.name=a/b", "strategy.name", marks=INTEGRATION),
+        pytest.param("name=", "name", marks=INTEGRATION),
     ],
 )
 def test_run_names_cannot_leave_the_output_root(tmp_path, override, key):
@@ -452,6 +456,7 @@ main()
 """
 
 
+@pytest.mark.integration
 def test_full_disk_at_the_first_log_write_is_one_line(tmp_path):
     """Issue 25: the job log (Hydra's file handler) cannot write: one line, exit 2."""
     run = tmp_path / "run"
