@@ -500,3 +500,19 @@ def test_report_help_says_95_percent():
     assert result.returncode == 0
     assert "95 % CI" in result.stdout and "%%" not in result.stdout
     assert "--floor-map50" in result.stdout
+
+
+def test_a_damaged_round_file_is_left_out_of_the_error_table_with_a_warning(tmp_path, capsys):
+    """metrics.json / selection.json only decorate the report: one unreadable file is named on
+    stderr and its cells stay empty; the other seeds' numbers still make the table."""
+    root = sweep(tmp_path / "sweep", strategies=("random", "entropy"), seeds=(0, 1))
+    damaged = root / "strategy=entropy,seed=1" / "round_01" / "metrics.json"
+    damaged.write_bytes(b'{"fp": \xff')
+    (damaged.parent / "selection.json").write_text("[not json")
+    _, _, files = build([root], tmp_path / "out")
+    assert f"{damaged}: unreadable (UnicodeDecodeError), left out" in capsys.readouterr().err
+    rows = [line.split(",") for line in files["errors"].read_text().splitlines()]
+    header = rows[0]
+    entropy_round_1 = next(r for r in rows if r[0] == "entropy" and r[1] == "1")
+    assert entropy_round_1[header.index("seeds")] == "1"  # seed 0 only
+    assert entropy_round_1[header.index("fp")] == "4.0"

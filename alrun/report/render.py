@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,11 +113,27 @@ def plot_curves(comparison: Comparison) -> bytes:
     return buffer.getvalue()
 
 
+def _read_json_or_empty(path: Path) -> dict:
+    """A round file the report only decorates with (metrics, labelled, selection): missing or
+    damaged, it is left out with a warning on stderr instead of stopping the whole report."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        print(
+            f"alrun-report: warning: {path}: unreadable ({type(err).__name__}), left out",
+            file=sys.stderr,
+        )
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _per_round_metrics(run: Run) -> list[dict]:
     out = []
     for r in range(len(run.rows)):
         path = run.path / f"round_{r:02d}" / "metrics.json"
-        out.append(json.loads(path.read_text()) if path.is_file() else {})
+        out.append(_read_json_or_empty(path))
     return out
 
 
@@ -152,7 +169,7 @@ def _image_files(run: Run, r: int) -> dict[str, str]:
     for candidate in (r + 1, r):
         path = run.path / f"round_{candidate:02d}" / "labelled.json"
         if path.is_file():
-            coco = json.loads(path.read_text())
+            coco = _read_json_or_empty(path)
             for image in coco.get("images", []):
                 files[str(image.get("alrun_id", image.get("file_name")))] = image["file_name"]
     return files
@@ -183,7 +200,7 @@ def gallery_html(run: Run, per_round: int = 8, size: int = 160, min_score: float
         selection_path = run.path / f"round_{r:02d}" / "selection.json"
         if not selection_path.is_file():
             continue
-        selected = json.loads(selection_path.read_text()).get("selected", [])
+        selected = _read_json_or_empty(selection_path).get("selected", [])
         if not selected:
             continue
         preds_path = run.path / f"round_{r:02d}" / "preds.npz"
