@@ -516,3 +516,28 @@ def test_a_damaged_round_file_is_left_out_of_the_error_table_with_a_warning(tmp_
     entropy_round_1 = next(r for r in rows if r[0] == "entropy" and r[1] == "1")
     assert entropy_round_1[header.index("seeds")] == "1"  # seed 0 only
     assert entropy_round_1[header.index("fp")] == "4.0"
+
+
+def test_runs_group_by_the_config_group_option_they_were_composed_with(tmp_path):
+    """Two presets of one regime class (weak_point, weak_point_soft) differ only in the option
+    Hydra composed: ``choices.supervision`` tells them apart; several keys combine."""
+    regimes = {
+        "full": [0.1, 0.2, 0.30],
+        "weak_point": [0.1, 0.25, 0.35],
+        "weak_point_soft": [0.1, 0.2, 0.4],
+    }
+    for regime, maps in regimes.items():
+        for seed in (0, 1):
+            run = make_run(tmp_path / regime, "random", seed, [m + 0.01 * seed for m in maps])
+            hydra = {
+                "hydra": {"runtime": {"choices": {"supervision": regime, "strategy": "random"}}}
+            }
+            (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    run_set = gather([tmp_path], "choices.supervision")
+    assert sorted({r.group for r in run_set.runs}) == sorted(regimes)
+    finals = {r.group: r.rows[-1]["mAP"] for r in run_set.runs if r.seed == 0}
+    assert finals == {k: v[-1] for k, v in regimes.items()}
+    combined = gather([tmp_path], "choices.supervision,strategy.name")
+    assert {r.group for r in combined.runs} == {f"{k}/random" for k in regimes}
+    with pytest.raises(ReportError, match="no config key 'choices.oracle'"):
+        gather([tmp_path], "choices.oracle")

@@ -54,7 +54,12 @@ def parser() -> argparse.ArgumentParser:
         description="Compare alrun runs: curves with 95 % CI over seeds, AULC, a table, HTML.",
     )
     p.add_argument("paths", nargs="+", type=Path, help="sweep directories or run directories")
-    p.add_argument("--group-by", default="strategy.name", help="config key (default strategy.name)")
+    p.add_argument(
+        "--group-by",
+        default="strategy.name",
+        help="config key, or choices.<group> (the option composed, e.g. choices.supervision); "
+        "several comma-separated keys group by their combination (default strategy.name)",
+    )
     p.add_argument("--metric", default="mAP", help="results.csv column (default mAP)")
     p.add_argument("--baseline", default="random", help="group compared against (default random)")
     p.add_argument(

@@ -154,9 +154,37 @@ def _rows(path: Path) -> tuple[dict[str, float], ...]:
     return rows
 
 
+def _choices(path: Path) -> dict[str, Any]:
+    """The config-group options the run was composed with (``.hydra/hydra.yaml``'s
+    ``hydra.runtime.choices``, e.g. ``supervision: weak_point_soft``); empty when not recorded."""
+    try:
+        cfg = OmegaConf.load(path / ".hydra" / "hydra.yaml")
+        choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None)
+    except Exception:  # noqa: BLE001 - an absent or unreadable record: no choices known
+        return {}
+    return dict(OmegaConf.to_container(choices)) if choices is not None else {}
+
+
+def group_of(path: Path, config: dict[str, Any], group_key: str) -> str | None:
+    """The run's group under ``group_key``: one or more comma-separated keys, each a config key
+    (``strategy.name``) or ``choices.<config group>`` (the option it was composed with, e.g.
+    ``choices.supervision``: two presets of one regime class differ there and nowhere else);
+    several keys join with ``/``. None when a key is missing."""
+    parts = []
+    for key in (k.strip() for k in group_key.split(",")):
+        if key.startswith("choices."):
+            value = _choices(path).get(key.removeprefix("choices."))
+        else:
+            value = config_value(config, key)
+        if value is None:
+            return None
+        parts.append(str(value))
+    return "/".join(parts)
+
+
 def load_run(path: Path, group_key: str) -> Run:
     config = _config(path)
-    group = config_value(config, group_key)
+    group = group_of(path, config, group_key)
     if group is None:
         raise ReportError(f"--group-by: {path} has no config key '{group_key}'")
     error = None
@@ -167,7 +195,7 @@ def load_run(path: Path, group_key: str) -> Run:
     return Run(
         path=path,
         config=config,
-        group=str(group),
+        group=group,
         seed=int(config.get("seed", 0)),
         rows=_rows(path),
         planned_rounds=int(rounds) if isinstance(rounds, int) else None,
