@@ -12,7 +12,8 @@ the pool and the test split and prints the shares at score >= ``--min-score``.
     python scripts/bottom_edge.py --checkpoint /tmp/bccd_r0.pt -- experiment=bccd
 
 Measured (2026-12-03, 2 shared CPU cores; same checkpoint before / after the padding filter in
-alrun/detectors/torchvision.py ``_dense``), share of predicted boxes touching the bottom edge:
+alrun/detectors/torchvision/postprocess_dense.py ``dense_detections``), share of predicted
+boxes touching the bottom edge:
 
 * experiment=bccd round 0 (192 px: 640x480 -> 192x144, padded to 192x160), 364 images:
   score >= 0.3: 2.6 % -> 2.6 % (10,079 boxes); score >= 0.05: 6.0 % -> 4.8 %; truth 7.2 %.

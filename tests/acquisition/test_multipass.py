@@ -269,13 +269,13 @@ def test_cli_refuses_bad_passes_before_writing_anything(tmp_path):
 
 
 def test_mc_strategy_trains_with_head_dropout_and_entropy_does_not():
-    from alrun.detectors.torchvision import _head_dropouts
+    from alrun.detectors.torchvision.mc_dropout import head_dropouts
 
     mc = build_experiment(compose_config(SMOKE + ["strategy=bald"]))
-    hooks = _head_dropouts(mc.detector.model)
+    hooks = head_dropouts(mc.detector.model)
     assert len(hooks) == 2 and {h.p for h in hooks} == {0.2}
     plain = build_experiment(compose_config(SMOKE + ["strategy=entropy"]))
-    assert _head_dropouts(plain.detector.model) == []
+    assert head_dropouts(plain.detector.model) == []
     assert plain.strategy.needs.passes == 1 and plain.strategy.needs.head_dropout == 0
 
 

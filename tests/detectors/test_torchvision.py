@@ -341,12 +341,8 @@ def test_pretrained_true_offline_names_the_file_and_the_local_option(monkeypatch
 
 
 # --- multi-pass predictions: MC dropout, test-time views, ensembles -----------------------------
-from alrun.detectors.torchvision import (  # noqa: E402
-    HeadDropout,
-    _head_dropouts,
-    _head_last,
-    _head_towers,
-)
+from alrun.detectors.torchvision.mc_dropout import HeadDropout, head_dropouts  # noqa: E402
+from alrun.detectors.torchvision.postprocess_dense import head_last, head_towers  # noqa: E402
 from alrun.detectors.views import apply_view, boxes_to_original, parse_view  # noqa: E402
 
 MC = Needs(probs=True, passes=4, head_dropout=0.5)
@@ -397,21 +393,21 @@ def test_head_from_cached_towers_equals_the_stock_head(images, family):
         batch, _ = model.transform([load_image(r) for r in images.images[:2]])
         levels = list(model.backbone(batch.tensors).values())
         stock = model.head(levels)
-        ours = _head_last(model, _head_towers(model, levels))
+        ours = head_last(model, head_towers(model, levels))
     assert stock.keys() == ours.keys()
     for key in stock:
         torch.testing.assert_close(ours[key], stock[key])
 
 
 def test_mc_dropout_reruns_only_the_last_head_layers(images, monkeypatch):
-    from alrun.detectors import torchvision as tv
+    from alrun.detectors.torchvision import mc_dropout as mcd
 
     det = _mc_detector()
     det.predict_batch_size = 4  # 6 images -> 2 batches
     calls = _calls(det)
     at_boxes = []
-    real = tv._ConvAt.__call__
-    monkeypatch.setattr(tv._ConvAt, "__call__", lambda *a: at_boxes.append(1) or real(*a))
+    real = mcd.ConvAt.__call__
+    monkeypatch.setattr(mcd.ConvAt, "__call__", lambda *a: at_boxes.append(1) or real(*a))
     preds = det.predict(images.images, MC)
     # 2 batches x 3 FPN levels: backbone once per batch, towers and the full-map class / box
     # logits once per level (the reference pass) ...
@@ -456,7 +452,7 @@ def test_reference_pass_is_deterministic_and_mc_passes_are_seeded(images):
 
 def test_head_dropout_is_active_in_training_only_by_default():
     det = _mc_detector()
-    hooks = _head_dropouts(det.model)
+    hooks = head_dropouts(det.model)
     assert len(hooks) == 2 and all(isinstance(h, HeadDropout) and h.p == 0.5 for h in hooks)
     layer = det.model.head.classification_head.cls_logits
     x = torch.ones(1, 64, 4, 4)
@@ -584,7 +580,8 @@ def test_mc_passes_at_box_locations_equal_a_full_masked_pass(images, family, mon
     from torchvision.models.detection import retinanet_resnet50_fpn
 
     from alrun.data.images import load_image
-    from alrun.detectors import torchvision as tv
+    from alrun.detectors.torchvision import mc_dropout as mcd
+    from alrun.detectors.torchvision import postprocess_dense as pd
 
     if family == "fcos":
         model = _low_threshold_fcos(3)
@@ -604,22 +601,22 @@ def test_mc_passes_at_box_locations_equal_a_full_masked_pass(images, family, mon
         masks.append(real(*args, **kwargs))
         return masks[-1]
 
-    real = tv._channel_mask
-    monkeypatch.setattr(tv, "_channel_mask", recording)
+    real = mcd.channel_mask
+    monkeypatch.setattr(mcd, "channel_mask", recording)
     with torch.no_grad():
         batch, _ = model.transform([load_image(r) for r in images.images[:3]])
         levels = list(model.backbone(batch.tensors).values())
         anchors = model.anchor_generator(batch, levels)
-        towers = tv._head_towers(model, levels)
-        found = tv._dense(model, batch, levels, tv._head_last(model, towers), anchors)
+        towers = pd.head_towers(model, levels)
+        found = pd.dense_detections(model, batch, levels, pd.head_last(model, towers), anchors)
         torch.manual_seed(0)
-        (ours,) = tv._dense_mc_passes(model, batch, levels, towers, anchors, found, 0.5, 1)
+        (ours,) = mcd.dense_mc_passes(model, batch, levels, towers, anchors, found, 0.5, 1)
         cls_mask, reg_mask = masks
         assert set(cls_mask.unique().tolist()) == {0.0, 2.0}  # p = 0.5: dropped or x 1/(1-p)
         masked = [
             (c * cls_mask[:, :, None, None], r * reg_mask[:, :, None, None]) for c, r in towers
         ]
-        full = tv._dense_at_sources(model, batch, tv._head_last(model, masked), anchors, found)
+        full = pd.dense_at_sources(model, batch, pd.head_last(model, masked), anchors, found)
     assert sum(len(f["sources"]) for f in found) > 0
     for a, b in zip(ours, full):
         for key in ("boxes", "scores", "probs", "class_probs"):
