@@ -38,6 +38,7 @@ from alrun.detectors.capabilities import needs_capabilities
 from alrun.detectors.views import check_view_size
 from alrun.errors import AlrunError
 from alrun.params import ScoreThreshold
+from alrun.seeding import Purpose
 from alrun.types import Detections, Needs
 
 
@@ -81,7 +82,7 @@ class RandomScore:
 
     def __call__(self, context: AcquisitionContext) -> dict[str, float]:
         # round -1 is the initial set (context.rng offsets the round by one)
-        rng = context.rng(0x5E1EC7)
+        rng = context.rng(Purpose.RANDOM_SCORE)
         ordered = sorted(context.pool_ids)
         return dict(zip(ordered, rng.random(len(ordered)).tolist()))
 
