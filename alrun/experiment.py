@@ -94,7 +94,7 @@ def set_up_detector(detector: Detector, needs: Needs) -> None:
     if needs.head_dropout > 0:
         detector.enable_mc_dropout(needs.head_dropout)
     if needs.mixture_density:
-        detector.add_mixture_head(needs.mixture_density)
+        detector.add_mixture_head(needs.mixture_density, needs.mixture_coupling)
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
