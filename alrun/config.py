@@ -92,10 +92,12 @@ def dataset_tag(dataset: DictConfig | dict | None) -> str:
 def short_dirname(override_dirname: str) -> str:
     """Hydra's ``override_dirname`` with every path value cut to its last component, so that
     ``dataset.root=/home/me/photos`` gives a sweep sub-directory ``dataset.root=photos,...``
-    rather than a tree of folders named after the path."""
+    rather than a tree of folders named after the path. A nested group's key
+    (``strategy/scorer=bald``) is written ``strategy-scorer=bald`` for the same reason."""
     items = []
     for item in override_dirname.split(","):
         key, sep, value = item.partition("=")
+        key = key.replace("/", "-")
         if sep and ("/" in value or "\\" in value):
             value = _safe(Path(value.replace("\\", "/").rstrip("/")).name or "root")
         items.append(f"{key}{sep}{value}")

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from alrun import initial_set
+from alrun.acquisition.composition import check_composition
 from alrun.acquisition.strategies import Strategy
 from alrun.budget import Budget, cost_function
 from alrun.data.dataset import DatasetSplits
@@ -93,7 +94,7 @@ def set_up_detector(detector: Detector, needs: Needs) -> None:
     if needs.head_dropout > 0:
         detector.enable_mc_dropout(needs.head_dropout)
     if needs.mixture_density:
-        detector.add_mixture_head(needs.mixture_density)
+        detector.add_mixture_head(needs.mixture_density, needs.mixture_coupling)
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -107,6 +108,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     """
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise AlrunError(f"seed: expected a non-negative integer, got {cfg.seed!r}")
+    check_composition(cfg.get("strategy"))
     check_config(cfg)
     schedule = instantiate(cfg.trainer)
     budget = instantiate(cfg.budget)

@@ -41,6 +41,7 @@ from alrun.rundir import (
     pool_state,
     restore_pool,
 )
+from alrun.seeding import Purpose
 from alrun.selection import initial_selection, select_round, selection_pool_misses, unit_cost
 from alrun.supervision.base import LabelRequest
 from alrun.types import Needs
@@ -59,9 +60,11 @@ __all__ = [
 log = logging.getLogger("alrun")
 
 
-def derive_seed(seed: int, round_index: int, purpose: int) -> int:
+def derive_seed(seed: int, round_index: int, purpose: Purpose) -> int:
     """An independent 31-bit seed per (run seed, round, purpose)."""
-    return int(np.random.SeedSequence([seed, round_index + 1, purpose]).generate_state(1)[0] >> 1)
+    return int(
+        np.random.SeedSequence([seed, round_index + 1, int(purpose)]).generate_state(1)[0] >> 1
+    )
 
 
 def run_experiment(
@@ -204,7 +207,7 @@ def run_round(
 def _train(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> tuple[dict, float]:
     t0 = time.perf_counter()
     with reporter.task(f"round {r}/{exp.budget.rounds} train") as progress:
-        seed = derive_seed(exp.seed, r, 1)
+        seed = derive_seed(exp.seed, r, Purpose.TRAIN)
         stats = exp.regime.train(
             exp.detector, pool, exp.schedule, seed, r, progress, strategy=exp.training
         )

@@ -39,8 +39,10 @@ class Needs:
     ensemble_kind: str = "independent"
     proposals: bool = False
     # AL-MDN: > 0 asks for a mixture-density head of this many components beside the dense
-    # head (built at start-up, trained with the detector) and ``Detections.mdn`` per box
+    # head (built at start-up, trained with the detector) and ``Detections.mdn`` per box;
+    # ``mixture_coupling``: side (its gradient stops at the head towers) | coupled (reaches them)
     mixture_density: int = 0
+    mixture_coupling: str = "side"
 
     def merge(self, other: Needs) -> Needs:
         return Needs(
@@ -58,6 +60,9 @@ class Needs:
             ensemble_kind=self.ensemble_kind if self.ensemble else other.ensemble_kind,
             proposals=self.proposals or other.proposals,
             mixture_density=max(self.mixture_density, other.mixture_density),
+            mixture_coupling=(
+                self.mixture_coupling if self.mixture_density else other.mixture_coupling
+            ),
         )
 
 

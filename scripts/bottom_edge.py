@@ -37,6 +37,7 @@ from alrun.config import compose_config
 from alrun.io import save_torch
 from alrun.loop import build_experiment, derive_seed, initial_selection
 from alrun.pool import LabelPool
+from alrun.seeding import Purpose
 from alrun.types import Needs
 
 
@@ -61,7 +62,7 @@ def main() -> None:
     else:
         pool = LabelPool(exp.splits.pool)
         pool.add(exp.oracle.annotate(pool.records(initial_selection(exp, pool))), 0)
-        seed0 = derive_seed(args.seed, 0, 1)
+        seed0 = derive_seed(args.seed, 0, Purpose.TRAIN)
         exp.regime.train(exp.detector, pool, exp.schedule, seed0, 0, strategy=exp.training)
         save_torch(args.checkpoint, exp.detector.state_dict())
         print(f"model: trained round 0, saved to {args.checkpoint}")

@@ -24,8 +24,9 @@ from alrun.matrix import MATRIX_DETECTORS, cells, counts, detector_capabilities
 from alrun.types import Needs
 
 CONFIGS = Path(alrun.__file__).parent / "configs"
-GROUPS = ("dataset", "detector", "supervision", "strategy", "budget", "oracle", "trainer",
-          "logger", "experiment", "hydra/launcher")  # fmt: skip
+GROUPS = ("dataset", "detector", "supervision", "strategy", "strategy/scorer", "strategy/passes",
+          "strategy/selector", "budget", "oracle", "trainer", "logger", "experiment",
+          "hydra/launcher")  # fmt: skip
 STRATEGIES_PAGE = "reference/strategies.md"
 GROUPS_PAGE = "reference/config-groups.md"
 CAPABILITIES_PAGE = "reference/capabilities.md"

@@ -20,6 +20,7 @@ from alrun.config import compose_config
 from alrun.loop import build_experiment, derive_seed, initial_selection
 from alrun.metrics import evaluate
 from alrun.pool import LabelPool
+from alrun.seeding import Purpose
 from alrun.types import Needs
 
 
@@ -53,7 +54,7 @@ def main() -> None:
         pool = LabelPool(exp.splits.pool)
         pool.add(exp.oracle.annotate(pool.records(initial_selection(exp, pool))), 0)
         t0 = time.perf_counter()
-        seed0 = derive_seed(seed, 0, 1)
+        seed0 = derive_seed(seed, 0, Purpose.TRAIN)
         stats = exp.regime.train(exp.detector, pool, exp.schedule, seed0, 0, strategy=exp.training)
         took = time.perf_counter() - t0
         test = list(exp.splits.test.images)

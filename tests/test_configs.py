@@ -169,4 +169,5 @@ def test_sweep_subdirs_cut_path_values_to_their_last_component():
         == "dataset.root=bccd,seed=0,strategy=random"
     )
     assert short_dirname("seed=0,strategy=random") == "seed=0,strategy=random"
+    assert short_dirname("seed=0,strategy/scorer=bald") == "seed=0,strategy-scorer=bald"
     assert short_dirname(r"detector.pretrained=C:\runs\best.pt") == "detector.pretrained=best.pt"

@@ -30,9 +30,8 @@ from alrun.acquisition.heuristics import PAIR_RULES, BoxInBox
 from alrun.acquisition.select import fill_budget
 from alrun.errors import AlrunError
 from alrun.params import OpenFraction, Range, ScoreThreshold
+from alrun.seeding import Purpose
 from alrun.types import Needs
-
-_RNG_PURPOSE = 0xB1B
 
 
 def _sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -143,7 +142,7 @@ class BoxInBoxKMeansPP:
                 groups.append(g)
         seeds, seeded = self._seeds(context)
         k = affordable_count(ids, context)
-        rng = context.rng(_RNG_PURPOSE)
+        rng = context.rng(Purpose.BOX_IN_BOX)
         order: list[int] = []
         if rows:
             x = _pair_features(batch, rows)

@@ -32,9 +32,9 @@ from alrun.acquisition.diversity import affordable_count, candidate_ids, check_s
 from alrun.acquisition.select import fill_budget
 from alrun.errors import AlrunError
 from alrun.params import NonNegativeInt, Range, ScoreThreshold
+from alrun.seeding import Purpose
 from alrun.types import Needs
 
-_RNG_PURPOSE = 0xCC35
 #: CCMS holds a few n x n float64 matrices: 50,000 candidates take ~60 GB
 MAX_CANDIDATES = 50_000
 
@@ -163,7 +163,7 @@ class CCMSKCentroid:
             )
         row = {i: n for n, i in enumerate(context.preds.image_ids)}
         sim = batch_ccms(context.preds, [row[i] for i in ids], self.score_threshold)
-        first = int(context.rng(_RNG_PURPOSE).integers(len(ids)))
+        first = int(context.rng(Purpose.CCMS).integers(len(ids)))
         order = k_centroid(1.0 - sim, affordable_count(ids, context), first, self.iterations)
         return fill_budget([ids[i] for i in order], context.budget, context.cost_of, context.fill)
 

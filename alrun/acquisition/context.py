@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alrun.seeding import Purpose
 from alrun.types import PER_BOX_FIELDS, Detections, Needs
 
 _RAGGED = PER_BOX_FIELDS
@@ -117,9 +118,9 @@ class AcquisitionContext:
     labelled_preds: PredictionBatch | None = None
     labelled_targets: Mapping[str, tuple[Tensor, Tensor]] | None = None
 
-    def rng(self, purpose: int) -> np.random.Generator:
+    def rng(self, purpose: Purpose) -> np.random.Generator:
         """A generator fixed by ``(seed, round, purpose)``; round -1 is the initial set."""
-        return np.random.default_rng([self.seed, self.round + 1, purpose])
+        return np.random.default_rng([self.seed, self.round + 1, int(purpose)])
 
     def tie_rank(self) -> dict[str, int]:
         """A seeded random order of the pool ids used to break score ties.
@@ -129,7 +130,7 @@ class AcquisitionContext:
         ``(seed, round)`` is deterministic per seed and unrelated to names.
         """
         ordered = sorted(self.pool_ids)
-        perm = self.rng(0x71E).permutation(len(ordered))
+        perm = self.rng(Purpose.TIE_BREAK).permutation(len(ordered))
         return {ordered[i]: rank for rank, i in enumerate(perm.tolist())}
 
 

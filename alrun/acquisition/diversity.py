@@ -30,11 +30,10 @@ from alrun.acquisition.context import AcquisitionContext, Selector
 from alrun.acquisition.select import fill_budget, ranked
 from alrun.errors import AlrunError
 from alrun.params import PositiveInt, Range
+from alrun.seeding import Purpose
 from alrun.types import Needs
 
 log = logging.getLogger("alrun")
-
-_RNG_PURPOSE = 0xD1CE
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +252,7 @@ class KCenterGreedy:
                 f"strategy.selector: labelled embeddings have shape {tuple(start.shape)}, "
                 f"pool embeddings {tuple(x.shape)}"
             )
-        first = int(context.rng(_RNG_PURPOSE).integers(len(ids)))
+        first = int(context.rng(Purpose.DIVERSITY).integers(len(ids)))
         order = k_center_greedy(
             x,
             affordable_count(ids, context),
@@ -294,7 +293,7 @@ class KMeansPlusPlus:
             x = self.features(context, ids)
         if not bool(torch.isfinite(x).all()):
             raise AlrunError(f"strategy.selector: {self.name} features contain NaN or inf")
-        seed = int(context.rng(_RNG_PURPOSE).integers(2**31 - 1))
+        seed = int(context.rng(Purpose.DIVERSITY).integers(2**31 - 1))
         order = self.seeding_order(x.double().numpy(), affordable_count(ids, context), seed)
         return fill_budget([ids[i] for i in order], context.budget, context.cost_of, context.fill)
 

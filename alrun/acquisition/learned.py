@@ -42,6 +42,7 @@ from alrun.detectors.base import FEATURE_MAPS, TEACHER
 from alrun.engine import Step, TrainingHook
 from alrun.errors import AlrunError
 from alrun.params import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, ScoreThreshold
+from alrun.seeding import Purpose
 from alrun.types import Needs
 
 #: what a learned head reads of the detector: feature maps, and the torch module's backbone
@@ -50,7 +51,6 @@ HEAD_REQUIRES = (FEATURE_MAPS, TEACHER)
 LOSS_HEADS = ("per_level", "concat")
 PAIRINGS = ("flip", "halves")
 #: the random stream of the loss-prediction subset (``AcquisitionContext.rng``)
-_SUBSET_PURPOSE = 0x1055
 
 
 def _backbone(detector) -> nn.Module:
@@ -433,7 +433,7 @@ class LossPrediction(_HeadScorer):
         if self.subset is None or len(scores) <= self.subset:
             return scores
         ordered = sorted(scores)
-        drawn = context.rng(_SUBSET_PURPOSE).choice(len(ordered), self.subset, replace=False)
+        drawn = context.rng(Purpose.LOSS_SUBSET).choice(len(ordered), self.subset, replace=False)
         return {ordered[i]: scores[ordered[i]] for i in sorted(drawn.tolist())}
 
     def describe(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from alrun.acquisition.reduction import (
     with_empty,
 )
 from alrun.acquisition.strategies import score_pool
-from alrun.detectors.mdn import UNCERTAINTIES
+from alrun.detectors.mdn import COUPLINGS, UNCERTAINTIES
 from alrun.errors import AlrunError
 from alrun.params import PositiveInt, ScoreThreshold
 from alrun.types import Needs
@@ -55,6 +55,8 @@ class MixtureUncertainty:
     ``score_threshold`` (0.5 in the paper) keeps only confident boxes; each anchor is counted
     once (:func:`~alrun.acquisition.strategies.unique_sources`); ``aggregator`` (max in the
     paper) reduces an image's boxes; ``empty`` decides images left without a box.
+    ``coupling`` asks for the head beside the detector (``side``: its training untouched) or
+    training the towers through it (``coupled``: the paper), see :mod:`alrun.detectors.mdn`.
     """
 
     def __init__(
@@ -67,7 +69,12 @@ class MixtureUncertainty:
         empty: EmptyPolicy = "min",
         class_weights: ClassWeights = None,
         count_sources: CountSources = "once",
+        coupling: Literal[COUPLINGS] = "side",
     ):
+        if coupling not in COUPLINGS:
+            raise AlrunError(
+                f"strategy.scorer.coupling: expected one of {'|'.join(COUPLINGS)}, got '{coupling}'"
+            )
         if isinstance(components, bool) or not isinstance(components, int) or components < 1:
             raise AlrunError(
                 f"strategy.scorer.components: expected an integer >= 1, got {components!r}"
@@ -90,7 +97,8 @@ class MixtureUncertainty:
         self.score_threshold = float(score_threshold)
         self.empty = empty
         self.class_weights = check_class_weights(class_weights)
-        self.needs = Needs(mixture_density=components)
+        self.coupling = coupling
+        self.needs = Needs(mixture_density=components, mixture_coupling=coupling)
         self._stats: dict[str, list[float]] = {}
 
     def batch_scores(self, batch: PredictionBatch) -> list[float | None]:
@@ -148,6 +156,7 @@ class MixtureUncertainty:
             "components": self.components,
             "uncertainty": self.uncertainty,
             "combine": self.combine,
+            "coupling": self.coupling,
             **reduction_record(self),
             "normalisation": {"columns": list(columns), **self._stats},
         }

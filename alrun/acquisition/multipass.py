@@ -264,7 +264,8 @@ class PassUncertainty:
             raise AlrunError(
                 f"strategy.scorer.box_score: '{name}' is not a multi-pass score (it asks for "
                 f"{', '.join(unknown)}; a multi-pass score takes some of "
-                f"{', '.join(PASS_INPUTS + SINGLE_INPUTS)})"
+                f"{', '.join(PASS_INPUTS + SINGLE_INPUTS)}; a single-pass score takes no "
+                "strategy/passes)"
             )
         if source not in PASS_SOURCES:
             raise AlrunError(
@@ -273,8 +274,8 @@ class PassUncertainty:
         self.uses_passes = any(i in PER_PASS_INPUTS for i in inputs)
         if self.uses_passes and source == "none":
             raise AlrunError(
-                f"strategy.scorer.source: '{name}' compares passes; choose mc_dropout, tta or "
-                "ensemble"
+                f"strategy.scorer.source: '{name}' compares passes, so strategy/passes=none "
+                "cannot feed it; choose strategy/passes=mc_dropout|tta|ensemble"
             )
         if source == "mc_dropout":
             if not isinstance(passes, int) or passes < 1:

@@ -8,6 +8,7 @@ only those (random needs no prediction at all). Both receive one
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -38,7 +39,12 @@ from alrun.detectors.capabilities import needs_capabilities
 from alrun.detectors.views import check_view_size
 from alrun.errors import AlrunError
 from alrun.params import ScoreThreshold
+from alrun.seeding import Purpose
 from alrun.types import Detections, Needs
+
+#: argument names of the multi-pass scores (alrun.acquisition.multipass.PASS_INPUTS)
+_PASS_ARGUMENTS = ("pass_probs", "ref_probs", "iou", "pass_boxes", "matched")
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 def check_distribution_head(distribution: str, head_type: str, instead: str) -> None:
@@ -66,6 +72,20 @@ def check_class_count(scorer: Any, num_classes: int, key: str = "strategy.scorer
         check_class_count(part, num_classes, f"{key}.scorers.{name}")
 
 
+def check_single_pass(box_score: Callable[..., Tensor]) -> None:
+    """Start-up check: a box score of :class:`BoxUncertainty` takes one class distribution; a
+    score over prediction passes (``pass_probs``, ``iou``, ...) would silently read the classes
+    as passes, so it is refused with the scorer options that feed it."""
+    params = inspect.signature(box_score).parameters.values()
+    required = [p.name for p in params if p.default is p.empty and p.kind in _NAMED]
+    if len(required) != 1 or required[0] in _PASS_ARGUMENTS:
+        raise AlrunError(
+            f"strategy.scorer.box_score: '{_name_of(box_score)}' asks for {', '.join(required)}, "
+            "not one class distribution; scores over prediction passes need a multi-pass "
+            "strategy/scorer (bald, entropy_of_mean, ...; strategy/passes picks their source)"
+        )
+
+
 def score_pool(scorer: Any, context: AcquisitionContext) -> dict[str, float]:
     """``scorer.batch_scores`` on the pool predictions as {image id: score} (None: left out)."""
     if context.preds is None:
@@ -81,7 +101,7 @@ class RandomScore:
 
     def __call__(self, context: AcquisitionContext) -> dict[str, float]:
         # round -1 is the initial set (context.rng offsets the round by one)
-        rng = context.rng(0x5E1EC7)
+        rng = context.rng(Purpose.RANDOM_SCORE)
         ordered = sorted(context.pool_ids)
         return dict(zip(ordered, rng.random(len(ordered)).tolist()))
 
@@ -113,6 +133,7 @@ class BoxUncertainty:
         count_sources: CountSources = "once",
     ):
         check_reduction(aggregator, empty, score_threshold, count_sources)
+        check_single_pass(box_score)
         if distribution not in DISTRIBUTIONS:
             raise AlrunError(
                 f"strategy.scorer.distribution: expected one of {'|'.join(DISTRIBUTIONS)}, "

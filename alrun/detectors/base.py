@@ -251,9 +251,11 @@ class MCDropout(Detector, Protocol):
 @runtime_checkable
 class MixtureHead(Detector, Protocol):
     """``mixture_head``: AL-MDN's mixture-density head beside the dense head; its parameters are
-    ``auxiliary_parameters`` (the engine clips their gradients as their own group)."""
+    ``auxiliary_parameters`` (the engine clips their gradients as their own group).
+    ``coupling``: ``side`` (the towers' features reach it detached) | ``coupled`` (its losses
+    train the towers and backbone too, as in the paper)."""
 
-    def add_mixture_head(self, components: int) -> None: ...
+    def add_mixture_head(self, components: int, coupling: str = "side") -> None: ...
 
     def auxiliary_parameters(self) -> list[Tensor]: ...
 

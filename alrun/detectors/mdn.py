@@ -6,12 +6,14 @@ part (the mixture's expected variance, ``sum_k pi_k var_k``) and an *epistemic* 
 of the component means, ``sum_k pi_k (mu_k - sum_j pi_j mu_j)^2``).
 
 Here the mixture head sits *beside* the last layers of a torchvision FCOS / RetinaNet head: it
-reads the same tower features (detached by default), is trained with the detector on the
-detector's own anchor assignment, and its state lives in the model's ``state_dict``
-(``head.mdn.*``). The detector's boxes, scores and training are the ones every other strategy
-gets, so an AL-MDN run differs from an entropy run only in *which* images it picks - the
-comparison the runner exists for. (The paper trains the backbone through the mixture head;
-``install_mixture_density(..., detach=False)`` does that here.)
+reads the same tower features, is trained with the detector on the detector's own anchor
+assignment, and its state lives in the model's ``state_dict`` (``head.mdn.*``). Two couplings
+(``strategy.scorer.coupling``): ``side`` (default) reads the towers detached, so the detector's
+boxes, scores and training are the ones every other strategy gets and an AL-MDN run differs
+from an entropy run only in *which* images it picks - the comparison the runner exists for;
+``coupled`` lets the mixture losses' gradient reach the towers and backbone, as the paper's
+detector (whose head *is* the mixture) is trained. The boxes and scores still come from the
+dense head in both.
 
 Outputs per anchor, as in the paper: classification - K component means ``mu_k`` (C logits),
 variances ``var_k`` (C) and one weight ``pi_k``; regression - K components of 4 coordinates,
@@ -37,6 +39,10 @@ from alrun.errors import AlrunError
 
 #: floor of every predicted variance: keeps the regression NLL bounded below
 MIN_VARIANCE = 1e-2
+
+#: how the mixture head's losses reach the detector: ``side`` stops them at the towers' outputs,
+#: ``coupled`` trains the towers and backbone with them (the paper)
+COUPLINGS = ("side", "coupled")
 
 #: the four uncertainties per box, in this order (``Detections.mdn`` columns)
 UNCERTAINTIES = ("loc_aleatoric", "loc_epistemic", "cls_aleatoric", "cls_epistemic")
@@ -256,8 +262,12 @@ def _encode(model: FCOS | RetinaNet, boxes: Tensor, anchors: Tensor) -> Tensor:
     return model.head.regression_head.box_coder.encode_single(boxes, anchors)
 
 
-def check_mixture_density(model: nn.Module, components: int) -> None:
+def check_mixture_density(model: nn.Module, components: int, coupling: str = "side") -> None:
     """Whether ``model`` can take a mixture head of ``components`` (one-line errors)."""
+    if coupling not in COUPLINGS:
+        raise AlrunError(
+            f"strategy.scorer.coupling: expected one of {'|'.join(COUPLINGS)}, got '{coupling}'"
+        )
     if not isinstance(model, (FCOS, RetinaNet)):
         raise AlrunError(
             "strategy: the mixture-density head (AL-MDN) is implemented for FCOS and RetinaNet "
@@ -268,9 +278,10 @@ def check_mixture_density(model: nn.Module, components: int) -> None:
         raise AlrunError(f"strategy.scorer.components: expected an integer >= 1, got {components}")
 
 
-def install_mixture_density(model: nn.Module, components: int, detach: bool = True) -> None:
-    """Add ``model.head.mdn`` (trained with the detector) to an FCOS / RetinaNet model."""
-    check_mixture_density(model, components)
+def install_mixture_density(model: nn.Module, components: int, coupling: str = "side") -> None:
+    """Add ``model.head.mdn`` (trained with the detector) to an FCOS / RetinaNet model;
+    ``coupling`` (:data:`COUPLINGS`) decides whether its losses train the towers too."""
+    check_mixture_density(model, components, coupling)
     head = model.head
     cls_head = head.classification_head
     head.mdn = MixtureDensityHead(
@@ -278,7 +289,7 @@ def install_mixture_density(model: nn.Module, components: int, detach: bool = Tr
         cls_head.num_anchors,
         cls_head.num_classes,
         int(components),
-        detach,
+        detach=coupling == "side",
     )
     head.compute_loss = _LossWithMixture(model, head.compute_loss, _TowerCapture(head))
 

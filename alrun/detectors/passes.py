@@ -24,6 +24,7 @@ from alrun.data.images import load_image
 from alrun.detectors.base import Detector, ImageViews, Progress
 from alrun.detectors.views import apply_view, boxes_to_original, parse_view
 from alrun.errors import AlrunError
+from alrun.seeding import Purpose
 from alrun.types import NOTHING, Detections, Needs
 
 #: ``strategy.scorer.ensemble_kind`` choices
@@ -38,7 +39,10 @@ PASS_NEEDS = Needs(probs=True)
 
 def member_seed(seed: int, member: int) -> int:
     """Member ``member``'s own seed (init and batch order) for a round seeded ``seed``."""
-    return int(np.random.SeedSequence([seed, 0xE45E, member]).generate_state(1)[0] >> 1)
+    return int(
+        np.random.SeedSequence([seed, int(Purpose.ENSEMBLE_MEMBER), member]).generate_state(1)[0]
+        >> 1
+    )
 
 
 def is_member_key(name: str) -> bool:

@@ -97,6 +97,7 @@ def test_describe_records_the_normalisation_the_threshold_and_the_aggregator():
         ({"uncertainty": "loc"}, "strategy.scorer.uncertainty: expected one of all|"),
         ({"combine": "mean"}, "strategy.scorer.combine: expected one of max|sum"),
         ({"aggregator": "median"}, "strategy.scorer.aggregator: expected one of"),
+        ({"coupling": "glued"}, "strategy.scorer.coupling: expected one of side|coupled"),
     ],
 )
 def test_bad_options_are_one_line_errors(kwargs, message):
@@ -131,6 +132,19 @@ def test_one_round_of_al_mdn_end_to_end(tmp_path):
     assert scores == sorted(scores, reverse=True, key=lambda s: float(s))
     checkpoint = torch.load(tmp_path / "round_01" / "checkpoint.pt", weights_only=True)
     assert any(k.startswith("head.mdn.") for k in checkpoint)
+
+
+@pytest.mark.parametrize("coupling", ["side", "coupled"])
+def test_coupling_reaches_the_detector_built_at_start_up(coupling):
+    """``strategy.scorer.coupling`` goes through ``needs`` to the mixture head the loop builds:
+    detached tower features for ``side``, not for ``coupled``."""
+    cfg = compose_config(SMOKE + ["strategy=al_mdn", f"strategy.scorer.coupling={coupling}"])
+    exp = build_experiment(cfg)
+    assert exp.strategy.needs.mixture_coupling == coupling
+    assert exp.strategy.describe_unscored()["coupling"] == coupling
+    assert exp.detector.model.head.mdn.detach is (coupling == "side")
+    exp.detector.reset(seed=1)  # every round's rebuild keeps it
+    assert exp.detector.model.head.mdn.detach is (coupling == "side")
 
 
 def test_al_mdn_with_a_two_stage_detector_fails_before_training():

@@ -263,3 +263,46 @@ def test_retinanet_gets_a_mixture_head_with_nine_anchors_per_location(data):
     images, targets = _batch(data.images[:2])
     det.train_mode()
     assert {"mdn_classification", "mdn_regression"} <= set(det.losses(images, targets))
+
+
+def _towers(det: TorchvisionDetector) -> dict[str, torch.Tensor]:
+    head = det.model.head
+    return {
+        **{f"cls.{k}": v for k, v in head.classification_head.conv.state_dict().items()},
+        **{f"reg.{k}": v for k, v in head.regression_head.conv.state_dict().items()},
+    }
+
+
+def test_coupled_mixture_losses_reach_the_towers_and_backbone(data):
+    det = TorchvisionDetector(partial(tiny_fcos, image_size=64), num_classes=4, device="cpu")
+    det.prepare(Needs(mixture_density=2, mixture_coupling="coupled"))
+    det.train_mode()
+    losses = det.losses(*_batch(data.images[:8]))
+    det.model.zero_grad()
+    (losses["mdn_classification"] + losses["mdn_regression"]).backward()
+    head = det.model.head
+    for module in (head.classification_head.conv, head.regression_head.conv, det.model.backbone):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_one_step_coupled_changes_the_towers_side_does_not(data):
+    """The same step from the same weights: ``side`` leaves the towers exactly as a detector
+    without the mixture head has them, ``coupled`` moves them (its losses train them)."""
+    after = {}
+    for coupling in (None, "side", "coupled"):
+        det = TorchvisionDetector(partial(tiny_fcos, image_size=64), num_classes=4, device="cpu")
+        if coupling:
+            det.prepare(Needs(mixture_density=2, mixture_coupling=coupling))
+        det.fit(data, _schedule(1), seed=5, from_scratch=True)
+        after[coupling] = _towers(det)
+    plain = after[None]
+    assert all(torch.equal(plain[k], after["side"][k]) for k in plain)
+    assert any(not torch.equal(plain[k], after["coupled"][k]) for k in plain)
+
+
+def test_unknown_coupling_is_refused():
+    det = TorchvisionDetector(partial(tiny_fcos, image_size=64), num_classes=4, device="cpu")
+    with pytest.raises(
+        AlrunError, match=r"^strategy.scorer.coupling: expected one of side\|coupled"
+    ):
+        det.add_mixture_head(2, "glued")

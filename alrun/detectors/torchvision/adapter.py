@@ -97,6 +97,7 @@ class TorchvisionDetector:
             )
         self.head_dropout = float(head_dropout)
         self.mdn_components = 0  # > 0: AL-MDN's mixture head beside the dense head (prepare())
+        self.mdn_coupling = "side"  # side | coupled: the mixture losses reach the towers
         if isinstance(pretrained, str) and not Path(pretrained).is_file():
             raise AlrunError(f"detector.pretrained: checkpoint '{pretrained}' does not exist")
         if pretrained_backbone is not None and not Path(pretrained_backbone).is_file():
@@ -130,7 +131,7 @@ class TorchvisionDetector:
                 )
             install_head_dropout(model, self.head_dropout)
         if self.mdn_components:
-            install_mixture_density(model, self.mdn_components)
+            install_mixture_density(model, self.mdn_components, self.mdn_coupling)
         return model.to(self.device)
 
     @property
@@ -168,7 +169,7 @@ class TorchvisionDetector:
         if needs.head_dropout > 0:
             self.enable_mc_dropout(needs.head_dropout)
         if needs.mixture_density:
-            self.add_mixture_head(needs.mixture_density)
+            self.add_mixture_head(needs.mixture_density, needs.mixture_coupling)
 
     def enable_mc_dropout(self, p: float) -> None:
         """Dropout of ``p`` before the class/box logits of the heads; ``detector.head_dropout``
@@ -183,10 +184,12 @@ class TorchvisionDetector:
             self.head_dropout = float(p)
             self.model = self._build(seed=0)
 
-    def add_mixture_head(self, components: int) -> None:
-        """AL-MDN's mixture-density head of ``components`` beside the dense head."""
-        check_mixture_density(self.model, components)  # before the rebuild
+    def add_mixture_head(self, components: int, coupling: str = "side") -> None:
+        """AL-MDN's mixture-density head of ``components`` beside the dense head, its losses
+        stopping at the head towers (``side``) or training them (``coupled``)."""
+        check_mixture_density(self.model, components, coupling)  # before the rebuild
         self.mdn_components = int(components)
+        self.mdn_coupling = coupling
         self.model = self._build(seed=0)
 
     # --- training (the loop itself is alrun.engine) -------------------------------------------
