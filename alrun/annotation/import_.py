@@ -197,7 +197,7 @@ def _inside(points: np.ndarray, image: BatchImage, what: str, where: str) -> np.
 
 def _boxes(boxes: np.ndarray, labels: np.ndarray, image: BatchImage, where: str) -> np.ndarray:
     limit = np.asarray([image.width, image.height] * 2, np.float32)
-    for n, box in enumerate(boxes):
+    for box in boxes:
         if (box < -EDGE_TOLERANCE_PX).any() or (box > limit + EDGE_TOLERANCE_PX).any():
             raise AlrunError(
                 f"{where}: box {_fmt(box)} is outside the image; expected "

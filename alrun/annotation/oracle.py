@@ -102,6 +102,7 @@ class HumanOracle:
         self.classes: tuple[str, ...] = ()
         self.root: Path | None = None
         self._batch, self._part, self._detector = 0, 0, None
+        self._labels_used = False  # oracle.labels answers the first batch awaiting, not later ones
 
     # -- the oracle interface (as SimulatedOracle) ------------------------------------------
     @property
@@ -252,7 +253,8 @@ class HumanOracle:
 
     def _source(self, folder: Path) -> Path | None:
         """``oracle.labels``, else the newest file dropped into the batch's export folder."""
-        if self.labels is not None:
+        if self.labels is not None and not self._labels_used:
+            self._labels_used = True
             return self.labels
         dropped = sorted(
             (p for p in (folder / DROP_FOLDER).glob("*.json") if p.is_file()),
