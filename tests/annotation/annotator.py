@@ -14,7 +14,7 @@ def truth_labels(record, kind: str, classes, proposals=None):
     """(boxes, points, choices) a careful annotator gives for ``kind`` (names, pixels)."""
     boxes = [tuple(map(float, b)) for b in np.asarray(record.boxes).reshape(-1, 4)]
     names = [classes[int(c)] for c in record.labels]
-    if kind == "box":
+    if kind in ("box", "verify"):  # verify: the test edits which proposals stay
         return list(zip(boxes, names)), [], []
     if kind in ("click", "center_click"):
         centers = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]
@@ -75,13 +75,25 @@ def labelstudio_export(folder: Path, records, classes, seconds=7.5, skip=()) -> 
 
 def ls_result(record, kind, classes) -> list[dict]:
     w, h = record.width, record.height
-    common = {"from_name": "label", "to_name": "image", "original_width": w,
-              "original_height": h, "image_rotation": 0, "origin": "manual"}
+    common = {
+        "from_name": "label",
+        "to_name": "image",
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "origin": "manual",
+    }
     boxes, points, choices = truth_labels(record, kind, classes)
     result = []
     for n, ((x1, y1, x2, y2), name) in enumerate(boxes):
-        value = {"x": 100 * x1 / w, "y": 100 * y1 / h, "width": 100 * (x2 - x1) / w,
-                 "height": 100 * (y2 - y1) / h, "rotation": 0, "rectanglelabels": [name]}
+        value = {
+            "x": 100 * x1 / w,
+            "y": 100 * y1 / h,
+            "width": 100 * (x2 - x1) / w,
+            "height": 100 * (y2 - y1) / h,
+            "rotation": 0,
+            "rectanglelabels": [name],
+        }
         result.append({**common, "id": f"m{n}", "type": "rectanglelabels", "value": value})
     for n, ((x, y), name) in enumerate(points):
         value = {"x": 100 * x / w, "y": 100 * y / h, "width": 0.5, "keypointlabels": [name]}
@@ -100,22 +112,45 @@ def cvat_coco(folder: Path, records, classes, skip=()) -> dict:
         record = records[image["alrun_id"]]
         if record.image_id in skip:
             continue
-        images.append({"id": number, "width": image["width"], "height": image["height"],
-                       "file_name": Path(image["file_name"]).name, "license": 0,
-                       "flickr_url": "", "coco_url": "", "date_captured": 0})
+        images.append(
+            {
+                "id": number,
+                "width": image["width"],
+                "height": image["height"],
+                "file_name": Path(image["file_name"]).name,
+                "license": 0,
+                "flickr_url": "",
+                "coco_url": "",
+                "date_captured": 0,
+            }
+        )
         boxes, _, _ = truth_labels(record, "box", classes)
         for (x1, y1, x2, y2), name in boxes:
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": number,
-                "category_id": list(classes).index(name) + 1, "segmentation": [],
-                "area": (x2 - x1) * (y2 - y1), "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "iscrowd": 0, "attributes": {"occluded": False, "rotation": 0.0},
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": number,
+                    "category_id": list(classes).index(name) + 1,
+                    "segmentation": [],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "iscrowd": 0,
+                    "attributes": {"occluded": False, "rotation": 0.0},
+                }
+            )
     return {
         "licenses": [{"name": "", "id": 0, "url": ""}],
-        "info": {"contributor": "", "date_created": "", "description": "", "url": "",
-                 "version": "", "year": ""},
-        "categories": [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(classes)],
+        "info": {
+            "contributor": "",
+            "date_created": "",
+            "description": "",
+            "url": "",
+            "version": "",
+            "year": "",
+        },
+        "categories": [
+            {"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(classes)
+        ],
         "images": images,
         "annotations": annotations,
     }

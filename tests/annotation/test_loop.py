@@ -12,7 +12,13 @@ from alrun.loop import run_experiment
 from tests.annotation.annotator import cvat_coco, labelstudio_export
 from tests.helpers import compose_config
 
-SMOKE = ["experiment=smoke", "quiet=true", "budget.rounds=1", "oracle=human", "oracle.prelabel_score=0.0"]
+SMOKE = [
+    "experiment=smoke",
+    "quiet=true",
+    "budget.rounds=1",
+    "oracle=human",
+    "oracle.prelabel_score=0.0",
+]
 
 
 @pytest.mark.integration  # ~30 s: three runs of the smoke loop
@@ -32,8 +38,13 @@ def test_two_rounds_with_a_person_labelling_each_batch(tmp_path):
             assert state["state"] == "awaiting_labels" and state["batch"] == waiting.batch
             folder = waiting.folder
             assert sorted(p.name for p in folder.iterdir()) == [
-                "coco_prelabels.json", "export", "images.txt", "labelstudio_config.xml",
-                "labelstudio_tasks.json", "manifest.json", "prelabels.json",
+                "coco_prelabels.json",
+                "export",
+                "images.txt",
+                "labelstudio_config.xml",
+                "labelstudio_tasks.json",
+                "manifest.json",
+                "prelabels.json",
             ]
             path = tmp_path / f"export_{waiting.batch}.json"
             if waiting.batch == 0:  # CVAT's COCO for the initial set, Label Studio after
@@ -41,7 +52,9 @@ def test_two_rounds_with_a_person_labelling_each_batch(tmp_path):
             else:
                 tasks = json.loads((folder / "labelstudio_tasks.json").read_text())
                 assert all(t["predictions"][0]["result"] for t in tasks)  # the model's pre-labels
-                export = labelstudio_export(folder, records, classes, seconds=lambda r: 3.0 + 10 * r.num_boxes)
+                export = labelstudio_export(
+                    folder, records, classes, seconds=lambda r: 3.0 + 10 * r.num_boxes
+                )
                 path.write_text(json.dumps(export))
             exports.append(path)
     else:
