@@ -27,7 +27,7 @@ def test_two_rounds_with_a_person_labelling_each_batch(tmp_path):
     splits = instantiate(compose_config(SMOKE).dataset)
     records, classes = splits.pool.by_id(), splits.classes
     exports = []
-    for attempt in range(5):
+    for _ in range(5):
         labels = exports[-1] if exports else None
         overrides = [*SMOKE, *([f"oracle.labels={labels}"] if labels else [])]
         try:

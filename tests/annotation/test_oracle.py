@@ -143,7 +143,7 @@ def test_cli_exits_0_with_what_to_do_then_refuses_a_bad_export_in_one_line(tmp_p
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     folder = run / "annotation/batch_00_part0"
-    assert f"alrun: awaiting labels: batch 0 (box), 10 of 10 images" in done.stdout
+    assert "alrun: awaiting labels: batch 0 (box), 10 of 10 images" in done.stdout
     assert f"{folder / 'labelstudio_tasks.json'}" in done.stdout
     assert (
         f"alrun experiment=smoke oracle=human hydra.run.dir={run} oracle.labels=<export.json>"
