@@ -17,6 +17,7 @@ from alrun.detectors.base import Detector, TrainSchedule
 from alrun.errors import AlrunError
 from alrun.logger import NullLogger
 from alrun.loop import build_experiment
+from alrun.annotation.oracle import HumanOracle
 from alrun.oracle import SimulatedOracle
 from alrun.recorded_oracle import RecordedOracle
 from alrun.supervision.base import LabelRequest, Regime
@@ -81,7 +82,7 @@ def test_every_group_has_a_default_and_every_default_exists():
 #: what each group's ``_target_`` must build (a config pointing elsewhere fails here)
 GROUP_TYPES = {
     "budget": Budget,
-    "oracle": (SimulatedOracle, RecordedOracle),
+    "oracle": (SimulatedOracle, RecordedOracle, HumanOracle),
     "strategy": Strategy,
     "trainer": TrainSchedule,
     "dataset": DatasetSplits,
