@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from alrun.acquisition.strategies import Strategy
+from alrun.annotation.oracle import HumanOracle
 from alrun.budget import Budget
 from alrun.data.coco import write_coco
 from alrun.data.dataset import DatasetSplits
@@ -17,7 +18,6 @@ from alrun.detectors.base import Detector, TrainSchedule
 from alrun.errors import AlrunError
 from alrun.logger import NullLogger
 from alrun.loop import build_experiment
-from alrun.annotation.oracle import HumanOracle
 from alrun.oracle import SimulatedOracle
 from alrun.recorded_oracle import RecordedOracle
 from alrun.supervision.base import LabelRequest, Regime
