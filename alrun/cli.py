@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from alrun import callbacks
+from alrun.annotation.oracle import FILES, AwaitingLabels
 from alrun.config import enable_user_configs, register_resolvers
 from alrun.errors import DISK_ERRNOS, AlrunError
 from alrun.io import atomic_write_bytes, remove_file, write_json
@@ -84,6 +86,8 @@ DOCS_PAGES = (
     ("supervision", "docs/supervision.md"),
     ("budget", "docs/budgets.md"),
     ("oracle.path", "docs/supervision.md"),  # imported labels (oracle=recorded)
+    ("oracle.labels", "docs/annotators.md"),  # oracle=human
+    ("oracle.partial", "docs/annotators.md"),
     ("oracle.missing", "docs/supervision.md"),
     ("oracle.kind", "docs/supervision.md"),  # label kinds
     ("oracle", "docs/budgets.md"),  # the cost model
@@ -168,6 +172,9 @@ def run(cfg: DictConfig) -> dict[str, str] | None:
         if multirun:
             remove_file(out_dir / "error.json")  # from an earlier failed attempt of this job
         run_experiment(cfg, out_dir, Reporter(quiet=quiet), record_files=record)
+    except AwaitingLabels as waiting:  # oracle=human: not a failure, people label next
+        print(awaiting_message(waiting, sys.argv[1:]))
+        return None
     except KeyboardInterrupt:
         print(f"alrun: {INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
@@ -187,6 +194,25 @@ def run(cfg: DictConfig) -> dict[str, str] | None:
         print_error(message)
         sys.exit(2)
     return None
+
+
+def awaiting_message(waiting: AwaitingLabels, argv: list[str]) -> str:
+    """What to do next when a batch went out to annotators: the files, the resuming command."""
+    folder = waiting.folder
+    args = [a for a in argv if not a.startswith(("oracle.labels=", "oracle.partial="))]
+    command = " ".join(["alrun", *(shlex.quote(a) for a in args)])
+    files = "\n".join(f"    {folder / name}" for name in FILES)
+    return (
+        f"alrun: awaiting labels: batch {waiting.batch} ({waiting.kind}), {waiting.waiting} of "
+        f"{waiting.total} images; the run is saved as awaiting_labels\n"
+        f"  files:\n{files}\n"
+        "  label them: Label Studio (new project, Labeling Setup = labelstudio_config.xml, "
+        "import labelstudio_tasks.json) or CVAT (images.txt, upload coco_prelabels.json as "
+        "COCO 1.0)\n"
+        "  export (Label Studio: JSON; CVAT: COCO 1.0), then resume with:\n"
+        f"    {command} oracle.labels=<export.json>\n"
+        f"  or drop the export into {folder / 'export'}/ and re-run: {command}"
+    )
 
 
 def _record_bug(out_dir: Path, err: Exception) -> dict[str, str]:

@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from alrun.annotation.oracle import AwaitingLabels
 from alrun.data.dataset import split_record
 from alrun.diagnostics import collapse_reason
 from alrun.engine import starts_from_scratch
@@ -85,10 +86,15 @@ def run_experiment(
     run_dir.check_ours(job_log_name())  # a folder of the user's: refused before any write
     exp = build_experiment(cfg)
     fingerprint = config_fingerprint(cfg)
+    _oracle_hook(exp.oracle, "attach", root)
     with run_dir.lock():
         run_dir.check_config(fingerprint, options.resume)
         pool = LabelPool(exp.splits.pool)
-        start, rows, stopped = _start(exp, pool, run_dir, options)
+        try:
+            start, rows, stopped = _start(exp, pool, run_dir, options)
+        except AwaitingLabels:  # oracle=human: the initial set went out; the run is recorded
+            run_dir.record_config(fingerprint, record_files or {})
+            raise
         run_dir.record_config(fingerprint, record_files or {})
         _record_skipped(exp, run_dir, reporter)
         if not (root / "splits.json").exists():
@@ -116,6 +122,7 @@ def _start(
     state = run_dir.load_state(options.keep_checkpoints, exp.budget.rounds)
     if state is None:
         picked = initial_selection(exp, pool)
+        _oracle_hook(exp.oracle, "begin_batch", 0)
         pool.add(exp.regime.annotate(exp.oracle, pool.records(picked), LabelRequest(0)), 0)
         return 0, [], None
     if state["stopped"] is None and state["last_completed_round"] < exp.budget.rounds:
@@ -123,6 +130,14 @@ def _start(
     restore_pool(pool, state["labels"])
     exp.regime.load_state_dict(state.get("regime", {}))
     return state["last_completed_round"] + 1, state["results"], state["stopped"]
+
+
+def _oracle_hook(oracle, name: str, *args) -> None:
+    """Tell an oracle that works by batches (``oracle=human``) where the loop is; the
+    simulated and recorded oracles have nothing to do with it."""
+    hook = getattr(oracle, name, None)
+    if hook is not None:
+        hook(*args)
 
 
 def _restore_model(exp: Experiment, run_dir: RunDir, start: int, reporter: Reporter) -> None:
@@ -184,6 +199,7 @@ def run_round(
         metrics, collapsed = _evaluate(exp, r, reporter, train_stats)
         history = (*rows, {"round": r, **totals, **metrics})
         request = LabelRequest(r + 1, history, exp.detector)
+        _oracle_hook(exp.oracle, "begin_batch", r + 1, exp.detector)
         acquired = select_round(exp, pool, r, reporter, request)
         metrics = {**metrics, "pool_misses": selection_pool_misses(exp, pool, acquired)}
         outcome = RoundOutcome(metrics, train_stats, train_s, collapsed)

@@ -68,6 +68,8 @@ _TMP_ROUND = re.compile(r"\.round_(\d+)\.tmp$")
 #: lock, and what a job that failed on bad input writes (.hydra/, error.json, traceback.txt)
 _BEFORE_RECORD = {LOCK_FILE, ".hydra", "error.json", "traceback.txt"}
 
+#: oracle keys that change between the export and the import of a batch (oracle=human)
+ORACLE_CONTROL_KEYS = ("labels", "partial")
 #: config keys that only steer how a run is executed: they may change when a run is resumed
 RUN_CONTROL_KEYS = (
     "resume",
@@ -172,6 +174,9 @@ def config_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in RUN_CONTROL_KEYS:
         data.pop(key, None)
+    if isinstance(data.get("oracle"), dict):  # oracle=human: where this batch's labels are
+        for key in ORACLE_CONTROL_KEYS:
+            data["oracle"].pop(key, None)
     return data
 
 

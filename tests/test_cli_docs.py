@@ -23,6 +23,7 @@ def _exists(page: str) -> bool:
         ("strategy.scorer.passes: expected an integer >= 1, got 0", "docs/strategies.md"),
         ("supervision (FullSupervision): asks the oracle for 'box' labels", "docs/supervision.md"),
         ("oracle.path: clicks.jsonl line 6: click (700, 3) is outside", "docs/supervision.md"),
+        ("oracle.labels: ls.json task 3: unknown class 'Dog'", "docs/annotators.md"),
         ("oracle.cost_model.box_s: expected a number > 0", "docs/budgets.md"),
         ("dataset.root: required; set dataset.root=<path>", "docs/getting-started.md"),
         ("/data/voc/Annotations/1.xml: not well-formed XML", "docs/getting-started.md"),

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from alrun.acquisition.strategies import Strategy
+from alrun.annotation.oracle import HumanOracle
 from alrun.budget import Budget
 from alrun.data.coco import write_coco
 from alrun.data.dataset import DatasetSplits
@@ -81,7 +82,7 @@ def test_every_group_has_a_default_and_every_default_exists():
 #: what each group's ``_target_`` must build (a config pointing elsewhere fails here)
 GROUP_TYPES = {
     "budget": Budget,
-    "oracle": (SimulatedOracle, RecordedOracle),
+    "oracle": (SimulatedOracle, RecordedOracle, HumanOracle),
     "strategy": Strategy,
     "trainer": TrainSchedule,
     "dataset": DatasetSplits,
