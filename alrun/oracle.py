@@ -13,14 +13,17 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from alrun.data.dataset import DatasetSplits, ImageRecord
+from alrun.data.dataset import DatasetSplits, ImageRecord, ImageRef
 from alrun.errors import AlrunError
 from alrun.params import NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat
 from alrun.types import LABEL_KINDS, ImageLabels
+
+if TYPE_CHECKING:
+    from alrun.truth import TruthAudit
 
 __all__ = ["LABEL_KINDS", "CostModel", "ImageLabels", "SimulatedOracle"]
 
@@ -112,6 +115,35 @@ class SimulatedOracle:
         self.center_jitter_px = float(center_jitter_px)
         self.extreme_jitter_px = float(extreme_jitter_px)
         self.click_region = float(click_region)
+        self._truth: Mapping[str, ImageRecord] = {}
+
+    def hold_truth(self, truth: Mapping[str, ImageRecord]) -> None:
+        """Hand the oracle the hidden ground truth (image id -> record) it answers and prices
+        requests from; ``build_experiment`` does, once the dataset is read."""
+        self._truth = truth
+
+    def truth_of(self, image: ImageRef | ImageRecord) -> ImageRecord:
+        """The ground truth of ``image``: from the truth held, or ``image`` itself when the
+        caller holds the truth (an :class:`ImageRecord` of an image the oracle was not given)."""
+        if image.image_id in self._truth:
+            return self._truth[image.image_id]
+        if isinstance(image, ImageRecord):
+            return image
+        raise AlrunError(
+            f"oracle: no ground truth for image '{image.image_id}'; the oracle answers from "
+            "the truth handed to it (SimulatedOracle.hold_truth)"
+        )
+
+    @property
+    def audit(self) -> TruthAudit:
+        """Counts of how regimes' boxes match the truth held (diagnostics; never the truth)."""
+        from alrun.truth import TruthAudit  # alrun.truth measures with supervision functions
+
+        return TruthAudit(self._truth)
+
+    def objects(self, image: ImageRef | ImageRecord) -> int:
+        """Ground-truth objects of ``image``: what a box budget counts (a simulation's price)."""
+        return self.truth_of(image).num_boxes
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -139,13 +171,13 @@ class SimulatedOracle:
         self.require([kind], "oracle.annotate")
         return kind
 
-    def cost(self, record: ImageRecord, kind: str | None = None) -> float:
+    def cost(self, record: ImageRef | ImageRecord, kind: str | None = None) -> float:
         """Seconds to label ``record`` with ``kind`` (for ``verify``: one proposal per object)."""
-        return self.cost_model.cost(record, self._kind(kind))
+        return self.cost_model.cost(self.truth_of(record), self._kind(kind))
 
     def annotate(
         self,
-        records: Sequence[ImageRecord],
+        records: Sequence[ImageRef | ImageRecord],
         kind: str | None = None,
         proposals: Mapping[str, Any] | None = None,
     ) -> list[ImageLabels]:
@@ -157,7 +189,7 @@ class SimulatedOracle:
         kind = self._kind(kind)
         if kind == "verify" and proposals is None:
             raise AlrunError("oracle.annotate: 'verify' labels need proposals (predicted boxes)")
-        return [self._answer(r, kind, proposals) for r in records]
+        return [self._answer(self.truth_of(r), kind, proposals) for r in records]
 
     def _answer(self, record: ImageRecord, kind: str, proposals) -> ImageLabels:
         rng = np.random.default_rng(

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from alrun.data.dataset import ImageRecord
+from alrun.data.dataset import ImageRef
 from alrun.data.images import load_image
 from alrun.detectors.base import Detector, ImageViews, Progress
 from alrun.detectors.views import apply_view, boxes_to_original, parse_view
@@ -103,7 +103,7 @@ class Predictor:
 
     def predict(
         self,
-        records: Sequence[ImageRecord],
+        records: Sequence[ImageRef],
         needs: Needs = NOTHING,
         progress: Progress | None = None,
     ) -> list[Detections]:
@@ -124,7 +124,7 @@ class Predictor:
 
 def with_views(
     detector: Detector,
-    records: Sequence[ImageRecord],
+    records: Sequence[ImageRef],
     found: list[Detections],
     views: Sequence[str],
 ) -> list[Detections]:

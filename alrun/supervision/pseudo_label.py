@@ -16,15 +16,15 @@ train.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from alrun.data.dataset import DetectionDataset
+from alrun.data.dataset import ImageSet
 from alrun.detectors.base import TEACHER, Detector, Progress, TrainSchedule
 from alrun.engine import (
     NO_STRATEGY_TRAINING,
@@ -39,11 +39,11 @@ from alrun.params import Fraction, NonNegativeFloat, PositiveInt
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime
 
+if TYPE_CHECKING:
+    from alrun.truth import TruthAudit
+
 TEACHERS = ("ema", "previous_round")
 EMPTY_RULES = ("skip", "background")
-
-#: image id -> (boxes (N, 4) xyxy, labels (N,)) of the hidden ground truth, for diagnostics only
-GroundTruth = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 
 def check_fraction(value: object, key: str) -> float:
@@ -160,7 +160,8 @@ class PseudoLabelHook(TrainingHook):
 
     ``teacher``: ``ema`` (made from the student when training starts) or a frozen module
     (``previous_round``), or None for no pseudo-labels this round (recorded as such).
-    ``ground_truth``: the hidden ground truth for the precision / recall diagnostics.
+    ``audit``: the evaluator's measure against the hidden ground truth, for the precision /
+    recall diagnostics (counts only; None: not measured).
     """
 
     name = "pseudo"
@@ -172,7 +173,7 @@ class PseudoLabelHook(TrainingHook):
         weight: float,
         teacher: str | nn.Module | None = "ema",
         ema_decay: float = 0.99,
-        ground_truth: GroundTruth | None = None,
+        audit: TruthAudit | None = None,
         empty: str = "skip",
     ):
         self.source = source
@@ -182,7 +183,7 @@ class PseudoLabelHook(TrainingHook):
         self.mode = teacher if isinstance(teacher, str) else "frozen"
         self.teacher: nn.Module | None = None if isinstance(teacher, str) else teacher
         self.ema_decay = ema_decay
-        self.ground_truth = ground_truth
+        self.audit = audit
         self.label_offset = 0
         self.boxes = self.hits = self.gt_objects = self.images = 0
 
@@ -215,20 +216,18 @@ class PseudoLabelHook(TrainingHook):
     def _count(self, image_ids, flipped, images, targets) -> None:
         self.images += len(targets)
         self.boxes += sum(len(t["boxes"]) for t in targets)
-        if self.ground_truth is None:
+        if self.audit is None:
             return
         for image_id, flip, image, found in zip(image_ids, flipped, images, targets):
-            gt_boxes, gt_labels = self.ground_truth(image_id)
-            if flip:
-                gt_boxes = flip_boxes(gt_boxes, image.shape[-1])
-            self.gt_objects += len(gt_labels)
-            self.hits += true_positives(
+            match = self.audit.true_positives(
+                image_id,
                 found["boxes"].cpu(),
                 found["labels"].cpu(),
                 found["scores"].cpu(),
-                torch.as_tensor(gt_boxes).reshape(-1, 4),
-                torch.as_tensor(gt_labels),
+                flipped_width=image.shape[-1] if flip else None,
             )
+            self.gt_objects += match.objects
+            self.hits += match.matched
 
     def after_training(self) -> Mapping[str, float]:
         stats = {
@@ -240,25 +239,15 @@ class PseudoLabelHook(TrainingHook):
             "boxes_per_image": self.boxes / self.images if self.images else 0.0,
         }
         # against the hidden ground truth; left out when undefined (JSON has no NaN)
-        if self.ground_truth is not None and self.boxes:
+        if self.audit is not None and self.boxes:
             stats["precision"] = self.hits / self.boxes
-        if self.ground_truth is not None and self.gt_objects:
+        if self.audit is not None and self.gt_objects:
             stats["recall"] = self.hits / self.gt_objects
         return stats
 
 
-def hidden_ground_truth(pool: LabelPool) -> GroundTruth:
-    """Diagnostics only: the simulation's ground truth of a pool image."""
-
-    def lookup(image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        record = pool.record(image_id)
-        return record.boxes, record.labels
-
-    return lookup
-
-
-def unlabelled_dataset(pool: LabelPool, ids: Sequence[str] | None = None) -> DetectionDataset:
-    """The pool images not labelled yet (or ``ids``); their targets are never used."""
+def unlabelled_dataset(pool: LabelPool, ids: Sequence[str] | None = None) -> ImageSet:
+    """The pool images not labelled yet (or ``ids``): references, no boxes."""
     return pool.dataset.subset(pool.unlabelled_ids if ids is None else ids, "unlabelled")
 
 
@@ -333,7 +322,7 @@ class PseudoLabelSelfTraining(BaseRegime):
                     self.weight,
                     teacher,
                     self.ema_decay,
-                    hidden_ground_truth(pool),
+                    pool.audit,
                     self.empty,
                 )
             )
