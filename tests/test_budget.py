@@ -88,7 +88,6 @@ def test_random_initial_set_keeps_the_pool_share_of_empty_images(unit):
     from alrun.oracle import CostModel, SimulatedOracle
     from alrun.pool import LabelPool
     from alrun.supervision.full import FullSupervision
-
     from alrun.truth import HiddenTruth
 
     dataset = _pool_with_empty_share()
