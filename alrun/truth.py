@@ -43,6 +43,12 @@ class HiddenTruth(Mapping[str, ImageRecord]):
         except KeyError:
             raise AlrunError(f"hidden truth: no ground truth for image '{image_id}'") from None
 
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._records
+
+    def get(self, image_id: str, default: ImageRecord | None = None) -> ImageRecord | None:
+        return self._records.get(image_id, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._records)
 
