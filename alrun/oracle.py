@@ -13,17 +13,15 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from alrun.data.dataset import DatasetSplits, ImageRecord, ImageRef
 from alrun.errors import AlrunError
 from alrun.params import NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat
+from alrun.truth import TruthAudit, pairwise_iou
 from alrun.types import LABEL_KINDS, ImageLabels
-
-if TYPE_CHECKING:
-    from alrun.truth import TruthAudit
 
 __all__ = ["LABEL_KINDS", "CostModel", "ImageLabels", "SimulatedOracle"]
 
@@ -137,8 +135,6 @@ class SimulatedOracle:
     @property
     def audit(self) -> TruthAudit:
         """Counts of how regimes' boxes match the truth held (diagnostics; never the truth)."""
-        from alrun.truth import TruthAudit  # alrun.truth measures with supervision functions
-
         return TruthAudit(self._truth)
 
     def objects(self, image: ImageRef | ImageRecord) -> int:
@@ -278,14 +274,3 @@ def _extreme_points(
     points[..., 0] = np.clip(points[..., 0], 0, width)
     points[..., 1] = np.clip(points[..., 1], 0, height)
     return points.astype(np.float32)
-
-
-def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(len(a), len(b)) IoU of xyxy boxes."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(axis=1)
-    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from alrun.data.dataset import DatasetSplits, ImageRecord
 from alrun.errors import AlrunError
-from alrun.supervision.pseudo_boxes import match_quality
-from alrun.supervision.pseudo_label import flip_boxes, true_positives
 
 
 class HiddenTruth(Mapping[str, ImageRecord]):
@@ -76,7 +75,7 @@ class TruthAudit:
     def match(
         self, image_id: str, boxes: np.ndarray, labels: np.ndarray, iou_threshold: float = 0.5
     ) -> Match:
-        """Greedy one-to-one by IoU (:func:`~alrun.supervision.pseudo_boxes.match_quality`)."""
+        """Greedy one-to-one by IoU (:func:`match_quality`)."""
         rec = self._truth[image_id]
         matched, iou_sum = match_quality(boxes, labels, rec.boxes, rec.labels, iou_threshold)
         return Match(matched, iou_sum, rec.num_boxes)
@@ -91,7 +90,7 @@ class TruthAudit:
         iou_threshold: float = 0.5,
     ) -> Match:
         """Hits highest score first (the COCO/VOC rule,
-        :func:`~alrun.supervision.pseudo_label.true_positives`); ``flipped_width``: the boxes are
+        :func:`true_positives`); ``flipped_width``: the boxes are
         on the horizontally flipped image of that width."""
         rec = self._truth[image_id]
         gt_boxes = rec.boxes if flipped_width is None else flip_boxes(rec.boxes, flipped_width)
@@ -104,3 +103,73 @@ class TruthAudit:
             iou_threshold,
         )
         return Match(hits, 0.0, rec.num_boxes)
+
+
+# -- measures of boxes against ground truth (the oracle's verification uses pairwise_iou) ----
+
+
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) IoU of xyxy boxes."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(axis=1)
+    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def match_quality(
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    gt_boxes: np.ndarray,
+    gt_labels: np.ndarray,
+    iou_threshold: float = 0.5,
+) -> tuple[int, float]:
+    """(number of ``boxes`` matching a distinct ground-truth box of their class at IoU >=
+    ``iou_threshold``, summed IoU of those matches); greedy by IoU, one-to-one."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    gt_boxes = np.asarray(gt_boxes, np.float32).reshape(-1, 4)
+    if len(boxes) == 0 or len(gt_boxes) == 0:
+        return 0, 0.0
+    iou = pairwise_iou(boxes, gt_boxes)
+    iou = np.where(np.asarray(labels)[:, None] == np.asarray(gt_labels)[None, :], iou, 0.0)
+    matched, iou_sum = 0, 0.0
+    while True:
+        i, j = np.unravel_index(np.argmax(iou), iou.shape)
+        if iou[i, j] < iou_threshold or iou[i, j] <= 0:
+            return matched, iou_sum
+        matched, iou_sum = matched + 1, iou_sum + float(iou[i, j])
+        iou[i, :], iou[:, j] = -1.0, -1.0
+
+
+def true_positives(
+    boxes: Tensor,
+    labels: Tensor,
+    scores: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    iou_threshold: float = 0.5,
+) -> int:
+    """How many pseudo-boxes hit a ground-truth object of their class at IoU >= ``iou_threshold``,
+    each object claimed at most once, highest score first (the COCO/VOC matching rule)."""
+    if len(boxes) == 0 or len(gt_boxes) == 0:
+        return 0
+    iou = box_iou(boxes.float(), gt_boxes.float())
+    iou[labels[:, None] != gt_labels[None, :]] = -1.0
+    claimed = torch.zeros(len(gt_boxes), dtype=torch.bool)
+    hits = 0
+    for i in torch.argsort(scores, descending=True, stable=True).tolist():
+        row = iou[i].masked_fill(claimed, -1.0)
+        best = int(row.argmax())
+        if row[best] >= iou_threshold:
+            claimed[best] = True
+            hits += 1
+    return hits
+
+
+def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Boxes of a horizontally flipped image of ``width`` pixels."""
+    out = boxes.copy()
+    out[:, [0, 2]] = width - boxes[:, [2, 0]]
+    return out

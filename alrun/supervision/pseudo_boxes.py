@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from alrun.data.dataset import DetectionDataset, ImageRecord, ImageRef
 from alrun.detectors.base import Detector
 from alrun.errors import AlrunError
-from alrun.oracle import pairwise_iou
 from alrun.pool import LabelPool
+from alrun.truth import TruthAudit
 from alrun.types import NOTHING, Detections, Needs
-
-if TYPE_CHECKING:
-    from alrun.truth import TruthAudit
 
 CLICK_KINDS = ("click", "center_click")
 
@@ -144,30 +141,6 @@ def present_class_boxes(
         else:
             keep[np.flatnonzero(of_class)[np.argmax(scores[of_class])]] = True
     return boxes[keep].reshape(-1, 4), labels[keep], missing
-
-
-def match_quality(
-    boxes: np.ndarray,
-    labels: np.ndarray,
-    gt_boxes: np.ndarray,
-    gt_labels: np.ndarray,
-    iou_threshold: float = 0.5,
-) -> tuple[int, float]:
-    """(number of ``boxes`` matching a distinct ground-truth box of their class at IoU >=
-    ``iou_threshold``, summed IoU of those matches); greedy by IoU, one-to-one."""
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    gt_boxes = np.asarray(gt_boxes, np.float32).reshape(-1, 4)
-    if len(boxes) == 0 or len(gt_boxes) == 0:
-        return 0, 0.0
-    iou = pairwise_iou(boxes, gt_boxes)
-    iou = np.where(np.asarray(labels)[:, None] == np.asarray(gt_labels)[None, :], iou, 0.0)
-    matched, iou_sum = 0, 0.0
-    while True:
-        i, j = np.unravel_index(np.argmax(iou), iou.shape)
-        if iou[i, j] < iou_threshold or iou[i, j] <= 0:
-            return matched, iou_sum
-        matched, iou_sum = matched + 1, iou_sum + float(iou[i, j])
-        iou[i, :], iou[:, j] = -1.0, -1.0
 
 
 class PseudoBoxTally:

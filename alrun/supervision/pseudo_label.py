@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_iou
 
 from alrun.data.dataset import ImageSet
 from alrun.detectors.base import TEACHER, Detector, Progress, TrainSchedule
@@ -38,9 +36,7 @@ from alrun.errors import AlrunError
 from alrun.params import Fraction, NonNegativeFloat, PositiveInt
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime
-
-if TYPE_CHECKING:
-    from alrun.truth import TruthAudit
+from alrun.truth import TruthAudit
 
 TEACHERS = ("ema", "previous_round")
 EMPTY_RULES = ("skip", "background")
@@ -69,38 +65,6 @@ def check_empty(value: object, key: str) -> str:
     if value not in EMPTY_RULES:
         raise AlrunError(f"{key}: expected one of {EMPTY_RULES}, got {value!r}")
     return str(value)
-
-
-def true_positives(
-    boxes: Tensor,
-    labels: Tensor,
-    scores: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor,
-    iou_threshold: float = 0.5,
-) -> int:
-    """How many pseudo-boxes hit a ground-truth object of their class at IoU >= ``iou_threshold``,
-    each object claimed at most once, highest score first (the COCO/VOC matching rule)."""
-    if len(boxes) == 0 or len(gt_boxes) == 0:
-        return 0
-    iou = box_iou(boxes.float(), gt_boxes.float())
-    iou[labels[:, None] != gt_labels[None, :]] = -1.0
-    claimed = torch.zeros(len(gt_boxes), dtype=torch.bool)
-    hits = 0
-    for i in torch.argsort(scores, descending=True, stable=True).tolist():
-        row = iou[i].masked_fill(claimed, -1.0)
-        best = int(row.argmax())
-        if row[best] >= iou_threshold:
-            claimed[best] = True
-            hits += 1
-    return hits
-
-
-def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
-    """Boxes of a horizontally flipped image of ``width`` pixels."""
-    out = boxes.copy()
-    out[:, [0, 2]] = width - boxes[:, [2, 0]]
-    return out
 
 
 def dense_model(detector: Detector, who: str) -> nn.Module:

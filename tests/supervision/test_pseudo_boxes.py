@@ -17,12 +17,11 @@ from alrun.supervision.pseudo_boxes import (
     RoundLog,
     check_fraction,
     class_prior_sizes,
-    match_quality,
     nearest_center,
     present_class_boxes,
     prior_boxes,
 )
-from alrun.truth import HiddenTruth, TruthAudit
+from alrun.truth import HiddenTruth, TruthAudit, match_quality
 
 # predictions: two class-0 boxes, one class-1 box whose center is nearest the first click
 BOXES = np.array(

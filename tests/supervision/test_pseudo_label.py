@@ -19,11 +19,9 @@ from alrun.supervision.pseudo_label import (
     PseudoLabelHook,
     PseudoLabelSelfTraining,
     ema_update,
-    flip_boxes,
     teacher_targets,
-    true_positives,
 )
-from alrun.truth import HiddenTruth, TruthAudit
+from alrun.truth import HiddenTruth, TruthAudit, flip_boxes, true_positives
 from tests.helpers import compose_config
 from tests.supervision._cli import alrun_errors
 
