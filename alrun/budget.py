@@ -23,7 +23,7 @@ from alrun.errors import BudgetError
 from alrun.params import NonNegativeInt, PositiveFloat
 
 if TYPE_CHECKING:
-    from alrun.data.dataset import ImageRecord
+    from alrun.data.dataset import ImageRecord, ImageRef
     from alrun.oracle import SimulatedOracle
     from alrun.pool import LabelPool
 
@@ -33,24 +33,25 @@ FILL_POLICIES = ("stop", "skip")
 
 
 def image_cost(
-    unit: str, record: ImageRecord, oracle: SimulatedOracle, kind: str | None = None
+    unit: str, record: ImageRef | ImageRecord, oracle: SimulatedOracle, kind: str | None = None
 ) -> float:
     """What labelling ``record`` with label ``kind`` costs in ``unit``; never 0 (see the module
     docstring).
 
-    Box budgets count the ground-truth boxes (the oracle's count: this is a simulation).
+    Box budgets count the ground-truth boxes (the oracle's count: this is a simulation); the
+    record is a reference, the oracle looks its truth up.
     """
     if unit == "images":
         return 1.0
     if unit == "boxes":
-        return float(max(record.num_boxes, 1))
+        return float(max(oracle.objects(record), 1))
     return oracle.cost(record, kind)
 
 
 def cost_function(
     unit: str,
     oracle: SimulatedOracle,
-    record_of: Callable[[str], ImageRecord],
+    record_of: Callable[[str], ImageRef | ImageRecord],
     kind: str | None = None,
 ) -> Callable[[str], float]:
     """``image id -> cost in unit`` for a pool whose records ``record_of`` looks up."""

@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from alrun.data.dataset import DetectionDataset, ImageRecord
+from alrun.data.dataset import DetectionDataset, ImageRecord, ImageSet
 from alrun.data.images import TrainingImages
 from alrun.detectors.base import MIXTURE_HEAD, Detector, Progress, TrainSchedule
 from alrun.detectors.passes import Ensemble, member_seed
@@ -46,12 +46,12 @@ class BatchSource:
 
     ``role``: ``labelled`` (boxes from the oracle), ``pseudo`` (boxes a regime made, e.g. from
     clicks or teacher predictions; its losses are multiplied by ``weight``) or ``unlabelled``
-    (no targets are built, even if the records carry ground truth: hooks use the images, e.g.
-    for consistency or domain alignment). ``batch_size`` defaults to ``trainer.batch_size``.
+    (references without boxes, :class:`ImageSet`; no targets: hooks use the images, e.g. for
+    consistency or domain alignment). ``batch_size`` defaults to ``trainer.batch_size``.
     """
 
     name: str
-    dataset: DetectionDataset
+    dataset: DetectionDataset | ImageSet
     role: str = "labelled"
     weight: float = 1.0
     batch_size: int | None = None
@@ -61,6 +61,11 @@ class BatchSource:
             raise AlrunError(f"trainer: source '{self.name}' role must be one of {SOURCE_ROLES}")
         if self.weight < 0:
             raise AlrunError(f"trainer: source '{self.name}' weight must be >= 0")
+        if self.role != "unlabelled" and not isinstance(self.dataset, DetectionDataset):
+            raise AlrunError(
+                f"trainer: source '{self.name}' ({self.role}) needs images with boxes "
+                f"(a DetectionDataset), got {type(self.dataset).__name__}"
+            )
 
 
 @dataclass(frozen=True)
@@ -332,8 +337,8 @@ def _stream(
 ) -> Iterator[Batch]:
     """``total`` batches of ``source`` in a seeded order (the same whatever ``num_workers``)."""
     records = source.dataset.images
-    if source.role == "unlabelled":  # never hand hidden ground truth to training
-        records = tuple(_without_targets(r) for r in records)
+    if source.role == "unlabelled":  # whatever it was given, train on the images only
+        records = tuple(r.ref if isinstance(r, ImageRecord) else r for r in records)
     plan = batch_plan(
         len(records),
         source.batch_size or schedule.batch_size,
@@ -357,17 +362,6 @@ def _stream(
             tuple(records[i].image_id for i, _ in drawn),
             tuple(flip and schedule.hflip for _, flip in drawn),
         )
-
-
-def _without_targets(record: ImageRecord) -> ImageRecord:
-    return replace(
-        record,
-        boxes=np.zeros((0, 4), np.float32),
-        labels=np.zeros(0, np.int64),
-        ignore_boxes=None,
-        ignore_labels=None,
-        areas=None,
-    )
 
 
 def batch_plan(

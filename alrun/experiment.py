@@ -31,6 +31,7 @@ from alrun.metrics import MetricConfig
 from alrun.oracle import SimulatedOracle
 from alrun.params import check_config
 from alrun.supervision.base import LabelRequest, Regime, check_regime
+from alrun.truth import HiddenTruth
 from alrun.types import Needs
 
 
@@ -38,6 +39,9 @@ from alrun.types import Needs
 class Experiment:
     """Everything a run is made of, built from the composed config.
 
+    ``splits`` hold the dataset with its ground truth: the loop hands detectors, strategies and
+    regimes only their images (:meth:`DatasetSplits.visible`, the pool's references) and gives
+    the truth to the evaluator; ``truth`` (the same records by id) is what the oracle holds.
     ``training``: what the strategy trains with the detector (handed to the regime every
     round); ``predictor``: the detector plus the strategy's backend-independent passes
     (ensemble members, test-time views), which the loop asks for pool predictions.
@@ -55,10 +59,13 @@ class Experiment:
     training: StrategyTraining = StrategyTraining()
     predictor: Predictor | None = None
     initial_ids: tuple[str, ...] | None = None  # budget.initial_ids, resolved against the pool
+    truth: HiddenTruth | None = None
 
     def __post_init__(self) -> None:
         if self.predictor is None:
             self.predictor = Predictor(self.detector, self.training.ensemble)
+        if self.truth is None:
+            self.truth = HiddenTruth.of(self.splits)
 
     def model_state(self) -> dict[str, Any]:
         """The round's checkpoint: the detector's weights, each ensemble member's beside them
@@ -125,9 +132,12 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     splits = instantiate(cfg.dataset)
     if not isinstance(splits, DatasetSplits):
         raise AlrunError(f"dataset: _target_ must build DatasetSplits, got {type(splits).__name__}")
-    strategy.check_data(splits)  # class_weights: one per class; scale views: bounded size
+    truth = HiddenTruth.of(splits)
+    oracle.hold_truth(truth)  # the oracle and the evaluator are the only holders of the truth
+    visible = splits.visible()
+    strategy.check_data(visible)  # class_weights: one per class; scale views: bounded size
     initial_ids = _initial_ids(budget, splits, oracle, regime)
-    regime.check_data(splits)  # e.g. uda: the dataset must be its target domain
+    regime.check_data(visible)  # e.g. uda: the dataset must be its target domain
     oracle.check_data(splits)  # oracle=recorded: file ids, classes, coordinates
     factory = functools.partial(instantiate, cfg.detector, num_classes=len(splits.classes))
     detector = factory()
@@ -147,6 +157,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         metric=metric,
         training=StrategyTraining(tuple(strategy.training_hooks), ensemble),
         initial_ids=initial_ids,
+        truth=truth,
     )
 
 
@@ -158,7 +169,7 @@ def _initial_ids(
         return None
     path = Path(budget.initial_ids).expanduser()
     ids = initial_set.resolve(path, splits)
-    records = {r.image_id: r for r in splits.pool.images}
+    records = splits.pool.visible().by_id()
     kind = regime.label_kind(LabelRequest(0))
     cost_of = cost_function(budget.unit, oracle, records.__getitem__, kind)
     initial_set.check_affordable(path, ids, budget.initial, budget.unit, cost_of)

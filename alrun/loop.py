@@ -45,6 +45,7 @@ from alrun.rundir import (
 from alrun.seeding import Purpose
 from alrun.selection import initial_selection, select_round, selection_pool_misses, unit_cost
 from alrun.supervision.base import LabelRequest
+from alrun.truth import TruthAudit
 from alrun.types import Needs
 
 __all__ = [
@@ -89,7 +90,7 @@ def run_experiment(
     _oracle_hook(exp.oracle, "attach", root)
     with run_dir.lock():
         run_dir.check_config(fingerprint, options.resume)
-        pool = LabelPool(exp.splits.pool)
+        pool = LabelPool(exp.splits.pool.visible(), TruthAudit(exp.truth))
         try:
             start, rows, stopped = _start(exp, pool, run_dir, options)
         except AwaitingLabels:  # oracle=human: the initial set went out; the run is recorded
@@ -236,8 +237,8 @@ def _evaluate(
     """Metrics and failure modes of this round's model on the test split, and whether the
     model looks collapsed (said loudly: its selection is suspect)."""
     with reporter.task(f"round {r}/{exp.budget.rounds} test") as progress:
-        test_preds = exp.detector.predict(exp.splits.test.images, Needs(), progress)
-    metrics = evaluate(exp.splits.test, test_preds, exp.metric.protocol)
+        test_preds = exp.detector.predict(exp.splits.test.visible().images, Needs(), progress)
+    metrics = evaluate(exp.splits.test, test_preds, exp.metric.protocol)  # the evaluator: truth
     collapsed = collapse_reason(metrics["mAP50"], train_stats)
     if collapsed:
         message = f"round {r}: model looks collapsed ({collapsed}); its selection is suspect"

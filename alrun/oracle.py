@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from alrun.data.dataset import DatasetSplits, ImageRecord
+from alrun.data.dataset import DatasetSplits, ImageRecord, ImageRef
 from alrun.errors import AlrunError
 from alrun.params import NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat
+from alrun.truth import TruthAudit, pairwise_iou
 from alrun.types import LABEL_KINDS, ImageLabels
 
 __all__ = ["LABEL_KINDS", "CostModel", "ImageLabels", "SimulatedOracle"]
@@ -112,6 +113,33 @@ class SimulatedOracle:
         self.center_jitter_px = float(center_jitter_px)
         self.extreme_jitter_px = float(extreme_jitter_px)
         self.click_region = float(click_region)
+        self._truth: Mapping[str, ImageRecord] = {}
+
+    def hold_truth(self, truth: Mapping[str, ImageRecord]) -> None:
+        """Hand the oracle the hidden ground truth (image id -> record) it answers and prices
+        requests from; ``build_experiment`` does, once the dataset is read."""
+        self._truth = truth
+
+    def truth_of(self, image: ImageRef | ImageRecord) -> ImageRecord:
+        """The ground truth of ``image``: from the truth held, or ``image`` itself when the
+        caller holds the truth (an :class:`ImageRecord` of an image the oracle was not given)."""
+        if image.image_id in self._truth:
+            return self._truth[image.image_id]
+        if isinstance(image, ImageRecord):
+            return image
+        raise AlrunError(
+            f"oracle: no ground truth for image '{image.image_id}'; the oracle answers from "
+            "the truth handed to it (SimulatedOracle.hold_truth)"
+        )
+
+    @property
+    def audit(self) -> TruthAudit:
+        """Counts of how regimes' boxes match the truth held (diagnostics; never the truth)."""
+        return TruthAudit(self._truth)
+
+    def objects(self, image: ImageRef | ImageRecord) -> int:
+        """Ground-truth objects of ``image``: what a box budget counts (a simulation's price)."""
+        return self.truth_of(image).num_boxes
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -139,13 +167,13 @@ class SimulatedOracle:
         self.require([kind], "oracle.annotate")
         return kind
 
-    def cost(self, record: ImageRecord, kind: str | None = None) -> float:
+    def cost(self, record: ImageRef | ImageRecord, kind: str | None = None) -> float:
         """Seconds to label ``record`` with ``kind`` (for ``verify``: one proposal per object)."""
-        return self.cost_model.cost(record, self._kind(kind))
+        return self.cost_model.cost(self.truth_of(record), self._kind(kind))
 
     def annotate(
         self,
-        records: Sequence[ImageRecord],
+        records: Sequence[ImageRef | ImageRecord],
         kind: str | None = None,
         proposals: Mapping[str, Any] | None = None,
     ) -> list[ImageLabels]:
@@ -157,7 +185,7 @@ class SimulatedOracle:
         kind = self._kind(kind)
         if kind == "verify" and proposals is None:
             raise AlrunError("oracle.annotate: 'verify' labels need proposals (predicted boxes)")
-        return [self._answer(r, kind, proposals) for r in records]
+        return [self._answer(self.truth_of(r), kind, proposals) for r in records]
 
     def _answer(self, record: ImageRecord, kind: str, proposals) -> ImageLabels:
         rng = np.random.default_rng(
@@ -246,14 +274,3 @@ def _extreme_points(
     points[..., 0] = np.clip(points[..., 0], 0, width)
     points[..., 1] = np.clip(points[..., 1], 0, height)
     return points.astype(np.float32)
-
-
-def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(len(a), len(b)) IoU of xyxy boxes."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(axis=1)
-    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)

@@ -3,23 +3,38 @@
 ``labelled_round[i]`` is -1 for unlabelled images and r >= 0 for images first trained on in
 round r (the initial set is round 0). DESIGN.md used 0 for "unlabelled", but round 0 is a real
 round here, so -1 keeps the integer equal to the round number.
+
+The pool holds no ground truth: its images are :class:`~alrun.data.dataset.ImageRef` and its
+boxes are the labels bought (``labels``). What the oracle and the evaluator hold is in
+:mod:`alrun.truth`; ``audit`` lets regimes measure their pseudo-boxes against it (counts only).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from alrun.data.dataset import DetectionDataset, ImageRecord
+from alrun.data.dataset import DetectionDataset, ImageRecord, ImageRef, ImageSet
 from alrun.errors import AlrunError
 from alrun.types import LABEL_KINDS, ImageLabels
 
+if TYPE_CHECKING:
+    from alrun.truth import TruthAudit
+
 
 class LabelPool:
-    def __init__(self, dataset: DetectionDataset):
-        self.dataset = dataset
+    """``dataset``: the pool's images; a :class:`DetectionDataset` is stripped of its ground
+    truth here (only :class:`ImageRef` are kept). ``audit``: the evaluator's measure of
+    pseudo-boxes against the hidden truth, for regimes' diagnostics (None: not measured)."""
+
+    def __init__(self, dataset: DetectionDataset | ImageSet, audit: TruthAudit | None = None):
+        if isinstance(dataset, DetectionDataset):
+            dataset = dataset.visible()
+        self.dataset: ImageSet = dataset
+        self.audit = audit
         self.index = {image_id: i for i, image_id in enumerate(dataset.ids)}
         self.labelled_round = np.full(len(dataset), -1, dtype=np.int64)
         self.labels: dict[str, ImageLabels] = {}
@@ -35,10 +50,10 @@ class LabelPool:
     def labelled_ids(self) -> list[str]:
         return [self.dataset.images[i].image_id for i in np.flatnonzero(self.labelled_round >= 0)]
 
-    def record(self, image_id: str) -> ImageRecord:
+    def record(self, image_id: str) -> ImageRef:
         return self.dataset.images[self.index[image_id]]
 
-    def records(self, image_ids: Iterable[str]) -> list[ImageRecord]:
+    def records(self, image_ids: Iterable[str]) -> list[ImageRef]:
         return [self.record(i) for i in image_ids]
 
     def add(self, labels: Iterable[ImageLabels], round_index: int) -> None:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from alrun.data.dataset import DatasetSplits, ImageRecord
+from alrun.data.dataset import DatasetSplits, ImageRecord, ImageRef
 from alrun.errors import AlrunError
 from alrun.oracle import SimulatedOracle
 from alrun.types import LABEL_KINDS, ImageLabels
@@ -118,7 +118,18 @@ class RecordedOracle:
     def require(self, kinds: Sequence[str], who: str) -> None:
         self.fallback.require(kinds, who)
 
-    def cost(self, record: ImageRecord, kind: str | None = None) -> float:
+    def hold_truth(self, truth: Mapping[str, ImageRecord]) -> None:
+        """The hidden truth goes to the fallback (simulated answers, prices, box counts)."""
+        self.fallback.hold_truth(truth)
+
+    @property
+    def audit(self):
+        return self.fallback.audit
+
+    def objects(self, image: ImageRef | ImageRecord) -> int:
+        return self.fallback.objects(image)
+
+    def cost(self, record: ImageRef | ImageRecord, kind: str | None = None) -> float:
         """The recorded answer's cost when the file answers ``kind`` for ``record``, else the
         simulated oracle's price (an image the file cannot answer is priced as simulated)."""
         kind = kind or self.kind or "box"
@@ -127,7 +138,7 @@ class RecordedOracle:
 
     def annotate(
         self,
-        records: Sequence[ImageRecord],
+        records: Sequence[ImageRef | ImageRecord],
         kind: str | None = None,
         proposals: Mapping[str, Any] | None = None,
     ) -> list[ImageLabels]:

@@ -165,6 +165,6 @@ def selection_pool_misses(
     """Objects the model misses in the selected images vs the rest (None: no pool predictions)."""
     if not acquired.preds:
         return None
-    records = pool.records([p.image_id for p in acquired.preds])
+    records = [exp.truth[p.image_id] for p in acquired.preds]  # the evaluator's truth
     threshold = exp.metric.failure_score_threshold
     return pool_misses(records, acquired.preds, acquired.selection.image_ids, threshold)

@@ -7,6 +7,7 @@ from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.errors import AlrunError
 from alrun.oracle import CostModel, ImageLabels, SimulatedOracle
 from alrun.pool import LabelPool
+from alrun.truth import HiddenTruth
 
 
 def record(image_id, n_boxes):
@@ -22,14 +23,38 @@ def record(image_id, n_boxes):
     )
 
 
+TOY = DetectionDataset(
+    "toy",
+    ("cat", "dog"),
+    tuple(record(i, n) for i, n in [("a", 1), ("b", 2), ("c", 0), ("d", 3)]),
+)
+
+
 @pytest.fixture
 def pool():
-    ds = DetectionDataset(
-        "toy",
-        ("cat", "dog"),
-        tuple(record(i, n) for i, n in [("a", 1), ("b", 2), ("c", 0), ("d", 3)]),
+    return LabelPool(TOY)
+
+
+def oracle_of(kind=None):
+    """A simulated oracle holding the toy pool's hidden truth (the pool holds none)."""
+    oracle = SimulatedOracle(CostModel(), kind)
+    oracle.hold_truth(HiddenTruth(TOY.images))
+    return oracle
+
+
+def test_pool_holds_references_without_ground_truth(pool):
+    ref = pool.record("d")
+    assert not hasattr(ref, "boxes") and not hasattr(ref, "labels")
+    assert (ref.image_id, ref.file, ref.width, ref.height, ref.domain) == (
+        "d",
+        Path("d.jpg"),
+        32,
+        32,
+        "d0",
     )
-    return LabelPool(ds)
+    assert pool.dataset.classes == ("cat", "dog") and pool.dataset.ids == ["a", "b", "c", "d"]
+    with pytest.raises(AlrunError, match="no ground truth for image 'd'"):
+        SimulatedOracle(CostModel(), "box").annotate([ref])  # an oracle without the truth
 
 
 def test_initially_unlabelled(pool):
@@ -44,13 +69,13 @@ def test_initially_unlabelled(pool):
 
 
 def test_add_tracks_rounds(pool):
-    oracle = SimulatedOracle(CostModel(), "box")
+    oracle = oracle_of("box")
     pool.add(oracle.annotate(pool.records(["d", "b"])), round_index=0)
     pool.add(oracle.annotate(pool.records(["c"])), round_index=1)
     assert pool.unlabelled_ids == ["a"]
     assert pool.labelled_ids == ["b", "c", "d"]  # dataset order, not labelling order
     assert pool.labelled_round.tolist() == [-1, 0, 1, 0]
-    assert pool.record("d").num_boxes == 3
+    assert len(pool.labels["d"].labels) == 3  # bought: the 3 boxes of the hidden truth
     # 2 + 0 + 3 boxes; 2*25.5 + 1.0 (empty) + 3*25.5
     totals = pool.totals()
     assert (totals["images"], totals["boxes"], totals["clicks"]) == (3, 5, 0)
@@ -59,9 +84,9 @@ def test_add_tracks_rounds(pool):
 
 
 def test_totals_counts_clicks_separately(pool):
-    pool.add(SimulatedOracle(CostModel(), "box").annotate(pool.records(["b"])), 0)
-    pool.add(SimulatedOracle(CostModel(), "center_click").annotate(pool.records(["d"])), 1)
-    pool.add(SimulatedOracle(CostModel(), "image_label").annotate(pool.records(["a"])), 1)
+    pool.add(oracle_of("box").annotate(pool.records(["b"])), 0)
+    pool.add(oracle_of("center_click").annotate(pool.records(["d"])), 1)
+    pool.add(oracle_of("image_label").annotate(pool.records(["a"])), 1)
     totals = pool.totals()
     assert totals["images"] == 3
     assert totals["boxes"] == 2
@@ -76,7 +101,7 @@ def test_totals_counts_clicks_separately(pool):
 
 
 def test_totals_count_every_kind(pool):
-    oracle = SimulatedOracle(CostModel())
+    oracle = oracle_of()
     pool.add(oracle.annotate(pool.records(["a"]), "extreme"), 0)
     proposals = {
         "b": ImageLabels(
@@ -97,7 +122,7 @@ def test_totals_count_every_kind(pool):
 
 
 def test_training_set_keeps_only_images_whose_labels_give_boxes(pool):
-    oracle = SimulatedOracle(CostModel())
+    oracle = oracle_of()
     pool.add(oracle.annotate(pool.records(["a"]), "box"), 0)
     pool.add(oracle.annotate(pool.records(["d"]), "click"), 0)
     pool.add(oracle.annotate(pool.records(["b"]), "image_label"), 0)
@@ -119,12 +144,12 @@ def test_training_set_uses_oracle_labels(pool):
     rec = train.images[0]
     np.testing.assert_array_equal(rec.boxes, given)
     assert rec.labels.tolist() == [1]
-    assert pool.record("b").num_boxes == 2  # the hidden ground truth is unchanged
+    assert TOY.by_id()["b"].num_boxes == 2  # the hidden ground truth is unchanged
     assert (rec.file, rec.width, rec.height, rec.domain) == (Path("b.jpg"), 32, 32, "d0")
 
 
 def test_double_labelling_raises(pool):
-    oracle = SimulatedOracle(CostModel(), "box")
+    oracle = oracle_of("box")
     pool.add(oracle.annotate(pool.records(["a"])), 0)
     with pytest.raises(AlrunError, match="'a' is already labelled"):
         pool.add(oracle.annotate(pool.records(["a"])), 1)

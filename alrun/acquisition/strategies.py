@@ -34,7 +34,7 @@ from alrun.acquisition.reduction import (  # noqa: F401 - re-exported for older 
 )
 from alrun.acquisition.scores import DISTRIBUTIONS, distribution
 from alrun.acquisition.select import TopK
-from alrun.data.dataset import DatasetSplits
+from alrun.data.dataset import VisibleSplits
 from alrun.detectors.capabilities import needs_capabilities
 from alrun.detectors.views import check_view_size
 from alrun.errors import AlrunError
@@ -226,7 +226,7 @@ class Strategy:
         if check is not None:
             check(head_type)
 
-    def check_data(self, splits: DatasetSplits) -> None:
+    def check_data(self, splits: VisibleSplits) -> None:
         """Start-up checks against the dataset, before any training: ``class_weights`` against
         its class count, test-time scale views against its largest pool image."""
         check_class_count(self.scorer, len(splits.classes))

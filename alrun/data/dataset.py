@@ -11,6 +11,22 @@ import numpy as np
 from alrun.errors import DatasetError
 
 
+@dataclass(frozen=True)
+class ImageRef:
+    """What a detector, strategy or regime may see of an image: no boxes, no labels.
+
+    The pool hands these out; the hidden ground truth of the same id stays with the oracle and
+    the evaluator (:class:`alrun.truth.HiddenTruth`), and what the run has bought for the image
+    is in ``LabelPool.labels`` (and in the training set built from it).
+    """
+
+    image_id: str
+    file: Path
+    width: int
+    height: int
+    domain: str = ""
+
+
 @dataclass(frozen=True, eq=False)
 class ImageRecord:
     """One image and its ground truth: xyxy boxes in absolute pixels, labels index ``classes``.
@@ -37,6 +53,11 @@ class ImageRecord:
     @property
     def num_boxes(self) -> int:
         return int(len(self.labels))
+
+    @property
+    def ref(self) -> ImageRef:
+        """The visible part of this record (what may leave the oracle and the evaluator)."""
+        return ImageRef(self.image_id, self.file, self.width, self.height, self.domain)
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,11 +96,44 @@ class DetectionDataset:
 
     def subset(self, ids: Iterable[str], name: str | None = None) -> DetectionDataset:
         """The images with these ids, in the order given."""
-        index = self.by_id()
-        missing = [i for i in ids if i not in index]
-        if missing:
-            raise DatasetError(f"{self.name}: unknown image ids {missing[:5]}")
-        return DetectionDataset(name or self.name, self.classes, tuple(index[i] for i in ids))
+        return DetectionDataset(name or self.name, self.classes, _pick(self, ids))
+
+    def visible(self) -> ImageSet:
+        """The same images without their boxes: what detectors, strategies and regimes see."""
+        return ImageSet(self.name, self.classes, tuple(rec.ref for rec in self.images))
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """An ordered collection of :class:`ImageRef` (images without ground truth) and the class
+    list: the unlabelled pool as regimes and strategies see it."""
+
+    name: str
+    classes: tuple[str, ...]
+    images: tuple[ImageRef, ...]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def ids(self) -> list[str]:
+        return [ref.image_id for ref in self.images]
+
+    def by_id(self) -> dict[str, ImageRef]:
+        return {ref.image_id: ref for ref in self.images}
+
+    def subset(self, ids: Iterable[str], name: str | None = None) -> ImageSet:
+        """The images with these ids, in the order given."""
+        return ImageSet(name or self.name, self.classes, _pick(self, ids))
+
+
+def _pick(collection: DetectionDataset | ImageSet, ids: Iterable[str]) -> tuple:
+    index = collection.by_id()
+    ids = list(ids)
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise DatasetError(f"{collection.name}: unknown image ids {missing[:5]}")
+    return tuple(index[i] for i in ids)
 
 
 #: Default ``dataset.split_seed``: fixed, so every seed of a sweep is tested on the same images.
@@ -117,6 +171,23 @@ class DatasetSplits:
             raise DatasetError(f"{self.pool.name}: the unlabelled pool is empty")
         if len(self.test) == 0:
             raise DatasetError(f"{self.test.name}: the test split is empty")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.pool.classes
+
+    def visible(self) -> VisibleSplits:
+        """Pool and test without ground truth: what start-up checks of strategies and regimes
+        get (image sizes, domains, classes)."""
+        return VisibleSplits(self.pool.visible(), self.test.visible())
+
+
+@dataclass(frozen=True)
+class VisibleSplits:
+    """:class:`DatasetSplits` without ground truth."""
+
+    pool: ImageSet
+    test: ImageSet
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -9,11 +9,11 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from alrun.data.dataset import ImageRecord
+from alrun.data.dataset import ImageRecord, ImageRef
 from alrun.errors import DatasetError
 
 
-def load_image(record: ImageRecord) -> Tensor:
+def load_image(record: ImageRef | ImageRecord) -> Tensor:
     """(3, H, W) float32 in [0, 1], EXIF orientation applied (boxes are drawn on the displayed
     image); a clear error names the file when it cannot be decoded."""
     try:
@@ -25,8 +25,12 @@ def load_image(record: ImageRecord) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def target_of(record: ImageRecord, label_offset: int = 0) -> dict[str, Tensor]:
-    """torchvision's target dict; ``label_offset`` is 1 for heads whose class 0 is background."""
+def target_of(record: ImageRef | ImageRecord, label_offset: int = 0) -> dict[str, Tensor]:
+    """torchvision's target dict; ``label_offset`` is 1 for heads whose class 0 is background.
+
+    An :class:`ImageRef` (an unlabelled image) has no boxes: its target is empty."""
+    if isinstance(record, ImageRef):
+        return {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}
     return {
         "boxes": torch.as_tensor(record.boxes, dtype=torch.float32).reshape(-1, 4),
         "labels": torch.as_tensor(record.labels, dtype=torch.int64) + label_offset,
@@ -36,7 +40,7 @@ def target_of(record: ImageRecord, label_offset: int = 0) -> dict[str, Tensor]:
 class TrainingImages(torch.utils.data.Dataset):
     """(image, target) pairs with an optional horizontal flip drawn from a seeded generator."""
 
-    def __init__(self, records: Sequence[ImageRecord], label_offset: int, hflip: bool):
+    def __init__(self, records: Sequence[ImageRef | ImageRecord], label_offset: int, hflip: bool):
         self.records = list(records)
         self.label_offset = label_offset
         self.hflip = hflip

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from alrun.data.dataset import ImageRecord
+from alrun.data.dataset import ImageRef
 from alrun.errors import AlrunError
 from alrun.params import (
     Fraction,
@@ -215,7 +215,7 @@ class Detector(Protocol):
 
     def predict(
         self,
-        images: Sequence[ImageRecord],
+        images: Sequence[ImageRef],
         needs: Needs,
         progress: Progress | None = None,
     ) -> list[Detections]:
@@ -274,5 +274,5 @@ class ImageViews(Detector, Protocol):
     """``image_views``: predictions on image tensors the caller loaded (and transformed)."""
 
     def predict_images(
-        self, records: Sequence[ImageRecord], images: list[Tensor], needs: Needs
+        self, records: Sequence[ImageRef], images: list[Tensor], needs: Needs
     ) -> list[Detections]: ...

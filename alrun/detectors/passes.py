@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from alrun.data.dataset import ImageRecord
+from alrun.data.dataset import ImageRef
 from alrun.data.images import load_image
 from alrun.detectors.base import Detector, ImageViews, Progress
 from alrun.detectors.views import apply_view, boxes_to_original, parse_view
@@ -107,7 +107,7 @@ class Predictor:
 
     def predict(
         self,
-        records: Sequence[ImageRecord],
+        records: Sequence[ImageRef],
         needs: Needs = NOTHING,
         progress: Progress | None = None,
     ) -> list[Detections]:
@@ -128,7 +128,7 @@ class Predictor:
 
 def with_views(
     detector: Detector,
-    records: Sequence[ImageRecord],
+    records: Sequence[ImageRef],
     found: list[Detections],
     views: Sequence[str],
 ) -> list[Detections]:

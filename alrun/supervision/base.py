@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from alrun.data.dataset import DatasetSplits, ImageRecord
+from alrun.data.dataset import ImageRef, VisibleSplits
 from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.engine import NO_STRATEGY_TRAINING, StrategyTraining
 from alrun.errors import AlrunError
@@ -56,7 +56,7 @@ class Regime(Protocol):
         round with the same request: decide from ``request`` and the regime's state only."""
 
     def annotate(
-        self, oracle: SimulatedOracle, records: Sequence[ImageRecord], request: LabelRequest
+        self, oracle: SimulatedOracle, records: Sequence[ImageRef], request: LabelRequest
     ) -> list[ImageLabels]:
         """Have ``records`` labelled (a regime may mix kinds per image, e.g. a soft switch)."""
 
@@ -74,8 +74,8 @@ class Regime(Protocol):
         ``strategy``: what the strategy trains with the detector); returns numbers recorded in
         metrics.json."""
 
-    def check_data(self, splits: DatasetSplits) -> None:
-        """Start-up check against the dataset, before any training."""
+    def check_data(self, splits: VisibleSplits) -> None:
+        """Start-up check against the dataset's images (no ground truth), before any training."""
 
     def round_record(self, round_index: int) -> dict[str, Any] | None:
         """What the regime did this round (``round_XX/supervision.json``); None: nothing."""
@@ -96,12 +96,12 @@ class BaseRegime:
         return self.label_kinds[0]
 
     def annotate(
-        self, oracle: SimulatedOracle, records: Sequence[ImageRecord], request: LabelRequest
+        self, oracle: SimulatedOracle, records: Sequence[ImageRef], request: LabelRequest
     ) -> list[ImageLabels]:
         return oracle.annotate(records, self.label_kind(request))
 
-    def check_data(self, splits: DatasetSplits) -> None:
-        """Start-up check against the dataset, before any training (e.g. uda: its domain)."""
+    def check_data(self, splits: VisibleSplits) -> None:
+        """Start-up check against the dataset's images, before any training (e.g. uda: domain)."""
 
     def round_record(self, round_index: int) -> dict[str, Any] | None:
         """What the regime did this round (``round_XX/supervision.json``); None: nothing."""

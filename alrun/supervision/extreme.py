@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from alrun.data.dataset import ImageRecord
+from alrun.data.dataset import ImageRef
 from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.engine import NO_STRATEGY_TRAINING, BatchSource, StrategyTraining, train_round
 from alrun.pool import LabelPool
@@ -25,11 +25,11 @@ class ExtremeRegime(RoundLog, BaseRegime):
 
     label_kinds = ("extreme",)
 
-    def annotate(self, oracle, records: Sequence[ImageRecord], request: LabelRequest):
+    def annotate(self, oracle, records: Sequence[ImageRef], request: LabelRequest):
         labels = oracle.annotate(records, "extreme")
-        tally = PseudoBoxTally()
+        tally = PseudoBoxTally(oracle.audit)
         for rec, lab in zip(records, labels):
-            tally.add(lab.boxes, lab.labels, rec)  # hidden ground truth: diagnostic only
+            tally.add(lab.boxes, lab.labels, rec.image_id)  # the oracle's audit: counts only
         quality = {k.replace("pseudo_", "box_"): v for k, v in tally.summary().items()}
         self._log(
             "labels",

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from alrun.data.dataset import ImageRecord
+from alrun.data.dataset import ImageRef
 from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.engine import NO_STRATEGY_TRAINING, BatchSource, StrategyTraining, train_round
 from alrun.params import Fraction
@@ -54,7 +54,7 @@ class ImageLevelRegime(RoundLog, BaseRegime):
     def label_kind(self, request: LabelRequest) -> str:
         return self.initial_kind if request.round_index == 0 else "image_label"
 
-    def annotate(self, oracle, records: Sequence[ImageRecord], request: LabelRequest):
+    def annotate(self, oracle, records: Sequence[ImageRef], request: LabelRequest):
         kind = self.label_kind(request)
         labels = oracle.annotate(records, kind)
         self._log(
@@ -81,7 +81,7 @@ class ImageLevelRegime(RoundLog, BaseRegime):
         tagged = [i for i in pool.labelled_ids if pool.labels[i].kind == "image_label"]
         records = pool.records(tagged)
         preds = predict(detector, records) if round_index > 0 else {}  # round 0: no model yet
-        tally, pseudo, dropped = PseudoBoxTally(), [], 0
+        tally, pseudo, dropped = PseudoBoxTally(pool.audit), [], 0
         for rec in records:
             classes = pool.labels[rec.image_id].image_classes
             det = preds.get(rec.image_id)
@@ -97,7 +97,7 @@ class ImageLevelRegime(RoundLog, BaseRegime):
             if missing:
                 dropped += 1
                 continue
-            tally.add(boxes, labels, rec)  # rec holds the hidden ground truth: diagnostic only
+            tally.add(boxes, labels, rec.image_id)  # measured by the evaluator's audit
             pseudo.append(with_boxes(rec, boxes, labels))
         stats = {"images": float(len(pseudo)), "dropped_images": float(dropped), **tally.summary()}
         self._log("pseudo_boxes", {"round": round_index, "min_score": self.min_score, **stats})

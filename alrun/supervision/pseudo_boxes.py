@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from alrun.data.dataset import DetectionDataset, ImageRecord
+from alrun.data.dataset import DetectionDataset, ImageRecord, ImageRef
 from alrun.detectors.base import Detector
 from alrun.errors import AlrunError
-from alrun.oracle import pairwise_iou
 from alrun.pool import LabelPool
+from alrun.truth import TruthAudit
 from alrun.types import NOTHING, Detections, Needs
 
 CLICK_KINDS = ("click", "center_click")
@@ -43,7 +42,7 @@ def as_numpy(det: Detections) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def predict(
-    detector: Detector, records: Sequence[ImageRecord], needs: Needs = NOTHING
+    detector: Detector, records: Sequence[ImageRef], needs: Needs = NOTHING
 ) -> dict[str, Detections]:
     """The detector's predictions for ``records`` by image id (empty when there are none)."""
     if not records:
@@ -144,43 +143,25 @@ def present_class_boxes(
     return boxes[keep].reshape(-1, 4), labels[keep], missing
 
 
-def match_quality(
-    boxes: np.ndarray,
-    labels: np.ndarray,
-    gt_boxes: np.ndarray,
-    gt_labels: np.ndarray,
-    iou_threshold: float = 0.5,
-) -> tuple[int, float]:
-    """(number of ``boxes`` matching a distinct ground-truth box of their class at IoU >=
-    ``iou_threshold``, summed IoU of those matches); greedy by IoU, one-to-one."""
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    gt_boxes = np.asarray(gt_boxes, np.float32).reshape(-1, 4)
-    if len(boxes) == 0 or len(gt_boxes) == 0:
-        return 0, 0.0
-    iou = pairwise_iou(boxes, gt_boxes)
-    iou = np.where(np.asarray(labels)[:, None] == np.asarray(gt_labels)[None, :], iou, 0.0)
-    matched, iou_sum = 0, 0.0
-    while True:
-        i, j = np.unravel_index(np.argmax(iou), iou.shape)
-        if iou[i, j] < iou_threshold or iou[i, j] <= 0:
-            return matched, iou_sum
-        matched, iou_sum = matched + 1, iou_sum + float(iou[i, j])
-        iou[i, :], iou[:, j] = -1.0, -1.0
-
-
 class PseudoBoxTally:
-    """Counts pseudo-boxes and how many of them match the hidden ground truth (IoU >= 0.5)."""
+    """Counts pseudo-boxes and how many of them match the hidden ground truth (IoU >= 0.5).
 
-    def __init__(self) -> None:
+    The truth stays with ``audit`` (the evaluator's, :class:`alrun.truth.TruthAudit`), which
+    answers with counts; without one only the boxes are counted (the rest is NaN)."""
+
+    def __init__(self, audit: TruthAudit | None = None) -> None:
+        self.audit = audit
         self.boxes = self.correct = self.gt = 0
         self.iou_sum = 0.0
 
-    def add(self, boxes: np.ndarray, labels: np.ndarray, truth: ImageRecord) -> None:
-        correct, iou_sum = match_quality(boxes, labels, truth.boxes, truth.labels)
+    def add(self, boxes: np.ndarray, labels: np.ndarray, image_id: str) -> None:
         self.boxes += len(labels)
-        self.correct += correct
-        self.gt += truth.num_boxes
-        self.iou_sum += iou_sum
+        if self.audit is None:
+            return
+        found = self.audit.match(image_id, boxes, labels)
+        self.correct += found.matched
+        self.gt += found.objects
+        self.iou_sum += found.iou_sum
 
     def summary(self) -> dict[str, float]:
         """``precision``: share of pseudo-boxes matching a ground-truth box of their class;
@@ -189,21 +170,24 @@ class PseudoBoxTally:
         return {
             "pseudo_boxes": float(self.boxes),
             "pseudo_correct": float(self.correct),
-            "pseudo_precision": self.correct / self.boxes if self.boxes else float("nan"),
+            "pseudo_precision": self.correct / self.boxes
+            if self.boxes and self.audit is not None
+            else float("nan"),
             "pseudo_recall": self.correct / self.gt if self.gt else float("nan"),
             "pseudo_mean_iou": self.iou_sum / self.correct if self.correct else float("nan"),
         }
 
 
-def with_boxes(record: ImageRecord, boxes: np.ndarray, labels: np.ndarray) -> ImageRecord:
-    """``record`` with its targets replaced (the hidden ground truth never reaches training)."""
-    return replace(
-        record,
-        boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
-        labels=np.asarray(labels, np.int64).reshape(-1),
-        ignore_boxes=None,
-        ignore_labels=None,
-        areas=None,
+def with_boxes(image: ImageRef, boxes: np.ndarray, labels: np.ndarray) -> ImageRecord:
+    """A training record of ``image`` with the boxes a regime made for it."""
+    return ImageRecord(
+        image.image_id,
+        image.file,
+        image.width,
+        image.height,
+        np.asarray(boxes, np.float32).reshape(-1, 4),
+        np.asarray(labels, np.int64).reshape(-1),
+        image.domain,
     )
 
 

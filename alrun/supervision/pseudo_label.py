@@ -16,15 +16,13 @@ train.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_iou
 
-from alrun.data.dataset import DetectionDataset
+from alrun.data.dataset import ImageSet
 from alrun.detectors.base import TEACHER, Detector, Progress, TrainSchedule
 from alrun.engine import (
     NO_STRATEGY_TRAINING,
@@ -38,12 +36,10 @@ from alrun.errors import AlrunError
 from alrun.params import Fraction, NonNegativeFloat, PositiveInt
 from alrun.pool import LabelPool
 from alrun.supervision.base import BaseRegime
+from alrun.truth import TruthAudit
 
 TEACHERS = ("ema", "previous_round")
 EMPTY_RULES = ("skip", "background")
-
-#: image id -> (boxes (N, 4) xyxy, labels (N,)) of the hidden ground truth, for diagnostics only
-GroundTruth = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 
 def check_fraction(value: object, key: str) -> float:
@@ -69,38 +65,6 @@ def check_empty(value: object, key: str) -> str:
     if value not in EMPTY_RULES:
         raise AlrunError(f"{key}: expected one of {EMPTY_RULES}, got {value!r}")
     return str(value)
-
-
-def true_positives(
-    boxes: Tensor,
-    labels: Tensor,
-    scores: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor,
-    iou_threshold: float = 0.5,
-) -> int:
-    """How many pseudo-boxes hit a ground-truth object of their class at IoU >= ``iou_threshold``,
-    each object claimed at most once, highest score first (the COCO/VOC matching rule)."""
-    if len(boxes) == 0 or len(gt_boxes) == 0:
-        return 0
-    iou = box_iou(boxes.float(), gt_boxes.float())
-    iou[labels[:, None] != gt_labels[None, :]] = -1.0
-    claimed = torch.zeros(len(gt_boxes), dtype=torch.bool)
-    hits = 0
-    for i in torch.argsort(scores, descending=True, stable=True).tolist():
-        row = iou[i].masked_fill(claimed, -1.0)
-        best = int(row.argmax())
-        if row[best] >= iou_threshold:
-            claimed[best] = True
-            hits += 1
-    return hits
-
-
-def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
-    """Boxes of a horizontally flipped image of ``width`` pixels."""
-    out = boxes.copy()
-    out[:, [0, 2]] = width - boxes[:, [2, 0]]
-    return out
 
 
 def dense_model(detector: Detector, who: str) -> nn.Module:
@@ -160,7 +124,8 @@ class PseudoLabelHook(TrainingHook):
 
     ``teacher``: ``ema`` (made from the student when training starts) or a frozen module
     (``previous_round``), or None for no pseudo-labels this round (recorded as such).
-    ``ground_truth``: the hidden ground truth for the precision / recall diagnostics.
+    ``audit``: the evaluator's measure against the hidden ground truth, for the precision /
+    recall diagnostics (counts only; None: not measured).
     """
 
     name = "pseudo"
@@ -172,7 +137,7 @@ class PseudoLabelHook(TrainingHook):
         weight: float,
         teacher: str | nn.Module | None = "ema",
         ema_decay: float = 0.99,
-        ground_truth: GroundTruth | None = None,
+        audit: TruthAudit | None = None,
         empty: str = "skip",
     ):
         self.source = source
@@ -182,7 +147,7 @@ class PseudoLabelHook(TrainingHook):
         self.mode = teacher if isinstance(teacher, str) else "frozen"
         self.teacher: nn.Module | None = None if isinstance(teacher, str) else teacher
         self.ema_decay = ema_decay
-        self.ground_truth = ground_truth
+        self.audit = audit
         self.label_offset = 0
         self.boxes = self.hits = self.gt_objects = self.images = 0
 
@@ -215,20 +180,18 @@ class PseudoLabelHook(TrainingHook):
     def _count(self, image_ids, flipped, images, targets) -> None:
         self.images += len(targets)
         self.boxes += sum(len(t["boxes"]) for t in targets)
-        if self.ground_truth is None:
+        if self.audit is None:
             return
         for image_id, flip, image, found in zip(image_ids, flipped, images, targets):
-            gt_boxes, gt_labels = self.ground_truth(image_id)
-            if flip:
-                gt_boxes = flip_boxes(gt_boxes, image.shape[-1])
-            self.gt_objects += len(gt_labels)
-            self.hits += true_positives(
+            match = self.audit.true_positives(
+                image_id,
                 found["boxes"].cpu(),
                 found["labels"].cpu(),
                 found["scores"].cpu(),
-                torch.as_tensor(gt_boxes).reshape(-1, 4),
-                torch.as_tensor(gt_labels),
+                flipped_width=image.shape[-1] if flip else None,
             )
+            self.gt_objects += match.objects
+            self.hits += match.matched
 
     def after_training(self) -> Mapping[str, float]:
         stats = {
@@ -240,25 +203,15 @@ class PseudoLabelHook(TrainingHook):
             "boxes_per_image": self.boxes / self.images if self.images else 0.0,
         }
         # against the hidden ground truth; left out when undefined (JSON has no NaN)
-        if self.ground_truth is not None and self.boxes:
+        if self.audit is not None and self.boxes:
             stats["precision"] = self.hits / self.boxes
-        if self.ground_truth is not None and self.gt_objects:
+        if self.audit is not None and self.gt_objects:
             stats["recall"] = self.hits / self.gt_objects
         return stats
 
 
-def hidden_ground_truth(pool: LabelPool) -> GroundTruth:
-    """Diagnostics only: the simulation's ground truth of a pool image."""
-
-    def lookup(image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        record = pool.record(image_id)
-        return record.boxes, record.labels
-
-    return lookup
-
-
-def unlabelled_dataset(pool: LabelPool, ids: Sequence[str] | None = None) -> DetectionDataset:
-    """The pool images not labelled yet (or ``ids``); their targets are never used."""
+def unlabelled_dataset(pool: LabelPool, ids: Sequence[str] | None = None) -> ImageSet:
+    """The pool images not labelled yet (or ``ids``): references, no boxes."""
     return pool.dataset.subset(pool.unlabelled_ids if ids is None else ids, "unlabelled")
 
 
@@ -333,7 +286,7 @@ class PseudoLabelSelfTraining(BaseRegime):
                     self.weight,
                     teacher,
                     self.ema_decay,
-                    hidden_ground_truth(pool),
+                    pool.audit,
                     self.empty,
                 )
             )

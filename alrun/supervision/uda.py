@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from alrun.data.dataset import DatasetSplits, DetectionDataset
+from alrun.data.dataset import DatasetSplits, DetectionDataset, ImageSet, VisibleSplits
 from alrun.detectors.base import FPN_FEATURES, TEACHER, Detector, Progress, TrainSchedule
 from alrun.engine import (
     NO_STRATEGY_TRAINING,
@@ -48,7 +48,6 @@ from alrun.supervision.pseudo_label import (
     check_empty,
     check_fraction,
     check_weight,
-    hidden_ground_truth,
 )
 
 
@@ -131,7 +130,7 @@ class DomainAlignmentHook(TrainingHook):
         }
 
 
-def _domains(dataset: DetectionDataset) -> list[str]:
+def _domains(dataset: DetectionDataset | ImageSet) -> list[str]:
     return sorted({rec.domain for rec in dataset.images})
 
 
@@ -189,7 +188,7 @@ class DomainAdaptation(BaseRegime):
                 f"'{self.target_domain}' (source domains: {_domains(self.source)})"
             )
 
-    def check_data(self, splits: DatasetSplits) -> None:
+    def check_data(self, splits: VisibleSplits) -> None:
         """Start-up check: the run's dataset is the target domain, with the source's classes."""
         for name, part in (("pool", splits.pool), ("test", splits.test)):
             others = [d for d in _domains(part) if d != self.target_domain]
@@ -256,7 +255,7 @@ class DomainAdaptation(BaseRegime):
                     self.pseudo_weight,
                     "ema",
                     self.ema_decay,
-                    hidden_ground_truth(pool),
+                    pool.audit,
                     self.pseudo_empty,
                 )
             )

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
-from alrun.data.dataset import DetectionDataset, ImageRecord
+from alrun.data.dataset import DetectionDataset, ImageRef
 from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.engine import NO_STRATEGY_TRAINING, BatchSource, StrategyTraining, train_round
 from alrun.params import Fraction
@@ -55,7 +55,7 @@ class BoxVerificationRegime(RoundLog, BaseRegime):
     def label_kind(self, request: LabelRequest) -> str:
         return "box" if request.round_index == 0 or request.detector is None else "verify"
 
-    def annotate(self, oracle, records: Sequence[ImageRecord], request: LabelRequest):
+    def annotate(self, oracle, records: Sequence[ImageRef], request: LabelRequest):
         kind = self.label_kind(request)
         entry: dict[str, Any] = {"for_round": request.round_index, "requested": kind}
         if kind == "box":
@@ -68,7 +68,7 @@ class BoxVerificationRegime(RoundLog, BaseRegime):
         return labels
 
     def _verify(
-        self, oracle, records: Sequence[ImageRecord], detector: Detector, entry: dict[str, Any]
+        self, oracle, records: Sequence[ImageRef], detector: Detector, entry: dict[str, Any]
     ) -> list[ImageLabels]:
         preds = predict(detector, records)
         proposals = {i: d.select(d.scores >= self.proposal_score) for i, d in preds.items()}
@@ -78,9 +78,9 @@ class BoxVerificationRegime(RoundLog, BaseRegime):
             for rec, lab in zip(records, answers)
             if len(lab.verified) == 0 or not lab.verified.all()
         ]
-        accepted_tally = PseudoBoxTally()
+        accepted_tally = PseudoBoxTally(oracle.audit)
         for rec, lab in zip(records, answers):
-            accepted_tally.add(*lab.box_targets(), rec)  # hidden ground truth: diagnostic only
+            accepted_tally.add(*lab.box_targets(), rec.image_id)  # the oracle's audit: counts
         entry.update(
             proposal_score=self.proposal_score,
             proposals=int(sum(len(lab.verified) for lab in answers)),

@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from alrun.data.dataset import ImageRecord
+from alrun.data.dataset import ImageRef
 from alrun.detectors.base import Detector, Progress, TrainSchedule
 from alrun.engine import NO_STRATEGY_TRAINING, BatchSource, StrategyTraining, train_round
 from alrun.errors import AlrunError
@@ -213,7 +213,7 @@ class WeakPointRegime(RoundLog, BaseRegime):
         decision = self._hard_decision(request)
         return decision["kind"] if decision else self.click_kind
 
-    def annotate(self, oracle, records: Sequence[ImageRecord], request: LabelRequest):
+    def annotate(self, oracle, records: Sequence[ImageRef], request: LabelRequest):
         kind = self.label_kind(request)
         entry: dict[str, Any] = {"for_round": request.round_index, "requested": kind}
         hard = self._hard_decision(request)
@@ -230,7 +230,7 @@ class WeakPointRegime(RoundLog, BaseRegime):
         return labels
 
     def _soft_switch(
-        self, oracle, records: Sequence[ImageRecord], detector: Detector
+        self, oracle, records: Sequence[ImageRef], detector: Detector
     ) -> tuple[list[ImageLabels], dict[str, Any]]:
         if self.soft_rule == "after_clicks":
             return self._soft_switch_after_clicks(oracle, records, detector)
@@ -244,7 +244,7 @@ class WeakPointRegime(RoundLog, BaseRegime):
         return self._soft_record(records, answered, confidence, len(to_boxes), len(to_clicks))
 
     def _soft_switch_after_clicks(
-        self, oracle, records: Sequence[ImageRecord], detector: Detector
+        self, oracle, records: Sequence[ImageRef], detector: Detector
     ) -> tuple[list[ImageLabels], dict[str, Any]]:
         """Desai et al.: click every image, then buy boxes too where the clicks' pseudo-boxes
         are not trusted; a switched image's label is its boxes, priced clicks + boxes."""
@@ -274,7 +274,7 @@ class WeakPointRegime(RoundLog, BaseRegime):
 
     def _soft_record(
         self,
-        records: Sequence[ImageRecord],
+        records: Sequence[ImageRef],
         answered: Sequence[ImageLabels],
         confidence: Mapping[str, float | None],
         boxes: int,
@@ -315,7 +315,7 @@ class WeakPointRegime(RoundLog, BaseRegime):
         # round 0 has no trained model yet: every click takes the no-match rule
         preds = predict(detector, records) if round_index > 0 else {}
         prior = class_prior_sizes(pool, len(pool.dataset.classes), self.prior_box_px)
-        tally, pseudo = PseudoBoxTally(), []
+        tally, pseudo = PseudoBoxTally(pool.audit), []
         counts = {"clicks": 0, "matched": 0, "prior": 0, "dropped_clicks": 0, "dropped_images": 0}
         for rec in records:
             lab = pool.labels[rec.image_id]
@@ -328,7 +328,7 @@ class WeakPointRegime(RoundLog, BaseRegime):
                 counts["dropped_images"] += 1
                 continue
             counts["prior"] += unmatched
-            tally.add(boxes, lab.labels, rec)  # rec holds the hidden ground truth: diagnostic only
+            tally.add(boxes, lab.labels, rec.image_id)  # measured by the evaluator's audit
             pseudo.append(with_boxes(rec, boxes, lab.labels))
         stats = {**{k: float(v) for k, v in counts.items()}, **tally.summary()}
         self._log("pseudo_boxes", {"round": round_index, "no_match": self.no_match, **stats})
@@ -342,7 +342,7 @@ class WeakPointRegime(RoundLog, BaseRegime):
     def pseudo_boxes(
         self,
         lab: ImageLabels,
-        rec: ImageRecord,
+        rec: ImageRef,
         det: Detections | None,
         prior: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ from alrun.errors import DatasetError
 from alrun.loop import build_experiment
 from alrun.oracle import CostModel, SimulatedOracle
 from alrun.pool import LabelPool
+from alrun.truth import HiddenTruth
 from tests.data.builders import make_coco, make_voc, make_yolo
 from tests.data.fabricate import make_coco_root, make_vocdevkit
 from tests.helpers import REPO, compose_config, shared_dataset
@@ -82,8 +83,10 @@ def test_split_record_names_every_pool_and_test_id() -> None:
 
 
 def test_training_set_and_oracle_never_carry_ignore_regions() -> None:
-    pool = LabelPool(DetectionDataset("d", ("a",), _records(6)))
+    dataset = DetectionDataset("d", ("a",), _records(6))
+    pool = LabelPool(dataset)
     oracle = SimulatedOracle(CostModel(), "box")
+    oracle.hold_truth(HiddenTruth(dataset.images))
     pool.add(oracle.annotate(pool.records(["id000", "id003", "id004"])), 0)
     training = pool.training_set()
     assert training.ids == ["id000", "id003", "id004"]

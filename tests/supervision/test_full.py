@@ -18,11 +18,12 @@ from alrun.pool import LabelPool
 from alrun.supervision import full
 from alrun.supervision.base import LabelRequest, Regime, check_regime
 from alrun.supervision.full import FullSupervision
+from alrun.truth import HiddenTruth
 from tests.helpers import REPO, compose_config
 
 
-def _pool() -> LabelPool:
-    records = tuple(
+def _records() -> tuple[ImageRecord, ...]:
+    return tuple(
         ImageRecord(
             f"im{i}",
             Path(f"/x/{i}.png"),
@@ -33,8 +34,17 @@ def _pool() -> LabelPool:
         )
         for i in range(4)
     )
-    pool = LabelPool(DetectionDataset("toy", ("a",), records))
+
+
+def _oracle() -> SimulatedOracle:
     oracle = SimulatedOracle(CostModel())
+    oracle.hold_truth(HiddenTruth(_records()))
+    return oracle
+
+
+def _pool() -> LabelPool:
+    pool = LabelPool(DetectionDataset("toy", ("a",), _records()))
+    oracle = _oracle()
     pool.add(oracle.annotate(pool.records(["im2", "im0"])), 0)
     pool.add(oracle.annotate(pool.records(["im3"]), "click"), 1)
     return pool
@@ -59,7 +69,7 @@ def test_asks_for_boxes_and_annotates_them():
     regime, pool = FullSupervision(), _pool()
     assert isinstance(regime, Regime) and regime.state_dict() == {}
     assert regime.label_kind(LabelRequest(3)) == "box"
-    labels = regime.annotate(SimulatedOracle(CostModel()), pool.records(["im1"]), LabelRequest(3))
+    labels = regime.annotate(_oracle(), pool.records(["im1"]), LabelRequest(3))
     assert labels[0].kind == "box" and labels[0].cost_s == pytest.approx(25.5)
     with pytest.raises(AlrunError, match="keeps none"):
         regime.load_state_dict({"switched": True})

@@ -17,11 +17,11 @@ from alrun.supervision.pseudo_boxes import (
     RoundLog,
     check_fraction,
     class_prior_sizes,
-    match_quality,
     nearest_center,
     present_class_boxes,
     prior_boxes,
 )
+from alrun.truth import HiddenTruth, TruthAudit, match_quality
 
 # predictions: two class-0 boxes, one class-1 box whose center is nearest the first click
 BOXES = np.array(
@@ -106,9 +106,9 @@ def test_match_quality_is_one_to_one_per_class():
     # the duplicate of object 1 does not count; object 2's box has the wrong class
     count, iou_sum = match_quality(pred, np.array([0, 0, 1]), gt, np.array([0, 0]))
     assert count == 1 and iou_sum == pytest.approx(1.0)
-    tally = PseudoBoxTally()
     rec = ImageRecord("a", Path("x"), 40, 40, gt, np.array([0, 1]))
-    tally.add(pred, np.array([0, 0, 1]), rec)
+    tally = PseudoBoxTally(TruthAudit(HiddenTruth([rec])))
+    tally.add(pred, np.array([0, 0, 1]), "a")
     summary = tally.summary()
     assert summary["pseudo_precision"] == pytest.approx(2 / 3)
     assert summary["pseudo_recall"] == pytest.approx(1.0)

@@ -4,12 +4,14 @@ bad thresholds, and one round end to end on the tiny detector."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from alrun.data.dataset import ImageRecord
 from alrun.engine import Batch, BatchSource, Step
 from alrun.errors import AlrunError
 from alrun.loop import build_experiment, run_experiment
@@ -17,10 +19,9 @@ from alrun.supervision.pseudo_label import (
     PseudoLabelHook,
     PseudoLabelSelfTraining,
     ema_update,
-    flip_boxes,
     teacher_targets,
-    true_positives,
 )
+from alrun.truth import HiddenTruth, TruthAudit, flip_boxes, true_positives
 from tests.helpers import compose_config
 from tests.supervision._cli import alrun_errors
 
@@ -76,6 +77,12 @@ class RecordingDetector:
         return {"cls": torch.tensor(2.0)}
 
 
+def audit_of(truth):
+    """The evaluator's audit over image id -> (boxes, labels) of hidden truth."""
+    records = [ImageRecord(i, Path(f"{i}.png"), 60, 60, b, c) for i, (b, c) in truth.items()]
+    return TruthAudit(HiddenTruth(records))
+
+
 def test_hook_trains_on_boxes_above_the_threshold_and_measures_them():
     found = [
         {
@@ -85,11 +92,13 @@ def test_hook_trains_on_boxes_above_the_threshold_and_measures_them():
         },
         {"boxes": torch.zeros(0, 4), "labels": T([], dtype=torch.long), "scores": T([])},
     ]
-    truth = {
-        "a": (np.array([[0, 0, 10, 10], [40, 40, 50, 50]], np.float32), np.array([0, 0])),
-        "b": (np.array([[1, 1, 5, 5]], np.float32), np.array([1])),
-    }
-    hook = PseudoLabelHook("u", 0.5, 0.25, FixedTeacher(found), ground_truth=truth.__getitem__)
+    truth = audit_of(
+        {
+            "a": (np.array([[0, 0, 10, 10], [40, 40, 50, 50]], np.float32), np.array([0, 0])),
+            "b": (np.array([[1, 1, 5, 5]], np.float32), np.array([1])),
+        }
+    )
+    hook = PseudoLabelHook("u", 0.5, 0.25, FixedTeacher(found), audit=truth)
     detector = RecordingDetector()
     hook.before_training(detector, 1)
     images = [torch.zeros(3, 60, 60), torch.zeros(3, 60, 60)]
@@ -114,8 +123,8 @@ def test_hook_trains_on_boxes_above_the_threshold_and_measures_them():
 
 def test_hook_flips_the_hidden_truth_of_flipped_images():
     found = [{"boxes": T([[50.0, 0, 60, 10]]), "labels": T([1]), "scores": T([0.9])}]
-    truth = {"a": (np.array([[0, 0, 10, 10]], np.float32), np.array([0]))}
-    hook = PseudoLabelHook("u", 0.5, 1.0, FixedTeacher(found), ground_truth=truth.__getitem__)
+    truth = audit_of({"a": (np.array([[0, 0, 10, 10]], np.float32), np.array([0]))})
+    hook = PseudoLabelHook("u", 0.5, 1.0, FixedTeacher(found), audit=truth)
     detector = RecordingDetector()
     hook.before_training(detector, 1)
     batch = Batch(BatchSource("u", None, role="unlabelled"), [torch.zeros(3, 60, 60)], None,

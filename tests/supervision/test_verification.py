@@ -12,6 +12,7 @@ from alrun.loop import run_experiment
 from alrun.oracle import CostModel, SimulatedOracle
 from alrun.supervision.base import LabelRequest
 from alrun.supervision.verification import BoxVerificationRegime
+from alrun.truth import HiddenTruth
 from tests.helpers import compose_config
 from tests.supervision.test_weak_point import FixedDetector, dets, record
 
@@ -30,7 +31,9 @@ def test_accepted_boxes_become_labels_and_rejected_images_fall_back(fallback):
     regime = BoxVerificationRegime(proposal_score=0.5, fallback=fallback)
     request = LabelRequest(1, (), FixedDetector(PREDS))
     assert regime.label_kind(LabelRequest(0)) == "box" and regime.label_kind(request) == "verify"
-    good, bad = regime.annotate(SimulatedOracle(CostModel()), RECS, request)
+    oracle = SimulatedOracle(CostModel())
+    oracle.hold_truth(HiddenTruth(RECS))  # the regime gets references, the oracle the truth
+    good, bad = regime.annotate(oracle, [rec.ref for rec in RECS], request)
     # one proposal shown (the low-score one is not), accepted, 1.6 s
     assert good.kind == "verify" and good.verified.tolist() == [True]
     np.testing.assert_allclose(good.box_targets()[0], [[1, 1, 20, 20]])

@@ -318,10 +318,14 @@ def test_train_turns_clicks_into_nearest_predictions_priors_or_drops(monkeypatch
         record("hit", [[0, 0, 20, 20], [40, 40, 60, 60]], [0, 1]),  # clicks (10,10), (50,50)
         record("miss", [[30, 30, 50, 50]], [1]),  # nothing predicted of class 1
     )
-    pool = LabelPool(DetectionDataset("toy", ("a", "b"), recs))
+    from alrun.truth import HiddenTruth, TruthAudit
+
+    truth = HiddenTruth(recs)  # the regime sees references; the audit measures its boxes
+    pool = LabelPool(DetectionDataset("toy", ("a", "b"), recs), TruthAudit(truth))
     oracle = SimulatedOracle(CostModel())
-    pool.add(oracle.annotate(recs[:1], "box"), 0)
-    pool.add(oracle.annotate(recs[1:], "center_click"), 1)
+    oracle.hold_truth(truth)
+    pool.add(oracle.annotate(pool.records(["boxed"]), "box"), 0)
+    pool.add(oracle.annotate(pool.records(["hit", "miss"]), "center_click"), 1)
     preds = {
         "hit": dets("hit", [[1, 1, 19, 19], [41, 40, 60, 61]], [0, 1], [0.9, 0.8]),
         "miss": dets("miss", [[30, 30, 50, 50]], [0], [0.9]),  # right place, wrong class
