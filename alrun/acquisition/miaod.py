@@ -40,7 +40,7 @@ from torchvision.ops import box_iou, sigmoid_focal_loss
 from alrun.acquisition.context import AcquisitionContext
 from alrun.acquisition.learned import _level_widths
 from alrun.detectors.base import FEATURE_MAPS, FPN_FEATURES, MIXTURE_HEAD, TEACHER
-from alrun.engine import Step, TrainingHook
+from alrun.engine import STRATEGY_UNLABELLED, Step, TrainingHook
 from alrun.errors import AlrunError
 from alrun.params import PositiveFloat, PositiveInt, Range
 from alrun.types import Needs
@@ -87,6 +87,20 @@ class InstanceClassifiers(nn.Module):
         x = x.view(b, self.anchors, self.num_classes, h, w).permute(0, 3, 4, 1, 2)
         return x.reshape(b, -1, self.num_classes)
 
+    def frozen_classifiers(self, levels: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """``f_1``, ``f_2`` with their weights detached: the gradient reaches only the input
+        (MI-AOD's min step sets ``requires_grad=False`` on ``theta_f_1``, ``theta_f_2``)."""
+        frozen = {name: p.detach() for name, p in self.named_parameters()}
+        f1, f2 = [], []
+        for x in levels:
+            a, b, _ = torch.func.functional_call(self, frozen, ([x],))
+            f1.append(a[0])
+            f2.append(b[0])
+        return f1, f2
+
+    def mil(self, levels: Sequence[Tensor]) -> list[Tensor]:
+        return [self._flat(self.f_mil(self.f_mil_convs(x))) for x in levels]
+
     def forward(self, levels: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         f1, f2, mil = [], [], []
         for x in levels:
@@ -112,6 +126,28 @@ def image_class_scores(weights: Sequence[Tensor]) -> Tensor:
     return score.clamp(1e-5, 1.0 - 1e-5)
 
 
+def discrepancy_loss(
+    f1: Tensor, f2: Tensor, weights: Tensor, param_lambda: float = 0.5, maximise: bool = False
+) -> Tensor:
+    """``l_wave_dis`` (min) / ``l_wave_dis_minus`` (max) of one level: ``lambda x sum over
+    instances of mean_c(|sigmoid f_1 - sigmoid f_2| x w)``, ``1 - |...|`` when maximising."""
+    gap = (f1.sigmoid() - f2.sigmoid()).abs()
+    if maximise:
+        gap = 1 - gap
+    c = f1.shape[-1]
+    return (gap.reshape(-1, c) * weights.reshape(-1, c)).mean(dim=1).sum() * param_lambda
+
+
+def pseudo_image_labels(f1: Sequence[Tensor], f2: Sequence[Tensor]) -> Tensor:
+    """``get_img_pseudolabel_score``: class c is present when the max over levels and
+    instances of ``(sigmoid f_1 + sigmoid f_2) / 2`` is >= 0.5 (B, C), without gradient."""
+    with torch.no_grad():
+        out = torch.zeros_like(f1[0][:, 0])
+        for a, b in zip(f1, f2):
+            out = torch.maximum(out, (a.sigmoid() + b.sigmoid()).max(1)[0] / 2)
+        return (out >= 0.5).float()
+
+
 def instance_uncertainty(f1: Tensor, f2: Tensor) -> Tensor:
     """(N,) ``mean_c (sigmoid f_1 - sigmoid f_2)^2`` of one image's (N, C) logits."""
     return (f1.sigmoid() - f2.sigmoid()).pow(2).mean(dim=1)
@@ -130,21 +166,32 @@ def image_uncertainty(
 
 
 class MiaodHook(TrainingHook):
-    """Trains the instance classifiers beside the detector on its labelled batches (MI-AOD's
-    label-set training: ``(FL(f_1) + FL(f_2)) / 2`` + ``l_imgcls``) and scores images with
-    them. The unlabelled max/min discrepancy steps are not run (docs/methods.md)."""
+    """Trains the instance classifiers beside the detector: on its labelled batches MI-AOD's
+    label-set losses (``(FL(f_1) + FL(f_2)) / 2`` + ``l_imgcls``); with ``adversarial``, on a
+    batch of the unlabelled pool each iteration, the max step (the classifiers alone maximise
+    their MIL-weighted discrepancy, ``L_wave_max``) and the min step (the backbone and the MIL
+    head minimise it with the classifiers frozen, plus the MIL loss on pseudo image labels,
+    ``L_wave_min``), both in every iteration (the reference alternates whole epochs)."""
 
     name = "mi_aod"
     requires = MIAOD_REQUIRES
 
-    def __init__(self, stacked_convs: int = 4, weight: float = 1.0):
+    def __init__(
+        self,
+        stacked_convs: int = 4,
+        weight: float = 1.0,
+        adversarial: bool = True,
+        param_lambda: float = 0.5,
+    ):
         self.stacked_convs, self.weight = int(stacked_convs), float(weight)
+        self.adversarial, self.param_lambda = bool(adversarial), float(param_lambda)
+        self.draws_unlabelled = self.adversarial
         self.heads: InstanceClassifiers | None = None
         self.detector = None
         self._levels: list[list[Tensor]] = []
         self._inputs: list[tuple[Any, Any]] = []
         self._handles: list[Any] = []
-        self.losses: dict[str, list[float]] = {"det_cls": [], "imgcls": []}
+        self.losses: dict[str, list[float]] = {}
 
     def before_training(self, detector, total: int) -> None:
         missing = [c for c in MIAOD_REQUIRES if c not in detector.capabilities]
@@ -161,7 +208,7 @@ class MiaodHook(TrainingHook):
             widths[0], anchors, detector.num_classes, self.stacked_convs
         ).to(detector.device)
         self.matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
-        self.losses = {"det_cls": [], "imgcls": []}
+        self.losses = {}
         self._remove()
         self._handles = [
             model.backbone.register_forward_hook(self._capture_levels),
@@ -203,9 +250,33 @@ class MiaodHook(TrainingHook):
         for i, t in enumerate(targets):
             present[i, (t["labels"] - offset).long()] = 1.0
         imgcls = nn.functional.binary_cross_entropy(image_class_scores(weights), present)
-        self.losses["det_cls"].append(float(cls_loss.detach()))
-        self.losses["imgcls"].append(float(imgcls.detach()))
-        return {"det_cls": cls_loss * self.weight, "imgcls": imgcls * self.weight}
+        out = {"det_cls": cls_loss, "imgcls": imgcls}
+        unlabelled = step.batches.get(STRATEGY_UNLABELLED)
+        if self.adversarial and unlabelled is not None:
+            out.update(self._adversarial(unlabelled.images))
+        for key, value in out.items():
+            self.losses.setdefault(key, []).append(float(value.detach()))
+        return {key: value * self.weight for key, value in out.items()}
+
+    def _adversarial(self, images: Sequence[Tensor]) -> dict[str, Tensor]:
+        """MI-AOD's max and min steps on one unlabelled batch (see the class docstring)."""
+        levels = list(self.detector.features(list(images)).values())
+        # max step: the classifiers maximise the discrepancy on fixed features (f_mil frozen)
+        f1, f2, mil = self.heads([x.detach() for x in levels])
+        w = [mil_weights(a, b, m).detach() for a, b, m in zip(f1, f2, mil)]
+        wave_max = sum(discrepancy_loss(a, b, c, self.param_lambda, maximise=True)
+                       for a, b, c in zip(f1, f2, w))  # fmt: skip
+        # min step: the backbone (and f_mil) minimise it through frozen copies of f_1, f_2
+        f1, f2 = self.heads.frozen_classifiers(levels)
+        mil = self.heads.mil(levels)
+        w = [mil_weights(a, b, m) for a, b, m in zip(f1, f2, mil)]
+        wave_min = sum(discrepancy_loss(a, b, c.detach(), self.param_lambda)
+                       for a, b, c in zip(f1, f2, w))  # fmt: skip
+        pseudo = pseudo_image_labels(f1, f2)
+        bce = nn.functional.binary_cross_entropy(image_class_scores(w), pseudo)
+        if bool((pseudo.sum(1) == 0).any()):  # "ignore hard images": the batch's term is 0
+            bce = bce * 0
+        return {"wave_max": wave_max, "wave_min": wave_min, "imgcls_unlabelled": bce}
 
     def after_step(self, step: Step) -> None:
         self._levels, self._inputs = [], []
@@ -220,6 +291,8 @@ class MiaodHook(TrainingHook):
                 tenth = max(1, len(values) // 10)
                 out[f"first_{name}"] = sum(values[:tenth]) / tenth
                 out[f"final_{name}"] = sum(values[-tenth:]) / tenth
+        if "wave_max" in self.losses:
+            out["unlabelled_steps"] = float(len(self.losses["wave_max"]))
         return out
 
     def outputs(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -283,6 +356,8 @@ class MiaodUncertainty:
         reweight: Literal[REWEIGHTS] = "none",
         stacked_convs: Annotated[int, Range(0)] = 4,
         weight: PositiveFloat = 1.0,
+        adversarial: bool = True,
+        param_lambda: PositiveFloat = 0.5,
     ):
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise AlrunError(f"strategy.scorer.k: expected an integer >= 1, got {k!r}")
@@ -296,8 +371,16 @@ class MiaodUncertainty:
             )
         if not float(weight) > 0:
             raise AlrunError(f"strategy.scorer.weight: expected a number > 0, got {weight}")
+        if not isinstance(adversarial, bool):
+            raise AlrunError(
+                f"strategy.scorer.adversarial: expected true or false, got {adversarial!r}"
+            )
+        if not float(param_lambda) > 0:
+            raise AlrunError(
+                f"strategy.scorer.param_lambda: expected a number > 0, got {param_lambda}"
+            )
         self.k, self.reweight = int(k), reweight
-        self.hook = MiaodHook(stacked_convs, float(weight))
+        self.hook = MiaodHook(stacked_convs, float(weight), adversarial, float(param_lambda))
 
     @property
     def training_hooks(self) -> tuple[TrainingHook, ...]:
@@ -324,7 +407,8 @@ class MiaodUncertainty:
             "reweight": self.reweight,
             "stacked_convs": self.hook.stacked_convs,
             "weight": self.hook.weight,
-            "training": "labelled set only (no unlabelled max/min discrepancy steps)",
+            "adversarial": self.hook.adversarial,
+            "param_lambda": self.hook.param_lambda,
         }
 
 

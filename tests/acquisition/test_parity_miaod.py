@@ -21,10 +21,12 @@ from torchvision.models.detection import _utils as det_utils
 from alrun.acquisition.miaod import (
     InstanceClassifiers,
     MiaodUncertainty,
+    discrepancy_loss,
     image_class_scores,
     image_uncertainty,
     label_set_loss,
     mil_weights,
+    pseudo_image_labels,
 )
 from alrun.cli import user_error
 from alrun.errors import AlrunError
@@ -142,6 +144,62 @@ def test_label_set_loss_matches_mmdet_focal_loss():
     torch.testing.assert_close(got2, expected2)
 
 
+def _reference_wave_dis(y_head_f_1_single, y_head_f_2_single, y_head_cls_single, C, lam, minus):
+    """MIAOD_head.l_wave_dis / l_wave_dis_minus on (B, A*C, H, W) logits, weights (B, N, C)."""
+    y_head_f_1_single = y_head_f_1_single.permute(0, 2, 3, 1).reshape(-1, C).sigmoid()
+    y_head_f_2_single = y_head_f_2_single.permute(0, 2, 3, 1).reshape(-1, C).sigmoid()
+    w_i = y_head_cls_single.detach()
+    gap = abs(y_head_f_1_single - y_head_f_2_single)
+    if minus:
+        gap = 1 - gap
+    return (gap * w_i.reshape(-1, C)).mean(dim=1).sum() * lam
+
+
+def _reference_pseudo(y_f, batch_size, C):
+    """MIAOD_head.get_img_pseudolabel_score's y_pseudo (y_f: two lists of per-level logits)."""
+    y_pseudo = torch.zeros(batch_size, C)
+    for s in range(len(y_f[0])):
+        y_head_f_i = y_f[0][s].permute(0, 2, 3, 1).reshape(batch_size, -1, C).sigmoid()
+        y_head_f_i = y_f[1][s].permute(0, 2, 3, 1).reshape(batch_size, -1, C).sigmoid() + y_head_f_i
+        y_head_f_i = y_head_f_i.max(1)[0] / 2
+        y_pseudo = torch.max(y_pseudo, y_head_f_i)
+    y_pseudo[y_pseudo >= 0.5] = 1
+    y_pseudo[y_pseudo < 0.5] = 0
+    return y_pseudo
+
+
+@pytest.mark.parametrize("minus", [False, True])
+def test_discrepancy_losses_match_l_wave_dis(minus):
+    torch.manual_seed(2)
+    classes, anchors = 3, 2
+    raw1, raw2 = torch.randn(2, anchors * classes, 4, 5), torch.randn(2, anchors * classes, 4, 5)
+    w = torch.rand(2, 4 * 5 * anchors, classes)
+    flat = InstanceClassifiers(4, anchors, classes, stacked_convs=0)._flat
+    got = discrepancy_loss(flat(raw1), flat(raw2), w, 0.5, maximise=minus)
+    torch.testing.assert_close(got, _reference_wave_dis(raw1, raw2, w, classes, 0.5, minus))
+
+
+def test_pseudo_labels_match_get_img_pseudolabel_score():
+    torch.manual_seed(3)
+    classes, anchors = 4, 1
+    flat = InstanceClassifiers(4, anchors, classes, stacked_convs=0)._flat
+    raw = [[torch.randn(3, classes, 6, 6) * 2, torch.randn(3, classes, 3, 3) * 2] for _ in "ab"]
+    got = pseudo_image_labels([flat(x) for x in raw[0]], [flat(x) for x in raw[1]])
+    torch.testing.assert_close(got, _reference_pseudo(raw, 3, classes))
+
+
+def test_min_step_classifiers_are_frozen_and_max_step_features_are():
+    torch.manual_seed(4)
+    heads = InstanceClassifiers(4, 1, 2, stacked_convs=1)
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    f1, f2 = heads.frozen_classifiers([x])
+    plain = heads([x])
+    torch.testing.assert_close(f1[0], plain[0][0])
+    discrepancy_loss(f1[0], f2[0], torch.ones(1, 25, 2)).backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in heads.parameters())
+
+
 SMOKE = ["experiment=smoke", "quiet=true"]
 
 
@@ -178,3 +236,7 @@ def test_one_mi_aod_round_on_the_smoke_experiment(tmp_path):
     train = json.loads((tmp_path / "round_00" / "metrics.json").read_text())["train"]
     assert train["mi_aod/final_imgcls"] < train["mi_aod/first_imgcls"]
     assert "mi_aod/final_det_cls" in train
+    # the max and min steps ran on an unlabelled batch every iteration; the max step widened
+    # the classifiers' discrepancy (its loss is lambda x sum of (1 - gap) x w)
+    assert train["mi_aod/unlabelled_steps"] == train["iterations"]
+    assert train["mi_aod/final_wave_max"] < train["mi_aod/first_wave_max"]
