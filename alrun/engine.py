@@ -106,6 +106,9 @@ class TrainingHook:
     name = "hook"
     #: capability names (``alrun.detectors.base``) the hook needs of the detector
     requires: tuple[str, ...] = ()
+    #: the hook reads a batch of the unlabelled pool every iteration (``step.batches``
+    #: [:data:`STRATEGY_UNLABELLED`]): the loop adds that source through ``StrategyTraining``
+    draws_unlabelled: bool = False
 
     def before_training(self, detector: Detector, total: int) -> None:
         pass
@@ -131,7 +134,17 @@ class StrategyTraining:
 
     hooks: tuple[TrainingHook, ...] = ()
     ensemble: Ensemble | None = None
+    #: batch sources drawn beside the regime's for the strategy's hooks (MI-AOD: the
+    #: unlabelled pool, images only); the ensemble's members never see them
+    sources: tuple[BatchSource, ...] = ()
 
+    @property
+    def draws_unlabelled(self) -> bool:
+        return any(hook.draws_unlabelled for hook in self.hooks)
+
+
+#: the name of the unlabelled pool source a strategy's hooks draw (``draws_unlabelled``)
+STRATEGY_UNLABELLED = "strategy_unlabelled"
 
 #: a strategy that trains nothing beside the detector
 NO_STRATEGY_TRAINING = StrategyTraining()
@@ -180,7 +193,8 @@ def train_with_strategy(
     ensemble = strategy.ensemble
     if ensemble is not None and ensemble.kind == "snapshot":
         hooks.append(SnapshotHook(ensemble))
-    stats = train(detector, sources, schedule, seed, from_scratch, hooks, progress)
+    drawn = [*sources, *strategy.sources]
+    stats = train(detector, drawn, schedule, seed, from_scratch, hooks, progress)
     if ensemble is not None and ensemble.kind == "independent":
         stats.update(train_members(ensemble.members, sources, schedule, seed, round_index))
     return stats

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from alrun.annotation.oracle import AwaitingLabels
 from alrun.data.dataset import split_record
 from alrun.diagnostics import collapse_reason
-from alrun.engine import starts_from_scratch
+from alrun.engine import STRATEGY_UNLABELLED, BatchSource, StrategyTraining, starts_from_scratch
 from alrun.experiment import Experiment, build_experiment
 from alrun.io import read_json, write_json
 from alrun.logger import NullLogger
@@ -226,9 +227,21 @@ def _train(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> tupl
     with reporter.task(f"round {r}/{exp.budget.rounds} train") as progress:
         seed = derive_seed(exp.seed, r, Purpose.TRAIN)
         stats = exp.regime.train(
-            exp.detector, pool, exp.schedule, seed, r, progress, strategy=exp.training
+            exp.detector, pool, exp.schedule, seed, r, progress, strategy=_training(exp, pool)
         )
     return stats, time.perf_counter() - t0
+
+
+def _training(exp: Experiment, pool: LabelPool) -> StrategyTraining:
+    """The strategy's training, with the unlabelled pool (images only) when a hook draws it."""
+    if not exp.training.draws_unlabelled or not pool.unlabelled_ids:
+        return exp.training
+    source = BatchSource(
+        STRATEGY_UNLABELLED,
+        pool.dataset.subset(pool.unlabelled_ids, "unlabelled"),
+        role="unlabelled",
+    )
+    return replace(exp.training, sources=(source,))
 
 
 def _evaluate(

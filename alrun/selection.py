@@ -15,6 +15,7 @@ from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.select import TopK
 from alrun.acquisition.strategies import RandomScore
 from alrun.budget import check_initial_affordable, cost_function
+from alrun.data.images import load_image
 from alrun.errors import BudgetError
 from alrun.experiment import Experiment
 from alrun.metrics import pool_misses
@@ -148,7 +149,17 @@ def _context(
         selections=pool.selections(),
         labelled_preds=found.labelled_preds,
         labelled_targets=found.labelled_targets,
+        load_images=pool_pixels(pool),
     )
+
+
+def pool_pixels(pool: LabelPool):
+    """A loader of pool images' pixels by id (no labels), for scorers with their own heads."""
+
+    def load(ids):
+        return [load_image(r) for r in pool.records(list(ids))]
+
+    return load
 
 
 def labelled_detections(exp: Experiment, pool: LabelPool, needs: Needs):

@@ -25,7 +25,7 @@ def test_matrix_cells_follow_the_declared_capabilities():
     assert _cell("loc_tightness", "mmdet_faster_rcnn_r50").runs
     assert _cell("al_mdn", "fasterrcnn_mobilenet_v3_large_320_fpn").missing == {"mixture_head"}
     # ensembles and test-time views are backend-independent: they run on mmdet too
-    for strategy in ("ensemble_entropy", "ensemble_bald", "tta_inconsistency"):
+    for strategy in ("ensemble_entropy", "ensemble_bald", "tta_inconsistency", "qbc"):
         assert _cell(strategy, "mmdet_retinanet_r50").runs, strategy
     assert _cell("mc_entropy", "mmdet_retinanet_r50").missing == {"mc_dropout"}
     assert _cell("consistency", "mmdet_faster_rcnn_r50").missing == {"flip_views"}
@@ -33,8 +33,10 @@ def test_matrix_cells_follow_the_declared_capabilities():
     assert message.startswith("supervision=uda: needs teacher (")
     assert "which detector=mmdet_retinanet_r50 does not have" in message
     assert "detector=tiny_fcos" in message and "\n" not in message
+    assert _cell("mi_aod", "tiny_fcos").runs and _cell("mi_aod", "retinanet_resnet50_fpn").runs
+    assert "mixture_head" in _cell("mi_aod", "fasterrcnn_mobilenet_v3_large_320_fpn").missing
     table = counts(cells())
-    assert table["tiny_fcos"] == {"strategy": 28, "supervision": 11, "cells": 40}  # + cald
+    assert table["tiny_fcos"] == {"strategy": 30, "supervision": 11, "cells": 42}  # + qbc, mi_aod
 
 
 @pytest.mark.integration

@@ -117,6 +117,9 @@ class AcquisitionContext:
     #: strategy's ``needs.labelled_detections`` asks (per-class difficulty, missed objects)
     labelled_preds: PredictionBatch | None = None
     labelled_targets: Mapping[str, tuple[Tensor, Tensor]] | None = None
+    #: the pixels of pool images, (3, H, W) in [0, 1], for scorers that run their own heads on
+    #: them (MI-AOD); pixels only, never labels
+    load_images: Callable[[Sequence[str]], list[Tensor]] | None = None
 
     def rng(self, purpose: Purpose) -> np.random.Generator:
         """A generator fixed by ``(seed, round, purpose)``; round -1 is the initial set."""
