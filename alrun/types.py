@@ -41,6 +41,9 @@ class Needs:
     # AL-MDN: > 0 asks for a mixture-density head of this many components beside the dense
     # head (built at start-up, trained with the detector) and ``Detections.mdn`` per box
     mixture_density: int = 0
+    # PPAL's CCMS: ``feats`` are the classification tower's output at each box's centre, not
+    # the FPN feature at its anchor (capability ``head_features``)
+    head_feats: bool = False
 
     def merge(self, other: Needs) -> Needs:
         return Needs(
@@ -58,6 +61,7 @@ class Needs:
             ensemble_kind=self.ensemble_kind if self.ensemble else other.ensemble_kind,
             proposals=self.proposals or other.proposals,
             mixture_density=max(self.mixture_density, other.mixture_density),
+            head_feats=self.head_feats or other.head_feats,
         )
 
 
