@@ -43,6 +43,9 @@ class Needs:
     # ``mixture_coupling``: side (its gradient stops at the head towers) | coupled (reaches them)
     mixture_density: int = 0
     mixture_coupling: str = "side"
+    # PPAL's CCMS: ``feats`` are the classification tower's output at each box's centre, not
+    # the FPN feature at its anchor (capability ``head_features``)
+    head_feats: bool = False
 
     def merge(self, other: Needs) -> Needs:
         return Needs(
@@ -63,6 +66,7 @@ class Needs:
             mixture_coupling=(
                 self.mixture_coupling if self.mixture_density else other.mixture_coupling
             ),
+            head_feats=self.head_feats or other.head_feats,
         )
 
 

@@ -45,7 +45,7 @@ def one_torch_thread():
     "overrides, message",
     [
         (["strategy=badge"], r"^strategy=badge: needs box_features .* detector=ssdlite320_mobile"),
-        (["strategy=ppal"], r"^strategy=ppal: needs box_features .* detector=ssdlite320_mobile"),
+        (["strategy=ppal"], r"^strategy=ppal: needs anchor_quality .* detector=ssdlite320_mobile"),
         (["strategy=ccms"], r"^strategy=ccms: needs box_features .* detector=ssdlite320_mobile"),
         (["supervision=consistency"], r"^supervision \(FlipConsistency\): needs flip_views"),
         (

@@ -7,8 +7,11 @@ in the other. For images A and B with kept boxes (detector score >= ``score_thre
     sim(A -> B) = sum_i s_i * m_i / sum_i s_i,   m_i = max_{j in B, c_j = c_i} cos(f_i, f_j)
 
 with ``m_i = -1`` when B has no box of class ``c_i``, ``s_i`` the box's detector score and ``f``
-the box features; ``CCMS(A, B) = (sim(A -> B) + sim(B -> A)) / 2`` in [-1, 1]. Two images
-without kept boxes are identical (1); one without and one with are opposite (-1).
+the box features (``features: cls_tower``, PPAL's ``RetinaHeadFeat``: the classification
+tower's output sampled bilinearly at the box centre, on the box's FPN level; ``fpn``: alrun's
+earlier FPN feature at the box's anchor); ``CCMS(A, B) = (sim(A -> B) + sim(B -> A)) / 2`` in
+[-1, 1]. Two images without kept boxes are identical (1); one without and one with are opposite
+(-1).
 
 Selection is PPAL's k-centroid: greedy farthest-first initialisation on the distance
 ``1 - CCMS`` (first centre a seeded random image), then k-medoids iterations (assign each image
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
@@ -133,14 +136,21 @@ def k_centroid(distance: Tensor, k: int, first: int, iterations: int = 100) -> l
 class CCMSKCentroid:
     """Diversity selector with CCMS: k-centroid over the candidates' pairwise ``1 - CCMS``."""
 
-    needs = Needs(feats=True)
-
     def __init__(
         self,
         score_threshold: ScoreThreshold = 0.05,
         iterations: NonNegativeInt = 100,
         max_candidates: Annotated[int, Range(1, MAX_CANDIDATES)] = 20000,
+        features: Literal["cls_tower", "fpn"] = "cls_tower",
     ):
+        if features not in ("cls_tower", "fpn"):
+            raise AlrunError(
+                "strategy.selector.features: expected 'cls_tower' (PPAL: the classification "
+                f"tower at the box centre) or 'fpn' (the FPN feature at the anchor), got "
+                f"'{features}'"
+            )
+        self.features = features
+        self.needs = Needs(feats=True, head_feats=features == "cls_tower")
         if not 0.0 <= score_threshold < 1.0:
             raise AlrunError(
                 f"strategy.selector.score_threshold: expected a number in [0, 1), got "
@@ -172,4 +182,5 @@ class CCMSKCentroid:
             "selector": "ccms_k_centroid",
             "ccms_score_threshold": self.score_threshold,
             "k_centroid_iterations": self.iterations,
+            "ccms_features": self.features,
         }

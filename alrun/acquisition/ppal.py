@@ -1,12 +1,19 @@
 """PPAL's difficulty-calibrated uncertainty sampling (DCUS; Yang et al. 2024).
 
-Per-class difficulty comes from how well the current model does on the *labelled* images
-(their oracle boxes, never hidden ground truth): for each labelled box of class c, the quality
-of its best same-class detection ``q = P^xi * IoU^(1 - xi)`` (P: the detection's class-c
-probability; 0 when nothing overlaps), averaged per class. PPAL tracks the same quantity as a
-running average during training; measuring it after training on the labelled set gives the
-per-round value without touching the detector. A class never seen in the labelled set has
-quality 0 (hardest).
+Per-class difficulty (``quality: ema``, PPAL's ``RetinaQualityEMAHead``): during the round's
+training, every positive anchor of a batch gives ``q = p^xi * IoU^(1 - xi)`` (p: the sigmoid
+probability of its assigned class, IoU: of its regressed box with its assigned labelled box);
+per batch the mean per class ``a_c = sum q / (count + 1e-5)`` updates a running average
+``Q_c <- m_c Q_c + (1 - m_c) a_c``, and ``m_c`` returns to ``momentum`` when ``a_c > 0`` and is
+multiplied by it otherwise (a class absent from a batch decays, faster the longer it is absent).
+``Q`` starts at 0 and ``m`` at ``momentum`` every round, as PPAL builds a fresh head each round
+(so a resumed run, which retrains the round, gets the same value). Defaults: xi 0.6 (the head's
+``quality_xi``), momentum 0.99 (``al_train/retinanet_26e.py``; the class default is 0.999).
+The detector reports the anchors through the ``anchor_quality`` capability (dense heads).
+
+``quality: post_nms`` is alrun's earlier measure: after training, per labelled box the quality
+of its best same-class post-NMS detection (0 when nothing overlaps), averaged per class; a class
+never seen in the labelled set has quality 0 (hardest).
 
 Class weights follow PPAL's sampler (``DCUSSampler._get_classwise_weight``)::
 
@@ -29,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
@@ -38,6 +45,8 @@ from torchvision.ops import box_iou
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.reduction import COUNT_SOURCES, CountSources, kept_rows
 from alrun.acquisition.scores import binary, entropy
+from alrun.detectors.base import ANCHOR_QUALITY, Detector
+from alrun.engine import Step, TrainingHook
 from alrun.errors import AlrunError
 from alrun.params import Fraction, NonNegativeFloat, PositiveFloat, Range, ScoreThreshold
 from alrun.types import Needs
@@ -79,6 +88,63 @@ def class_quality(
     return [t / k if k else 0.0 for t, k in zip(total, count)], count
 
 
+class ClassQualityEMA(TrainingHook):
+    """PPAL's running class quality over positive anchors during training (module docstring)."""
+
+    name = "ppal_quality"
+    requires = (ANCHOR_QUALITY,)
+
+    def __init__(self, xi: float = 0.6, momentum: float = 0.99):
+        self.xi, self.base_momentum = float(xi), float(momentum)
+        self.quality: Tensor | None = None  # (C,) float64, None before any training
+        self.momentum: Tensor | None = None
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._stop = None
+
+    def reset(self, num_classes: int) -> None:
+        self.quality = torch.zeros(num_classes, dtype=torch.float64)
+        self.momentum = torch.full((num_classes,), self.base_momentum, dtype=torch.float64)
+        self._pending = []
+
+    def before_training(self, detector: Detector, total: int) -> None:
+        self.reset(detector.num_classes)
+        if self._stop is not None:
+            self._stop()
+        self._stop = detector.watch_positive_anchors(self._collect)
+
+    def _collect(self, labels: Tensor, probs: Tensor, ious: Tensor) -> None:
+        q = probs.double().clamp(0, 1).pow(self.xi) * ious.double().clamp(0, 1).pow(1 - self.xi)
+        self._pending.append((labels.cpu(), q.cpu()))
+
+    def update(self, labels: Tensor, quality: Tensor) -> None:
+        """One batch: per-class mean of ``quality`` over its positive anchors into the EMA."""
+        num_classes = len(self.quality)
+        counts = torch.bincount(labels, minlength=num_classes)[:num_classes].double()
+        sums = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, quality)
+        mean = sums / (counts + 1e-5)
+        self.quality = self.momentum * self.quality + (1 - self.momentum) * mean
+        self.momentum = torch.where(
+            mean > 0,
+            torch.full_like(self.momentum, self.base_momentum),
+            self.momentum * self.base_momentum,
+        )
+
+    def after_step(self, step: Step) -> None:
+        if self._pending:
+            labels = torch.cat([lab for lab, _ in self._pending]).long()
+            quality = torch.cat([q for _, q in self._pending])
+        else:
+            labels, quality = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        self._pending = []
+        self.update(labels, quality)
+
+    def after_training(self) -> dict[str, float]:
+        if self._stop is not None:
+            self._stop()
+            self._stop = None
+        return {f"class_{c}": float(q) for c, q in enumerate(self.quality.tolist())}
+
+
 def _class_probs(preds: PredictionBatch, lo: int, hi: int) -> Tensor:
     if preds.class_probs is not None:
         return preds.class_probs[lo:hi]
@@ -105,6 +171,8 @@ class DifficultyCalibratedUncertainty:
         count_sources: CountSources = "per_class",
         min_box_size: NonNegativeFloat = 16.0,
         max_aspect_ratio: Annotated[float, Range(1, low_open=True)] = 5.0,
+        quality: Literal["ema", "post_nms"] = "ema",
+        quality_momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.99,
     ):
         if not 0.0 <= score_threshold < 1.0:
             raise AlrunError(
@@ -130,6 +198,19 @@ class DifficultyCalibratedUncertainty:
             raise AlrunError(
                 f"strategy.scorer.max_aspect_ratio: expected a number > 1, got {max_aspect_ratio}"
             )
+        if quality not in ("ema", "post_nms"):
+            raise AlrunError(
+                f"strategy.scorer.quality: expected 'ema' (PPAL's running average over positive "
+                f"anchors in training) or 'post_nms', got '{quality}'"
+            )
+        if not 0.0 <= quality_momentum < 1.0:
+            raise AlrunError(
+                f"strategy.scorer.quality_momentum: expected a number in [0, 1), got "
+                f"{quality_momentum}"
+            )
+        self.quality = quality
+        self.quality_momentum = float(quality_momentum)
+        self.quality_hook = ClassQualityEMA(xi, quality_momentum) if quality == "ema" else None
         self.count_sources = count_sources
         self.min_box_size = float(min_box_size)
         self.max_aspect_ratio = float(max_aspect_ratio)
@@ -137,7 +218,7 @@ class DifficultyCalibratedUncertainty:
         self.class_weight_ub = float(class_weight_ub)
         self.class_weight_alpha = float(class_weight_alpha)
         self.xi = float(xi)
-        self.needs = Needs(probs=True, labelled_detections=True)
+        self.needs = Needs(probs=True, labelled_detections=quality == "post_nms")
         self.last_quality: list[float] = []
         self.last_weights: list[float] = []
 
@@ -146,9 +227,7 @@ class DifficultyCalibratedUncertainty:
         if batch is None or batch.probs is None:
             raise AlrunError("strategy.scorer: PPAL needs class probabilities of the pool")
         num_classes = batch.probs.shape[1] - 1
-        quality, _ = class_quality(
-            context.labelled_preds, context.labelled_targets, num_classes, self.xi
-        )
+        quality = self._class_quality(context, num_classes)
         weights = class_weights(quality, self.class_weight_ub, self.class_weight_alpha)
         self.last_quality, self.last_weights = quality, weights
         if len(batch) == 0:
@@ -170,9 +249,33 @@ class DifficultyCalibratedUncertainty:
             raise AlrunError("strategy.scorer: PPAL uncertainty is NaN or inf (diverged model?)")
         return dict(zip(batch.image_ids, per_image.tolist()))
 
+    @property
+    def training_hooks(self) -> tuple[TrainingHook, ...]:
+        return (self.quality_hook,) if self.quality_hook is not None else ()
+
+    def _class_quality(self, context: AcquisitionContext, num_classes: int) -> list[float]:
+        if self.quality_hook is None:
+            return class_quality(
+                context.labelled_preds, context.labelled_targets, num_classes, self.xi
+            )[0]
+        found = self.quality_hook.quality
+        if found is None:
+            raise AlrunError(
+                "strategy.scorer.quality=ema: the class-quality hook has not run (no training "
+                "this round); use strategy.scorer.quality=post_nms"
+            )
+        if len(found) != num_classes:
+            raise AlrunError(
+                f"strategy.scorer.quality=ema: {len(found)} class qualities for a "
+                f"{num_classes}-class pool"
+            )
+        return found.tolist()
+
     def describe(self) -> dict[str, Any]:
         return {
             "scorer": "ppal_dcus",
+            "quality": self.quality,
+            "quality_momentum": self.quality_momentum,
             "score_threshold": self.score_threshold,
             "class_weight_ub": self.class_weight_ub,
             "class_weight_alpha": self.class_weight_alpha,

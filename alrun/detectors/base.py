@@ -121,6 +121,8 @@ FLIP_VIEWS = "flip_views"
 IMAGE_VIEWS = "image_views"
 REBUILD = "rebuild"
 GRADIENTS = "gradients"
+ANCHOR_QUALITY = "anchor_quality"
+HEAD_FEATURES = "head_features"
 
 #: every capability name, with what it means (docs/reference/capabilities.md prints these)
 CAPABILITIES: dict[str, str] = {
@@ -139,6 +141,11 @@ CAPABILITIES: dict[str, str] = {
     IMAGE_VIEWS: "predictions on transformed image tensors (test-time views)",
     REBUILD: "the same architecture built again for another class list (synthetic pre-training)",
     GRADIENTS: "per-box gradient embeddings",
+    ANCHOR_QUALITY: "per positive anchor of each training batch, its class, class probability "
+    "and the IoU of its predicted box with its assigned box (`AnchorQuality`; PPAL's class "
+    "quality)",
+    HEAD_FEATURES: "the classification tower's output at each box's centre as the box feature "
+    "(`Needs.head_feats`; PPAL's CCMS features)",
 }
 
 
@@ -276,3 +283,17 @@ class ImageViews(Detector, Protocol):
     def predict_images(
         self, records: Sequence[ImageRef], images: list[Tensor], needs: Needs
     ) -> list[Detections]: ...
+
+
+#: ``callback(labels, probs, ious)``: one training forward's positive anchors (dataset classes)
+AnchorCallback = Callable[[Tensor, Tensor, Tensor], None]
+
+
+@runtime_checkable
+class AnchorQuality(Detector, Protocol):
+    """``anchor_quality``: while watched, every training forward of the dense head reports its
+    positive anchors (class, sigmoid probability of that class, IoU of the predicted box with
+    the assigned ground-truth box), as PPAL's ``RetinaQualityEMAHead.loss_single`` reads them."""
+
+    def watch_positive_anchors(self, callback: AnchorCallback) -> Callable[[], None]:
+        """Start reporting to ``callback``; returns the function that stops it."""

@@ -42,6 +42,7 @@ def needs_capabilities(needs: Needs) -> frozenset[str]:
         base.MIXTURE_HEAD: needs.mixture_density > 0,
         base.PROPOSALS: needs.proposals,
         base.BOX_FEATURES: needs.feats,
+        base.HEAD_FEATURES: needs.head_feats,
         base.EMBEDDINGS: needs.embedding or needs.labelled_embeddings,
         base.IMAGE_VIEWS: bool(needs.augment),
         base.GRADIENTS: needs.grads,

@@ -2,7 +2,8 @@
 
 The 31 presets are defaults lists of those groups; ``strategy_presets.json`` is the composed
 ``strategy`` config of every preset as it was before the groups existed (generated from the
-one-file-per-preset configs; qbc and mi_aod from theirs when they joined), so a preset that
+one-file-per-preset configs; qbc and mi_aod from theirs when they joined; PPAL quality and
+CCMS features keys added with their new defaults), so a preset that
 drifts fails here.
 """
 

@@ -68,7 +68,7 @@ def test_hard_classes_weigh_more_in_the_image_score():
         labelled_preds=PredictionBatch.from_detections([labelled]),
         labelled_targets=targets,
     )
-    scorer = DifficultyCalibratedUncertainty(xi=0.5)
+    scorer = DifficultyCalibratedUncertainty(xi=0.5, quality="post_nms")
     scores = scorer(ctx)
     assert scores["x"] == pytest.approx(math.log(2))
     assert scores["y"] == pytest.approx(1.2 * math.log(2))

@@ -24,7 +24,7 @@ from torchvision.models.detection.transform import resize_boxes
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.data.images import load_image
-from alrun.detectors.base import Progress, TrainSchedule
+from alrun.detectors.base import AnchorCallback, Progress, TrainSchedule
 from alrun.detectors.mdn import (
     check_mixture_density,
     has_mixture_density,
@@ -40,13 +40,19 @@ from alrun.detectors.torchvision.mc_dropout import (
     mc_rng,
     stochastic,
 )
-from alrun.detectors.torchvision.postprocess_dense import dense_detections, head_last, head_towers
+from alrun.detectors.torchvision.postprocess_dense import (
+    centre_features,
+    dense_detections,
+    head_last,
+    head_towers,
+)
 from alrun.detectors.torchvision.postprocess_rcnn import (
     two_stage_at_sources,
     two_stage_detections,
     two_stage_features,
 )
 from alrun.detectors.torchvision.postprocess_ssd import ssd_detections
+from alrun.detectors.torchvision.quality import watch_head_loss
 from alrun.detectors.torchvision.weights import build_with_weights
 from alrun.engine import BatchSource, train
 from alrun.errors import AlrunError
@@ -204,6 +210,15 @@ class TorchvisionDetector:
         clips their gradients as their own group."""
         return list(self.model.head.mdn.parameters()) if has_mixture_density(self.model) else []
 
+    def watch_positive_anchors(self, callback: AnchorCallback) -> Callable[[], None]:
+        """PPAL's class-quality inputs per training forward (:mod:`.quality`; dense heads)."""
+        if not isinstance(self.model, (FCOS, RetinaNet)):
+            raise AlrunError(
+                "detector: positive-anchor quality (PPAL's class quality) needs a dense head "
+                f"(FCOS, RetinaNet), not {type(self.model).__name__}"
+            )
+        return watch_head_loss(self.model, self.label_offset, callback)
+
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         if self.label_offset:
             targets = [{**t, "labels": t["labels"] + self.label_offset} for t in targets]
@@ -318,6 +333,13 @@ class TorchvisionDetector:
             anchors = model.anchor_generator(batch, levels)
             towers = head_towers(model, levels)  # run once, whatever the number of passes
             per_image = dense_detections(model, batch, levels, head_last(model, towers), anchors)
+            if needs.head_feats:  # PPAL's CCMS features: the class tower at the box centre
+                padded = tuple(batch.tensors.shape[-2:])
+                cls_maps = [cls for cls, _ in towers]
+                for found, feats in zip(
+                    per_image, centre_features(cls_maps, per_image, len(anchors[0]), padded)
+                ):
+                    found["feats"] = feats
             if needs.mixture_density:
                 if not has_mixture_density(model):
                     raise AlrunError(

@@ -25,9 +25,13 @@ _DENSE = frozenset(
         base.FLIP_VIEWS,
         base.IMAGE_VIEWS,
         base.REBUILD,
+        base.ANCHOR_QUALITY,
+        base.HEAD_FEATURES,
     }
 )
-_TWO_STAGE = (_DENSE - {base.MIXTURE_HEAD}) | {base.PROPOSALS}
+_TWO_STAGE = (_DENSE - {base.MIXTURE_HEAD, base.ANCHOR_QUALITY, base.HEAD_FEATURES}) | {
+    base.PROPOSALS
+}
 #: SSD: levels of different widths (no box feature, no one-width feature maps), no dropout site
 _SSD = frozenset({base.EMBEDDINGS, base.FEATURE_MAPS, base.TEACHER, base.IMAGE_VIEWS, base.REBUILD})
 

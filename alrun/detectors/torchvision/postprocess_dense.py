@@ -169,3 +169,31 @@ def dense_at_sources(
             }
         )
     return results
+
+
+def centre_features(
+    maps: list[Tensor], found: list[dict[str, Tensor]], num_anchors: int, padded: tuple[int, int]
+) -> list[Tensor]:
+    """Per image, each box's feature sampled (bilinear) at its centre on ``maps`` (one per FPN
+    level, (B, C, h, w)) at the level its anchor is on: PPAL's CCMS feature
+    (``RetinaHeadFeat`` + ``get_inter_feats``) when ``maps`` are the classification tower's
+    outputs. Centres are normalised by the padded batch size the maps cover (``padded``: H, W)."""
+    sizes = [m.shape[2] * m.shape[3] for m in maps]
+    per_loc = num_anchors // sum(sizes)
+    ends = torch.tensor(sizes, device=maps[0].device).cumsum(0) * per_loc
+    height, width = padded
+    out = []
+    for b, boxes in enumerate(f["boxes"] for f in found):
+        level = torch.searchsorted(ends, found[b]["sources"], right=True)
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        grid = torch.stack([centre[:, 0] / width, centre[:, 1] / height], dim=1) * 2 - 1
+        feats = boxes.new_zeros(len(boxes), maps[0].shape[1])
+        for lvl, fmap in enumerate(maps):
+            at = torch.where(level == lvl)[0]
+            if at.numel():
+                sampled = F.grid_sample(
+                    fmap[b : b + 1], grid[at][None, None], mode="bilinear", align_corners=False
+                )  # (1, C, 1, n)
+                feats[at] = sampled[0, :, 0].T
+        out.append(feats)
+    return out
