@@ -350,3 +350,17 @@ def test_not_json_and_not_an_export(tmp_path):
     path.write_text(json.dumps([{"data": {"image": "x"}}]))
     with pytest.raises(AlrunError, match="task 1: no alrun ids in the task data"):
         read_labels_file(path, spec)
+
+
+def test_an_export_written_by_label_studio_itself(tmp_path):
+    """data/labelstudio_1.23.2_export.json: GET /api/projects/<id>/export?exportType=JSON of a
+    real Label Studio 1.23.2 after test_labelstudio_server's round trip (run 56be9610b544)."""
+    real = json.loads((Path(__file__).parent / "data/labelstudio_1.23.2_export.json").read_text())
+    folder = export_batch(tmp_path, run="56be9610b544")
+    found = load(tmp_path, folder, real)
+    assert [found[i].real_s for i in "abc"] == [4.5, 2.5, 3.5]
+    for image_id in "abc":
+        np.testing.assert_allclose(found[image_id].labels.boxes, TRUTH[image_id].boxes, atol=1e-3)
+    with pytest.raises(AlrunError, match="exported for run 56be9610b544, not this run"):
+        (tmp_path / "other").mkdir()
+        load(tmp_path, export_batch(tmp_path / "other", run="another"), real)

@@ -162,3 +162,27 @@ def test_cli_exits_0_with_what_to_do_then_refuses_a_bad_export_in_one_line(tmp_p
         "  see docs/annotators.md",
     ]
     assert (run / "awaiting_labels.json").exists() and not (folder / "answers.json").exists()
+
+
+def test_verification_goes_out_in_two_parts_verify_then_draw_the_rejected(tmp_path):
+    proposals = {r.image_id: d for r, d in zip(RECORDS, Model().predict(RECORDS, None))}
+    folder = wait_verify(human(tmp_path), proposals).folder
+    assert folder.name == "batch_01_part0"
+    export = labelstudio_export(folder, TRUTH, CLASSES)
+    for task in export:  # "a" keeps its proposal, "b" and "c" reject theirs
+        kept = task["predictions"][0]["result"] if task["data"]["image_id"] == "a" else []
+        task["annotations"][0]["result"] = kept
+    (folder / "export/verify.json").write_text(json.dumps(export))
+    oracle = human(tmp_path)
+    answers = oracle.annotate(RECORDS, "verify", proposals=proposals)
+    assert [a.verified.tolist() for a in answers] == [[True], [False], [False]]
+    rejected = [r for r, a in zip(RECORDS, answers) if not a.verified.all()]
+    with pytest.raises(AwaitingLabels) as waiting:
+        oracle.annotate(rejected, "box")
+    assert waiting.value.folder.name == "batch_01_part1" and waiting.value.total == 2
+
+
+def wait_verify(oracle, proposals) -> AwaitingLabels:
+    with pytest.raises(AwaitingLabels) as waiting:
+        oracle.annotate(RECORDS, "verify", proposals=proposals)
+    return waiting.value
