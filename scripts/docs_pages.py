@@ -90,8 +90,10 @@ def family(scorer: str, selector: str, source: str | None) -> str:
         return "hybrid"
     if scorer.endswith(".RandomScore"):
         return "baseline" if selector.endswith(".TopK") else "diversity"
-    if ".learned." in scorer:
+    if ".learned." in scorer or ".miaod." in scorer:  # heads trained with the detector
         return "learned"
+    if ".qbc." in scorer:  # a committee of ensemble members
+        return "uncertainty, multi-pass (ensemble)"
     if ".heuristics." in scorer:
         return "heuristic"
     if source and source != "none":

@@ -24,6 +24,10 @@ def test_strategy_table_has_every_strategy_config_with_family_needs_and_referenc
     assert rows["coreset"].needs == "embedding; labelled embeddings"
     assert rows["coreset"].reference == "Sener & Savarese 2018"
     assert (rows["ppal"].family, rows["loss_prediction"].family) == ("hybrid", "learned")
+    assert (rows["mi_aod"].family, rows["qbc"].family) == (
+        "learned",
+        "uncertainty, multi-pass (ensemble)",
+    )
     assert rows["al_mdn"].reference == "Choi et al. ICCV 2021"  # the title left to Methods
     assert rows["bald"].reference == "Houlsby et al. 2011; Haussmann et al. 2020"  # docstring
     assert rows["box_in_box"].description.startswith("Vo et al. 2022: same-class box-in-box")
