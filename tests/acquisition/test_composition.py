@@ -59,6 +59,7 @@ def refusal(overrides: list[str]) -> str:
 
 def test_the_snapshot_covers_every_preset():
     assert sorted(SNAPSHOT) == PRESETS and len(PRESETS) == 31
+    assert set(MULTI_PASS_SCORERS) <= set(options("scorer"))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -76,6 +77,10 @@ def _instantiate(overrides: list[str]) -> Strategy:
 def test_every_scorer_option_composes_with_a_preset(scorer: str):
     strategy = _instantiate(["strategy=random", f"strategy/scorer={scorer}"])
     assert strategy.name == "random" and strategy.selector.describe()["selector"] == "topk"
+    # composition.MULTI_PASS_SCORERS (named in its refusals) lists exactly the multi-pass files
+    built = type(strategy.scorer)
+    multi_pass = f"{built.__module__}.{built.__qualname__}" == PASS_UNCERTAINTY
+    assert multi_pass == (scorer in MULTI_PASS_SCORERS)
 
 
 @pytest.mark.parametrize("selector", options("selector"))
@@ -89,15 +94,6 @@ def test_every_passes_option_sets_the_source(passes: str):
     base = "strategy=loc_tightness" if passes == "none" else "strategy=bald"
     strategy = _instantiate([base, f"strategy/passes={passes}"])
     assert strategy.scorer.source == passes
-
-
-def test_multi_pass_scorer_list_matches_the_scorer_files():
-    multi = [
-        s
-        for s in options("scorer")
-        if strategy_config([f"strategy/scorer={s}"])["scorer"]["_target_"] == PASS_UNCERTAINTY
-    ]
-    assert sorted(multi) == sorted(MULTI_PASS_SCORERS)
 
 
 def test_composed_pairs_from_the_issue():
