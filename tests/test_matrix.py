@@ -34,7 +34,7 @@ def test_matrix_cells_follow_the_declared_capabilities():
     assert "which detector=mmdet_retinanet_r50 does not have" in message
     assert "detector=tiny_fcos" in message and "\n" not in message
     assert _cell("mi_aod", "tiny_fcos").runs and _cell("mi_aod", "retinanet_resnet50_fpn").runs
-    assert "mixture_head" in _cell("mi_aod", "fasterrcnn_mobilenet_v3_large_320_fpn").missing
+    assert "dense_head" in _cell("mi_aod", "fasterrcnn_mobilenet_v3_large_320_fpn").missing
     table = counts(cells())
     assert table["tiny_fcos"] == {"strategy": 30, "supervision": 11, "cells": 42}  # + qbc, mi_aod
 

@@ -39,7 +39,7 @@ from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from alrun.acquisition.context import AcquisitionContext
 from alrun.acquisition.learned import _level_widths
-from alrun.detectors.base import FEATURE_MAPS, FPN_FEATURES, MIXTURE_HEAD, TEACHER
+from alrun.detectors.base import DENSE_HEAD, FEATURE_MAPS, FPN_FEATURES, TEACHER
 from alrun.engine import STRATEGY_UNLABELLED, Step, TrainingHook
 from alrun.errors import AlrunError
 from alrun.params import PositiveFloat, PositiveInt, Range
@@ -48,7 +48,7 @@ from alrun.types import Needs
 #: what the heads read: one-width FPN levels with gradients, the torch module's anchor generator
 #: and transform, and a dense head to sit beside (the detectors that host AL-MDN's mixture head
 #: beside their dense head; two-stage models do not)
-MIAOD_REQUIRES = (FEATURE_MAPS, FPN_FEATURES, TEACHER, MIXTURE_HEAD)
+MIAOD_REQUIRES = (FEATURE_MAPS, FPN_FEATURES, TEACHER, DENSE_HEAD)
 REWEIGHTS = ("none", "mil")
 
 

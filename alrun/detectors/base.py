@@ -123,6 +123,7 @@ REBUILD = "rebuild"
 GRADIENTS = "gradients"
 ANCHOR_QUALITY = "anchor_quality"
 HEAD_FEATURES = "head_features"
+DENSE_HEAD = "dense_head"
 
 #: every capability name, with what it means (docs/reference/capabilities.md prints these)
 CAPABILITIES: dict[str, str] = {
@@ -146,6 +147,8 @@ CAPABILITIES: dict[str, str] = {
     "quality)",
     HEAD_FEATURES: "the classification tower's output at each box's centre as the box feature "
     "(`Needs.head_feats`; PPAL's CCMS features)",
+    DENSE_HEAD: "a one-stage dense head on FPN levels with anchors that strategy heads can sit "
+    "beside and be assigned with (MI-AOD's instance classifiers)",
 }
 
 

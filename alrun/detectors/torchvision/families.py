@@ -27,11 +27,12 @@ _DENSE = frozenset(
         base.REBUILD,
         base.ANCHOR_QUALITY,
         base.HEAD_FEATURES,
+        base.DENSE_HEAD,
     }
 )
-_TWO_STAGE = (_DENSE - {base.MIXTURE_HEAD, base.ANCHOR_QUALITY, base.HEAD_FEATURES}) | {
-    base.PROPOSALS
-}
+_TWO_STAGE = (
+    _DENSE - {base.MIXTURE_HEAD, base.ANCHOR_QUALITY, base.HEAD_FEATURES, base.DENSE_HEAD}
+) | {base.PROPOSALS}
 #: SSD: levels of different widths (no box feature, no one-width feature maps), no dropout site
 _SSD = frozenset({base.EMBEDDINGS, base.FEATURE_MAPS, base.TEACHER, base.IMAGE_VIEWS, base.REBUILD})
 
