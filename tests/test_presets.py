@@ -176,7 +176,11 @@ def test_cpu_preset_builds_on_the_shared_dataset(preset: str):
 
 
 #: presets on detector=lite0_fcos -> (their dataset, the tiny-FCOS preset they mirror)
-LITE0_PRESETS = {"bccd_lite0": ("bccd", "bccd")}
+LITE0_PRESETS = {
+    "bccd_lite0": ("bccd", "bccd"),
+    "cards_lite0": ("cards", "cards"),
+    "txlpbc_lite0": ("txl_pbc", "txl_pbc"),
+}
 
 
 @pytest.mark.parametrize("preset", sorted(LITE0_PRESETS))
