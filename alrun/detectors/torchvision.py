@@ -207,6 +207,11 @@ class TorchvisionDetector:
         self.mdn_components = int(components)
         self.model = self._build(seed=0)
 
+    def teacher_module(self) -> nn.Module:
+        """The model itself: its forward in eval mode gives post-processed boxes
+        (``TeacherSource``), labels shifted by ``label_offset``."""
+        return self.model
+
     # --- training (the loop itself is alrun.engine) -------------------------------------------
     def train_mode(self) -> None:
         self.model.train()
