@@ -132,7 +132,8 @@ CAPABILITIES: dict[str, str] = {
     BOX_FEATURES: "a fixed-size feature vector per box (`Detections.feats`)",
     EMBEDDINGS: "an image embedding (`Detections.embedding`)",
     FEATURE_MAPS: "feature maps with gradients in training (`FeatureMaps.features`)",
-    FPN_FEATURES: "feature maps all of one width (an FPN), for one classifier across levels",
+    FPN_FEATURES: "feature maps all of one width (an FPN), for one classifier across levels "
+    "(`FPNFeatures.feature_width`)",
     TEACHER: "a torch module (`TeacherSource.teacher_module`) whose forward gives post-processed "
     "boxes of training batches, to copy as a frozen or EMA teacher",
     FLIP_VIEWS: "head outputs on horizontally flipped feature maps (flip consistency; "
@@ -235,6 +236,15 @@ class FeatureMaps(Detector, Protocol):
     def features(self, images: list[Tensor]) -> dict[str, Tensor]:
         """Named feature maps (B, C, h, w) of a batch of images (of one width C when the
         detector also declares ``fpn_features``)."""
+
+
+@runtime_checkable
+class FPNFeatures(FeatureMaps, Protocol):
+    """``fpn_features``: every feature map of :meth:`features` has ``feature_width`` channels
+    (one domain classifier or scorer head serves every level)."""
+
+    @property
+    def feature_width(self) -> int: ...
 
 
 #: the former name of :class:`FeatureMaps`

@@ -440,6 +440,11 @@ class MMDetDetector:
         inputs, _ = self._prepare(images)
         return {str(i): f for i, f in enumerate(self.model.extract_feat(inputs))}
 
+    @property
+    def feature_width(self) -> int:
+        """The neck's width: every FPN level of :meth:`features` has it (``fpn_features``)."""
+        return int(self.model.neck.out_channels)
+
     def flip_view_outputs(self, images: list[Tensor]) -> FlipViewOutputs:
         """RetinaNet's per-anchor outputs on the batch and on its mirror image (``FlipViews``,
         for CSD): one backbone pass over both, with gradients in training mode."""

@@ -229,6 +229,11 @@ class TorchvisionDetector:
             targets = [{**t, "labels": t["labels"] + self.label_offset} for t in targets]
         return self.model(images, targets)
 
+    @property
+    def feature_width(self) -> int:
+        """The FPN's width: every level of :meth:`features` has it (``fpn_features``)."""
+        return int(self.model.backbone.out_channels)
+
     def features(self, images: list[Tensor]) -> dict[str, Tensor]:
         """Backbone (+ FPN) feature maps of ``images``, with gradients in training mode."""
         batch, _ = self.model.transform(images)
