@@ -237,6 +237,10 @@ class FeatureMaps(Detector, Protocol):
         """Named feature maps (B, C, h, w) of a batch of images (of one width C when the
         detector also declares ``fpn_features``)."""
 
+    def feature_module(self) -> torch.nn.Module:
+        """The module whose output, inside the model's own training forward, is what
+        :meth:`features` returns (a forward hook there reads them without a second pass)."""
+
 
 @runtime_checkable
 class FPNFeatures(FeatureMaps, Protocol):

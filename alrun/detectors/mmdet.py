@@ -440,6 +440,10 @@ class MMDetDetector:
         inputs, _ = self._prepare(images)
         return {str(i): f for i, f in enumerate(self.model.extract_feat(inputs))}
 
+    def feature_module(self) -> nn.Module:
+        """The neck (FPN): its output is :meth:`features`'s maps, in the same order."""
+        return self.model.neck
+
     @property
     def feature_width(self) -> int:
         """The neck's width: every FPN level of :meth:`features` has it (``fpn_features``)."""

@@ -234,6 +234,10 @@ class TorchvisionDetector:
         """The FPN's width: every level of :meth:`features` has it (``fpn_features``)."""
         return int(self.model.backbone.out_channels)
 
+    def feature_module(self) -> nn.Module:
+        """The backbone (with its FPN): its output is :meth:`features`'s maps."""
+        return self.model.backbone
+
     def features(self, images: list[Tensor]) -> dict[str, Tensor]:
         """Backbone (+ FPN) feature maps of ``images``, with gradients in training mode."""
         batch, _ = self.model.transform(images)
