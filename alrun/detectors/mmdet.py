@@ -61,15 +61,17 @@ from alrun.detectors.base import (
     FlipViewOutputs,
     Progress,
 )
-from alrun.detectors.passes import PASS_NEEDS, with_views
-from alrun.detectors.torchvision import (
-    HeadDropout,
-    _channel_mask,
-    _ConvAt,
-    _mc_rng,
-    _patches,
-    resolve_device,
+from alrun.detectors.mmdet_mc import (
+    Stochastic,
+    anchor_rows,
+    dense_mc_passes,
+    last_layers,
+    retina_last,
+    retina_towers,
+    two_stage_at_sources,
 )
+from alrun.detectors.passes import PASS_NEEDS, with_views
+from alrun.detectors.torchvision import HeadDropout, _mc_rng, resolve_device
 from alrun.errors import AlrunError
 from alrun.params import PositiveInt
 from alrun.types import NOTHING, Detections, Needs
@@ -360,7 +362,7 @@ class MMDetDetector:
         self.model = model.to(self.device)
         self.min_size, self.max_size = built.min_size, built.max_size
         if self.head_dropout > 0:
-            for layer in _last_layers(self.model, self.kind):
+            for layer in last_layers(self.model, self.kind):
                 layer.register_forward_pre_hook(HeadDropout(self.head_dropout))
 
     @property
@@ -376,7 +378,7 @@ class MMDetDetector:
         """The kind's capabilities, less those whose layers this model's head lacks (MC dropout
         and flipped views need RetinaNet's last convs or a shared-FC box head)."""
         found = kind_capabilities(self.kind)
-        if not _last_layers(self.model, self.kind):
+        if not last_layers(self.model, self.kind):
             found = found - {MC_DROPOUT, FLIP_VIEWS}
         return found
 
@@ -402,7 +404,7 @@ class MMDetDetector:
             )
         if self.head_dropout == 0:
             self.head_dropout = float(p)
-            for layer in _last_layers(self.model, self.kind):
+            for layer in last_layers(self.model, self.kind):
                 layer.register_forward_pre_hook(HeadDropout(self.head_dropout))
 
     def teacher_module(self) -> nn.Module:
@@ -460,8 +462,8 @@ class MMDetDetector:
         cls_scores, bbox_preds = head(tuple(levels))
         width = head.cls_out_channels
         return FlipViewOutputs(
-            cls=torch.cat([_anchor_rows(c, width) for c in cls_scores], dim=1),
-            box=torch.cat([_anchor_rows(b, 4) for b in bbox_preds], dim=1),
+            cls=torch.cat([anchor_rows(c, width) for c in cls_scores], dim=1),
+            box=torch.cat([anchor_rows(b, 4) for b in bbox_preds], dim=1),
             shapes=tuple(tuple(c.shape[-2:]) for c in cls_scores),
             per_location=head.num_base_priors,
             encoding="delta",
@@ -535,18 +537,18 @@ class MMDetDetector:
         extra: list[list[dict[str, Tensor]]] = []
         if self.kind == "dense":
             head = self.model.bbox_head
-            towers = _retina_towers(head, levels) if mc_passes else None
-            outputs = _retina_last(head, towers) if towers else None
+            towers = retina_towers(head, levels) if mc_passes else None
+            outputs = retina_last(head, towers) if towers else None
             found = _dense(head, levels, samples, outputs)
             if towers:
                 with _mc_rng(self.device, records):
-                    extra = _dense_mc_passes(head, levels, towers, found, samples, mc_passes)
+                    extra = dense_mc_passes(head, levels, towers, found, samples, mc_passes)
         else:
             found = _two_stage(self.model, levels, samples)
             if mc_passes:
-                with _mc_rng(self.device, records), _active(self.model, self.kind):
+                with _mc_rng(self.device, records), Stochastic(self.model, self.kind):
                     extra = [
-                        _two_stage_at_sources(self.model.roi_head.bbox_head, found, samples)
+                        two_stage_at_sources(self.model.roi_head.bbox_head, found, samples)
                         for _ in range(mc_passes)
                     ]
         results = []
@@ -667,188 +669,6 @@ class MMDetTeacher(nn.Module):
             }
             for kept, sample in zip(found, samples)
         ]
-
-
-# --- MC dropout -----------------------------------------------------------------------------
-def _last_layers(model: nn.Module, kind: str) -> list[nn.Module]:
-    """The layers MC dropout goes before: RetinaNet's ``retina_cls`` / ``retina_reg`` (3x3
-    convs on the towers), or the class / box layers of a box head whose two branches share
-    their input (``Shared2FCBBoxHead``: no branch-specific convs or fcs). Empty: none."""
-    from mmdet.models.dense_heads import RetinaHead
-
-    if kind == "dense":
-        head = model.bbox_head
-        return [head.retina_cls, head.retina_reg] if isinstance(head, RetinaHead) else []
-    head = model.roi_head.bbox_head
-    branches = ("num_cls_convs", "num_cls_fcs", "num_reg_convs", "num_reg_fcs")
-    if all(getattr(head, name, 1) == 0 for name in branches):
-        return [head.fc_cls, head.fc_reg]
-    return []
-
-
-class _active:
-    """Context manager: head dropout active in evaluation (MC-dropout passes)."""
-
-    def __init__(self, model: nn.Module, kind: str):
-        self.hooks = [
-            hook
-            for layer in _last_layers(model, kind)
-            for hook in layer._forward_pre_hooks.values()
-            if isinstance(hook, HeadDropout)
-        ]
-
-    def __enter__(self) -> None:
-        for hook in self.hooks:
-            hook.active = True
-
-    def __exit__(self, *exc) -> None:
-        for hook in self.hooks:
-            hook.active = False
-
-
-def _retina_towers(head: nn.Module, levels: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    """Per level, RetinaHead's classification and regression towers (deterministic: run once
-    whatever the number of passes), as ``RetinaHead.forward_single`` computes them."""
-    towers = []
-    for x in levels:
-        cls_feat, reg_feat = x, x
-        for conv in head.cls_convs:
-            cls_feat = conv(cls_feat)
-        for conv in head.reg_convs:
-            reg_feat = conv(reg_feat)
-        towers.append((cls_feat, reg_feat))
-    return towers
-
-
-def _retina_last(head: nn.Module, towers: list[tuple[Tensor, Tensor]]) -> tuple[list, list]:
-    """What ``head(levels)`` returns, from the cached towers."""
-    return [head.retina_cls(c) for c, _ in towers], [head.retina_reg(r) for _, r in towers]
-
-
-def _anchor_rows(t: Tensor, width: int) -> Tensor:
-    """(B, A*width, H, W) -> (B, HWA, width), the row order of mmdet's post-processing."""
-    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, width)
-
-
-def _dense_mc_passes(
-    head: nn.Module,
-    levels: list[Tensor],
-    towers: list[tuple[Tensor, Tensor]],
-    found: list[dict[str, Tensor]],
-    samples: list[Any],
-    passes: int,
-) -> list[list[dict[str, Tensor]]]:
-    """``passes`` MC-dropout passes of RetinaHead at the reference boxes' anchors.
-
-    The same computation as the torchvision backend's ``_dense_mc_passes``: a pass is one
-    channel mask per image and tower; ``retina_cls`` / ``retina_reg`` are evaluated only at the
-    reference locations (:class:`~alrun.detectors.torchvision._ConvAt`), exactly what a full
-    pass with those masks gives there (a test checks it)."""
-    p = next(h.p for h in head.retina_cls._forward_pre_hooks.values() if isinstance(h, HeadDropout))
-    num_classes, per_loc = head.cls_out_channels, head.num_base_priors
-    sizes = [(f.shape[2], f.shape[3]) for f in levels]
-    counts = [len(f["sources"]) for f in found]
-    if sum(counts) == 0:  # no reference box in the whole batch
-        return [[dict(f) for f in found] for _ in range(passes)]
-    device = levels[0].device
-    starts = torch.tensor([0] + [h * w * per_loc for h, w in sizes], device=device).cumsum(0)
-    total = int(starts[-1])
-    b = torch.repeat_interleave(
-        torch.arange(len(found), device=device), torch.tensor(counts, device=device)
-    )
-    src = torch.cat([f["sources"] for f in found])
-    labels = torch.cat([f["labels"] for f in found])
-    # class-aware NMS keeps several rows per anchor: compute each (image, anchor) once
-    keys, inverse = torch.unique(b * total + src, return_inverse=True)
-    ub, usrc = torch.div(keys, total, rounding_mode="floor"), keys % total
-    level = torch.searchsorted(starts[1:], usrc, right=True)
-    cls_rows, reg_rows, index = [], [], []
-    for lvl, (_h, w) in enumerate(sizes):
-        at = torch.nonzero(level == lvl).flatten()
-        if at.numel() == 0:
-            continue
-        loc = torch.div(usrc[at] - starts[lvl], per_loc, rounding_mode="floor")
-        y, x = torch.div(loc, w, rounding_mode="floor"), loc % w
-        cls_rows.append(_patches(towers[lvl][0], ub[at], y, x))
-        reg_rows.append(_patches(towers[lvl][1], ub[at], y, x))
-        index.append(at)
-    order = torch.cat(index)
-    cls_patch, reg_patch = torch.cat(cls_rows), torch.cat(reg_rows)
-    b_o, src_o = ub[order], usrc[order]
-    a = (src_o - starts[level[order]]) % per_loc  # anchor index at the location
-    cls_channels = (a * num_classes)[:, None] + torch.arange(num_classes, device=device)
-    reg_channels = (a * 4)[:, None] + torch.arange(4, device=device)
-    priors = head.prior_generator.grid_priors(sizes, dtype=levels[0].dtype, device=device)
-    anchor_boxes = torch.cat(list(priors))[src_o]
-    limits = torch.tensor(
-        [[s.metainfo["img_shape"][1], s.metainfo["img_shape"][0]] * 2 for s in samples],
-        device=device,
-        dtype=anchor_boxes.dtype,
-    )[b_o]
-    back = torch.empty_like(order)
-    back[order] = torch.arange(len(order), device=device)
-    row_at = back[inverse]  # each box row's position among the computed anchors
-    cls_at = _ConvAt(cls_patch, head.retina_cls, cls_channels)
-    reg_at = _ConvAt(reg_patch, head.retina_reg, reg_channels)
-    passes_out = []
-    for _ in range(passes):
-        cls_mask = _channel_mask(len(found), cls_patch.shape[1], p, device)[b_o]
-        reg_mask = _channel_mask(len(found), reg_patch.shape[1], p, device)[b_o]
-        boxes = head.bbox_coder.decode(anchor_boxes, reg_at(reg_mask))
-        boxes = torch.minimum(boxes.clamp_min(0), limits)[row_at]
-        logits = cls_at(cls_mask)[row_at]
-        class_probs = logits.sigmoid()
-        out = {
-            "boxes": boxes,
-            "scores": class_probs.gather(1, labels.reshape(-1, 1)).reshape(-1),
-            "probs": _with_background_last(logits),
-            "class_probs": class_probs,
-        }
-        split = {k: v.split(counts) for k, v in out.items()}
-        passes_out.append(
-            [
-                {**{k: split[k][i] for k in out}, **{k: f[k] for k in _SAME_IN_EVERY_PASS}}
-                for i, f in enumerate(found)
-            ]
-        )
-    return passes_out
-
-
-#: what an MC-dropout pass of a dense head keeps from the reference pass
-_SAME_IN_EVERY_PASS = ("labels", "feats", "sources")
-
-
-def _two_stage_at_sources(
-    bbox_head: nn.Module, found: list[dict[str, Tensor]], samples: list[Any]
-) -> list[dict[str, Tensor]]:
-    """One MC-dropout pass of the box head's ``fc_cls`` / ``fc_reg`` on the reference boxes'
-    box features (their shared input, kept by :func:`_two_stage`), read for the same proposal
-    and class (row i of the pass = row i of the reference)."""
-    results = []
-    for ref, sample in zip(found, samples):
-        labels = ref["labels"]
-        probs = torch.softmax(bbox_head.fc_cls(ref["feats"]), dim=-1)  # background last
-        num_classes = probs.shape[1] - 1
-        decoded = bbox_head.bbox_coder.decode(
-            ref["proposals"], bbox_head.fc_reg(ref["feats"]), max_shape=sample.metainfo["img_shape"]
-        )
-        if decoded.shape[-1] == 4:  # class-agnostic regression
-            boxes = decoded
-        else:
-            boxes = decoded.reshape(len(labels), num_classes, 4)[torch.arange(len(labels)), labels]
-        results.append(
-            {
-                "boxes": boxes,
-                "scores": probs.gather(1, labels.reshape(-1, 1)).reshape(-1),
-                "labels": labels,
-                "probs": probs,
-                "class_probs": probs[:, :num_classes],
-                "feats": ref["feats"],
-                "proposals": ref["proposals"],
-                "sources": ref["sources"],
-            }
-        )
-    return results
 
 
 #: what alrun implements for each supported kind of mmdet model

@@ -375,6 +375,7 @@ def test_retinanet_mc_pass_at_anchors_is_the_full_pass_with_the_same_masks(data)
     run over the whole masked tower maps, read at the same anchors."""
     from alrun.data.images import load_image
     from alrun.detectors import mmdet as backend
+    from alrun.detectors import mmdet_mc
     from alrun.detectors.torchvision import _channel_mask
 
     det = retinanet()
@@ -384,19 +385,19 @@ def test_retinanet_mc_pass_at_anchors_is_the_full_pass_with_the_same_masks(data)
     with torch.no_grad():
         inputs, samples = det._prepare([load_image(r) for r in data.images[:2]])
         levels = list(det.model.extract_feat(inputs))
-        towers = backend._retina_towers(head, levels)
-        found = backend._dense(head, levels, samples, backend._retina_last(head, towers))
+        towers = mmdet_mc.retina_towers(head, levels)
+        found = backend._dense(head, levels, samples, mmdet_mc.retina_last(head, towers))
         torch.manual_seed(3)
-        (cheap,) = backend._dense_mc_passes(head, levels, towers, found, samples, 1)
+        (cheap,) = mmdet_mc.dense_mc_passes(head, levels, towers, found, samples, 1)
         torch.manual_seed(3)
         cls_mask = _channel_mask(2, 256, 0.4, "cpu")
         reg_mask = _channel_mask(2, 256, 0.4, "cpu")
         logits = torch.cat(
-            [backend._anchor_rows(head.retina_cls(c * cls_mask[:, :, None, None]), 3)
+            [mmdet_mc.anchor_rows(head.retina_cls(c * cls_mask[:, :, None, None]), 3)
              for c, _ in towers], dim=1,
         )  # fmt: skip
         deltas = torch.cat(
-            [backend._anchor_rows(head.retina_reg(r * reg_mask[:, :, None, None]), 4)
+            [mmdet_mc.anchor_rows(head.retina_reg(r * reg_mask[:, :, None, None]), 4)
              for _, r in towers], dim=1,
         )  # fmt: skip
         sizes = [f.shape[-2:] for f in levels]
