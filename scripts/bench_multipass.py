@@ -8,6 +8,13 @@ Prediction and scoring (matching passes + the score) are timed separately; best 
 ``--repeats``.
 
     .venv/bin/python scripts/bench_multipass.py [--iterations 300] [--checkpoint PATH]
+
+Other detectors: ``--detector`` (a ``detector=`` option) with Hydra ``--override``s, e.g. the
+MMDetection RetinaNet at a CPU-sized scale (run with ``.venv-mmdet/bin/python``):
+
+    .venv-mmdet/bin/python scripts/bench_multipass.py --detector mmdet_retinanet_r50 \
+        --iterations 50 --pool 200 --override detector.builder.min_size=256 \
+        detector.builder.max_size=256
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from hydra.utils import instantiate
 
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.config import compose_config
+from alrun.engine import BatchSource, train
 from alrun.loop import build_experiment
 from alrun.pool import LabelPool
 
@@ -43,10 +51,14 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--detector", default=None, help="a detector= option (default: demo's)")
+    parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides")
+    parser.add_argument("--pool", type=int, default=0, help="at most this many pool images")
     args = parser.parse_args()
 
-    cfg = compose_config(["experiment=demo", "strategy=mc_entropy"])
-    exp = build_experiment(cfg)  # builds the tiny FCOS with head dropout 0.2
+    chosen = [f"detector={args.detector}"] if args.detector else []
+    cfg = compose_config(["experiment=demo", "strategy=mc_entropy", *chosen, *args.override])
+    exp = build_experiment(cfg)  # builds the detector with head dropout 0.2 (tiny FCOS: demo's)
     pool = LabelPool(exp.splits.pool)
     train_ids = pool.dataset.ids[:100]
     if args.checkpoint:
@@ -54,9 +66,10 @@ def main() -> None:
     else:
         schedule = instantiate(cfg.trainer)
         schedule = type(schedule)(**{**schedule.__dict__, "iterations": args.iterations})
-        exp.detector.fit(pool.dataset.subset(train_ids), schedule, seed=0, from_scratch=True)
+        source = BatchSource("labelled", pool.dataset.subset(train_ids))
+        train(exp.detector, [source], schedule, seed=0, from_scratch=True)
     labelled = set(train_ids)
-    ids = [i for i in pool.dataset.ids if i not in labelled]
+    ids = [i for i in pool.dataset.ids if i not in labelled][: args.pool or None]
     records = pool.records(ids)
     views = '["hflip","scale:0.8","jitter:0.2","noise:0.02","noise:0.05"]'
     runs = {
@@ -64,11 +77,12 @@ def main() -> None:
         "mc_entropy T=10": ["strategy=mc_entropy", "strategy.scorer.passes=10"],
         "tta 5 views": ["strategy=tta_inconsistency", f"strategy.scorer.views={views}"],
     }
-    print(f"pool: {len(records)} unlabelled images, {torch.get_num_threads()} threads")
+    name = args.detector or "demo's detector"
+    print(f"{name}; pool: {len(records)} unlabelled images, {torch.get_num_threads()} threads")
     print(f"{'strategy':<20}{'boxes':>7}{'predict_s':>11}{'score_s':>9}{'total_s':>9}{'ratio':>8}")
     base = None
     for name, overrides in runs.items():
-        strategy = instantiate(compose_config(overrides).strategy)
+        strategy = instantiate(compose_config([*overrides, *args.override]).strategy)
         predict_s, score_s, boxes = _time(strategy, exp.detector, records, ids, args.repeats)
         total = predict_s + score_s
         base = total if base is None else base

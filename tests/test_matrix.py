@@ -27,16 +27,22 @@ def test_matrix_cells_follow_the_declared_capabilities():
     # ensembles and test-time views are backend-independent: they run on mmdet too
     for strategy in ("ensemble_entropy", "ensemble_bald", "tta_inconsistency", "qbc"):
         assert _cell(strategy, "mmdet_retinanet_r50").runs, strategy
-    assert _cell("mc_entropy", "mmdet_retinanet_r50").missing == {"mc_dropout"}
+    # mmdet: MC dropout on both heads, teachers, flipped views on RetinaNet (issue 18)
+    for option in ("mc_entropy", "bald", "pseudo_label", "uda", "loss_prediction"):
+        for detector in ("mmdet_retinanet_r50", "mmdet_faster_rcnn_r50"):
+            assert _cell(option, detector).runs, (option, detector)
+    assert _cell("consistency", "mmdet_retinanet_r50").runs
     assert _cell("consistency", "mmdet_faster_rcnn_r50").missing == {"flip_views"}
-    message = _cell("uda", "mmdet_retinanet_r50").refusal
-    assert message.startswith("supervision=uda: needs teacher (")
+    message = _cell("al_mdn", "mmdet_retinanet_r50").refusal
+    assert message.startswith("strategy=al_mdn: needs mixture_head (")
     assert "which detector=mmdet_retinanet_r50 does not have" in message
     assert "detector=tiny_fcos" in message and "\n" not in message
     assert _cell("mi_aod", "tiny_fcos").runs and _cell("mi_aod", "retinanet_resnet50_fpn").runs
     assert "dense_head" in _cell("mi_aod", "fasterrcnn_mobilenet_v3_large_320_fpn").missing
     table = counts(cells())
     assert table["tiny_fcos"] == {"strategy": 30, "supervision": 11, "cells": 42}  # + qbc, mi_aod
+    assert table["mmdet_retinanet_r50"] == {"strategy": 26, "supervision": 10, "cells": 42}
+    assert table["mmdet_faster_rcnn_r50"] == {"strategy": 27, "supervision": 9, "cells": 42}
 
 
 @pytest.mark.integration

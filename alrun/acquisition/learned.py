@@ -30,7 +30,7 @@ runs them with the regime's own hooks).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -60,12 +60,16 @@ def _backbone(detector) -> nn.Module:
             f"strategy.scorer: learned heads need the detector's {' and '.join(missing)}, "
             f"which {type(detector).__name__} does not declare"
         )
-    return detector.model.backbone
+    return detector.feature_module()
 
 
 def pooled(levels) -> Tensor:
-    """The image embedding: every level's global average, concatenated (B, sum C)."""
-    values = [levels] if isinstance(levels, Tensor) else list(levels.values())
+    """The image embedding: every level's global average, concatenated (B, sum C); ``levels``
+    a tensor, a dict of them (torchvision) or a tuple of them (an mmdet neck)."""
+    if isinstance(levels, Tensor):
+        values = [levels]
+    else:
+        values = list(levels.values()) if isinstance(levels, Mapping) else list(levels)
     return torch.cat([f.mean(dim=(2, 3)) for f in values], dim=1)
 
 
@@ -321,6 +325,7 @@ class FalseNegativeHook(TrainingHook):
         if not self.seen:
             return {}
         model = self.detector.model
+        teacher = self.detector.teacher_module()  # torchvision-style post-processed boxes
         images = [im for im, _ in self.seen.values()]
         targets = [t for _, t in self.seen.values()]
         offset = int(self.detector.label_offset)
@@ -330,7 +335,7 @@ class FalseNegativeHook(TrainingHook):
             for start in range(0, len(images), 16):
                 chunk = images[start : start + 16]
                 features.append(pooled(self.detector.features(chunk)))
-                for det in model(chunk):
+                for det in teacher(chunk):
                     detections.append({**det, "labels": det["labels"] - offset})
         model.train()
         x = torch.cat(features).float()

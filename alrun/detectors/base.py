@@ -135,10 +135,12 @@ CAPABILITIES: dict[str, str] = {
     BOX_FEATURES: "a fixed-size feature vector per box (`Detections.feats`)",
     EMBEDDINGS: "an image embedding (`Detections.embedding`)",
     FEATURE_MAPS: "feature maps with gradients in training (`FeatureMaps.features`)",
-    FPN_FEATURES: "feature maps all of one width (an FPN), for one classifier across levels",
-    TEACHER: "a torch module (`.model`) whose own forward gives post-processed boxes on training "
-    "batches, to copy as a frozen or EMA teacher (`TeacherSource`)",
-    FLIP_VIEWS: "head outputs on horizontally flipped feature maps (flip consistency)",
+    FPN_FEATURES: "feature maps all of one width (an FPN), for one classifier across levels "
+    "(`FPNFeatures.feature_width`)",
+    TEACHER: "a torch module (`TeacherSource.teacher_module`) whose forward gives post-processed "
+    "boxes of training batches, to copy as a frozen or EMA teacher",
+    FLIP_VIEWS: "head outputs on horizontally flipped feature maps (flip consistency; "
+    "`FlipViews` or the torchvision heads)",
     IMAGE_VIEWS: "predictions on transformed image tensors (test-time views)",
     REBUILD: "the same architecture built again for another class list (synthetic pre-training)",
     GRADIENTS: "per-box gradient embeddings",
@@ -245,6 +247,19 @@ class FeatureMaps(Detector, Protocol):
         """Named feature maps (B, C, h, w) of a batch of images (of one width C when the
         detector also declares ``fpn_features``)."""
 
+    def feature_module(self) -> torch.nn.Module:
+        """The module whose output, inside the model's own training forward, is what
+        :meth:`features` returns (a forward hook there reads them without a second pass)."""
+
+
+@runtime_checkable
+class FPNFeatures(FeatureMaps, Protocol):
+    """``fpn_features``: every feature map of :meth:`features` has ``feature_width`` channels
+    (one domain classifier or scorer head serves every level)."""
+
+    @property
+    def feature_width(self) -> int: ...
+
 
 #: the former name of :class:`FeatureMaps`
 FeatureDetector = FeatureMaps
@@ -272,11 +287,37 @@ class MixtureHead(Detector, Protocol):
 
 @runtime_checkable
 class TeacherSource(Detector, Protocol):
-    """``teacher``: the torch module itself, whose forward in eval mode returns torchvision-style
-    post-processed detections of image tensors with labels shifted by ``label_offset``."""
+    """``teacher``: a torch module sharing the detector's parameters whose forward in eval mode
+    returns torchvision-style post-processed detections (``boxes`` in the images' pixels,
+    ``scores``, ``labels`` shifted by ``label_offset``) of a list of image tensors. Teachers
+    deep-copy it (frozen, previous round) or EMA-update the copy from it: the torchvision
+    backend gives its model, the mmdet one a wrapper around its model."""
 
-    model: torch.nn.Module
     label_offset: int
+
+    def teacher_module(self) -> torch.nn.Module: ...
+
+
+@dataclass(frozen=True)
+class FlipViewOutputs:
+    """A dense head's outputs on a batch of N images and on their mirror images, stacked (the
+    plain views first): ``cls`` (2N, L, C) logits and ``box`` (2N, L, 4) box offsets per anchor
+    row (location-major, ``per_location`` anchors each, over feature levels of ``shapes``);
+    ``encoding`` of the offsets: ``delta`` (dx, dy, dw, dh) or ``ltrb``."""
+
+    cls: Tensor
+    box: Tensor
+    shapes: tuple[tuple[int, int], ...]
+    per_location: int
+    encoding: str
+
+
+@runtime_checkable
+class FlipViews(Detector, Protocol):
+    """``flip_views`` for a backend that is not torchvision's (whose heads the consistency
+    regime runs itself): the head outputs CSD compares, with gradients in training mode."""
+
+    def flip_view_outputs(self, images: list[Tensor]) -> FlipViewOutputs: ...
 
 
 @runtime_checkable

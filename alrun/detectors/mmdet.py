@@ -52,13 +52,27 @@ from alrun.detectors.base import (
     BOX_FEATURES,
     EMBEDDINGS,
     FEATURE_MAPS,
+    FLIP_VIEWS,
     FPN_FEATURES,
     IMAGE_VIEWS,
+    MC_DROPOUT,
     PROPOSALS,
+    TEACHER,
+    FlipViewOutputs,
     Progress,
 )
-from alrun.detectors.passes import with_views
-from alrun.detectors.torchvision import resolve_device
+from alrun.detectors.mmdet_mc import (
+    Stochastic,
+    anchor_rows,
+    dense_mc_passes,
+    last_layers,
+    retina_last,
+    retina_towers,
+    two_stage_at_sources,
+)
+from alrun.detectors.passes import PASS_NEEDS, with_views
+from alrun.detectors.torchvision import HeadDropout, resolve_device
+from alrun.detectors.torchvision.mc_dropout import mc_rng
 from alrun.errors import AlrunError
 from alrun.params import PositiveInt
 from alrun.types import NOTHING, Detections, Needs
@@ -332,6 +346,7 @@ class MMDetDetector:
             )
         self.pretrained = pretrained or None
         self.pretrained_backbone = pretrained_backbone
+        self.head_dropout = 0.0  # set by enable_mc_dropout; every rebuild installs it again
         self._build(seed=0)
 
     def _build(self, seed: int) -> None:
@@ -347,15 +362,26 @@ class MMDetDetector:
         self.kind = _model_kind(model)
         self.model = model.to(self.device)
         self.min_size, self.max_size = built.min_size, built.max_size
+        if self.head_dropout > 0:
+            for layer in last_layers(self.model, self.kind):
+                layer.register_forward_pre_hook(HeadDropout(self.head_dropout))
 
     @property
     def head_type(self) -> str:
         """``sigmoid`` for dense heads (RetinaNet), ``softmax`` for two-stage RoI heads."""
         return "sigmoid" if self.kind == "dense" else "softmax"
 
+    #: the heads' class labels are the dataset's (``TeacherSource``: nothing to shift)
+    label_offset = 0
+
     @property
     def capabilities(self) -> frozenset[str]:
-        return kind_capabilities(self.kind)
+        """The kind's capabilities, less those whose layers this model's head lacks (MC dropout
+        and flipped views need RetinaNet's last convs or a shared-FC box head)."""
+        found = kind_capabilities(self.kind)
+        if not last_layers(self.model, self.kind):
+            found = found - {MC_DROPOUT, FLIP_VIEWS}
+        return found
 
     @staticmethod
     def declared_capabilities(config: Any) -> frozenset[str] | None:
@@ -367,6 +393,25 @@ class MMDetDetector:
 
     def reset(self, seed: int) -> None:
         self._build(seed)
+
+    def enable_mc_dropout(self, p: float) -> None:
+        """Dropout of ``p`` before the heads' last layers (RetinaNet's ``retina_cls`` /
+        ``retina_reg``, channel-wise; Faster R-CNN's ``fc_cls`` / ``fc_reg``, element-wise), as
+        forward pre-hooks: the model trains with it and ``state_dict`` keys do not change."""
+        if MC_DROPOUT not in self.capabilities:
+            raise AlrunError(
+                f"strategy: MC dropout needs RetinaNet's head or a shared-FC box head; this "
+                f"mmdet model has {type(self.model).__name__}: use an ensemble or test-time views"
+            )
+        if self.head_dropout == 0:
+            self.head_dropout = float(p)
+            for layer in last_layers(self.model, self.kind):
+                layer.register_forward_pre_hook(HeadDropout(self.head_dropout))
+
+    def teacher_module(self) -> nn.Module:
+        """A module sharing this model's parameters whose forward gives torchvision-style
+        post-processed boxes (``TeacherSource``): teachers deep-copy it, EMA updates read it."""
+        return MMDetTeacher(self.model, self.kind, self.min_size, self.max_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -398,44 +443,38 @@ class MMDetDetector:
         inputs, _ = self._prepare(images)
         return {str(i): f for i, f in enumerate(self.model.extract_feat(inputs))}
 
-    # --- input ------------------------------------------------------------------------------
-    def _scale(self, height: int, width: int) -> float:
-        return min(self.min_size / min(height, width), self.max_size / max(height, width))
+    def feature_module(self) -> nn.Module:
+        """The neck (FPN): its output is :meth:`features`'s maps, in the same order."""
+        return self.model.neck
 
+    @property
+    def feature_width(self) -> int:
+        """The neck's width: every FPN level of :meth:`features` has it (``fpn_features``)."""
+        return int(self.model.neck.out_channels)
+
+    def flip_view_outputs(self, images: list[Tensor]) -> FlipViewOutputs:
+        """RetinaNet's per-anchor outputs on the batch and on its mirror image (``FlipViews``,
+        for CSD): one backbone pass over both, with gradients in training mode."""
+        if self.kind != "dense" or FLIP_VIEWS not in self.capabilities:
+            raise AlrunError("supervision=consistency: flipped views need an mmdet RetinaNet head")
+        inputs, _ = self._prepare(images)
+        head = self.model.bbox_head
+        levels = self.model.extract_feat(torch.cat([inputs, inputs.flip(-1)]))
+        cls_scores, bbox_preds = head(tuple(levels))
+        width = head.cls_out_channels
+        return FlipViewOutputs(
+            cls=torch.cat([anchor_rows(c, width) for c in cls_scores], dim=1),
+            box=torch.cat([anchor_rows(b, 4) for b in bbox_preds], dim=1),
+            shapes=tuple(tuple(c.shape[-2:]) for c in cls_scores),
+            per_location=head.num_base_priors,
+            encoding="delta",
+        )
+
+    # --- input ------------------------------------------------------------------------------
     def _prepare(
         self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
     ) -> tuple[Tensor, list[Any]]:
-        """alrun images (3, H, W) RGB in [0, 1] -> the model's preprocessed batch."""
-        from mmdet.structures import DetDataSample
-        from mmengine.structures import InstanceData
-
-        inputs, samples = [], []
-        for i, image in enumerate(images):
-            height, width = image.shape[-2:]
-            scale = self._scale(height, width)
-            new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-            resized = F.interpolate(
-                image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False
-            )[0]
-            inputs.append((resized.clamp(0, 1) * 255)[[2, 1, 0]])  # BGR 0-255, as mmcv reads
-            sx, sy = new_w / width, new_h / height
-            sample = DetDataSample(
-                metainfo={
-                    "img_shape": (new_h, new_w),
-                    "ori_shape": (height, width),
-                    "scale_factor": (sx, sy),
-                }
-            )
-            if targets is not None:
-                factor = torch.tensor([sx, sy, sx, sy], device=targets[i]["boxes"].device)
-                sample.gt_instances = InstanceData(
-                    bboxes=targets[i]["boxes"].float() * factor, labels=targets[i]["labels"]
-                )
-            samples.append(sample)
-        data = self.model.data_preprocessor(
-            {"inputs": inputs, "data_samples": samples}, training=targets is not None
-        )
-        return data["inputs"], data["data_samples"]
+        return preprocess(self.model, images, self.min_size, self.max_size, targets)
 
     # --- prediction -------------------------------------------------------------------------
     @torch.no_grad()
@@ -445,10 +484,24 @@ class MMDetDetector:
         needs: Needs = NOTHING,
         progress: Progress | None = None,
     ) -> list[Detections]:
-        if needs.passes > 1 or needs.grads or needs.head_dropout or needs.mixture_density:
+        """Detections per record; with ``needs.head_dropout > 0``, ``needs.passes`` MC-dropout
+        passes in ``Detections.passes`` (backbone, neck and towers run once, only the last
+        layers per pass, read at the reference boxes' anchors or proposals, row for row)."""
+        if needs.grads or needs.mixture_density:
             raise AlrunError(
-                "detector: MC dropout, mixture heads and gradient outputs are not implemented "
-                "by the mmdet backend yet"
+                "detector: mixture heads and gradient outputs are not implemented by the mmdet "
+                "backend yet"
+            )
+        if needs.passes > 1 and not needs.head_dropout:
+            raise AlrunError(
+                f"detector: {needs.passes} multi-pass predictions asked without MC dropout "
+                "(needs.head_dropout > 0); ensembles are alrun.detectors.passes.Ensemble"
+            )
+        mc_passes = needs.passes if needs.head_dropout > 0 else 0
+        if mc_passes and self.head_dropout == 0:
+            raise AlrunError(
+                "detector: MC-dropout passes asked but the heads have no dropout (the strategy "
+                "sets it up at start-up through enable_mc_dropout)"
             )
         if needs.augment:  # the backend-independent views, as any detector gets them
             plain = self.predict(images, replace(needs, augment=()), progress)
@@ -459,7 +512,7 @@ class MMDetDetector:
         for start in range(0, len(records), self.predict_batch_size):
             chunk = records[start : start + self.predict_batch_size]
             tensors = [load_image(r).to(self.device) for r in chunk]
-            out.extend(self._forward(chunk, tensors, needs))
+            out.extend(self._forward(chunk, tensors, needs, mc_passes))
             if progress:
                 progress(len(out), len(records))
         return out
@@ -473,47 +526,177 @@ class MMDetDetector:
         return self._forward(records, images, needs)
 
     def _forward(
-        self, records: Sequence[ImageRecord], tensors: list[Tensor], needs: Needs
+        self,
+        records: Sequence[ImageRecord],
+        tensors: list[Tensor],
+        needs: Needs,
+        mc_passes: int = 0,
     ) -> list[Detections]:
         inputs, samples = self._prepare(tensors)
         levels = list(self.model.extract_feat(inputs))
         embeddings = torch.cat([f.mean(dim=(2, 3)) for f in levels], dim=1)
+        extra: list[list[dict[str, Tensor]]] = []
         if self.kind == "dense":
-            found = _dense(self.model.bbox_head, levels, samples)
+            head = self.model.bbox_head
+            towers = retina_towers(head, levels) if mc_passes else None
+            outputs = retina_last(head, towers) if towers else None
+            found = _dense(head, levels, samples, outputs)
+            if towers:
+                with mc_rng(self.device, records):
+                    extra = dense_mc_passes(head, levels, towers, found, samples, mc_passes)
         else:
             found = _two_stage(self.model, levels, samples)
+            if mc_passes:
+                with mc_rng(self.device, records), Stochastic(self.model, self.kind):
+                    extra = [
+                        two_stage_at_sources(self.model.roi_head.bbox_head, found, samples)
+                        for _ in range(mc_passes)
+                    ]
         results = []
         for i, (record, kept) in enumerate(zip(records, found)):
-            sx, sy = samples[i].metainfo["scale_factor"]
-            height, width = samples[i].metainfo["ori_shape"]
-            factor = torch.tensor([sx, sy, sx, sy], device=kept["boxes"].device)
-
-            def rescale(boxes: Tensor, factor=factor, size=(height, width)) -> Tensor:
-                return box_ops.clip_boxes_to_image(boxes / factor, size).cpu()
-
-            results.append(
-                Detections(
-                    image_id=record.image_id,
-                    boxes=rescale(kept["boxes"]),
-                    scores=kept["scores"].cpu(),
-                    labels=kept["labels"].cpu(),
-                    probs=kept["probs"].cpu() if needs.probs else None,
-                    class_probs=kept["class_probs"].cpu() if needs.probs else None,
-                    sources=kept["sources"].cpu(),
-                    head=self.head_type,
-                    feats=kept["feats"].cpu() if needs.feats else None,
-                    embedding=embeddings[i].cpu() if needs.embedding else None,
-                    proposals=rescale(kept["proposals"]) if "proposals" in kept else None,
-                )
+            det = _detections(record, kept, samples[i], needs, embeddings[i], self.head_type)
+            passes = tuple(
+                _detections(record, p[i], samples[i], PASS_NEEDS, None, self.head_type)
+                for p in extra
             )
+            results.append(replace(det, passes=passes) if passes else det)
         return results
+
+
+def preprocess(
+    model: nn.Module,
+    images: Sequence[Tensor],
+    min_size: int,
+    max_size: int,
+    targets: Sequence[dict[str, Tensor]] | None = None,
+) -> tuple[Tensor, list[Any]]:
+    """alrun images (3, H, W) RGB in [0, 1] -> the model's preprocessed batch."""
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+
+    inputs, samples = [], []
+    for i, image in enumerate(images):
+        height, width = image.shape[-2:]
+        scale = min(min_size / min(height, width), max_size / max(height, width))
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        resized = F.interpolate(
+            image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False
+        )[0]
+        inputs.append((resized.clamp(0, 1) * 255)[[2, 1, 0]])  # BGR 0-255, as mmcv reads
+        sx, sy = new_w / width, new_h / height
+        sample = DetDataSample(
+            metainfo={
+                "img_shape": (new_h, new_w),
+                "ori_shape": (height, width),
+                "scale_factor": (sx, sy),
+            }
+        )
+        if targets is not None:
+            factor = torch.tensor([sx, sy, sx, sy], device=targets[i]["boxes"].device)
+            sample.gt_instances = InstanceData(
+                bboxes=targets[i]["boxes"].float() * factor, labels=targets[i]["labels"]
+            )
+        samples.append(sample)
+    data = model.data_preprocessor(
+        {"inputs": inputs, "data_samples": samples}, training=targets is not None
+    )
+    return data["inputs"], data["data_samples"]
+
+
+def _post_process(
+    model: nn.Module, kind: str, levels: list[Tensor], samples: list[Any]
+) -> list[dict[str, Tensor]]:
+    if kind == "dense":
+        return _dense(model.bbox_head, levels, samples)
+    return _two_stage(model, levels, samples)
+
+
+def _original_pixels(boxes: Tensor, sample: Any) -> Tensor:
+    """Boxes of the resized image -> the original image's pixels, clipped to it."""
+    sx, sy = sample.metainfo["scale_factor"]
+    factor = torch.tensor([sx, sy, sx, sy], device=boxes.device)
+    return box_ops.clip_boxes_to_image(boxes / factor, sample.metainfo["ori_shape"])
+
+
+def _detections(
+    record: ImageRecord,
+    kept: dict[str, Tensor],
+    sample: Any,
+    needs: Needs,
+    embedding: Tensor | None,
+    head: str,
+) -> Detections:
+    """One image's post-processed outputs as Detections in original-image pixels."""
+    wanted = needs.embedding and embedding is not None
+    return Detections(
+        image_id=record.image_id,
+        boxes=_original_pixels(kept["boxes"], sample).cpu(),
+        scores=kept["scores"].cpu(),
+        labels=kept["labels"].cpu(),
+        probs=kept["probs"].cpu() if needs.probs else None,
+        class_probs=kept["class_probs"].cpu() if needs.probs else None,
+        sources=kept["sources"].cpu(),
+        head=head,
+        feats=kept["feats"].cpu() if needs.feats else None,
+        embedding=embedding.cpu() if wanted else None,
+        proposals=_original_pixels(kept["proposals"], sample).cpu()
+        if "proposals" in kept
+        else None,
+    )
+
+
+class MMDetTeacher(nn.Module):
+    """An mmdet model behind torchvision's detection forward: ``teacher(images)`` in eval
+    mode -> per image ``boxes`` (original pixels), ``scores``, ``labels`` (dataset classes).
+
+    What pseudo-label and UDA teachers call (:func:`alrun.supervision.pseudo_label.
+    teacher_targets`); it holds the model as its only submodule, so a deep copy is a frozen
+    teacher and ``state_dict`` keys of teacher and student match for EMA updates."""
+
+    def __init__(self, model: nn.Module, kind: str, min_size: int, max_size: int):
+        super().__init__()
+        self.model = model
+        self.kind, self.min_size, self.max_size = kind, min_size, max_size
+
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        inputs, samples = preprocess(self.model, images, self.min_size, self.max_size)
+        levels = list(self.model.extract_feat(inputs))
+        found = _post_process(self.model, self.kind, levels, samples)
+        return [
+            {
+                "boxes": _original_pixels(kept["boxes"], sample),
+                "scores": kept["scores"],
+                "labels": kept["labels"],
+            }
+            for kept, sample in zip(found, samples)
+        ]
 
 
 #: what alrun implements for each supported kind of mmdet model
 _KIND_CAPABILITIES = {
-    "dense": frozenset({BOX_FEATURES, EMBEDDINGS, FEATURE_MAPS, FPN_FEATURES, IMAGE_VIEWS}),
+    "dense": frozenset(
+        {
+            BOX_FEATURES,
+            EMBEDDINGS,
+            FEATURE_MAPS,
+            FPN_FEATURES,
+            IMAGE_VIEWS,
+            MC_DROPOUT,
+            TEACHER,
+            FLIP_VIEWS,
+        }
+    ),
     "two_stage": frozenset(
-        {BOX_FEATURES, EMBEDDINGS, FEATURE_MAPS, FPN_FEATURES, IMAGE_VIEWS, PROPOSALS}
+        {
+            BOX_FEATURES,
+            EMBEDDINGS,
+            FEATURE_MAPS,
+            FPN_FEATURES,
+            IMAGE_VIEWS,
+            PROPOSALS,
+            MC_DROPOUT,
+            TEACHER,
+        }
     ),
 }
 
@@ -567,14 +750,20 @@ def _with_background_last(logits: Tensor) -> Tensor:
     return torch.softmax(torch.cat([logits, torch.zeros_like(logits[:, :1])], dim=1), dim=1)
 
 
-def _dense(head: nn.Module, levels: list[Tensor], samples: list[Any]) -> list[dict[str, Tensor]]:
-    """RetinaNet-style post-processing that keeps each box's logits row and feature row.
+def _dense(
+    head: nn.Module,
+    levels: list[Tensor],
+    samples: list[Any],
+    outputs: tuple[list[Tensor], list[Tensor]] | None = None,
+) -> list[dict[str, Tensor]]:
+    """RetinaNet-style post-processing that keeps each box's logits row and feature row
+    (``outputs``: the head's, when already computed from cached towers).
 
     Mirrors mmdet's ``_predict_by_feat_single``: per level, scores above ``score_thr``, the
     ``nms_pre`` best (anchor, class) pairs, decoded by the head's ``bbox_coder``; then
     class-aware NMS over all levels and ``max_per_img``.
     """
-    cls_scores, bbox_preds = head(tuple(levels))
+    cls_scores, bbox_preds = outputs or head(tuple(levels))
     cfg = head.test_cfg
     score_thr = float(cfg.get("score_thr", 0.05))
     nms_pre = int(cfg.get("nms_pre", 1000))

@@ -45,7 +45,14 @@ from torch import Tensor
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.image_list import ImageList
 
-from alrun.detectors.base import FLIP_VIEWS, Detector, Progress, TrainSchedule
+from alrun.detectors.base import (
+    FLIP_VIEWS,
+    Detector,
+    FlipViewOutputs,
+    FlipViews,
+    Progress,
+    TrainSchedule,
+)
 from alrun.engine import NO_STRATEGY_TRAINING, Step, StrategyTraining, TrainingHook, train_round
 from alrun.errors import AlrunError
 from alrun.params import Fraction, NonNegativeFloat, PositiveInt
@@ -273,7 +280,10 @@ def two_stage_views(model: FasterRCNN, images: list[Tensor]) -> tuple[Tensor, Te
 
 
 def check_consistency_detector(detector: Detector) -> None:
-    """Flip consistency runs the head on mirrored feature maps: FCOS, RetinaNet, Faster R-CNN."""
+    """Flip consistency runs the head on mirrored feature maps: FCOS, RetinaNet, Faster R-CNN,
+    or any detector that gives them itself (``FlipViews``, e.g. mmdet RetinaNet)."""
+    if isinstance(detector, FlipViews):
+        return
     model = dense_model(detector, "supervision=consistency")
     if not isinstance(model, (FCOS, RetinaNet, FasterRCNN)):
         raise AlrunError(
@@ -314,8 +324,11 @@ class FlipConsistencyHook(TrainingHook):
         self.ramp_sum = 0.0
 
     def extra_losses(self, step: Step) -> Mapping[str, Tensor]:
-        model = step.detector.model
         batch = step.batches[self.source]
+        if isinstance(step.detector, FlipViews):
+            views = step.detector.flip_view_outputs(list(batch.images))
+            return self._dense(step, views)
+        model = step.detector.model
         if isinstance(model, FasterRCNN):
             logits, deltas, n_plain = two_stage_views(model, list(batch.images))
             cls_term, box_term, matched = two_stage_consistency_terms(
@@ -324,21 +337,28 @@ class FlipConsistencyHook(TrainingHook):
             return self._weighted(step, cls_term, box_term, matched, len(batch.images))
         transformed, _ = model.transform(batch.images)
         x = transformed.tensors
-        n = x.shape[0]
         levels = list(model.backbone(torch.cat([x, x.flip(-1)])).values())
         head = model.head(levels)
-        shapes = [tuple(f.shape[-2:]) for f in levels]
+        shapes = tuple(tuple(f.shape[-2:]) for f in levels)
         per_location = head["cls_logits"].shape[1] // sum(h * w for h, w in shapes)
-        cls, box = head["cls_logits"], head["bbox_regression"]
-        cls_back = unflip_locations(cls[n:], shapes, per_location)
-        box_back = unflip_locations(box[n:], shapes, per_location)
         encoding = "ltrb" if isinstance(model, FCOS) else "delta"
+        views = FlipViewOutputs(
+            head["cls_logits"], head["bbox_regression"], shapes, per_location, encoding
+        )
+        return self._dense(step, views)
+
+    def _dense(self, step: Step, views: FlipViewOutputs) -> Mapping[str, Tensor]:
+        """CSD's terms between the plain view and the mirrored one, mirrored back."""
+        cls, box = views.cls, views.box
+        n = cls.shape[0] // 2
+        cls_back = unflip_locations(cls[n:], list(views.shapes), views.per_location)
+        box_back = unflip_locations(box[n:], list(views.shapes), views.per_location)
         cls_term, box_term, matched = consistency_terms(
             cls[:n].reshape(-1, cls.shape[-1]),
             cls_back.reshape(-1, cls.shape[-1]),
             box[:n].reshape(-1, 4),
             box_back.reshape(-1, 4),
-            encoding,
+            views.encoding,
             self.rule,
         )
         return self._weighted(step, cls_term, box_term, matched, n)

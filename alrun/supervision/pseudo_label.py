@@ -68,13 +68,24 @@ def check_empty(value: object, key: str) -> str:
 
 
 def dense_model(detector: Detector, who: str) -> nn.Module:
-    """The torch module of a torchvision-backed detector (teachers copy it, hooks run its parts)."""
+    """The torch module of a torchvision-backed detector (consistency hooks run its parts)."""
     if TEACHER not in detector.capabilities:
         raise AlrunError(
             f"{who}: needs a detector backed by a torch module (.model), e.g. the torchvision "
             f"backend; {type(detector).__name__} does not declare the teacher capability"
         )
     return detector.model
+
+
+def teacher_module(detector: Detector, who: str) -> nn.Module:
+    """The module teachers copy and EMA-update (:class:`~alrun.detectors.base.TeacherSource`):
+    any backend that declares ``teacher``, torchvision's model or mmdet's wrapper."""
+    if TEACHER not in detector.capabilities:
+        raise AlrunError(
+            f"{who}: needs a detector that declares the teacher capability "
+            f"(teacher_module()); {type(detector).__name__} does not"
+        )
+    return detector.teacher_module()
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -152,7 +163,7 @@ class PseudoLabelHook(TrainingHook):
         self.boxes = self.hits = self.gt_objects = self.images = 0
 
     def before_training(self, detector: Detector, total: int) -> None:
-        model = dense_model(detector, "supervision (pseudo-labels)")
+        model = teacher_module(detector, "supervision (pseudo-labels)")
         self.label_offset = int(detector.label_offset)
         if self.mode == "ema":
             self.teacher = frozen_copy(model)
@@ -175,7 +186,7 @@ class PseudoLabelHook(TrainingHook):
 
     def after_step(self, step: Step) -> None:
         if self.mode == "ema" and self.teacher is not None:
-            ema_update(self.teacher, dense_model(step.detector, "pseudo"), self.ema_decay)
+            ema_update(self.teacher, teacher_module(step.detector, "pseudo"), self.ema_decay)
 
     def _count(self, image_ids, flipped, images, targets) -> None:
         self.images += len(targets)
@@ -224,7 +235,7 @@ def previous_round_teacher(detector: Detector, round_index: int) -> nn.Module | 
     """
     if round_index == 0:
         return None
-    return frozen_copy(dense_model(detector, "supervision.teacher=previous_round"))
+    return frozen_copy(teacher_module(detector, "supervision.teacher=previous_round"))
 
 
 def labelled_and_unlabelled_sources(pool: LabelPool, batch_size: int) -> list[BatchSource]:

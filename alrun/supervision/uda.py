@@ -79,7 +79,7 @@ def feature_channels(detector: Detector) -> int:
             f"supervision=uda: needs the detector's feature maps of one width (features()), "
             f"which {type(detector).__name__} does not declare"
         )
-    return int(detector.model.backbone.out_channels)
+    return int(detector.feature_width)
 
 
 class DomainAlignmentHook(TrainingHook):

@@ -5,6 +5,7 @@ mmdet's own, checkpoints, and one tiny round of the loop on CPU."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -287,8 +288,9 @@ def test_capabilities_are_declared_from_the_config_without_mmdet():
         compose_config(["detector=mmdet_faster_rcnn_r50"]).detector
     )
     assert {"box_features", "embeddings", "image_views"} <= dense
-    assert "proposals" not in dense and two_stage - dense == {"proposals"}
-    assert "mc_dropout" not in two_stage and "teacher" not in two_stage
+    assert {"mc_dropout", "teacher", "flip_views"} <= dense
+    assert two_stage - dense == {"proposals"} and dense - two_stage == {"flip_views"}
+    assert "mixture_head" not in dense and "rebuild" not in dense
 
 
 @needs_mmdet
@@ -297,7 +299,9 @@ def test_built_models_declare_what_their_configs_say_and_refuse_the_rest(data):
     det = retinanet()
     assert det.capabilities == detector_config_capabilities_of("mmdet_retinanet_r50")
     assert faster_rcnn().capabilities == detector_config_capabilities_of("mmdet_faster_rcnn_r50")
-    with pytest.raises(AlrunError, match="MC dropout, mixture heads and gradient outputs"):
+    with pytest.raises(AlrunError, match="mixture heads and gradient outputs"):
+        det.predict(data.images[:1], Needs(mixture_density=4))
+    with pytest.raises(AlrunError, match="the heads have no dropout"):
         det.predict(data.images[:1], Needs(passes=10, head_dropout=0.2))
 
 
@@ -327,3 +331,181 @@ def test_backend_independent_ensemble_and_views_on_mmdet(data):
     assert all(len(p.passes) == 2 for p in preds)
     viewed = det.predict(data.images[:2], Needs(probs=True, augment=("hflip",)))
     assert all(len(p.passes) == 1 for p in viewed)
+
+
+# --- MC dropout, teachers, flipped views ----------------------------------------------------
+#: a ResNet-18 RetinaNet (random init) for the CLI runs
+R18 = ("+detector.builder.cfg_options.model.backbone.depth=18",
+       "+detector.builder.cfg_options.model.neck.in_channels=[64,128,256,512]")  # fmt: skip
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+@pytest.mark.parametrize("build", [retinanet, faster_rcnn], ids=["retinanet", "faster_rcnn"])
+def test_mc_dropout_passes_row_for_row_and_trained_with(build, data):
+    """T passes in Detections.passes, row i of each pass = row i of the plain pass (same
+    anchor / proposal, same label), stochastic; the same images give the same passes; the
+    model trains with the dropout and the plain pass stays deterministic."""
+    det = build()
+    det.enable_mc_dropout(0.3)
+    short_training(det, data, iterations=1)
+    needs = Needs(probs=True, passes=4, head_dropout=0.3)
+    preds = det.predict(data.images[:3], needs)
+    plain = det.predict(data.images[:3], Needs(probs=True))
+    spread = 0.0
+    for p, q in zip(preds, plain):
+        torch.testing.assert_close(p.scores, q.scores)  # the reference pass has no dropout
+        assert len(p.passes) == 4
+        for mc in p.passes:
+            assert len(mc) == len(p) and torch.equal(mc.labels, p.labels)
+            assert torch.equal(mc.sources, p.sources)
+            assert mc.probs.shape == p.probs.shape
+            torch.testing.assert_close(mc.probs.sum(1), torch.ones(len(mc)))
+            torch.testing.assert_close(mc.scores, mc.class_probs[torch.arange(len(mc)), mc.labels])
+            spread = max(spread, float((mc.probs - p.probs).abs().max()))
+    assert spread > 1e-6, "the passes do not differ from the plain pass"  # a young head
+    again = det.predict(data.images[:3], needs)
+    torch.testing.assert_close(again[0].passes[1].probs, preds[0].passes[1].probs)
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+def test_retinanet_mc_pass_at_anchors_is_the_full_pass_with_the_same_masks(data):
+    """The cheap pass (last convs at the reference anchors only) equals retina_cls/retina_reg
+    run over the whole masked tower maps, read at the same anchors."""
+    from alrun.data.images import load_image
+    from alrun.detectors import mmdet as backend
+    from alrun.detectors import mmdet_mc
+    from alrun.detectors.torchvision import _channel_mask
+
+    det = retinanet()
+    det.enable_mc_dropout(0.4)
+    det.model.eval()
+    head = det.model.bbox_head
+    with torch.no_grad():
+        inputs, samples = det._prepare([load_image(r) for r in data.images[:2]])
+        levels = list(det.model.extract_feat(inputs))
+        towers = mmdet_mc.retina_towers(head, levels)
+        found = backend._dense(head, levels, samples, mmdet_mc.retina_last(head, towers))
+        torch.manual_seed(3)
+        (cheap,) = mmdet_mc.dense_mc_passes(head, levels, towers, found, samples, 1)
+        torch.manual_seed(3)
+        cls_mask = _channel_mask(2, 256, 0.4, "cpu")
+        reg_mask = _channel_mask(2, 256, 0.4, "cpu")
+        logits = torch.cat(
+            [mmdet_mc.anchor_rows(head.retina_cls(c * cls_mask[:, :, None, None]), 3)
+             for c, _ in towers], dim=1,
+        )  # fmt: skip
+        deltas = torch.cat(
+            [mmdet_mc.anchor_rows(head.retina_reg(r * reg_mask[:, :, None, None]), 4)
+             for _, r in towers], dim=1,
+        )  # fmt: skip
+        sizes = [f.shape[-2:] for f in levels]
+        priors = torch.cat(head.prior_generator.grid_priors(sizes, device="cpu"))
+    for b, (ref, mc) in enumerate(zip(found, cheap)):
+        assert len(ref["sources"]) > 0
+        full = logits[b][ref["sources"]]
+        torch.testing.assert_close(mc["class_probs"], full.sigmoid(), atol=1e-5, rtol=1e-4)
+        h, w = samples[b].metainfo["img_shape"]
+        boxes = head.bbox_coder.decode(
+            priors[ref["sources"]], deltas[b][ref["sources"]], max_shape=(h, w)
+        )
+        torch.testing.assert_close(mc["boxes"], boxes, atol=1e-3, rtol=1e-4)
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+@pytest.mark.parametrize("build", [retinanet, faster_rcnn], ids=["retinanet", "faster_rcnn"])
+def test_teacher_module_is_a_torchvision_style_teacher(build, data):
+    """teacher_module(): torchvision's forward (original-pixel boxes, dataset labels), the
+    detector's own predictions; its deep copy is a frozen teacher that EMA updates move."""
+    from alrun.data.images import load_image
+    from alrun.supervision.pseudo_label import ema_update, frozen_copy, teacher_targets
+
+    det = build()
+    images = [load_image(r) for r in data.images[:2]]
+    teacher = frozen_copy(det.teacher_module())
+    found = teacher_targets(teacher, images, 0.0)
+    plain = det.predict(data.images[:2], Needs())
+    for t, p in zip(found, plain):
+        keep = (p.boxes[:, 2] > p.boxes[:, 0]) & (p.boxes[:, 3] > p.boxes[:, 1])
+        torch.testing.assert_close(t["boxes"], p.boxes[keep], atol=1e-4, rtol=1e-4)
+        assert torch.equal(t["labels"], p.labels[keep])
+    short_training(det, data, iterations=1)
+    key = next(k for k, v in teacher.state_dict().items() if v.dtype.is_floating_point)
+    before = teacher.state_dict()[key].clone()
+    student = det.teacher_module().state_dict()[key]
+    assert not torch.equal(before, student)
+    ema_update(teacher, det.teacher_module(), 0.5)
+    torch.testing.assert_close(teacher.state_dict()[key], 0.5 * before + 0.5 * student)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+def test_flipped_views_for_csd(data):
+    """flip_view_outputs: one pass over the batch and its mirror image; the mirrored half is
+    exactly the plain outputs of the mirrored image, and CSD's hook trains through it."""
+    from alrun.data.images import load_image
+    from alrun.engine import Batch, BatchSource, Step
+    from alrun.supervision.consistency import ConsistencyRule, FlipConsistencyHook
+
+    det = retinanet()
+    det.model.eval()  # BatchNorm statistics of the batch would couple the two halves
+    image = torch.nn.functional.interpolate(load_image(data.images[0])[None], size=(96, 128))[0]
+    with torch.no_grad():
+        views = det.flip_view_outputs([image])
+        mirrored = det.flip_view_outputs([image.flip(-1)])
+    assert views.cls.shape[0] == 2 and views.encoding == "delta" and views.per_location == 9
+    assert views.cls.shape[1] == sum(h * w for h, w in views.shapes) * 9
+    torch.testing.assert_close(views.cls[1], mirrored.cls[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(views.box[1], mirrored.box[0], atol=1e-4, rtol=1e-4)
+    det.train_mode()
+    rule = ConsistencyRule(match="threshold", match_threshold=0.0)  # a young head: all match
+    hook = FlipConsistencyHook("u", 1.0, 1.0, rule, ramp="linear", rampup=0.0, rampdown=0.0)
+    hook.before_training(det, 1)
+    images = [load_image(r) for r in data.images[:2]]
+    batch = Batch(BatchSource("u", None, role="unlabelled"), images, None, ("a", "b"), (0, 0))
+    losses = hook.extra_losses(Step(0, 1, 0.01, det, {"u": batch}))
+    total = losses["class"] + losses["box"]
+    assert torch.isfinite(total) and hook.sums["matched"] > 0
+    total.backward()
+    grad = det.model.bbox_head.retina_cls.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+
+
+@needs_mmdet
+@pytest.mark.mmdet
+@pytest.mark.parametrize(
+    "overrides",
+    [["strategy=mc_entropy", "strategy.scorer.passes=3", "supervision=pseudo_label",
+      "supervision.threshold=0.0"], ["supervision=consistency"]],
+    ids=["mc_entropy+pseudo_label", "consistency"],
+)  # fmt: skip
+def test_one_round_with_the_new_capabilities(overrides, tmp_path):
+    """The real CLI on detector=mmdet_retinanet_r50 (ResNet-18 at 96 px, to fit CI's mmdet
+    step), one round of each strategy and regime that needs MC dropout, a teacher or flipped
+    views."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "alrun.cli", "experiment=smoke", "detector=mmdet_retinanet_r50",
+         "detector.builder.min_size=96", "detector.builder.max_size=128",
+         "dataset.max_pool_images=8", "dataset.max_test_images=2", "budget.initial=4",
+         "budget.per_round=2", "budget.rounds=1", "trainer.batch_size=2",
+         "trainer.first_iterations=2", "trainer.iterations=1", "trainer.warmup_iters=1",
+         "trainer.lr=0.001", "quiet=true", f"hydra.run.dir={run_dir}",
+         "+detector.builder.cfg_options.model.test_cfg.score_thr=0.0", *R18, *overrides],
+        env={**ENV, "ALRUN_CACHE": str(tmp_path / "cache")}, cwd=REPO, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len((run_dir / "results.csv").read_text().splitlines()) == 3
+    train = json.loads((run_dir / "round_01" / "metrics.json").read_text())["train"]
+    assert "resnet18" not in result.stderr  # nothing downloaded
+    if "supervision=pseudo_label" in overrides:
+        assert train["pseudo/has_teacher"] == 1.0 and train["pseudo/images"] > 0
+    if "supervision=consistency" in overrides:
+        assert train["consistency/images"] > 0
+    if "strategy=mc_entropy" in overrides:
+        selection = json.loads((run_dir / "round_00" / "selection.json").read_text())
+        assert len(selection["selected"]) == 2, selection.keys()

@@ -198,6 +198,11 @@ class TorchvisionDetector:
         self.mdn_coupling = coupling
         self.model = self._build(seed=0)
 
+    def teacher_module(self) -> nn.Module:
+        """The model itself: its forward in eval mode gives post-processed boxes
+        (``TeacherSource``), labels shifted by ``label_offset``."""
+        return self.model
+
     # --- training (the loop itself is alrun.engine) -------------------------------------------
     def train_mode(self) -> None:
         self.model.train()
@@ -223,6 +228,15 @@ class TorchvisionDetector:
         if self.label_offset:
             targets = [{**t, "labels": t["labels"] + self.label_offset} for t in targets]
         return self.model(images, targets)
+
+    @property
+    def feature_width(self) -> int:
+        """The FPN's width: every level of :meth:`features` has it (``fpn_features``)."""
+        return int(self.model.backbone.out_channels)
+
+    def feature_module(self) -> nn.Module:
+        """The backbone (with its FPN): its output is :meth:`features`'s maps."""
+        return self.model.backbone
 
     def features(self, images: list[Tensor]) -> dict[str, Tensor]:
         """Backbone (+ FPN) feature maps of ``images``, with gradients in training mode."""
