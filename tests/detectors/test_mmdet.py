@@ -376,7 +376,7 @@ def test_retinanet_mc_pass_at_anchors_is_the_full_pass_with_the_same_masks(data)
     from alrun.data.images import load_image
     from alrun.detectors import mmdet as backend
     from alrun.detectors import mmdet_mc
-    from alrun.detectors.torchvision import _channel_mask
+    from alrun.detectors.torchvision.mc_dropout import channel_mask
 
     det = retinanet()
     det.enable_mc_dropout(0.4)
@@ -390,8 +390,8 @@ def test_retinanet_mc_pass_at_anchors_is_the_full_pass_with_the_same_masks(data)
         torch.manual_seed(3)
         (cheap,) = mmdet_mc.dense_mc_passes(head, levels, towers, found, samples, 1)
         torch.manual_seed(3)
-        cls_mask = _channel_mask(2, 256, 0.4, "cpu")
-        reg_mask = _channel_mask(2, 256, 0.4, "cpu")
+        cls_mask = channel_mask(2, 256, 0.4, "cpu")
+        reg_mask = channel_mask(2, 256, 0.4, "cpu")
         logits = torch.cat(
             [mmdet_mc.anchor_rows(head.retina_cls(c * cls_mask[:, :, None, None]), 3)
              for c, _ in towers], dim=1,
