@@ -126,6 +126,21 @@ class HumanOracle:
         """The cost model's estimate (what the budget prices candidates with)."""
         return self.fallback.cost(record, kind)
 
+    def hold_truth(self, truth) -> None:
+        """The simulated fallback holds the hidden truth, only to price candidates for the
+        budget before anyone labels them (the cost model's estimate, recorded beside the
+        annotators' real seconds); the labels themselves come from the people's export."""
+        self.fallback.hold_truth(truth)
+
+    def objects(self, image) -> int:
+        """Objects a box budget counts for ``image`` (the fallback's estimate)."""
+        return self.fallback.objects(image)
+
+    @property
+    def audit(self):
+        """Counts for regimes' pseudo-box diagnostics (the fallback's audit)."""
+        return self.fallback.audit
+
     def check_data(self, splits: DatasetSplits) -> None:
         self.classes = tuple(splits.classes)
 
