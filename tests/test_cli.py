@@ -48,6 +48,7 @@ def assert_clean_failure(result: subprocess.CompletedProcess, tmp_path: Path, *n
     assert not written, f"bad input must write nothing, found {sorted(written)}"
 
 
+@pytest.mark.integration  # ~10 s: the fast tier keeps one end-to-end run per family
 def test_smoke_runs_and_help_introduces_alrun(tmp_path):
     help_text = subprocess.run(
         [sys.executable, "-m", "alrun.cli", "--help"],

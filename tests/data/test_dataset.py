@@ -206,6 +206,7 @@ def test_data_yaml_naming_a_missing_directory_from_the_cli(tmp_path: Path) -> No
     assert not list((tmp_path / "run").glob("round_*"))
 
 
+@pytest.mark.integration  # ~10 s: the fast tier keeps one end-to-end run per family
 def test_smoke_run_on_a_real_dataset_writes_its_splits(tmp_path: Path) -> None:
     """experiment=smoke dataset=bccd finishes, and splits.json records the audited test set."""
     bccd = shared_dataset("bccd")
