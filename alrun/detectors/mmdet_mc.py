@@ -16,7 +16,9 @@ from torch import Tensor, nn
 from alrun.detectors.torchvision.mc_dropout import (
     ConvAt,
     HeadDropout,
+    active_dropout,
     channel_mask,
+    dropout_hooks,
     patches_at,
 )
 from alrun.detectors.torchvision.probs import with_background_last
@@ -38,24 +40,11 @@ def last_layers(model: nn.Module, kind: str) -> list[nn.Module]:
     return []
 
 
-class Stochastic:
-    """Context manager: head dropout active in evaluation (MC-dropout passes)."""
+class Stochastic(active_dropout):
+    """Head dropout of an mmdet model active in evaluation (MC-dropout passes)."""
 
     def __init__(self, model: nn.Module, kind: str):
-        self.hooks = [
-            hook
-            for layer in last_layers(model, kind)
-            for hook in layer._forward_pre_hooks.values()
-            if isinstance(hook, HeadDropout)
-        ]
-
-    def __enter__(self) -> None:
-        for hook in self.hooks:
-            hook.active = True
-
-    def __exit__(self, *exc) -> None:
-        for hook in self.hooks:
-            hook.active = False
+        super().__init__(dropout_hooks(last_layers(model, kind)))
 
 
 def retina_towers(head: nn.Module, levels: list[Tensor]) -> list[tuple[Tensor, Tensor]]:

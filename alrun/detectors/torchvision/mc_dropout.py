@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +55,18 @@ def install_head_dropout(model: nn.Module, p: float) -> None:
         layer.register_forward_pre_hook(HeadDropout(p))
 
 
-def head_dropouts(model: nn.Module) -> list[HeadDropout]:
+def dropout_hooks(layers: Iterable[nn.Module]) -> list[HeadDropout]:
+    """The head-dropout hooks installed on ``layers`` (any backend's last layers)."""
     return [
         hook
-        for layer in last_layers(model)
+        for layer in layers
         for hook in layer._forward_pre_hooks.values()
         if isinstance(hook, HeadDropout)
     ]
+
+
+def head_dropouts(model: nn.Module) -> list[HeadDropout]:
+    return dropout_hooks(last_layers(model))
 
 
 @contextlib.contextmanager
@@ -74,11 +79,11 @@ def mc_rng(device: torch.device, records: Sequence[ImageRecord]):
         yield
 
 
-class stochastic:
-    """Context manager: head dropout active in evaluation (MC-dropout passes)."""
+class active_dropout:
+    """Context manager: the head-dropout ``hooks`` active in evaluation (MC-dropout passes)."""
 
-    def __init__(self, model: nn.Module):
-        self.hooks = head_dropouts(model)
+    def __init__(self, hooks: Iterable[HeadDropout]):
+        self.hooks = list(hooks)
 
     def __enter__(self) -> None:
         for hook in self.hooks:
@@ -87,6 +92,13 @@ class stochastic:
     def __exit__(self, *exc) -> None:
         for hook in self.hooks:
             hook.active = False
+
+
+class stochastic(active_dropout):
+    """Head dropout of a torchvision model active in evaluation."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(head_dropouts(model))
 
 
 def channel_mask(batch_size: int, channels: int, p: float, device) -> Tensor:
