@@ -73,6 +73,7 @@ from alrun.detectors.mmdet_mc import (
 from alrun.detectors.passes import PASS_NEEDS, with_views
 from alrun.detectors.torchvision import HeadDropout, resolve_device
 from alrun.detectors.torchvision.mc_dropout import mc_rng
+from alrun.detectors.torchvision.probs import with_background_last
 from alrun.errors import AlrunError
 from alrun.params import PositiveInt
 from alrun.types import NOTHING, Detections, Needs
@@ -745,11 +746,6 @@ def _model_kind(model: nn.Module) -> str:
     )
 
 
-def _with_background_last(logits: Tensor) -> Tensor:
-    """Sigmoid-head logits (N, C) -> ``softmax([logits, 0])`` (alrun.types.Detections)."""
-    return torch.softmax(torch.cat([logits, torch.zeros_like(logits[:, :1])], dim=1), dim=1)
-
-
 def _dense(
     head: nn.Module,
     levels: list[Tensor],
@@ -794,7 +790,7 @@ def _dense(
             kept["boxes"].append(boxes)
             kept["scores"].append(scores)
             kept["labels"].append(candidates % num_classes)
-            kept["probs"].append(_with_background_last(logits[anchor]))
+            kept["probs"].append(with_background_last(logits[anchor]))
             kept["class_probs"].append(logits[anchor].sigmoid())
             kept["feats"].append(
                 location_feats[torch.div(anchor, num_anchors, rounding_mode="floor")]
