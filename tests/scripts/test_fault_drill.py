@@ -3,7 +3,8 @@
 The families: teachers (pseudo-label EMA / previous round, UDA), switches (weak-point hard /
 soft), ensembles (independent, snapshot), MC dropout, learned heads (loss prediction,
 false-negative prediction), the mixture-density head (AL-MDN), per-round scorer state (PPAL,
-weighted schedule, failure-mode weights), synthetic pre-training, box verification.
+weighted schedule, failure-mode weights), synthetic pre-training, box verification, the
+query-by-committee members and MI-AOD's instance heads.
 
 Each family, paired with another one in the same run (a strategy with a regime, to halve the
 runs), is stopped in-process right after round 0's directory was committed and before
@@ -73,6 +74,8 @@ FAMILIES: dict[str, list[str]] = {
     "mc_dropout": ["strategy=mc_entropy"],
     "loss_prediction": ["strategy=loss_prediction"],
     "fn_prediction": ["strategy=fn_prediction"],
+    "qbc": ["strategy=qbc"],  # the committee of ensemble members
+    "mi_aod": ["strategy=mi_aod"],  # instance heads rebuilt every round
 }
 
 #: one regime and one strategy family per run (each family appears once); the first three, the
@@ -87,6 +90,8 @@ PAIRS = [
     ("synthetic_pretrain", "ensemble_independent"),
     ("box_verification", "mc_dropout"),
     ("pseudo_label_previous_round", "fn_prediction"),
+    ("qbc",),  # every regime is drilled above: the last two strategy families run alone
+    ("mi_aod",),
 ]
 FAST = 3
 
