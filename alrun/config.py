@@ -18,6 +18,7 @@ __all__ = [
     "RunOptions",
     "compose_config",
     "dataset_tag",
+    "composed_strategy_name",
     "enable_user_configs",
     "short_dirname",
 ]
@@ -108,9 +109,55 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in name)
 
 
+def _preset_defaults(preset: str) -> dict[str, str | None]:
+    """The ``strategy/<group>: option`` choices a packaged strategy preset composes by itself
+    (its defaults list); empty for a preset alrun does not ship (a user's own)."""
+    path = Path(__file__).parent / "configs" / "strategy" / f"{preset}.yaml"
+    if not path.is_file():
+        return {}
+    defaults = OmegaConf.load(path).get("defaults") or []
+    return {
+        str(key): (None if value is None else str(value))
+        for item in defaults
+        if isinstance(item, DictConfig)
+        for key, value in item.items()
+    }
+
+
+def composed_strategy_name(preset: str) -> str:
+    """``strategy.name`` of a run: the preset's name, plus every ``strategy/<group>=<option>``
+    of the command line that differs from what the preset composes by itself.
+
+    ``alrun strategy=entropy strategy/selector=kcenter`` is then ``entropy+selector=kcenter``:
+    it gets its own run directory and its own group in ``alrun-report`` instead of colliding
+    with plain entropy's. Outside a Hydra app (``compose_config``) there is no command line to
+    read and the preset's name is returned; ``strategy.name=...`` still overrides it all."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return preset
+    defaults = _preset_defaults(preset)
+    parts = []
+    for override in HydraConfig.get().overrides.task:
+        key, sep, value = str(override).lstrip("+~").partition("=")
+        if not sep or not key.startswith("strategy/"):
+            continue
+        group = key.removeprefix("strategy/")
+        chosen = None if value in ("null", "") else value
+        if group in defaults and defaults[group] == chosen:
+            continue
+        parts.append(f"{group}={value}")
+    return "+".join([preset, *parts])
+
+
 def register_resolvers() -> None:
     """``${alrun_dataset:${dataset}}`` and ``${alrun_short:${hydra.job.override_dirname}}``,
-    used by the default output directories in run.yaml (idempotent)."""
-    for name, func in (("alrun_dataset", dataset_tag), ("alrun_short", short_dirname)):
+    used by the default output directories in run.yaml, and ``${alrun_strategy_name:<preset>}``
+    of the strategy presets (idempotent)."""
+    for name, func in (
+        ("alrun_dataset", dataset_tag),
+        ("alrun_short", short_dirname),
+        ("alrun_strategy_name", composed_strategy_name),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, func)

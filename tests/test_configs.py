@@ -172,3 +172,40 @@ def test_sweep_subdirs_cut_path_values_to_their_last_component():
     assert short_dirname("seed=0,strategy=random") == "seed=0,strategy=random"
     assert short_dirname("seed=0,strategy/scorer=bald") == "seed=0,strategy-scorer=bald"
     assert short_dirname(r"detector.pretrained=C:\runs\best.pt") == "detector.pretrained=best.pt"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        (["strategy=entropy", "strategy/selector=kcenter"], "entropy+selector=kcenter"),
+        (["strategy=entropy", "strategy/selector=topk"], "entropy"),  # the preset's own choice
+        (
+            ["strategy=ppal", "strategy/scorer=entropy", "strategy/selector=kcenter"],
+            "ppal+scorer=entropy+selector=kcenter",
+        ),
+        (["strategy=bald", "strategy/passes=ensemble"], "bald+passes=ensemble"),
+        (["strategy=entropy", "strategy/selector=kcenter", "strategy.name=mine"], "mine"),
+    ],
+)
+def test_a_composed_strategy_names_its_run(overrides, name):
+    """A preset composed with another scorer, passes or selector gets its own strategy.name,
+    hence its own run directory and report group (it used to share the preset's and be
+    refused there as a different config)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    from alrun.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_module(config_module="alrun.configs", version_base="1.3"):
+        cfg = compose(config_name="run", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert cfg.strategy.name == name
+        assert cfg.hydra.run.dir == f"outputs/default/synthetic/{name}/seed0"
+    finally:
+        HydraConfig.instance().cfg = None
+    # outside a Hydra app there is no command line to read: the preset's name
+    assert compose_config(overrides).strategy.name == (
+        "mine" if "strategy.name=mine" in overrides else overrides[0].split("=")[1]
+    )

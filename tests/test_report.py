@@ -541,3 +541,21 @@ def test_runs_group_by_the_config_group_option_they_were_composed_with(tmp_path)
     assert {r.group for r in combined.runs} == {f"{k}/random" for k in regimes}
     with pytest.raises(ReportError, match="no config key 'choices.oracle'"):
         gather([tmp_path], "choices.oracle")
+
+
+def test_the_name_a_run_resolved_at_start_groups_it(tmp_path):
+    """``strategy.name`` of a composed strategy depends on the run's command line, which only
+    the run could read: the report takes it from the run's config.json, not .hydra's yaml."""
+    for seed in (0, 1):
+        plain = make_run(tmp_path, "entropy", seed, [0.1, 0.2, 0.3])
+        composed = make_run(tmp_path, "composed", seed, [0.1, 0.2, 0.4])
+        for run in (plain, composed):
+            config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+            config["strategy"]["name"] = "${alrun_strategy_name:entropy}"
+            (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+        (composed / "config.json").write_text(
+            json.dumps({"config": {"strategy": {"name": "entropy+selector=kcenter"}}})
+        )
+    groups = gather([tmp_path]).groups
+    assert sorted(groups) == ["entropy", "entropy+selector=kcenter"]
+    assert [r.seed for r in groups["entropy+selector=kcenter"]] == [0, 1]

@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from alrun.config import register_resolvers
 from alrun.errors import AlrunError
 
 
@@ -94,11 +95,20 @@ def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
 
 
 def _config(path: Path) -> dict[str, Any]:
+    """The run's config: ``.hydra/config.yaml`` resolved, overlaid with the values the run
+    itself resolved at start (``config.json``). Some values depend on the run's command line
+    (a composed strategy's ``strategy.name``, ``${alrun_strategy_name:...}``), which only the
+    run could read."""
+    register_resolvers()
     try:
         cfg = OmegaConf.load(path / ".hydra" / "config.yaml")
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+        config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     except Exception as err:  # noqa: BLE001 - any unreadable config becomes one line
         raise ReportError(f"{path / '.hydra/config.yaml'}: cannot read ({err})") from err
+    recorded = _json_field(path / "config.json", "config", None)
+    if isinstance(recorded, dict):
+        config.update(recorded)
+    return config
 
 
 def _unreadable(path: Path, err: Exception) -> UnreadableRun:

@@ -39,7 +39,10 @@ def options(group: str) -> list[str]:
 
 
 def strategy_config(overrides: list[str]) -> dict:
-    return OmegaConf.to_container(compose_config(overrides).strategy, resolve=False)
+    """The composed strategy, interpolations as written, but for ``name``: resolved (a composed
+    preset's name is its preset's here, outside a Hydra app)."""
+    strategy = compose_config(overrides).strategy
+    return {**OmegaConf.to_container(strategy, resolve=False), "name": strategy.name}
 
 
 def refusal(overrides: list[str]) -> str:
