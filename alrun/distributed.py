@@ -245,14 +245,16 @@ def rank_micro_batches(batch: Sequence[T], world: World, accumulate: int) -> lis
 
 
 # --- sharded prediction --------------------------------------------------------------------
-def shard(items: Sequence[T], world: World) -> list[T]:
-    """Rank ``r``'s share of ``items``: every ``size``-th item from position ``r``."""
-    return list(items[world.rank :: world.size])
+def shard(items: Sequence[T], world: World, block: int = 1) -> list[T]:
+    """Rank ``r``'s share of ``items``: blocks of ``block`` consecutive items, dealt round-robin
+    (block ``b`` to rank ``b % size``). With ``block`` the detector's prediction batch, every
+    image is predicted in the same batch as by one process (convolutions give bit-different
+    results for other batch compositions)."""
+    blocks = [items[i : i + block] for i in range(0, len(items), block)]
+    return [item for part in blocks[world.rank :: world.size] for item in part]
 
 
-def gather_by_id(
-    ids: Sequence[str], local_ids: Sequence[str], local: Sequence[Any]
-) -> list[Any]:
+def gather_by_id(ids: Sequence[str], local_ids: Sequence[str], local: Sequence[Any]) -> list[Any]:
     """Every rank's ``(id, result)`` pairs gathered and put back in the order of ``ids``."""
     pairs = list(zip(local_ids, local, strict=True))
     if current().size > 1:
@@ -266,19 +268,22 @@ def gather_by_id(
     return [by_id[i] for i in ids]
 
 
-def predict_sharded(predict: Callable[..., list[T]], records: Sequence[Any], *args) -> list[T]:
-    """``predict(records, *args)``, each rank predicting its :func:`shard` and every rank
-    receiving all results in the order of ``records`` (gathered by ``image_id``).
+def predict_sharded(
+    predict: Callable[..., list[T]], records: Sequence[Any], block: int, *args
+) -> list[T]:
+    """``predict(records, *args)``, each rank predicting its :func:`shard` (blocks of
+    ``block``, the detector's prediction batch) and every rank receiving all results in the
+    order of ``records``, gathered by ``image_id``.
 
-    The same images go through the same model in the same batches as far as the shard allows,
-    so deterministic predictions equal one process's; stochastic passes seeded from the images
-    of a call (MC dropout) see other calls and differ. The streaming acquisition's shard loop
-    can call this per shard.
+    Every image goes through the same model in the same batch as in one process, so
+    deterministic predictions equal one process's bit for bit; stochastic passes seeded from
+    the images of a call (MC dropout) see other calls and differ. The streaming acquisition's
+    shard loop can call this per shard.
     """
     world = current()
     if world.size == 1:
         return predict(records, *args)
-    mine = shard(records, world)
+    mine = shard(records, world, block)
     results = predict(mine, *args) if mine else []
     local = [_to_cpu(result) for result in results]
     return gather_by_id([r.image_id for r in records], [r.image_id for r in mine], local)

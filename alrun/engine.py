@@ -333,11 +333,11 @@ def _replicate(
     training and rank 0's afterwards (:func:`share_leader_state`)."""
     if world.size == 1:
         return None
-    ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    ids = None
+    if device.type == "cuda":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
     return torch.nn.parallel.DistributedDataParallel(
-        _Replica(params),
-        device_ids=ids if device.type == "cuda" else None,
-        broadcast_buffers=False,
+        _Replica(params), device_ids=ids, broadcast_buffers=False
     )
 
 
