@@ -93,6 +93,8 @@ DOCS_PAGES = (
     ("oracle", "docs/budgets.md"),  # the cost model
     ("detector.builder", "docs/detectors.md"),  # image sizes, backbone weights, feature cache
     ("detector", "docs/clusters.md"),
+    ("trainer.devices", "docs/clusters.md"),  # distributed training
+    ("trainer.nodes", "docs/clusters.md"),
     ("metric", "docs/reports.md"),
     ("resume", "docs/crash-safety.md"),
 )

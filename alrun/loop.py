@@ -343,7 +343,7 @@ def _evaluate(
     with reporter.task(f"round {r}/{exp.budget.rounds} test") as progress:
         test_images = exp.splits.test.visible().images
         test_preds = distributed.predict_sharded(
-            exp.detector.predict, test_images, exp.detector.predict_batch_size, Needs(), progress
+            exp.detector.predict, test_images, exp.predict_block, Needs(), progress
         )
     metrics = evaluate(exp.splits.test, test_preds, exp.metric.protocol)  # the evaluator: truth
     collapsed = collapse_reason(metrics["mAP50"], train_stats)

@@ -84,7 +84,7 @@ def predict_for_strategy(
         return PoolPredictions()
     with reporter.task(f"round {r}/{exp.budget.rounds} score pool") as progress:
         records = pool.records(pool.unlabelled_ids)  # split across ranks when distributed
-        block = exp.detector.predict_batch_size
+        block = exp.predict_block
         preds = distributed.predict_sharded(exp.predictor.predict, records, block, needs, progress)
     embeddings, labelled_preds, targets = None, None, None
     if needs.labelled_embeddings:

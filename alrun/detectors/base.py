@@ -230,7 +230,6 @@ class Detector(Protocol):
     device: torch.device
     head_type: str
     capabilities: frozenset[str]
-    predict_batch_size: int  # images a prediction batch (sharded prediction keeps the batches)
 
     def reset(self, seed: int) -> None:
         """Re-initialise weights (``trainer.init: scratch``) deterministically from ``seed``."""
