@@ -108,6 +108,12 @@ def join_world(cfg: DictConfig, env: Mapping[str, str] | None = None) -> distrib
     for key, value in counts.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise AlrunError(f"trainer.{key}: expected an integer >= 1, got {value!r}")
+    oracle = str((cfg.get("oracle") or {}).get("_target_", ""))
+    if counts["devices"] * counts["nodes"] > 1 and oracle.endswith("HumanOracle"):
+        raise AlrunError(
+            "trainer.devices: oracle=human pauses the run between rounds for annotators, which "
+            "a job of several processes cannot; run it with trainer.devices=1 trainer.nodes=1"
+        )
     detector = cfg.get("detector") or {}
     device = resolve_device(str(detector.get("device", "auto")))
     launch = distributed.check_request(

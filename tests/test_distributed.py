@@ -159,6 +159,7 @@ SMALL = ["experiment=smoke", "quiet=true", "detector.device=cpu"]
         (["trainer.devices=64"], "trainer.devices: 64 asked but this node has"),
         (["trainer.devices=2"], "trainer.devices: 2 x 1 nodes needs a distributed launcher"),
         (["trainer.nodes=0"], "trainer.nodes: expected an integer >= 1, got 0"),
+        (["trainer.nodes=2", "oracle=human"], "trainer.devices: oracle=human pauses the run"),
     ],
 )
 def test_the_loop_refuses_before_writing_anything(tmp_path, monkeypatch, overrides, message):
