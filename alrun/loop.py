@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -127,40 +127,51 @@ def join_world(cfg: DictConfig, env: Mapping[str, str] | None = None) -> distrib
 
 
 def _lead(cfg, root, options, reporter, record_files, world) -> list[dict]:
-    """Rank 0 (or the only process): everything, files included; tells the other ranks how
-    the run starts, or the one line it failed with."""
-    run_dir = RunDir(root)
+    """Rank 0 (or the only process): everything, files included. The other ranks wait for how
+    the run starts; if rank 0 fails before telling them, they end with its one line."""
+    told: list[bool] = []
+
+    def announce(start_state: Callable[[], tuple]) -> None:
+        if world.size > 1:
+            distributed.broadcast(("ok", start_state()))
+        told.append(True)
+
     try:
-        run_dir.check_ours(job_log_name())  # a folder of the user's: refused before any write
-        exp = build_experiment(cfg)
+        return _lead_run(cfg, root, options, reporter, record_files, announce)
     except BaseException as err:
-        _tell_followers(world, err)
+        if not told:
+            _tell_followers(world, err)
         raise
+
+
+def _lead_run(cfg, root, options, reporter, record_files, announce) -> list[dict]:
+    run_dir = RunDir(root)
+    run_dir.check_ours(job_log_name())  # a folder of the user's: refused before any write
+    exp = build_experiment(cfg)
     fingerprint = config_fingerprint(cfg)
     _oracle_hook(exp.oracle, "attach", root)
     with run_dir.lock():
+        run_dir.check_config(fingerprint, options.resume)
+        pool = LabelPool(exp.splits.pool.visible(), TruthAudit(exp.truth))
         try:
-            run_dir.check_config(fingerprint, options.resume)
-            pool = LabelPool(exp.splits.pool.visible(), TruthAudit(exp.truth))
-            try:
-                start, rows, stopped = _start(exp, pool, run_dir, options)
-            except AwaitingLabels:  # oracle=human: the initial set went out; the run is recorded
-                run_dir.record_config(fingerprint, record_files or {})
-                raise
+            start, rows, stopped = _start(exp, pool, run_dir, options)
+        except AwaitingLabels:  # oracle=human: the initial set went out; the run is recorded
             run_dir.record_config(fingerprint, record_files or {})
-            _record_skipped(exp, run_dir, reporter)
-            if not (root / "splits.json").exists():
-                write_json(root / "splits.json", split_record(exp.splits))  # the test set
-            complete = stopped is not None or start > exp.budget.rounds
-            if start > 0 and not complete:
-                _restore_model(exp, run_dir, start, reporter)
-        except BaseException as err:
-            _tell_followers(world, err)
             raise
-        if world.size > 1:
-            model = exp.model_state() if start > 0 and not complete else None
-            start_state = (start, rows, stopped, pool_state(pool), exp.regime.state_dict(), model)
-            distributed.broadcast(("ok", start_state))
+        run_dir.record_config(fingerprint, record_files or {})
+        _record_skipped(exp, run_dir, reporter)
+        if not (root / "splits.json").exists():
+            write_json(root / "splits.json", split_record(exp.splits))  # the test set, for audit
+        complete = stopped is not None or start > exp.budget.rounds
+        if start > 0 and not complete:
+            _restore_model(exp, run_dir, start, reporter)
+        model = start > 0 and not complete  # the other ranks need the model to continue from
+
+        def start_state() -> tuple:
+            state = exp.model_state() if model else None
+            return start, rows, stopped, pool_state(pool), exp.regime.state_dict(), state
+
+        announce(start_state)
         if complete:
             reporter.info(f"run already complete ({stopped or 'all rounds done'})")
             return rows

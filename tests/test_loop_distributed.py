@@ -153,3 +153,16 @@ def test_a_killed_rank_leaves_a_run_that_resumes(two_ranks, tmp_path):
     done = _torchrun(run_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _rounds(run_dir) == _rounds(two_ranks)
+
+
+def test_rank_0_refusing_the_folder_ends_every_rank_with_its_line(tmp_path):
+    """Rank 0 refuses before round 0; the other rank, waiting for the start state, ends with
+    the same line instead of waiting forever; nothing is written."""
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("the user's")
+    done = _torchrun(run_dir)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("alrun: error:")]
+    assert len(lines) == 2 and all("not an alrun run directory" in line for line in lines)
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
