@@ -82,6 +82,16 @@ def detect_launch(env: Mapping[str, str]) -> Launch | None:
     return None
 
 
+def is_follower(env: Mapping[str, str]) -> bool:
+    """Whether the launcher made this process a rank > 0 (which writes no file of the run; a
+    malformed variable is reported when the run joins its process group)."""
+    try:
+        launch = detect_launch(env)
+    except AlrunError:
+        return False
+    return launch is not None and launch.rank > 0
+
+
 def _int(env: Mapping[str, str], key: str, default: str | None = None) -> int:
     value = env.get(key, default)
     try:

@@ -194,3 +194,10 @@ def test_a_run_resumed_on_another_device_count_is_refused(tmp_path):
     with pytest.raises(RunDirError, match=r"trainer.devices: 2 -> \(absent\)"):
         run_dir.check_config(one, "auto")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_only_ranks_above_0_are_followers():
+    assert distributed.is_follower(TORCHRUN)
+    assert not distributed.is_follower({**TORCHRUN, "RANK": "0"})
+    assert not distributed.is_follower({})
+    assert not distributed.is_follower({**TORCHRUN, "RANK": "x"})  # reported when joining
