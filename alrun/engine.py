@@ -11,6 +11,12 @@ and ``losses(images, targets)``.
 Determinism: the global torch seed is ``seed`` and the first source's batches are drawn from a
 generator seeded with ``seed`` (so one labelled source trains exactly as ``fit`` always did);
 further sources draw from generators seeded by ``(seed, source position)``.
+
+Several devices (``trainer.devices`` x ``trainer.nodes``, :mod:`alrun.distributed`): the batch
+plan is the same on every rank and each rank draws its share of every batch
+(``trainer.accumulate`` micro-batches of ``batch[m::devices x accumulate]``); the step's losses
+are computed through a DistributedDataParallel replica of the trained parameters, which averages
+the gradients, and after training every rank takes rank 0's weights and buffers.
 """
 
 from __future__ import annotations
