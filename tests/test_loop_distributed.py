@@ -157,12 +157,31 @@ def test_a_killed_rank_leaves_a_run_that_resumes(two_ranks, tmp_path):
 
 def test_rank_0_refusing_the_folder_ends_every_rank_with_its_line(tmp_path):
     """Rank 0 refuses before round 0; the other rank, waiting for the start state, ends with
-    the same line instead of waiting forever; nothing is written."""
+    the same line instead of waiting forever (as under srun, which does not stop the others;
+    torchrun would); nothing is written."""
     run_dir = tmp_path / "mine"
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("the user's")
-    done = _torchrun(run_dir)
-    assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.startswith("alrun: error:")]
-    assert len(lines) == 2 and all("not an alrun run directory" in line for line in lines)
+    port = str(_free_port())
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, *_alrun(run_dir, "trainer.devices=2")],
+            env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=port),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]  # fmt: skip
+    try:
+        errors = [proc.communicate(timeout=300)[1] for proc in ranks]
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, stderr in zip(ranks, errors):
+        lines = [line for line in stderr.splitlines() if line.startswith("alrun: error:")]
+        assert proc.returncode == 2 and len(lines) == 1, stderr[-2000:]
+        assert "not an alrun run directory (holds notes.txt)" in lines[0]
     assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
