@@ -31,6 +31,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from alrun import callbacks
 from alrun.annotation.oracle import FILES, AwaitingLabels
 from alrun.config import enable_user_configs, register_resolvers
+from alrun.distributed import is_follower
 from alrun.errors import DISK_ERRNOS, AlrunError
 from alrun.io import atomic_write_bytes, remove_file, write_json
 from alrun.loop import run_experiment
@@ -93,6 +94,8 @@ DOCS_PAGES = (
     ("oracle", "docs/budgets.md"),  # the cost model
     ("detector.builder", "docs/detectors.md"),  # image sizes, backbone weights, feature cache
     ("detector", "docs/clusters.md"),
+    ("trainer.devices", "docs/clusters.md"),  # distributed training
+    ("trainer.nodes", "docs/clusters.md"),
     ("metric", "docs/reports.md"),
     ("resume", "docs/crash-safety.md"),
 )
@@ -168,8 +171,11 @@ def run(cfg: DictConfig) -> dict[str, str] | None:
     quiet = multirun if cfg.get("quiet") is None else cfg.quiet is True
     out_dir = Path(hydra_cfg.runtime.output_dir)
     record = {".hydra/config.yaml": OmegaConf.to_yaml(cfg), **_hydra_record()}
+    # a sweep job's own files (error.json, traceback.txt, .hydra/); a rank > 0 of a
+    # distributed job writes none of them (rank 0 writes the run dir: alrun.distributed)
+    job_files = multirun and not is_follower(os.environ)
     try:
-        if multirun:
+        if job_files:
             remove_file(out_dir / "error.json")  # from an earlier failed attempt of this job
         run_experiment(cfg, out_dir, Reporter(quiet=quiet), record_files=record)
     except AwaitingLabels as waiting:  # oracle=human: not a failure, people label next
@@ -179,17 +185,18 @@ def run(cfg: DictConfig) -> dict[str, str] | None:
         print(f"alrun: {INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - user errors become one line; bugs re-raise
-        if multirun:  # a sweep job's dir is its own: the report finds it by .hydra/config.yaml
+        if job_files:  # a sweep job's dir is its own: the report finds it by .hydra/config.yaml
             _write_absent(out_dir, record)
         message = user_error(err)
         if message is None:
             if not multirun:
                 raise
-            return _record_bug(out_dir, err)
+            return _record_bug(out_dir, err) if job_files else {"error": str(err)}
         message = hint_keys(message, cfg)
         log.error(message)
         if multirun:  # one failing job is recorded and the sweep goes on
-            write_json(out_dir / "error.json", {"error": message})
+            if job_files:
+                write_json(out_dir / "error.json", {"error": message})
             return {"error": message}
         print_error(message)
         sys.exit(2)

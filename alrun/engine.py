@@ -11,10 +11,17 @@ and ``losses(images, targets)``.
 Determinism: the global torch seed is ``seed`` and the first source's batches are drawn from a
 generator seeded with ``seed`` (so one labelled source trains exactly as ``fit`` always did);
 further sources draw from generators seeded by ``(seed, source position)``.
+
+Several devices (``trainer.devices`` x ``trainer.nodes``, :mod:`alrun.distributed`): the batch
+plan is the same on every rank and each rank draws its share of every batch
+(``trainer.accumulate`` micro-batches of ``batch[m::devices x accumulate]``); the step's losses
+are computed through a DistributedDataParallel replica of the trained parameters, which averages
+the gradients, and after training every rank takes rank 0's weights and buffers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import alrun.distributed as distributed
 from alrun.data.dataset import DetectionDataset, ImageRecord, ImageSet
 from alrun.data.images import TrainingImages
 from alrun.detectors.base import MIXTURE_HEAD, Detector, Progress, TrainSchedule
@@ -223,9 +231,10 @@ def train(
     if len({s.name for s in sources}) != len(sources):
         raise AlrunError("trainer: batch source names must be unique")
     total = schedule.num_iterations(len(sources[0].dataset), from_scratch)
+    world = distributed.current()
     torch.manual_seed(seed)
     streams = [
-        _stream(source, schedule, total, _source_seed(seed, i), detector.device)
+        _stream(source, schedule, total, _source_seed(seed, i), detector.device, world)
         for i, source in enumerate(sources)
     ]
     detector.train_mode()
@@ -233,28 +242,25 @@ def train(
         _call(hook, "before_training", -1, total, detector, total)
     main, auxiliary = _parameter_groups(detector, hooks, total)
     params = main + auxiliary
+    replica = _replicate(params, detector.device, world)
     optimizer = torch.optim.SGD(
         params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
     )
     lr_at = learning_rate(schedule, total)
     losses: list[float] = []
+    parts = schedule.accumulate
     for index, drawn in enumerate(zip(*streams)):
         lr = lr_at(index)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step = Step(index, total, lr, detector, {b.source.name: b for b in drawn})
-        step.losses.update(_backend_losses(detector, drawn))
-        step.losses.update(_hook_losses(hooks, step))
-        loss = sum(step.losses.values())
-        if not isinstance(loss, Tensor):
-            raise AlrunError("trainer: no loss this iteration (no source with targets, no hook)")
-        if not torch.isfinite(loss):
-            raise AlrunError(
-                f"trainer: loss became {loss.item()} at iteration {index}; "
-                f"lower trainer.lr (now {schedule.lr})"
-            )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value = 0.0
+        for j, micro in enumerate(zip(*drawn)):  # this device's micro-batches of the step
+            step = Step(index, total, lr, detector, {b.source.name: b for b in micro})
+            with _gradient_sync(replica, j == parts - 1):
+                loss = _step_loss(replica, detector, hooks, step, micro, schedule)
+                (loss if parts == 1 else loss / parts).backward()  # DDP averages over devices
+            value += float(loss.detach()) / parts
         if schedule.grad_clip > 0:  # per group: an auxiliary head never scales the detector's
             torch.nn.utils.clip_grad_norm_(main, schedule.grad_clip)
             if auxiliary:
@@ -262,9 +268,13 @@ def train(
         optimizer.step()
         for hook in hooks:
             _call(hook, "after_step", index, total, step)
-        losses.append(float(loss.detach()))
+        losses.append(value)
         if progress:
             progress(index + 1, total)
+    if world.size > 1:
+        del replica  # its gradient hooks go with it, before the next round's replica
+        losses = distributed.sum_over_ranks([v / world.size for v in losses])
+        share_leader_state(detector, world)
     tail = losses[-max(1, len(losses) // 10) :]
     head = losses[: max(1, len(losses) // 10)]
     stats = {
@@ -277,6 +287,79 @@ def train(
         summary = _call(hook, "after_training", total, total)
         stats.update({f"{hook.name}/{key}": float(value) for key, value in summary.items()})
     return stats
+
+
+def _step_loss(
+    replica: torch.nn.Module | None,
+    detector: Detector,
+    hooks: Sequence[TrainingHook],
+    step: Step,
+    drawn: Sequence[Batch],
+    schedule: TrainSchedule,
+) -> Tensor:
+    """One micro-batch's total loss: the backend's and the hooks' (through the DDP replica, so
+    that its backward averages the gradients over devices)."""
+
+    def compute() -> dict[str, Tensor]:
+        step.losses.update(_backend_losses(detector, drawn))
+        step.losses.update(_hook_losses(hooks, step))
+        return step.losses
+
+    named = compute() if replica is None else replica(compute)
+    loss = sum(named.values())
+    if not isinstance(loss, Tensor):
+        raise AlrunError("trainer: no loss this iteration (no source with targets, no hook)")
+    if not torch.isfinite(loss):
+        raise AlrunError(
+            f"trainer: loss became {loss.item()} at iteration {step.index}; "
+            f"lower trainer.lr (now {schedule.lr})"
+        )
+    return loss
+
+
+class _Replica(torch.nn.Module):
+    """The trained parameters as one module, for DistributedDataParallel: its forward runs the
+    step's loss computation, so any backend and any hook's head is averaged over devices."""
+
+    def __init__(self, params: Sequence[Tensor]):
+        super().__init__()
+        if not all(isinstance(p, torch.nn.Parameter) for p in params):
+            raise AlrunError("trainer.devices: every trained tensor must be an nn.Parameter")
+        self.params = torch.nn.ParameterList(params)
+
+    def forward(self, compute: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+        return compute()
+
+
+def _replicate(
+    params: Sequence[Tensor], device: torch.device, world: distributed.World
+) -> torch.nn.Module | None:
+    """A DistributedDataParallel replica of ``params`` (None for one process). Its constructor
+    copies rank 0's values to every rank; buffers (BatchNorm statistics) are rank-local while
+    training and rank 0's afterwards (:func:`share_leader_state`)."""
+    if world.size == 1:
+        return None
+    ids = None
+    if device.type == "cuda":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.nn.parallel.DistributedDataParallel(
+        _Replica(params), device_ids=ids, broadcast_buffers=False
+    )
+
+
+def _gradient_sync(replica: torch.nn.Module | None, sync: bool):
+    """DDP's ``no_sync`` for all but a device's last micro-batch of a step."""
+    if replica is None or sync:
+        return contextlib.nullcontext()
+    return replica.no_sync()
+
+
+def share_leader_state(detector: Detector, world: distributed.World) -> None:
+    """Every rank takes rank 0's weights and buffers after training: the parameters already
+    agree (same averaged gradients), BatchNorm statistics saw only each rank's images."""
+    state = distributed.broadcast(detector.state_dict() if world.leader else None)
+    if not world.leader:
+        detector.load_state_dict(state)
 
 
 def _parameter_groups(
@@ -348,8 +431,10 @@ def _stream(
     total: int,
     seed: int,
     device: torch.device,
-) -> Iterator[Batch]:
-    """``total`` batches of ``source`` in a seeded order (the same whatever ``num_workers``)."""
+    world: distributed.World,
+) -> Iterator[list[Batch]]:
+    """``total`` steps of ``source`` in a seeded order (the same whatever ``num_workers``), each
+    this device's ``trainer.accumulate`` micro-batches of the global batch."""
     records = source.dataset.images
     if source.role == "unlabelled":  # whatever it was given, train on the images only
         records = tuple(r.ref if isinstance(r, ImageRecord) else r for r in records)
@@ -359,6 +444,9 @@ def _stream(
         total,
         torch.Generator().manual_seed(seed),
     )
+    parts = schedule.accumulate
+    if world.size * parts > 1:  # the distributed sampler: each rank's share of every batch
+        plan = [m for batch in plan for m in distributed.rank_micro_batches(batch, world, parts)]
     loader = torch.utils.data.DataLoader(
         TrainingImages(records, 0, schedule.hflip),
         batch_sampler=plan,
@@ -366,8 +454,8 @@ def _stream(
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
-    for drawn, (images, targets) in zip(plan, loader):
-        yield Batch(
+    batches = (
+        Batch(
             source,
             [im.to(device) for im in images],
             None
@@ -376,6 +464,10 @@ def _stream(
             tuple(records[i].image_id for i, _ in drawn),
             tuple(flip and schedule.hflip for _, flip in drawn),
         )
+        for drawn, (images, targets) in zip(plan, loader)
+    )
+    for _ in range(total):
+        yield [next(batches) for _ in range(parts)]
 
 
 def batch_plan(

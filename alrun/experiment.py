@@ -60,6 +60,9 @@ class Experiment:
     predictor: Predictor | None = None
     initial_ids: tuple[str, ...] | None = None  # budget.initial_ids, resolved against the pool
     truth: HiddenTruth | None = None
+    #: images per prediction batch (``detector.predict_batch_size``): sharded prediction on
+    #: several devices deals whole batches, so each image is predicted as by one process
+    predict_block: int = 1
 
     def __post_init__(self) -> None:
         if self.predictor is None:
@@ -158,6 +161,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         training=StrategyTraining(tuple(strategy.training_hooks), ensemble),
         initial_ids=initial_ids,
         truth=truth,
+        predict_block=int(cfg.detector.get("predict_batch_size", 1)),
     )
 
 

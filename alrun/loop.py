@@ -11,8 +11,9 @@ uninterrupted one.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import alrun.distributed as distributed
 from alrun.annotation.oracle import AwaitingLabels
 from alrun.data.dataset import split_record
+from alrun.detectors.torchvision.adapter import resolve_device
 from alrun.diagnostics import collapse_reason
 from alrun.engine import STRATEGY_UNLABELLED, BatchSource, StrategyTraining, starts_from_scratch
+from alrun.errors import AlrunError
 from alrun.experiment import Experiment, build_experiment
 from alrun.io import read_json, write_json
 from alrun.logger import NullLogger
@@ -34,6 +38,7 @@ from alrun.pool import LabelPool
 from alrun.progress import Reporter
 from alrun.round_files import RoundOutcome, result_row, save_predictions, write_round
 from alrun.rundir import (
+    FollowerDir,
     RunDir,
     RunOptions,
     check_run_names,
@@ -80,10 +85,66 @@ def run_experiment(
 
     ``record_files`` (relative path -> text, e.g. ``.hydra/config.yaml``) are written into the
     run directory once, after the config has been checked against the one recorded there.
+    With ``trainer.devices`` x ``trainer.nodes`` > 1 every process of the job runs this; only
+    rank 0 writes ``root`` and the others follow it (:mod:`alrun.distributed`).
     """
     reporter = reporter or Reporter(quiet=True)
     options = RunOptions.from_config(cfg)
     check_run_names(cfg)
+    world = join_world(cfg)
+    try:
+        if world.leader:
+            return _lead(cfg, root, options, reporter, record_files, world)
+        return _follow(cfg, root, options)
+    finally:
+        distributed.leave(world)
+
+
+def join_world(cfg: DictConfig, env: Mapping[str, str] | None = None) -> distributed.World:
+    """Check ``trainer.devices``/``trainer.nodes`` against the devices and the launcher (one line
+    each, before anything is read or written) and join the launcher's process group."""
+    trainer = cfg.get("trainer") or {}
+    counts = {key: trainer.get(key, 1) for key in ("devices", "nodes")}
+    for key, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise AlrunError(f"trainer.{key}: expected an integer >= 1, got {value!r}")
+    oracle = str((cfg.get("oracle") or {}).get("_target_", ""))
+    if counts["devices"] * counts["nodes"] > 1 and oracle.endswith("HumanOracle"):
+        raise AlrunError(
+            "trainer.devices: oracle=human pauses the run between rounds for annotators, which "
+            "a job of several processes cannot; run it with trainer.devices=1 trainer.nodes=1"
+        )
+    detector = cfg.get("detector") or {}
+    device = resolve_device(str(detector.get("device", "auto")))
+    launch = distributed.check_request(
+        counts["devices"],
+        counts["nodes"],
+        device,
+        str(detector.get("_target_", "")),
+        os.environ if env is None else env,
+    )
+    return distributed.join(launch, device)
+
+
+def _lead(cfg, root, options, reporter, record_files, world) -> list[dict]:
+    """Rank 0 (or the only process): everything, files included. The other ranks wait for how
+    the run starts; if rank 0 fails before telling them, they end with its one line."""
+    told: list[bool] = []
+
+    def announce(start_state: Callable[[], tuple]) -> None:
+        if world.size > 1:
+            distributed.broadcast(("ok", start_state()))
+        told.append(True)
+
+    try:
+        return _lead_run(cfg, root, options, reporter, record_files, announce)
+    except BaseException as err:
+        if not told:
+            _tell_followers(world, err)
+        raise
+
+
+def _lead_run(cfg, root, options, reporter, record_files, announce) -> list[dict]:
     run_dir = RunDir(root)
     run_dir.check_ours(job_log_name())  # a folder of the user's: refused before any write
     exp = build_experiment(cfg)
@@ -101,11 +162,19 @@ def run_experiment(
         _record_skipped(exp, run_dir, reporter)
         if not (root / "splits.json").exists():
             write_json(root / "splits.json", split_record(exp.splits))  # the test set, for audit
-        if stopped is not None or start > exp.budget.rounds:
+        complete = stopped is not None or start > exp.budget.rounds
+        if start > 0 and not complete:
+            _restore_model(exp, run_dir, start, reporter)
+        model = start > 0 and not complete  # the other ranks need the model to continue from
+
+        def start_state() -> tuple:
+            state = exp.model_state() if model else None
+            return start, rows, stopped, pool_state(pool), exp.regime.state_dict(), state
+
+        announce(start_state)
+        if complete:
             reporter.info(f"run already complete ({stopped or 'all rounds done'})")
             return rows
-        if start > 0:
-            _restore_model(exp, run_dir, start, reporter)
         logger = instantiate(cfg.logger) if "logger" in cfg else NullLogger()
         logger.start(
             OmegaConf.to_container(cfg, resolve=True), root, f"{exp.strategy.name}-seed{exp.seed}"
@@ -113,6 +182,33 @@ def run_experiment(
         _run_rounds(options, exp, pool, run_dir, start, rows, reporter, logger)
         logger.finish()  # (a crashed run is closed by wandb's own exit hook)
     reporter.table(rows, title=f"{exp.strategy.name} seed {exp.seed}")
+    return rows
+
+
+def _tell_followers(world: distributed.World, err: BaseException) -> None:
+    """Rank 0 failed before the rounds: the other ranks end with the same line."""
+    if world.size > 1:
+        message = str(err) if isinstance(err, AlrunError) else None
+        distributed.broadcast(("failed", message))
+
+
+def _follow(cfg: DictConfig, root: Path, options: RunOptions) -> list[dict]:
+    """A rank > 0: the same experiment and rounds as rank 0, started from rank 0's state
+    (labels, regime, model), writing nothing."""
+    exp = build_experiment(cfg)
+    status, start_state = distributed.broadcast(None)
+    if status != "ok":
+        raise AlrunError(start_state or "distributed: rank 0 failed before round 0; see its log")
+    start, rows, stopped, labels, regime_state, model = start_state
+    pool = LabelPool(exp.splits.pool.visible(), TruthAudit(exp.truth))
+    restore_pool(pool, labels)
+    exp.regime.load_state_dict(regime_state)
+    if stopped is not None or start > exp.budget.rounds:
+        return rows
+    if model is not None:
+        exp.load_model_state(model)
+    quiet = Reporter(quiet=True)
+    _run_rounds(options, exp, pool, FollowerDir(root), start, rows, quiet, NullLogger())
     return rows
 
 
@@ -160,7 +256,8 @@ def _run_rounds(options, exp, pool, run_dir, start, rows, reporter, logger) -> N
             f"round {r}/{rounds}: {row['images']} images, {row['cost_s']:.0f} s labelled, "
             f"mAP {row['mAP']:.3f}, mAP50 {row['mAP50']:.3f}, train {row['train_s']:.0f} s"
         )
-        _log_round(logger, run_dir, pool, r, row)
+        if run_dir.writes:  # rank 0 (the others read nothing of the run dir)
+            _log_round(logger, run_dir, pool, r, row)
         if stopped:
             reporter.info(f"stopping after round {r}: {stopped}")
             break
@@ -205,7 +302,9 @@ def run_round(
         acquired = select_round(exp, pool, r, reporter, request)
         metrics = {**metrics, "pool_misses": selection_pool_misses(exp, pool, acquired)}
         outcome = RoundOutcome(metrics, train_stats, train_s, collapsed)
-        write_round(tmp, options, exp, pool, r, acquired, outcome)
+        check_agreement(acquired.selection.image_ids, r)
+        if run_dir.writes:
+            write_round(tmp, options, exp, pool, r, acquired, outcome)
         if acquired.labels:
             pool.add(acquired.labels, r + 1)
         row = result_row(r, totals, outcome, acquired.timings)
@@ -218,8 +317,17 @@ def run_round(
             "regime": exp.regime.state_dict(),
             "torch_threads": torch.get_num_threads(),  # results depend on it (check_threads)
         }
+        distributed.barrier()  # every rank finished the round before rank 0 commits it
         run_dir.commit_round(r, tmp, state, options.keep_checkpoints)
+        distributed.barrier()
     return row, acquired.stopped
+
+
+def check_agreement(picked: Sequence[str], r: int) -> None:
+    """Every rank scored the same gathered predictions; a rank that picked other images than
+    rank 0 would label another pool from here on: stop instead."""
+    if distributed.current().size > 1 and distributed.broadcast(list(picked)) != list(picked):
+        raise RuntimeError(f"distributed: round {r}: this rank selected other images than rank 0")
 
 
 def _train(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> tuple[dict, float]:
@@ -250,7 +358,10 @@ def _evaluate(
     """Metrics and failure modes of this round's model on the test split, and whether the
     model looks collapsed (said loudly: its selection is suspect)."""
     with reporter.task(f"round {r}/{exp.budget.rounds} test") as progress:
-        test_preds = exp.detector.predict(exp.splits.test.visible().images, Needs(), progress)
+        test_images = exp.splits.test.visible().images
+        test_preds = distributed.predict_sharded(
+            exp.detector.predict, test_images, exp.predict_block, Needs(), progress
+        )
     metrics = evaluate(exp.splits.test, test_preds, exp.metric.protocol)  # the evaluator: truth
     collapsed = collapse_reason(metrics["mAP50"], train_stats)
     if collapsed:

@@ -79,6 +79,9 @@ RUN_CONTROL_KEYS = (
     "logger",
     "allow_thread_change",
 )
+#: trainer keys left out of the config record at their one-process value 1: a run recorded
+#: before they existed resumes; any other value (or a change of it) is a different config
+SINGLE_DEVICE_KEYS = ("devices", "nodes", "accumulate")
 #: config keys whose values form the default run dir
 #: ``outputs/<name>/<dataset>/<strategy.name>/seed<seed>``
 RUN_NAME_KEYS = ("name", "strategy.name", "seed")
@@ -174,6 +177,11 @@ def config_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in RUN_CONTROL_KEYS:
         data.pop(key, None)
+    trainer = data.get("trainer")
+    if isinstance(trainer, dict):  # runs recorded before these keys existed resume as they were
+        for key in SINGLE_DEVICE_KEYS:
+            if trainer.get(key) == 1:
+                trainer.pop(key)
     if isinstance(data.get("oracle"), dict):  # oracle=human: where this batch's labels are
         for key in ORACLE_CONTROL_KEYS:
             data["oracle"].pop(key, None)
@@ -206,6 +214,9 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class RunDir:
     """Paths, lock and persistence of one run directory."""
+
+    #: whether this process writes the directory (rank 0 of a distributed run; FollowerDir)
+    writes = True
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -499,3 +510,18 @@ def restore_pool(pool: LabelPool, labels: list[dict[str, Any]]) -> None:
     """Give ``pool`` back the labels recorded by :func:`pool_state`."""
     for item in labels:
         pool.add([ImageLabels.from_json(item)], int(item["round"]))
+
+
+class FollowerDir(RunDir):
+    """The run directory as a rank > 0 of a distributed run sees it: rank 0 builds and commits
+    every round (:func:`alrun.loop.run_round` puts barriers around the commit), so the
+    crash-safety protocol above has exactly one writer."""
+
+    writes = False
+
+    @contextmanager
+    def building_round(self, r: int) -> Iterator[Path]:
+        yield self.tmp_round_dir(r)  # never created by this rank
+
+    def commit_round(self, r: int, tmp: Path, state: dict[str, Any], keep_checkpoints: str) -> None:
+        pass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+import alrun.distributed as distributed
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.select import TopK
 from alrun.acquisition.strategies import RandomScore
@@ -82,7 +83,9 @@ def predict_for_strategy(
     if not (needs.detections or needs.embedding or needs.labelled_embeddings):
         return PoolPredictions()
     with reporter.task(f"round {r}/{exp.budget.rounds} score pool") as progress:
-        preds = exp.predictor.predict(pool.records(pool.unlabelled_ids), needs, progress)
+        records = pool.records(pool.unlabelled_ids)  # split across ranks when distributed
+        block = exp.predict_block
+        preds = distributed.predict_sharded(exp.predictor.predict, records, block, needs, progress)
     embeddings, labelled_preds, targets = None, None, None
     if needs.labelled_embeddings:
         labelled = exp.detector.predict(pool.records(pool.labelled_ids), Needs(embedding=True))

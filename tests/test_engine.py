@@ -385,3 +385,24 @@ def test_hook_parameters_are_optimised_with_the_detector(tmp_path):
     schedule = TrainSchedule(iterations=1, lr=0.1, **PLAIN)
     train(ToyDetector(), [BatchSource("l", _dataset(tmp_path, "l", 2))], schedule, 0, hooks=[hook])
     torch.testing.assert_close(hook.w.detach(), torch.tensor([1.4]))
+
+
+def test_accumulate_splits_each_step_into_micro_batches(tmp_path):
+    """trainer.accumulate=2: each step's batch of 4 is two forwards of 2 (batch[0::2],
+    batch[1::2]) and one optimiser step; the toy loss is a mean over images, so the averaged
+    micro-batch gradients are the whole batch's."""
+    data = _dataset(tmp_path, "l", 8)
+
+    def run(accumulate):
+        detector = ToyDetector()
+        schedule = TrainSchedule(iterations=3, lr=0.1, batch_size=4, accumulate=accumulate, **PLAIN)
+        stats = train(detector, [BatchSource("l", data)], schedule, 0)
+        return detector, stats
+
+    whole, whole_stats = run(1)
+    split, split_stats = run(2)
+    assert [len(t) for t in whole.targets_seen] == [4, 4, 4]
+    assert [len(t) for t in split.targets_seen] == [2] * 6
+    assert torch.allclose(split.weight, whole.weight, atol=1e-6)
+    assert split_stats["iterations"] == 3.0
+    assert split_stats["final_loss"] != pytest.approx(0.0)

@@ -32,6 +32,11 @@ class TrainSchedule:
     ``first_iterations`` lets training from random init (round 0, or every round with
     ``init: scratch``) run longer than rounds that continue from the last weights.
 
+    ``batch_size`` is the global batch of one step: with ``devices`` x ``nodes`` processes and
+    ``accumulate`` micro-batches each, every micro-batch holds ``batch_size / (devices x nodes x
+    accumulate)`` images and the gradients are averaged, so ``lr`` needs no scaling
+    (:mod:`alrun.distributed`, docs/clusters.md).
+
     Learning rate: linear warmup from ``warmup_ratio`` x ``lr`` over ``warmup_iters`` (mmcv's
     ``warmup='linear'``), then ``lr_schedule``: ``cosine`` decays to ``min_lr_ratio`` x ``lr``;
     ``step`` multiplies by ``gamma`` at each of ``lr_steps`` (mmcv's ``policy='step'``): a
@@ -56,6 +61,13 @@ class TrainSchedule:
     hflip: bool = True
     num_workers: NonNegativeInt = 0  # image-decoding worker processes (GPU users: 4-8)
     init: Literal["scratch", "continue"] = "continue"
+    #: training processes per node and nodes (alrun.distributed); ``batch_size`` is the global
+    #: batch of one SGD step, dealt across them, so ``lr`` stays as it is
+    devices: PositiveInt = 1
+    nodes: PositiveInt = 1
+    #: micro-batches per device and step, gradients averaged (one process with accumulate=N
+    #: computes what N devices do)
+    accumulate: PositiveInt = 1
 
     def __post_init__(self) -> None:
         if self.init not in ("scratch", "continue"):
@@ -68,6 +80,13 @@ class TrainSchedule:
             raise AlrunError(f"trainer.batch_size: expected > 0, got {self.batch_size}")
         _check_ranges(self)
         _check_steps(self)
+        parts = self.devices * self.nodes * self.accumulate
+        if self.batch_size < parts:
+            raise AlrunError(
+                f"trainer.batch_size: {self.batch_size} is the global batch of one step and must "
+                f"give every micro-batch an image: >= trainer.devices x trainer.nodes x "
+                f"trainer.accumulate = {parts}"
+            )
 
     def num_iterations(self, num_images: int, from_scratch: bool) -> int:
         if self.iterations > 0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Literal
 
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS
@@ -18,13 +18,19 @@ from torchvision.ops import FeaturePyramidNetwork
 from alrun.params import OpenFraction, PositiveInt, Range, ScoreThreshold
 
 
-def _block(c_in: int, c_out: int) -> nn.Sequential:
+def _norm(kind: str, channels: int) -> nn.Module:
+    """BatchNorm (the default), or GroupNorm (8 groups, Wu & He 2018): per image, so it keeps no
+    running statistics and a step split across devices computes what one device does."""
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(8, channels)
+
+
+def _block(c_in: int, c_out: int, norm: str = "batch") -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
+        _norm(norm, c_out),
         nn.ReLU(inplace=True),
         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
+        _norm(norm, c_out),
         nn.ReLU(inplace=True),
     )
 
@@ -32,10 +38,15 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 class TinyBackbone(nn.Module):
     """Strides 2..32; the FPN reads strides 8, 16, 32 and outputs ``fpn_channels`` each."""
 
-    def __init__(self, widths: Sequence[int] = (16, 32, 64, 96, 128), fpn_channels: int = 64):
+    def __init__(
+        self,
+        widths: Sequence[int] = (16, 32, 64, 96, 128),
+        fpn_channels: int = 64,
+        norm: str = "batch",
+    ):
         super().__init__()
         chans = [3, *widths]
-        self.blocks = nn.ModuleList(_block(a, b) for a, b in zip(chans[:-1], chans[1:]))
+        self.blocks = nn.ModuleList(_block(a, b, norm) for a, b in zip(chans[:-1], chans[1:]))
         self.fpn = FeaturePyramidNetwork(list(widths[2:]), fpn_channels)
         self.out_channels = fpn_channels
 
@@ -58,6 +69,7 @@ def tiny_fcos(
     nms_thresh: OpenFraction = 0.5,
     detections_per_img: PositiveInt = 100,
     regression_bias: float = 1.0,
+    norm: Literal["batch", "group"] = "batch",
     weights: None = None,
     weights_backbone: None = None,
 ) -> FCOS:
@@ -67,7 +79,11 @@ def tiny_fcos(
         raise ValueError(
             "tiny_fcos has no pretrained weights; use detector.pretrained=<checkpoint>"
         )
-    backbone = TinyBackbone(widths, fpn_channels)
+    if norm not in ("batch", "group"):
+        raise ValueError(f"expected 'batch' or 'group', got {norm!r}")
+    if norm == "group" and any(w % 8 for w in widths):
+        raise ValueError(f"norm=group needs widths divisible by 8, got {list(widths)}")
+    backbone = TinyBackbone(widths, fpn_channels, norm)
     anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((1.0,),) * len(anchor_sizes))
     model = FCOS(
         backbone,
