@@ -213,7 +213,7 @@ class ComPASScorer:
         image, boxes, labels, cls_all, reg_all = [], [], [], [], []
         for i in range(len(batch)):
             lo, hi = int(batch.offsets[i]), int(batch.offsets[i + 1])
-            keep = torch.flatnonzero(batch.scores[lo:hi] >= self.score_threshold)
+            keep = torch.nonzero(batch.scores[lo:hi] >= self.score_threshold).flatten()
             scores = batch.scores[lo:hi][keep]
             keep = keep[nms(batch.boxes[lo:hi][keep].float(), scores.float(), self.region_iou)]
             keep = keep.sort().values  # one query per region, in the detector's order
