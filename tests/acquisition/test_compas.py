@@ -41,14 +41,15 @@ def test_classification_disagreement_sums_matched_boxes_and_charges_a_miss():
 
 
 def test_a_box_no_view_found_has_no_spread():
-    cls, reg = box_disagreement(T([[0.0, 0, 4, 4]]), T([0]), [torch.zeros(0, 4)], [torch.zeros(0, 2)])
+    empty = [torch.zeros(0, 4)], [torch.zeros(0, 2)]
+    cls, reg = box_disagreement(T([[0.0, 0, 4, 4]]), T([0]), *empty)
     assert cls.tolist() == pytest.approx([-math.log(1e-3)]) and reg.tolist() == [0.0]
 
 
 def test_values_skip_nan_and_a_flat_score_normalises_to_zero():
     value = compas_values({"score_cls": np.array([1.0, 3.0, np.nan]), "score_reg": np.ones(3)})
     assert value.tolist()[:2] == [0.0, 0.0] and math.isinf(value[2])
-    value = compas_values({"score_cls": np.array([1.0, 3.0, 2.0]), "score_reg": np.array([1.0, 2, 2])})
+    value = compas_values({"score_cls": np.array([1.0, 3, 2]), "score_reg": np.array([1.0, 2, 2])})
     assert value.tolist() == pytest.approx([0.0, 1.0, 0.5])
 
 
@@ -84,7 +85,7 @@ def test_candidates_from_a_prediction_batch_one_query_per_region():
     # score_cls: -log p(teacher class) in the view: a0 -log 0.3, a1 -log 0.85, b -log 0.3;
     # score_reg: |difference| / sqrt(2) over (w, h, w, h) of the mean box, mean of 4 coordinates
     r = 1 / math.sqrt(2)
-    reg = np.array([(2 * r / 11) / 4, (2 * r / 10) / 4, (2 * r / 19) / 4])  # b: mean box 5, 5.5, 25, 24.5
+    reg = np.array([(2 * r / 11) / 4, (2 * r / 10) / 4, (2 * r / 19) / 4])  # b: h 24.5 - 5.5
     cls_n = np.array([1.0, 0.0, 1.0])  # min-max over the pool
     reg_n = (reg - reg.min()) / (reg.max() - reg.min())
     np.testing.assert_allclose(c.value, cls_n * reg_n, atol=1e-6)
