@@ -294,10 +294,15 @@ class BoxLevelSupervision(BaseRegime):
 def check_box_level(strategy: Any, regime: Any, unit: str, fill: str, strategy_name: str) -> None:
     """Start-up check: box-level queries come as a pair (a box-query strategy and a regime that
     takes ``partial`` labels), bought by the box or the second, in rank order."""
-    from alrun.acquisition.compas import BoxQueryStrategy  # acquisition imports supervision
+    from alrun.acquisition.compas import BoxQueryStrategy, ComPASScorer  # (import cycle)
 
     box_regime = "partial" in regime.label_kinds
     box_strategy = isinstance(strategy, BoxQueryStrategy)
+    if not box_strategy and isinstance(getattr(strategy, "scorer", None), ComPASScorer):
+        raise AlrunError(
+            f"strategy/scorer=compas: ranks boxes, not images; use strategy=compas (with "
+            f"supervision=box_level) instead of strategy={strategy_name}"
+        )
     if box_strategy and not box_regime:
         raise AlrunError(
             f"strategy={strategy_name}: asks for boxes, not images; it needs supervision=box_level"

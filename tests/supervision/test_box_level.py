@@ -132,6 +132,15 @@ BOX_LEVEL = ["supervision=box_level", "strategy=compas", "budget.unit=boxes",
         (["budget.fill=skip"], "budget.fill: box-level queries are bought in rank order"),
         (["supervision.teacher=null"], "supervision.teacher: box-level supervision"),
         (["strategy.charge=none"], "strategy.charge"),
+        (
+            [
+                "strategy=entropy",
+                "strategy/scorer=compas",
+                "supervision=full",
+                "budget.unit=images",
+            ],
+            "strategy/scorer=compas: ranks boxes, not images",
+        ),
     ],
 )
 def test_bad_box_level_runs_are_one_line_naming_the_key(overrides, needle):
