@@ -183,3 +183,30 @@ def test_box_level_rounds_end_to_end(tmp_path, unit):
     train = json.loads((tmp_path / "round_01/metrics.json").read_text())["train"]
     assert train["box_level/partial_images"] == len(partial)
     assert train["box_level/answers_seen"] > 0  # partial batches trained every iteration
+
+
+@pytest.mark.slow
+def test_box_level_resumes_after_round_zero_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    """The fault drill's round-0 crash window (tests/scripts/test_fault_drill.py): the partial
+    labels, their queries and answers come back from state.json and round 1 is redone exactly."""
+    from alrun import io as alrun_io
+    from tests.scripts.test_fault_drill import fault_drill
+
+    overrides = [*fault_drill.DEFAULT_OVERRIDES, *BOX_LEVEL, "budget.per_round=10",
+                 "strategy.scorer.score_threshold=0.0", "supervision.threshold=0.0",
+                 "budget.rounds=2"]  # fmt: skip
+    run_experiment(compose_config(overrides), tmp_path / "reference")
+    expected = fault_drill.snapshot(tmp_path / "reference")
+    run = tmp_path / "run"
+    monkeypatch.setattr(alrun_io, "_fault_count", 0)
+    monkeypatch.setenv("ALRUN_FAULT_KIND", "enospc")
+    monkeypatch.setenv("ALRUN_FAULT_AT", f"rename-done {run / 'round_01'}")
+    with pytest.raises(OSError, match="No space left"):
+        run_experiment(compose_config(overrides), run)
+    monkeypatch.delenv("ALRUN_FAULT_AT")
+    run_experiment(compose_config(overrides), run)
+    got = fault_drill.snapshot(run)
+    assert any(lab["kind"] == "partial" for lab in json.loads((run / "state.json").read_text())[
+        "labels"])  # fmt: skip
+    diff = fault_drill.first_difference(expected, got)
+    assert diff is None, f"{diff}: resumed {got.get(diff)} vs uninterrupted {expected.get(diff)}"
