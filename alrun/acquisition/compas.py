@@ -268,8 +268,22 @@ class BoxQueryStrategy(Strategy):
     ``answered`` (one per new object found) or ``asked`` (one per query)."""
 
     def __init__(
-        self, name: str, scorer: ComPASScorer, charge: Literal[CHARGES] = "answered", **_: Any
+        self,
+        name: str,
+        scorer: ComPASScorer,
+        charge: Literal[CHARGES] = "answered",
+        selector: Any = None,
     ):
+        if selector is not None:
+            raise AlrunError(
+                f"strategy/selector: strategy={name} plans its box queries itself (in rank "
+                "order within the budget); drop strategy/selector"
+            )
+        if not isinstance(scorer, ComPASScorer):
+            raise AlrunError(
+                f"strategy/scorer: strategy={name} ranks boxes with strategy/scorer=compas, "
+                f"got {type(scorer).__name__}"
+            )
         if charge not in CHARGES:
             raise AlrunError(
                 f"strategy.charge: expected one of {'|'.join(CHARGES)}, got '{charge}'"

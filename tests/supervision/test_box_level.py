@@ -132,6 +132,8 @@ BOX_LEVEL = ["supervision=box_level", "strategy=compas", "budget.unit=boxes",
         (["budget.fill=skip"], "budget.fill: box-level queries are bought in rank order"),
         (["supervision.teacher=null"], "supervision.teacher: box-level supervision"),
         (["strategy.charge=none"], "strategy.charge"),
+        (["+strategy/selector=kcenter"], "strategy/selector: strategy=compas plans its box"),
+        (["strategy/scorer=entropy"], "strategy/scorer: strategy=compas ranks boxes"),
         (
             [
                 "strategy=entropy",
