@@ -124,7 +124,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     oracle = instantiate(cfg.oracle)
     regime = instantiate(cfg.supervision)
     check_regime(regime, oracle)
-    check_box_level(strategy, regime, budget.unit, budget.fill, strategy.name)
+    check_box_level(strategy, regime, oracle, budget.unit, budget.fill, strategy.name)
     needs = strategy.needs
     check_passes(needs, f"strategy={strategy.name}")
     wanted = requirements(strategy, regime)

@@ -291,9 +291,12 @@ class BoxLevelSupervision(BaseRegime):
         return {**stats, "box_level/partial_images": float(len(partial))}
 
 
-def check_box_level(strategy: Any, regime: Any, unit: str, fill: str, strategy_name: str) -> None:
+def check_box_level(
+    strategy: Any, regime: Any, oracle: Any, unit: str, fill: str, strategy_name: str
+) -> None:
     """Start-up check: box-level queries come as a pair (a box-query strategy and a regime that
-    takes ``partial`` labels), bought by the box or the second, in rank order."""
+    takes ``partial`` labels), bought by the box or the second, in rank order, from the
+    simulated oracle (the one that answers regions)."""
     from alrun.acquisition.compas import BoxQueryStrategy, ComPASScorer  # (import cycle)
 
     box_regime = "partial" in regime.label_kinds
@@ -318,6 +321,13 @@ def check_box_level(strategy: Any, regime: Any, unit: str, fill: str, strategy_n
         raise AlrunError(
             f"strategy={strategy_name}: supervision=box_level needs a box-query strategy "
             "(strategy=compas)"
+        )
+    from alrun.oracle import SimulatedOracle
+
+    if not isinstance(oracle, SimulatedOracle):
+        raise AlrunError(
+            f"oracle: box-level queries are answered by the simulated oracle (oracle=default), "
+            f"not {type(oracle).__name__}"
         )
     if fill != "stop":
         raise AlrunError(

@@ -152,6 +152,20 @@ def test_bad_box_level_runs_are_one_line_naming_the_key(overrides, needle):
     assert message is not None and needle in message and "\n" not in message, message
 
 
+def test_box_level_needs_the_simulated_oracle(tmp_path):
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"image_id": "x", "kind": "box", "boxes": [], "labels": [], "cost_s": 1}\n')
+    with pytest.raises(Exception) as err:
+        build_experiment(
+            compose_config([*SMOKE, *BOX_LEVEL, "oracle=recorded", f"oracle.path={labels}"])
+        )
+    message = user_error(err.value)
+    assert message == (
+        "oracle: box-level queries are answered by the simulated oracle (oracle=default), "
+        "not RecordedOracle"
+    )
+
+
 @pytest.mark.integration
 def test_cli_box_level_with_an_image_budget_is_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
