@@ -31,6 +31,7 @@ from alrun.metrics import MetricConfig
 from alrun.oracle import SimulatedOracle
 from alrun.params import check_config
 from alrun.supervision.base import LabelRequest, Regime, check_regime
+from alrun.supervision.box_level import check_box_level
 from alrun.truth import HiddenTruth
 from alrun.types import Needs
 
@@ -126,6 +127,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     oracle = instantiate(cfg.oracle)
     regime = instantiate(cfg.supervision)
     check_regime(regime, oracle)
+    check_box_level(strategy, regime, oracle, budget.unit, budget.fill, strategy.name)
     needs = strategy.needs
     check_passes(needs, f"strategy={strategy.name}")
     wanted = requirements(strategy, regime)

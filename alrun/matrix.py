@@ -39,8 +39,14 @@ MATRIX_DETECTORS = (
 
 #: small sizes for composing (nothing is read or built, but a regime's own source data is)
 _SMALL = ("experiment=smoke",)
-#: options that only compose inside their experiment (uda: the target domain)
-_EXPERIMENT = {"uda": ("experiment=uda_synthetic", "supervision.source.num_pool=20")}
+#: options that only compose inside their experiment (uda: the target domain) or beside
+#: their partner (box-level queries)
+_EXPERIMENT = {
+    "uda": ("experiment=uda_synthetic", "supervision.source.num_pool=20"),
+    # box-level queries come as a pair, bought by the box
+    "compas": (*_SMALL, "supervision=box_level", "budget.unit=boxes"),
+    "box_level": (*_SMALL, "strategy=compas", "budget.unit=boxes"),
+}
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ box drawing 25.5 s median per box (Su et al. 2012); click-anywhere 2.4 s for the
 0.9 s per additional class (Bearman et al. 2016); center click 1.87 s per object (Papadopoulos et
 al. 2017, "Training object class detectors with click supervision"); extreme clicking 7.0 s per
 box (Papadopoulos et al. 2017); box verification 1.6 s per box (Papadopoulos et al. 2016);
-image-level label 1.0 s per class (Papadopoulos et al. 2016).
+image-level label 1.0 s per class (Papadopoulos et al. 2016); box-level queries
+(``partial``) per region asked, :mod:`alrun.regions`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from alrun.data.dataset import DatasetSplits, ImageRecord, ImageRef
 from alrun.errors import AlrunError
 from alrun.params import NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat
+from alrun.regions import RegionAnswers, answer_regions, query_charges
 from alrun.truth import TruthAudit, pairwise_iou
 from alrun.types import LABEL_KINDS, ImageLabels
 
@@ -56,6 +58,11 @@ class CostModel:
             return n * self.verify_s if n else self.empty_image_s
         if kind == "image_label":
             return max(n_classes, 1) * self.image_label_per_class_s
+        if kind == "partial":
+            raise AlrunError(
+                "oracle: 'partial' labels are priced per region asked (box-level queries, "
+                "alrun.regions), not per image; they need a box-query strategy (strategy=compas)"
+            )
         raise AlrunError(f"oracle.kind: expected one of {LABEL_KINDS}, got '{kind}'")
 
     def verify_cost(self, num_proposals: int) -> float:
@@ -81,7 +88,10 @@ class SimulatedOracle:
     * ``verify``: each proposed box is accepted when its IoU with a ground-truth box of the same
       class is >= ``verify_iou``; billed per proposal (``verify_s``, or ``empty_image_s`` when
       there is none). Needs ``proposals`` from the caller (e.g. the detector's predictions);
-    * ``image_label``: the classes present.
+    * ``image_label``: the classes present;
+    * ``partial``: the true boxes of the regions asked about (``queries`` from the caller: image
+      id -> (boxes, labels) in rank order), matched at IoU >= ``match_iou`` (BLAD's 0.25) and
+      billed per query (:mod:`alrun.regions`; confirming uses ``verify_iou``).
     """
 
     def __init__(
@@ -93,6 +103,7 @@ class SimulatedOracle:
         center_jitter_px: NonNegativeFloat = 0.0,
         extreme_jitter_px: NonNegativeFloat = 0.0,
         click_region: OpenFraction = 1.0,
+        match_iou: OpenFraction = 0.25,
     ):
         if kind is not None and kind not in LABEL_KINDS:
             raise AlrunError(f"oracle.kind: expected null or one of {LABEL_KINDS}, got '{kind}'")
@@ -106,6 +117,9 @@ class SimulatedOracle:
                 raise AlrunError(f"oracle.{key}: expected >= 0, got {value}")
         if not 0.0 < click_region <= 1.0:
             raise AlrunError(f"oracle.click_region: expected a value in (0, 1], got {click_region}")
+        if not 0.0 < match_iou <= 1.0:
+            raise AlrunError(f"oracle.match_iou: expected a value in (0, 1], got {match_iou}")
+        self.match_iou = float(match_iou)
         self.cost_model = cost_model
         self.kind = kind
         self.seed = int(seed)
@@ -171,21 +185,69 @@ class SimulatedOracle:
         """Seconds to label ``record`` with ``kind`` (for ``verify``: one proposal per object)."""
         return self.cost_model.cost(self.truth_of(record), self._kind(kind))
 
+    def _regions(self, record: ImageRecord, boxes, labels) -> RegionAnswers:
+        return answer_regions(
+            boxes,
+            labels,
+            record.boxes,
+            record.labels,
+            self.match_iou,
+            self.verify_iou,
+            self.cost_model.verify_s,
+            self.cost_model.box_s,
+        )
+
+    def region_charges(
+        self, image: ImageRef | ImageRecord, boxes, labels, unit: str, charge: str = "answered"
+    ) -> np.ndarray:
+        """What each query (``boxes`` in rank order) costs in budget ``unit``: a simulation's
+        price, like :meth:`objects`; the answers themselves are sold by :meth:`annotate`."""
+        self.require(["partial"], "oracle.region_charges")
+        return query_charges(self._regions(self.truth_of(image), boxes, labels), unit, charge)
+
     def annotate(
         self,
         records: Sequence[ImageRef | ImageRecord],
         kind: str | None = None,
         proposals: Mapping[str, Any] | None = None,
+        queries: Mapping[str, tuple[Any, Any]] | None = None,
     ) -> list[ImageLabels]:
         """Labels of ``kind`` (default: ``oracle.kind``, else ``box``) for each record.
 
         ``proposals`` maps image id -> anything with ``boxes`` (N, 4) and ``labels`` (N,)
-        (e.g. :class:`~alrun.types.Detections`); required for ``verify``.
+        (e.g. :class:`~alrun.types.Detections`); required for ``verify``. ``queries`` maps
+        image id -> (boxes (Q, 4), labels (Q,)) of the regions asked, in rank order; required
+        for ``partial``.
         """
         kind = self._kind(kind)
         if kind == "verify" and proposals is None:
             raise AlrunError("oracle.annotate: 'verify' labels need proposals (predicted boxes)")
+        if kind == "partial":
+            if queries is None:
+                raise AlrunError("oracle.annotate: 'partial' labels need queries (regions asked)")
+            return [self._partial(self.truth_of(r), queries) for r in records]
         return [self._answer(self.truth_of(r), kind, proposals) for r in records]
+
+    def _partial(self, record: ImageRecord, queries: Mapping[str, tuple[Any, Any]]):
+        if record.image_id not in queries:
+            raise AlrunError(f"oracle.annotate: no queries for image '{record.image_id}'")
+        q_boxes, q_labels = queries[record.image_id]
+        q_boxes = np.asarray(_numpy(q_boxes), np.float32).reshape(-1, 4)
+        q_labels = np.asarray(_numpy(q_labels), np.int64).reshape(-1)
+        found = self._regions(record, q_boxes, q_labels)
+        hit = found.answers[found.answers >= 0]
+        index = np.full(len(found.answers), -1, np.int64)
+        index[found.answers >= 0] = np.arange(len(hit))
+        return ImageLabels(
+            record.image_id,
+            "partial",
+            record.boxes.astype(np.float32).reshape(-1, 4)[hit].copy(),
+            record.labels[hit].astype(np.int64),
+            float(np.sum(found.seconds)),
+            queries=q_boxes,
+            query_labels=q_labels,
+            answers=index,
+        )
 
     def _answer(self, record: ImageRecord, kind: str, proposals) -> ImageLabels:
         rng = np.random.default_rng(

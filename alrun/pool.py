@@ -114,14 +114,18 @@ class LabelPool:
         }
 
     def totals(self) -> dict[str, float]:
-        """Labels bought so far: images, ``boxes`` (drawn or recovered from extreme points),
+        """Labels bought so far: images, ``boxes`` (drawn, recovered from extreme points or
+        answered to box-level queries), ``queries`` (regions asked),
         ``clicks``, ``verified`` (proposals answered) and ``accepted``, ``image_classes``, seconds,
         and ``images_<kind>`` for every label kind."""
         labs = list(self.labels.values())
         verified = [x.verified for x in labs if x.kind == "verify" and x.verified is not None]
         totals: dict[str, float] = {
             "images": len(labs),
-            "boxes": int(sum(len(x.labels) for x in labs if x.kind in ("box", "extreme"))),
+            "boxes": int(
+                sum(len(x.labels) for x in labs if x.kind in ("box", "extreme", "partial"))
+            ),
+            "queries": int(sum(len(x.queries) for x in labs if x.queries is not None)),
             "clicks": int(sum(len(x.labels) for x in labs if x.kind in ("click", "center_click"))),
             "verified": int(sum(len(v) for v in verified)),
             "accepted": int(sum(int(v.sum()) for v in verified)),

@@ -7,11 +7,12 @@ Also the seeded random initial set. All randomness comes from ``(seed, round)``
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 import alrun.distributed as distributed
+from alrun.acquisition.compas import BoxQueryStrategy
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.select import TopK
 from alrun.acquisition.strategies import RandomScore
@@ -118,10 +119,19 @@ def select_round(
     scores = strategy.score(context)
     timings["score_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    picked = strategy.select(scores, context)
+    if isinstance(strategy, BoxQueryStrategy):  # box-level: the regions asked, across the pool
+        queries = strategy.plan(context, _region_charges(exp, pool, strategy.charge))
+        picked, request = list(queries), replace(request, queries=queries)
+    else:
+        picked = strategy.select(scores, context)
     timings["select_s"] = time.perf_counter() - t0
     if not picked:
         stopped = f"budget.per_round: {context.budget:g} {exp.budget.unit} buys no remaining image"
+        if isinstance(strategy, BoxQueryStrategy):
+            stopped = (
+                f"strategy={strategy.name}: no predicted box to ask about fits "
+                f"budget.per_round ({context.budget:g} {exp.budget.unit})"
+            )
         nothing = Selection((), (), (), strategy.describe())  # this round's scoring
         return RoundSelection(nothing, [], stopped, timings, found.preds, scores, context.preds)
     labels = exp.regime.annotate(exp.oracle, pool.records(picked), request)
@@ -132,6 +142,17 @@ def select_round(
         strategy.describe(),
     )
     return RoundSelection(selection, labels, None, timings, found.preds, scores, context.preds)
+
+
+def _region_charges(exp: Experiment, pool: LabelPool, charge: str):
+    """What each query of an image costs in the budget unit (the oracle's price)."""
+
+    def charges(image_id, boxes, labels):
+        return exp.oracle.region_charges(
+            pool.record(image_id), boxes, labels, exp.budget.unit, charge
+        )
+
+    return charges
 
 
 def _context(

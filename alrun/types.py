@@ -201,7 +201,7 @@ class RoundResult:
 
 
 #: every label kind the simulated oracle can produce (costs in ``oracle.CostModel``)
-LABEL_KINDS = ("box", "extreme", "click", "center_click", "verify", "image_label")
+LABEL_KINDS = ("box", "extreme", "click", "center_click", "verify", "image_label", "partial")
 
 _OPTIONAL_LABEL_FIELDS = {
     # name: (dtype, shape of one object's entry)
@@ -209,6 +209,9 @@ _OPTIONAL_LABEL_FIELDS = {
     "extreme_points": (np.float32, (4, 2)),
     "verified": (np.bool_, ()),
     "image_classes": (np.int64, ()),
+    "queries": (np.float32, (4,)),
+    "query_labels": (np.int64, ()),
+    "answers": (np.int64, ()),
 }
 
 
@@ -223,7 +226,11 @@ class ImageLabels:
       they define in ``boxes[i]``;
     * ``click`` / ``center_click``: ``points[i]`` (x, y), one click per object; ``boxes`` is empty;
     * ``verify``: proposed ``boxes[i]``; ``verified[i]`` is True when the annotator accepted it;
-    * ``image_label``: no objects; ``image_classes`` lists the classes present in the image.
+    * ``image_label``: no objects; ``image_classes`` lists the classes present in the image;
+    * ``partial`` (box-level queries, :mod:`alrun.regions`): the annotator was asked about the
+      regions ``queries[q]`` (predicted boxes, class ``query_labels[q]``) and answered with the
+      true boxes ``boxes[i]`` found there; ``answers[q]`` is the index into ``boxes`` of query
+      ``q``'s answer, -1 when there was no (new) object. The rest of the image is unlabelled.
     """
 
     image_id: str
@@ -235,6 +242,9 @@ class ImageLabels:
     extreme_points: np.ndarray | None = None  # (N, 4, 2)
     verified: np.ndarray | None = None  # (N,) bool
     image_classes: np.ndarray | None = None  # (K,)
+    queries: np.ndarray | None = None  # (Q, 4) partial: the regions asked about
+    query_labels: np.ndarray | None = None  # (Q,) partial: their predicted classes
+    answers: np.ndarray | None = None  # (Q,) partial: index into boxes, -1 none
 
     def box_targets(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(boxes, labels) a detector can train on as they are, or None when the kind has none.

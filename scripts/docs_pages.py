@@ -77,7 +77,7 @@ def references(header: str, cfg) -> str:
     """The works the yaml's header cites, else those the docstrings of the classes and
     functions it names (``_target_``: scorer, box score, selector) cite."""
     found = _citations(header)
-    for node in (cfg.scorer, cfg.scorer.get("box_score") or {}, cfg.selector):
+    for node in (cfg.scorer, cfg.scorer.get("box_score") or {}, cfg.get("selector") or {}):
         target = node.get("_target_") if hasattr(node, "get") else None
         if not found and target:
             found += _citations(" ".join((get_object(target).__doc__ or "").split()))
@@ -92,6 +92,8 @@ def family(scorer: str, selector: str, source: str | None) -> str:
         return "baseline" if selector.endswith(".TopK") else "diversity"
     if ".learned." in scorer or ".miaod." in scorer:  # heads trained with the detector
         return "learned"
+    if ".compas." in scorer:  # boxes ranked across the pool, no image selector
+        return "box-level queries"
     if ".qbc." in scorer:  # a committee of ensemble members
         return "uncertainty, multi-pass (ensemble)"
     if ".heuristics." in scorer:
@@ -133,7 +135,7 @@ def strategy_rows() -> tuple[StrategyRow, ...]:
     for path, cfg in configs.items():
         strategy = instantiate(cfg)
         scorer = str(cfg.scorer.get("_target_", ""))
-        selector = str(cfg.selector.get("_target_", ""))
+        selector = str((cfg.get("selector") or {}).get("_target_", ""))
         text = header_comment(path)
         rows.append(StrategyRow(
             name=path.stem,

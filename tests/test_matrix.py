@@ -40,9 +40,13 @@ def test_matrix_cells_follow_the_declared_capabilities():
     assert _cell("mi_aod", "tiny_fcos").runs and _cell("mi_aod", "retinanet_resnet50_fpn").runs
     assert "dense_head" in _cell("mi_aod", "fasterrcnn_mobilenet_v3_large_320_fpn").missing
     table = counts(cells())
-    assert table["tiny_fcos"] == {"strategy": 30, "supervision": 11, "cells": 42}  # + qbc, mi_aod
-    assert table["mmdet_retinanet_r50"] == {"strategy": 26, "supervision": 10, "cells": 42}
-    assert table["mmdet_faster_rcnn_r50"] == {"strategy": 27, "supervision": 9, "cells": 42}
+    # + qbc, mi_aod; + compas and box_level (issue 24: box-level queries)
+    assert table["tiny_fcos"] == {"strategy": 31, "supervision": 12, "cells": 44}
+    assert table["mmdet_retinanet_r50"] == {"strategy": 27, "supervision": 11, "cells": 44}
+    assert table["mmdet_faster_rcnn_r50"] == {"strategy": 28, "supervision": 10, "cells": 44}
+    for option in ("compas", "box_level"):  # views and teachers: declared by every backend
+        for detector in ("mmdet_retinanet_r50", "mmdet_faster_rcnn_r50"):
+            assert _cell(option, detector).runs, (option, detector)
 
 
 @pytest.mark.integration

@@ -34,11 +34,14 @@ class LabelRequest:
     ``cost_s``, ...) and its test metrics (``mAP``, ``mAP50``, ``mAR``, ...); empty for the
     initial set. ``detector``: the model of the last evaluated round (None for the initial set),
     e.g. to propose boxes for verification or to measure per-image confidence.
+    ``queries``: the regions a box-query strategy chose, image id -> (boxes, labels) in rank
+    order (``partial`` labels, :mod:`alrun.regions`); None for image-level selections.
     """
 
     round_index: int
     history: tuple[Mapping[str, Any], ...] = ()
     detector: Detector | None = None
+    queries: Mapping[str, tuple[Any, Any]] | None = None
 
 
 @runtime_checkable

@@ -1,8 +1,8 @@
 """Composable strategies: strategy/scorer x strategy/passes x strategy/selector config groups.
 
-The 31 presets are defaults lists of those groups; ``strategy_presets.json`` is the composed
+The 32 presets are defaults lists of those groups; ``strategy_presets.json`` is the composed
 ``strategy`` config of every preset as it was before the groups existed (generated from the
-one-file-per-preset configs; qbc and mi_aod from theirs when they joined; PPAL quality and
+one-file-per-preset configs; qbc, mi_aod and compas from theirs when they joined; PPAL quality and
 CCMS features keys added with their new defaults), so a preset that
 drifts fails here.
 """
@@ -61,7 +61,7 @@ def refusal(overrides: list[str]) -> str:
 
 
 def test_the_snapshot_covers_every_preset():
-    assert sorted(SNAPSHOT) == PRESETS and len(PRESETS) == 31
+    assert sorted(SNAPSHOT) == PRESETS and len(PRESETS) == 32
     assert set(MULTI_PASS_SCORERS) <= set(options("scorer"))
 
 

@@ -28,6 +28,7 @@ def test_strategy_table_has_every_strategy_config_with_family_needs_and_referenc
         "learned",
         "uncertainty, multi-pass (ensemble)",
     )
+    assert rows["compas"].family == "box-level queries"  # no image selector
     assert rows["al_mdn"].reference == "Choi et al. ICCV 2021"  # the title left to Methods
     assert rows["bald"].reference == "Houlsby et al. 2011; Haussmann et al. 2020"  # docstring
     assert rows["box_in_box"].description.startswith("Vo et al. 2022: same-class box-in-box")
