@@ -30,7 +30,7 @@ fi
 echo "ci: mmdet step: .venv-mmdet built in $(( $(date +%s) - step_start ))s"
 test_start=$(date +%s)
 timeout --kill-after=30 "$tests_cap" .venv-mmdet/bin/python -m pytest -q -m mmdet \
-  tests/detectors/test_mmdet.py > "$log_dir/mmdet-tests.log" 2>&1
+  tests/detectors/test_mmdet*.py > "$log_dir/mmdet-tests.log" 2>&1
 status=$?
 summary=$(tail -n 1 "$log_dir/mmdet-tests.log" | tr -d '=' | sed 's/^ *//')
 echo "ci: mmdet step: tests exit status $status in $(( $(date +%s) - test_start ))s" \

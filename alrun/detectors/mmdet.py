@@ -49,15 +49,18 @@ from torchvision.ops import boxes as box_ops
 from alrun.data.dataset import ImageRecord
 from alrun.data.images import load_image
 from alrun.detectors.base import (
+    ANCHOR_QUALITY,
     BOX_FEATURES,
     EMBEDDINGS,
     FEATURE_MAPS,
     FLIP_VIEWS,
     FPN_FEATURES,
+    HEAD_FEATURES,
     IMAGE_VIEWS,
     MC_DROPOUT,
     PROPOSALS,
     TEACHER,
+    AnchorCallback,
     FlipViewOutputs,
     Progress,
 )
@@ -70,6 +73,7 @@ from alrun.detectors.mmdet_mc import (
     retina_towers,
     two_stage_at_sources,
 )
+from alrun.detectors.mmdet_quality import head_features, watch_head_loss
 from alrun.detectors.passes import PASS_NEEDS, with_views
 from alrun.detectors.torchvision import HeadDropout, resolve_device
 from alrun.detectors.torchvision.mc_dropout import mc_rng
@@ -378,10 +382,11 @@ class MMDetDetector:
     @property
     def capabilities(self) -> frozenset[str]:
         """The kind's capabilities, less those whose layers this model's head lacks (MC dropout
-        and flipped views need RetinaNet's last convs or a shared-FC box head)."""
+        and flipped views need RetinaNet's last convs or a shared-FC box head; PPAL's anchor
+        quality and head features RetinaNet's head)."""
         found = kind_capabilities(self.kind)
         if not last_layers(self.model, self.kind):
-            found = found - {MC_DROPOUT, FLIP_VIEWS}
+            found = found - {MC_DROPOUT, FLIP_VIEWS, ANCHOR_QUALITY, HEAD_FEATURES}
         return found
 
     @staticmethod
@@ -408,6 +413,16 @@ class MMDetDetector:
             self.head_dropout = float(p)
             for layer in last_layers(self.model, self.kind):
                 layer.register_forward_pre_hook(HeadDropout(self.head_dropout))
+
+    def watch_positive_anchors(self, callback: AnchorCallback) -> Callable[[], None]:
+        """PPAL's class-quality inputs per training forward of RetinaNet's head
+        (:mod:`alrun.detectors.mmdet_quality`)."""
+        if ANCHOR_QUALITY not in self.capabilities:
+            raise AlrunError(
+                "detector: positive-anchor quality (PPAL's class quality) needs an mmdet "
+                f"RetinaNet head, not {type(self.model).__name__}"
+            )
+        return watch_head_loss(self.model.bbox_head, callback)
 
     def teacher_module(self) -> nn.Module:
         """A module sharing this model's parameters whose forward gives torchvision-style
@@ -539,10 +554,18 @@ class MMDetDetector:
         extra: list[list[dict[str, Tensor]]] = []
         if self.kind == "dense":
             head = self.model.bbox_head
-            towers = retina_towers(head, levels) if mc_passes else None
+            cached = mc_passes or needs.head_feats  # the towers run once for both
+            towers = retina_towers(head, levels) if cached else None
             outputs = retina_last(head, towers) if towers else None
             found = _dense(head, levels, samples, outputs)
-            if towers:
+            if needs.head_feats:  # PPAL's CCMS features: the class tower at the box centre
+                cls_maps = [cls for cls, _ in towers]
+                padded = tuple(inputs.shape[-2:])
+                for kept, feats in zip(
+                    found, head_features(cls_maps, found, head.num_base_priors, padded)
+                ):
+                    kept["feats"] = feats
+            if mc_passes:
                 with mc_rng(self.device, records):
                     extra = dense_mc_passes(head, levels, towers, found, samples, mc_passes)
         else:
@@ -685,6 +708,8 @@ _KIND_CAPABILITIES = {
             MC_DROPOUT,
             TEACHER,
             FLIP_VIEWS,
+            ANCHOR_QUALITY,
+            HEAD_FEATURES,
         }
     ),
     "two_stage": frozenset(

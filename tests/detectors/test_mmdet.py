@@ -289,7 +289,8 @@ def test_capabilities_are_declared_from_the_config_without_mmdet():
     )
     assert {"box_features", "embeddings", "image_views"} <= dense
     assert {"mc_dropout", "teacher", "flip_views"} <= dense
-    assert two_stage - dense == {"proposals"} and dense - two_stage == {"flip_views"}
+    assert two_stage - dense == {"proposals"}
+    assert dense - two_stage == {"flip_views", "anchor_quality", "head_features"}
     assert "mixture_head" not in dense and "rebuild" not in dense
 
 
