@@ -58,6 +58,7 @@ from alrun.detectors.base import (
     HEAD_FEATURES,
     IMAGE_VIEWS,
     MC_DROPOUT,
+    MIXTURE_HEAD,
     PROPOSALS,
     TEACHER,
     AnchorCallback,
@@ -72,6 +73,12 @@ from alrun.detectors.mmdet_mc import (
     retina_last,
     retina_towers,
     two_stage_at_sources,
+)
+from alrun.detectors.mmdet_mdn import (
+    check_mixture_head,
+    has_mixture_head,
+    install_mixture_head,
+    mixture_uncertainties,
 )
 from alrun.detectors.mmdet_quality import head_features, watch_head_loss
 from alrun.detectors.passes import PASS_NEEDS, with_views
@@ -352,6 +359,7 @@ class MMDetDetector:
         self.pretrained = pretrained or None
         self.pretrained_backbone = pretrained_backbone
         self.head_dropout = 0.0  # set by enable_mc_dropout; every rebuild installs it again
+        self.mdn_components, self.mdn_coupling = 0, "side"  # set by add_mixture_head, the same
         self._build(seed=0)
 
     def _build(self, seed: int) -> None:
@@ -370,6 +378,8 @@ class MMDetDetector:
         if self.head_dropout > 0:
             for layer in last_layers(self.model, self.kind):
                 layer.register_forward_pre_hook(HeadDropout(self.head_dropout))
+        if self.mdn_components:
+            install_mixture_head(self.model.bbox_head, self.mdn_components, self.mdn_coupling)
 
     @property
     def head_type(self) -> str:
@@ -386,7 +396,7 @@ class MMDetDetector:
         quality and head features RetinaNet's head)."""
         found = kind_capabilities(self.kind)
         if not last_layers(self.model, self.kind):
-            found = found - {MC_DROPOUT, FLIP_VIEWS, ANCHOR_QUALITY, HEAD_FEATURES}
+            found = found - {MC_DROPOUT, FLIP_VIEWS, ANCHOR_QUALITY, HEAD_FEATURES, MIXTURE_HEAD}
         return found
 
     @staticmethod
@@ -413,6 +423,26 @@ class MMDetDetector:
             self.head_dropout = float(p)
             for layer in last_layers(self.model, self.kind):
                 layer.register_forward_pre_hook(HeadDropout(self.head_dropout))
+
+    def add_mixture_head(self, components: int, coupling: str = "side") -> None:
+        """AL-MDN's mixture-density head of ``components`` beside RetinaNet's head
+        (:mod:`alrun.detectors.mmdet_mdn`), its losses stopping at the towers (``side``) or
+        training them (``coupled``); the model is built again from seed 0 with it, as the
+        torchvision backend does."""
+        if MIXTURE_HEAD not in self.capabilities:
+            raise AlrunError(
+                "strategy: the mixture-density head (AL-MDN) on mmdet needs RetinaNet's head; "
+                f"this model is {type(self.model).__name__}"
+            )
+        check_mixture_head(self.model.bbox_head, components, coupling)  # before the rebuild
+        self.mdn_components, self.mdn_coupling = int(components), coupling
+        self._build(seed=0)
+
+    def auxiliary_parameters(self) -> list[Tensor]:
+        """The mixture head's parameters (the engine clips their gradients as their own
+        group); none without one."""
+        head = getattr(self.model, "bbox_head", None)
+        return list(head.mdn.parameters()) if head is not None and has_mixture_head(head) else []
 
     def watch_positive_anchors(self, callback: AnchorCallback) -> Callable[[], None]:
         """PPAL's class-quality inputs per training forward of RetinaNet's head
@@ -503,10 +533,14 @@ class MMDetDetector:
         """Detections per record; with ``needs.head_dropout > 0``, ``needs.passes`` MC-dropout
         passes in ``Detections.passes`` (backbone, neck and towers run once, only the last
         layers per pass, read at the reference boxes' anchors or proposals, row for row)."""
-        if needs.grads or needs.mixture_density:
+        if needs.grads:
             raise AlrunError(
-                "detector: mixture heads and gradient outputs are not implemented by the mmdet "
-                "backend yet"
+                "detector: gradient outputs are not implemented by the mmdet backend yet"
+            )
+        if needs.mixture_density and not self.mdn_components:
+            raise AlrunError(
+                "detector: mixture-density uncertainties asked but the head has no mixture head "
+                "(the strategy sets it up at start-up through add_mixture_head)"
             )
         if needs.passes > 1 and not needs.head_dropout:
             raise AlrunError(
@@ -554,7 +588,7 @@ class MMDetDetector:
         extra: list[list[dict[str, Tensor]]] = []
         if self.kind == "dense":
             head = self.model.bbox_head
-            cached = mc_passes or needs.head_feats  # the towers run once for both
+            cached = mc_passes or needs.head_feats or needs.mixture_density  # towers run once
             towers = retina_towers(head, levels) if cached else None
             outputs = retina_last(head, towers) if towers else None
             found = _dense(head, levels, samples, outputs)
@@ -565,6 +599,9 @@ class MMDetDetector:
                     found, head_features(cls_maps, found, head.num_base_priors, padded)
                 ):
                     kept["feats"] = feats
+            if needs.mixture_density:  # AL-MDN's four uncertainties at each box's anchor
+                for kept, mdn in zip(found, mixture_uncertainties(head, towers, found)):
+                    kept["mdn"] = mdn
             if mc_passes:
                 with mc_rng(self.device, records):
                     extra = dense_mc_passes(head, levels, towers, found, samples, mc_passes)
@@ -660,6 +697,7 @@ def _detections(
         probs=kept["probs"].cpu() if needs.probs else None,
         class_probs=kept["class_probs"].cpu() if needs.probs else None,
         sources=kept["sources"].cpu(),
+        mdn=kept["mdn"].cpu() if "mdn" in kept else None,
         head=head,
         feats=kept["feats"].cpu() if needs.feats else None,
         embedding=embedding.cpu() if wanted else None,
@@ -710,6 +748,7 @@ _KIND_CAPABILITIES = {
             FLIP_VIEWS,
             ANCHOR_QUALITY,
             HEAD_FEATURES,
+            MIXTURE_HEAD,
         }
     ),
     "two_stage": frozenset(

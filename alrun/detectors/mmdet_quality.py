@@ -62,6 +62,9 @@ def watch_head_loss(head: nn.Module, callback: AnchorCallback) -> Callable[[], N
     """Report each ``head.loss_by_feat`` call's positive anchors (every level, one call of
     ``callback``; no gradients); returns the function that stops watching."""
     original_single, original_loss = head.loss_by_feat_single, head.loss_by_feat
+    before = {
+        k: head.__dict__[k] for k in ("loss_by_feat", "loss_by_feat_single") if k in head.__dict__
+    }
     found: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def loss_by_feat_single(cls_score, bbox_pred, anchors, labels, *args, **kwargs):
@@ -80,9 +83,10 @@ def watch_head_loss(head: nn.Module, callback: AnchorCallback) -> Callable[[], N
 
     head.loss_by_feat_single, head.loss_by_feat = loss_by_feat_single, loss_by_feat
 
-    def stop() -> None:
+    def stop() -> None:  # back to what was there (a mixture head's wrappers, or the class's)
         if head.__dict__.get("loss_by_feat") is loss_by_feat:
             del head.loss_by_feat, head.loss_by_feat_single
+            head.__dict__.update(before)
 
     return stop
 
