@@ -96,7 +96,7 @@ def test_missing_capability_is_one_line_before_the_dataset_is_read(monkeypatch):
         build_experiment(cfg)
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("strategy=loc_tightness: needs proposals")
+    assert message.startswith("strategy=loc_tightness (strategy.scorer): needs proposals")
     assert "which detector=tiny_fcos does not have" in message
     having = message.split("detectors that have it: ")[1].split(", ")
     assert "detector=fasterrcnn_mobilenet_v3_large_320_fpn" in having
