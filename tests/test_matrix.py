@@ -34,7 +34,7 @@ def test_matrix_cells_follow_the_declared_capabilities():
     assert _cell("consistency", "mmdet_retinanet_r50").runs
     assert _cell("consistency", "mmdet_faster_rcnn_r50").missing == {"flip_views"}
     # mmdet RetinaNet: PPAL's anchor quality and head features, AL-MDN's mixture head
-    for option in ("ppal", "ccms", "al_mdn"):
+    for option in ("ppal", "ccms", "al_mdn", "mi_aod"):
         assert _cell(option, "mmdet_retinanet_r50").runs, option
     message = _cell("al_mdn", "mmdet_faster_rcnn_r50").refusal
     assert message.startswith("strategy=al_mdn (strategy.scorer): needs mixture_head (")
@@ -44,7 +44,7 @@ def test_matrix_cells_follow_the_declared_capabilities():
     assert "dense_head" in _cell("mi_aod", "fasterrcnn_mobilenet_v3_large_320_fpn").missing
     table = counts(cells())
     assert table["tiny_fcos"] == {"strategy": 30, "supervision": 11, "cells": 42}  # + qbc, mi_aod
-    assert table["mmdet_retinanet_r50"] == {"strategy": 29, "supervision": 10, "cells": 42}
+    assert table["mmdet_retinanet_r50"] == {"strategy": 30, "supervision": 10, "cells": 42}
     assert table["mmdet_faster_rcnn_r50"] == {"strategy": 27, "supervision": 9, "cells": 42}
 
 

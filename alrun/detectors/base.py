@@ -341,3 +341,28 @@ class AnchorQuality(Detector, Protocol):
 
     def watch_positive_anchors(self, callback: AnchorCallback) -> Callable[[], None]:
         """Start reporting to ``callback``; returns the function that stops it."""
+
+
+@dataclass(frozen=True)
+class DenseBatch:
+    """One training forward of a dense detector: its FPN ``levels`` (B, D, h, w) with
+    gradients, each image's ``anchors`` (sum over levels of h x w x A, 4) in location-major,
+    anchor-minor order over the levels, and each image's ``targets`` (``boxes`` in the pixels
+    the anchors are in, ``labels`` dataset classes)."""
+
+    levels: list[Tensor]
+    anchors: list[Tensor]
+    targets: list[dict[str, Tensor]]
+
+
+@runtime_checkable
+class DenseHead(FeatureMaps, Protocol):
+    """``dense_head``: what heads beside a one-stage dense head (MI-AOD's instance classifiers)
+    read: ``anchors_per_location`` and, while watched, every training forward's
+    :class:`DenseBatch`, so they are assigned on the detector's own anchors."""
+
+    @property
+    def anchors_per_location(self) -> int: ...
+
+    def watch_dense_batches(self, callback: Callable[[DenseBatch], None]) -> Callable[[], None]:
+        """Start reporting to ``callback``; returns the function that stops it."""

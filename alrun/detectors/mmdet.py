@@ -51,6 +51,7 @@ from alrun.data.images import load_image
 from alrun.detectors.base import (
     ANCHOR_QUALITY,
     BOX_FEATURES,
+    DENSE_HEAD,
     EMBEDDINGS,
     FEATURE_MAPS,
     FLIP_VIEWS,
@@ -62,6 +63,7 @@ from alrun.detectors.base import (
     PROPOSALS,
     TEACHER,
     AnchorCallback,
+    DenseBatch,
     FlipViewOutputs,
     Progress,
 )
@@ -360,6 +362,7 @@ class MMDetDetector:
         self.pretrained_backbone = pretrained_backbone
         self.head_dropout = 0.0  # set by enable_mc_dropout; every rebuild installs it again
         self.mdn_components, self.mdn_coupling = 0, "side"  # set by add_mixture_head, the same
+        self._dense_watchers: list[Callable[[DenseBatch], None]] = []  # watch_dense_batches
         self._build(seed=0)
 
     def _build(self, seed: int) -> None:
@@ -476,13 +479,59 @@ class MMDetDetector:
         """mmdet's ``model.loss`` on alrun's batch; per-level lists summed, metrics such as
         ``acc`` (no ``loss`` in the name, as mmengine's ``parse_losses``) dropped."""
         inputs, samples = self._prepare(images, targets)
-        raw = self.model.loss(inputs, samples)
+        if self._dense_watchers:
+            raw = self._loss_watched(inputs, samples)
+        else:
+            raw = self.model.loss(inputs, samples)
         out: dict[str, Tensor] = {}
         for name, value in raw.items():
             if "loss" not in name:
                 continue
             out[name] = sum(value) if isinstance(value, (list, tuple)) else value
         return out
+
+    @property
+    def anchors_per_location(self) -> int:
+        """Anchors at each location of a level (``dense_head``; RetinaNet 9)."""
+        return int(self.model.bbox_head.num_base_priors)
+
+    def watch_dense_batches(self, callback: Callable[[DenseBatch], None]) -> Callable[[], None]:
+        """Every training forward's FPN levels (the neck's output, with gradients), the head's
+        anchors (``prior_generator``, in the resized batch's pixels) and the resized targets
+        (``dense_head``: MI-AOD's heads); returns the function that stops watching."""
+        if DENSE_HEAD not in self.capabilities:
+            raise AlrunError(
+                "detector: heads beside a dense head (MI-AOD) need an mmdet dense head, not "
+                f"{type(self.model).__name__}"
+            )
+        self._dense_watchers.append(callback)
+
+        def stop() -> None:
+            if callback in self._dense_watchers:
+                self._dense_watchers.remove(callback)
+
+        return stop
+
+    def _loss_watched(self, inputs: Tensor, samples: list[Any]) -> dict:
+        """``model.loss`` with the neck's output kept, then reported as a DenseBatch."""
+        kept: list[tuple[Tensor, ...]] = []
+        handle = self.model.neck.register_forward_hook(lambda _m, _i, out: kept.append(out))
+        try:
+            raw = self.model.loss(inputs, samples)
+        finally:
+            handle.remove()
+        levels = list(kept[0])
+        head = self.model.bbox_head
+        sizes = [f.shape[-2:] for f in levels]
+        with torch.no_grad():
+            priors = torch.cat(head.prior_generator.grid_priors(sizes, device=inputs.device))
+        targets = [
+            {"boxes": s.gt_instances.bboxes, "labels": s.gt_instances.labels} for s in samples
+        ]
+        batch = DenseBatch(levels, [priors] * len(samples), targets)
+        for callback in list(self._dense_watchers):
+            callback(batch)
+        return raw
 
     def features(self, images: list[Tensor]) -> dict[str, Tensor]:
         """The neck's feature maps (FPN levels), with gradients in training mode."""
@@ -749,6 +798,7 @@ _KIND_CAPABILITIES = {
             ANCHOR_QUALITY,
             HEAD_FEATURES,
             MIXTURE_HEAD,
+            DENSE_HEAD,
         }
     ),
     "two_stage": frozenset(
