@@ -105,9 +105,12 @@ def test_missing_capability_is_one_line_before_the_dataset_is_read(monkeypatch):
 
 
 def test_regime_refusal_names_the_regime_and_the_capability():
-    cfg = compose_config([*TINY, "supervision=consistency", "detector=mmdet_faster_rcnn_r50"])
+    cfg = compose_config(
+        [*TINY, "supervision=consistency", "detector=ssdlite320_mobilenet_v3_large"]
+    )
     message = (
-        r"^supervision \(FlipConsistency\): needs flip_views .* detector=mmdet_faster_rcnn_r50 "
+        r"^supervision \(FlipConsistency\): needs flip_views .* "
+        r"detector=ssdlite320_mobilenet_v3_large does not have; .*detector=mmdet_faster_rcnn_r50"
     )
     with pytest.raises(AlrunError, match=message):
         build_experiment(cfg)

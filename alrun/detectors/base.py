@@ -317,7 +317,7 @@ class FlipViews(Detector, Protocol):
     """``flip_views`` for a backend that is not torchvision's (whose heads the consistency
     regime runs itself): the head outputs CSD compares, with gradients in training mode."""
 
-    def flip_view_outputs(self, images: list[Tensor]) -> FlipViewOutputs: ...
+    def flip_view_outputs(self, images: list[Tensor]) -> FlipViewOutputs | RoIFlipViewOutputs: ...
 
 
 @runtime_checkable
@@ -366,3 +366,16 @@ class DenseHead(FeatureMaps, Protocol):
 
     def watch_dense_batches(self, callback: Callable[[DenseBatch], None]) -> Callable[[], None]:
         """Start reporting to ``callback``; returns the function that stops it."""
+
+
+@dataclass(frozen=True)
+class RoIFlipViewOutputs:
+    """A two-stage head's outputs on the plain view's proposals and on the same proposals
+    mirrored (``x1' = W - x2``) on the mirrored images, in torchvision's layout (the plain
+    view's ``plain`` rows first): ``logits`` (2P, C + 1) with background in column 0,
+    ``deltas`` (2P, (C + 1) * 4) class-specific ``(dx, dy, dw, dh)``. What ``FlipViews``
+    returns for a two-stage model (CSD's two-stage variant)."""
+
+    logits: Tensor
+    deltas: Tensor
+    plain: int

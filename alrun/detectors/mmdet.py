@@ -66,6 +66,7 @@ from alrun.detectors.base import (
     DenseBatch,
     FlipViewOutputs,
     Progress,
+    RoIFlipViewOutputs,
 )
 from alrun.detectors.mmdet_mc import (
     Stochastic,
@@ -83,6 +84,7 @@ from alrun.detectors.mmdet_mdn import (
     mixture_uncertainties,
 )
 from alrun.detectors.mmdet_quality import head_features, watch_head_loss
+from alrun.detectors.mmdet_views import two_stage_flip_views
 from alrun.detectors.passes import PASS_NEEDS, with_views
 from alrun.detectors.torchvision import HeadDropout, resolve_device
 from alrun.detectors.torchvision.mc_dropout import mc_rng
@@ -394,12 +396,14 @@ class MMDetDetector:
 
     @property
     def capabilities(self) -> frozenset[str]:
-        """The kind's capabilities, less those whose layers this model's head lacks (MC dropout
-        and flipped views need RetinaNet's last convs or a shared-FC box head; PPAL's anchor
-        quality and head features RetinaNet's head)."""
+        """The kind's capabilities, less those whose layers this model's head lacks: MC
+        dropout needs RetinaNet's last convs or a shared-FC box head; a dense head's flipped
+        views, PPAL's anchor quality and head features and AL-MDN's mixture RetinaNet's head."""
         found = kind_capabilities(self.kind)
         if not last_layers(self.model, self.kind):
-            found = found - {MC_DROPOUT, FLIP_VIEWS, ANCHOR_QUALITY, HEAD_FEATURES, MIXTURE_HEAD}
+            found = found - {MC_DROPOUT}
+            if self.kind == "dense":
+                found = found - {FLIP_VIEWS, ANCHOR_QUALITY, HEAD_FEATURES, MIXTURE_HEAD}
         return found
 
     @staticmethod
@@ -547,12 +551,15 @@ class MMDetDetector:
         """The neck's width: every FPN level of :meth:`features` has it (``fpn_features``)."""
         return int(self.model.neck.out_channels)
 
-    def flip_view_outputs(self, images: list[Tensor]) -> FlipViewOutputs:
-        """RetinaNet's per-anchor outputs on the batch and on its mirror image (``FlipViews``,
-        for CSD): one backbone pass over both, with gradients in training mode."""
-        if self.kind != "dense" or FLIP_VIEWS not in self.capabilities:
+    def flip_view_outputs(self, images: list[Tensor]) -> FlipViewOutputs | RoIFlipViewOutputs:
+        """RetinaNet's per-anchor outputs on the batch and on its mirror image, or Faster
+        R-CNN's RoI-head outputs on paired proposals (:mod:`.mmdet_views`) (``FlipViews``, for
+        CSD): one backbone pass over both views, with gradients in training mode."""
+        if FLIP_VIEWS not in self.capabilities:
             raise AlrunError("supervision=consistency: flipped views need an mmdet RetinaNet head")
-        inputs, _ = self._prepare(images)
+        inputs, samples = self._prepare(images)
+        if self.kind == "two_stage":
+            return two_stage_flip_views(self.model, inputs, samples)
         head = self.model.bbox_head
         levels = self.model.extract_feat(torch.cat([inputs, inputs.flip(-1)]))
         cls_scores, bbox_preds = head(tuple(levels))
@@ -811,6 +818,7 @@ _KIND_CAPABILITIES = {
             PROPOSALS,
             MC_DROPOUT,
             TEACHER,
+            FLIP_VIEWS,
         }
     ),
 }

@@ -290,9 +290,7 @@ def test_capabilities_are_declared_from_the_config_without_mmdet():
     assert {"box_features", "embeddings", "image_views"} <= dense
     assert {"mc_dropout", "teacher", "flip_views"} <= dense
     assert two_stage - dense == {"proposals"}
-    assert dense - two_stage == {
-        "flip_views", "anchor_quality", "head_features", "mixture_head", "dense_head"
-    }  # fmt: skip
+    assert dense - two_stage == {"anchor_quality", "head_features", "mixture_head", "dense_head"}
     assert "rebuild" not in dense
 
 
