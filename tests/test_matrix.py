@@ -33,6 +33,8 @@ def test_matrix_cells_follow_the_declared_capabilities():
             assert _cell(option, detector).runs, (option, detector)
     assert _cell("consistency", "mmdet_retinanet_r50").runs
     assert _cell("consistency", "mmdet_faster_rcnn_r50").runs  # CSD's two-stage views
+    for detector in ("mmdet_retinanet_r50", "mmdet_faster_rcnn_r50"):
+        assert _cell("synthetic_pretrain", detector).runs  # rebuild
     # mmdet RetinaNet: PPAL's anchor quality and head features, AL-MDN's mixture head
     for option in ("ppal", "ccms", "al_mdn", "mi_aod"):
         assert _cell(option, "mmdet_retinanet_r50").runs, option
@@ -44,8 +46,8 @@ def test_matrix_cells_follow_the_declared_capabilities():
     assert "dense_head" in _cell("mi_aod", "fasterrcnn_mobilenet_v3_large_320_fpn").missing
     table = counts(cells())
     assert table["tiny_fcos"] == {"strategy": 30, "supervision": 11, "cells": 42}  # + qbc, mi_aod
-    assert table["mmdet_retinanet_r50"] == {"strategy": 30, "supervision": 10, "cells": 42}
-    assert table["mmdet_faster_rcnn_r50"] == {"strategy": 27, "supervision": 10, "cells": 42}
+    assert table["mmdet_retinanet_r50"] == {"strategy": 30, "supervision": 11, "cells": 42}
+    assert table["mmdet_faster_rcnn_r50"] == {"strategy": 27, "supervision": 11, "cells": 42}
 
 
 @pytest.mark.integration

@@ -379,3 +379,26 @@ class RoIFlipViewOutputs:
     logits: Tensor
     deltas: Tensor
     plain: int
+
+
+@runtime_checkable
+class Rebuild(Detector, Protocol):
+    """``rebuild``: the same architecture built again, fresh, for another class list (what
+    synthetic pre-training trains), and what determines it (the key of caches of its weights)."""
+
+    def rebuilt(self, num_classes: int) -> Detector: ...
+
+    def build_description(self) -> dict[str, Any]: ...
+
+
+def describe_builder(builder: Callable[..., Any]) -> dict[str, Any]:
+    """A builder (a ``functools.partial`` from Hydra's ``_partial_: true``) as plain JSON: its
+    function and keyword arguments (what a cache of its weights is keyed by)."""
+    import json
+
+    func = getattr(builder, "func", builder)
+    keywords = getattr(builder, "keywords", {})
+    return {
+        "builder": f"{func.__module__}.{func.__qualname__}",
+        "arguments": json.loads(json.dumps(dict(keywords), default=str, sort_keys=True)),
+    }

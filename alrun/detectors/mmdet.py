@@ -61,12 +61,14 @@ from alrun.detectors.base import (
     MC_DROPOUT,
     MIXTURE_HEAD,
     PROPOSALS,
+    REBUILD,
     TEACHER,
     AnchorCallback,
     DenseBatch,
     FlipViewOutputs,
     Progress,
     RoIFlipViewOutputs,
+    describe_builder,
 )
 from alrun.detectors.mmdet_mc import (
     Stochastic,
@@ -430,6 +432,23 @@ class MMDetDetector:
             self.head_dropout = float(p)
             for layer in last_layers(self.model, self.kind):
                 layer.register_forward_pre_hook(HeadDropout(self.head_dropout))
+
+    def rebuilt(self, num_classes: int) -> MMDetDetector:
+        """The same model for ``num_classes`` classes, fresh (the ImageNet backbone file
+        again, not a checkpoint of this model's classes) and without what a strategy adds at
+        start-up (``rebuild``: synthetic pre-training)."""
+        return MMDetDetector(
+            self.builder,
+            num_classes,
+            pretrained_backbone=self.pretrained_backbone,
+            device=str(self.device),
+            predict_batch_size=self.predict_batch_size,
+        )
+
+    def build_description(self) -> dict[str, Any]:
+        """The builder and its arguments (mmdet config, scale, options) and the backbone file
+        (``rebuild``)."""
+        return {**describe_builder(self.builder), "pretrained_backbone": self.pretrained_backbone}
 
     def add_mixture_head(self, components: int, coupling: str = "side") -> None:
         """AL-MDN's mixture-density head of ``components`` beside RetinaNet's head
@@ -806,6 +825,7 @@ _KIND_CAPABILITIES = {
             HEAD_FEATURES,
             MIXTURE_HEAD,
             DENSE_HEAD,
+            REBUILD,
         }
     ),
     "two_stage": frozenset(
@@ -819,6 +839,7 @@ _KIND_CAPABILITIES = {
             MC_DROPOUT,
             TEACHER,
             FLIP_VIEWS,
+            REBUILD,
         }
     ),
 }

@@ -24,7 +24,13 @@ from torchvision.models.detection.transform import resize_boxes
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.data.images import load_image
-from alrun.detectors.base import AnchorCallback, DenseBatch, Progress, TrainSchedule
+from alrun.detectors.base import (
+    AnchorCallback,
+    DenseBatch,
+    Progress,
+    TrainSchedule,
+    describe_builder,
+)
 from alrun.detectors.mdn import (
     check_mixture_density,
     has_mixture_density,
@@ -224,6 +230,20 @@ class TorchvisionDetector:
                 f"(FCOS, RetinaNet), not {type(self.model).__name__}"
             )
         return watch_head_loss(self.model, self.label_offset, callback)
+
+    def rebuilt(self, num_classes: int) -> TorchvisionDetector:
+        """The same architecture for ``num_classes`` classes, fresh and without what a
+        strategy adds at start-up (``rebuild``: synthetic pre-training)."""
+        return TorchvisionDetector(
+            builder=self.builder,
+            num_classes=num_classes,
+            device=str(self.device),
+            label_offset=self.label_offset,
+        )
+
+    def build_description(self) -> dict[str, Any]:
+        """The builder and its arguments, and the label offset (``rebuild``)."""
+        return {**describe_builder(self.builder), "label_offset": self.label_offset}
 
     @property
     def anchors_per_location(self) -> int:
