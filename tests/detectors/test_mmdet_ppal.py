@@ -131,10 +131,11 @@ def test_faster_rcnn_declares_neither_and_refuses(data):
         det.watch_positive_anchors(lambda *a: None)
 
 
-@pytest.mark.parametrize("strategy", ["ppal", "ccms"])
-def test_one_round_of_ppal_and_ccms(strategy, tmp_path):
+def test_one_round_of_ppal(tmp_path):
     """The real CLI on detector=mmdet_retinanet_r50 (ResNet-18 at 96 px): PPAL with its EMA
-    class quality (read from the head's loss) and CCMS on the class tower's features."""
+    class quality (read from the head's loss) and its CCMS step on the class tower's features
+    (strategy=ccms is that step alone: the matrix test covers its start-up)."""
+    strategy = "ppal"
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "alrun.cli", "experiment=smoke", "detector=mmdet_retinanet_r50",
@@ -151,7 +152,6 @@ def test_one_round_of_ppal_and_ccms(strategy, tmp_path):
     assert len((run_dir / "results.csv").read_text().splitlines()) == 3
     selection = json.loads((run_dir / "round_00" / "selection.json").read_text())
     assert len(selection["selected"]) == 2
-    if strategy == "ppal":
-        train = json.loads((run_dir / "round_00" / "metrics.json").read_text())["train"]
-        quality = [v for k, v in train.items() if "ppal_quality" in k]
-        assert quality and max(quality) > 0, train
+    train = json.loads((run_dir / "round_00" / "metrics.json").read_text())["train"]
+    quality = [v for k, v in train.items() if "ppal_quality" in k]
+    assert quality and max(quality) > 0, train
