@@ -187,6 +187,12 @@ class BoxUncertainty:
 PASS_CAPABILITIES = frozenset({MC_DROPOUT, IMAGE_VIEWS})
 
 
+def _passes_part(scorer: Scorer) -> str:
+    """``strategy/passes=<source>``; a combined scorer's parts: their passes, by the scorer."""
+    source = getattr(scorer, "source", None)
+    return f"strategy/passes={source}" if isinstance(source, str) else "strategy.scorer's passes"
+
+
 class Strategy:
     """``scorer`` ranks the unlabelled pool, ``selector`` picks within the budget."""
 
@@ -228,7 +234,7 @@ class Strategy:
         selected |= {n for h in getattr(self.selector, "training_hooks", ()) for n in h.requires}
         parts = [
             ("strategy.scorer", frozenset((asked - passes) | hooks)),
-            (f"strategy/passes={getattr(self.scorer, 'source', '?')}", passes),
+            (_passes_part(self.scorer), passes),
             ("strategy.selector", frozenset(selected)),
         ]
         return [(part, caps) for part, caps in parts if caps]
