@@ -93,10 +93,12 @@ def _choice(group: str) -> str | None:
 
 
 def requirements(strategy: Strategy, regime: Regime, regime_name: str | None = None):
-    """``(who, capability names)`` of the strategy and of the regime."""
+    """``(who, capability names)`` of each part of the strategy (``strategy=ppal
+    (strategy.selector)``, :meth:`Strategy.requirement_parts`) and of the regime."""
     regime_name = regime_name or _choice("supervision")
     who = f"supervision={regime_name}" if regime_name else f"supervision ({type(regime).__name__})"
-    return [(f"strategy={strategy.name}", strategy.requires), (who, frozenset(regime.requires))]
+    parts = [(f"strategy={strategy.name} ({part})", c) for part, c in strategy.requirement_parts()]
+    return [*parts, (who, frozenset(regime.requires))]
 
 
 def set_up_detector(detector: Detector, needs: Needs) -> None:

@@ -21,8 +21,8 @@ from hydra.utils import instantiate
 from alrun.detectors.capabilities import (
     detector_config_capabilities,
     detector_label,
+    first_refusal,
     missing_capabilities,
-    refusal,
 )
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -73,11 +73,14 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-def _requires(group: str, option: str) -> frozenset[str]:
-    """What a shipped strategy or regime requires (it is instantiated from its config)."""
+def _requires(group: str, option: str) -> list[tuple[str, frozenset[str]]]:
+    """``(who, capabilities)`` of a shipped strategy's parts or of a regime (instantiated from
+    its config), named as ``build_experiment`` names them."""
     cfg = compose(config_name="run", overrides=overrides(group, option))
-    built = instantiate(cfg.strategy if group == "strategy" else cfg.supervision)
-    return frozenset(built.requires)
+    if group == "strategy":
+        built = instantiate(cfg.strategy)
+        return [(f"{group}={option} ({part})", c) for part, c in built.requirement_parts()]
+    return [(f"{group}={option}", frozenset(instantiate(cfg.supervision).requires))]
 
 
 @functools.cache
@@ -101,12 +104,12 @@ def _cells(detectors: tuple[str, ...]) -> tuple[Cell, ...]:
     with initialize_config_module(config_module="alrun.configs", version_base="1.3"):
         for group in ("strategy", "supervision"):
             for option in options(group):
-                requires = _requires(group, option)
+                parts = _requires(group, option)
+                requires = frozenset().union(*(c for _, c in parts))
                 for detector in detectors:
                     capabilities, label = declared[detector]
                     missing = missing_capabilities(requires, capabilities)
-                    who = f"{group}={option}"
-                    text = refusal(who, missing, label) if missing else None
+                    text = first_refusal(parts, capabilities, label)
                     found.append(Cell(group, option, detector, missing, text))
     return tuple(found)
 

@@ -66,7 +66,9 @@ def main() -> None:
     else:
         schedule = instantiate(cfg.trainer)
         schedule = type(schedule)(**{**schedule.__dict__, "iterations": args.iterations})
-        source = BatchSource("labelled", pool.dataset.subset(train_ids))
+        # the benchmark trains on the pool's ground truth (exp.splits holds it; the pool's
+        # ImageSet, what strategies see, has none)
+        source = BatchSource("labelled", exp.splits.pool.subset(train_ids))
         train(exp.detector, [source], schedule, seed=0, from_scratch=True)
     labelled = set(train_ids)
     ids = [i for i in pool.dataset.ids if i not in labelled][: args.pool or None]

@@ -107,8 +107,9 @@ def test_missing_capability_is_one_line_and_writes_nothing(tmp_path):
     assert_clean_failure(result, tmp_path)
     error, see = result.stderr.strip().splitlines()
     assert error.startswith(
-        "alrun: error: strategy=loc_tightness: needs proposals (the region proposal each box was "
-        "regressed from (two-stage models)), which detector=tiny_fcos does not have; detectors "
+        "alrun: error: strategy=loc_tightness (strategy.scorer): needs proposals (the region "
+        "proposal each box was regressed from (two-stage models)), which detector=tiny_fcos does "
+        "not have; detectors "
         "that have it: detector=fasterrcnn_mobilenet_v3_large_320_fpn, "
     )
     assert "detector=mmdet_faster_rcnn_r50" in error

@@ -96,7 +96,7 @@ def test_missing_capability_is_one_line_before_the_dataset_is_read(monkeypatch):
         build_experiment(cfg)
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("strategy=loc_tightness: needs proposals")
+    assert message.startswith("strategy=loc_tightness (strategy.scorer): needs proposals")
     assert "which detector=tiny_fcos does not have" in message
     having = message.split("detectors that have it: ")[1].split(", ")
     assert "detector=fasterrcnn_mobilenet_v3_large_320_fpn" in having
@@ -105,9 +105,12 @@ def test_missing_capability_is_one_line_before_the_dataset_is_read(monkeypatch):
 
 
 def test_regime_refusal_names_the_regime_and_the_capability():
-    cfg = compose_config([*TINY, "supervision=consistency", "detector=mmdet_faster_rcnn_r50"])
+    cfg = compose_config(
+        [*TINY, "supervision=consistency", "detector=ssdlite320_mobilenet_v3_large"]
+    )
     message = (
-        r"^supervision \(FlipConsistency\): needs flip_views .* detector=mmdet_faster_rcnn_r50 "
+        r"^supervision \(FlipConsistency\): needs flip_views .* "
+        r"detector=ssdlite320_mobilenet_v3_large does not have; .*detector=mmdet_faster_rcnn_r50"
     )
     with pytest.raises(AlrunError, match=message):
         build_experiment(cfg)

@@ -44,9 +44,9 @@ def one_torch_thread():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["strategy=badge"], r"^strategy=badge: needs box_features .* detector=ssdlite320_mobile"),
-        (["strategy=ppal"], r"^strategy=ppal: needs anchor_quality .* detector=ssdlite320_mobile"),
-        (["strategy=ccms"], r"^strategy=ccms: needs box_features .* detector=ssdlite320_mobile"),
+        (["strategy=badge"], r"^strategy=badge \(strategy.selector\): needs box_features .*ssd"),
+        (["strategy=ppal"], r"^strategy=ppal \(strategy.scorer\): needs anchor_quality .*=ssdlite"),
+        (["strategy=ccms"], r"^strategy=ccms \(strategy.selector\): needs box_features .*=ssdlite"),
         (["supervision=consistency"], r"^supervision \(FlipConsistency\): needs flip_views"),
         (
             [

@@ -32,18 +32,24 @@ def test_matrix_cells_follow_the_declared_capabilities():
         for detector in ("mmdet_retinanet_r50", "mmdet_faster_rcnn_r50"):
             assert _cell(option, detector).runs, (option, detector)
     assert _cell("consistency", "mmdet_retinanet_r50").runs
-    assert _cell("consistency", "mmdet_faster_rcnn_r50").missing == {"flip_views"}
-    message = _cell("al_mdn", "mmdet_retinanet_r50").refusal
-    assert message.startswith("strategy=al_mdn: needs mixture_head (")
-    assert "which detector=mmdet_retinanet_r50 does not have" in message
-    assert "detector=tiny_fcos" in message and "\n" not in message
+    assert _cell("consistency", "mmdet_faster_rcnn_r50").runs  # CSD's two-stage views
+    for detector in ("mmdet_retinanet_r50", "mmdet_faster_rcnn_r50"):
+        assert _cell("synthetic_pretrain", detector).runs  # rebuild
+    # mmdet RetinaNet: PPAL's anchor quality and head features, AL-MDN's mixture head
+    for option in ("ppal", "ccms", "al_mdn", "mi_aod"):
+        assert _cell(option, "mmdet_retinanet_r50").runs, option
+    message = _cell("al_mdn", "mmdet_faster_rcnn_r50").refusal
+    assert message.startswith("strategy=al_mdn (strategy.scorer): needs mixture_head (")
+    assert "which detector=mmdet_faster_rcnn_r50 does not have" in message
+    assert "detector=mmdet_retinanet_r50" in message and "\n" not in message
     assert _cell("mi_aod", "tiny_fcos").runs and _cell("mi_aod", "retinanet_resnet50_fpn").runs
     assert "dense_head" in _cell("mi_aod", "fasterrcnn_mobilenet_v3_large_320_fpn").missing
     table = counts(cells())
-    # + qbc, mi_aod; + compas and box_level (issue 24: box-level queries)
+    # + qbc, mi_aod; + compas and box_level (issue 24: box-level queries); mmdet: + ppal, ccms,
+    # al_mdn, mi_aod on RetinaNet, consistency and synthetic_pretrain (issue 18)
     assert table["tiny_fcos"] == {"strategy": 31, "supervision": 12, "cells": 44}
-    assert table["mmdet_retinanet_r50"] == {"strategy": 27, "supervision": 11, "cells": 44}
-    assert table["mmdet_faster_rcnn_r50"] == {"strategy": 28, "supervision": 10, "cells": 44}
+    assert table["mmdet_retinanet_r50"] == {"strategy": 31, "supervision": 12, "cells": 44}
+    assert table["mmdet_faster_rcnn_r50"] == {"strategy": 28, "supervision": 12, "cells": 44}
     for option in ("compas", "box_level"):  # views and teachers: declared by every backend
         for detector in ("mmdet_retinanet_r50", "mmdet_faster_rcnn_r50"):
             assert _cell(option, detector).runs, (option, detector)

@@ -39,7 +39,7 @@ from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from alrun.acquisition.context import AcquisitionContext
 from alrun.acquisition.learned import _level_widths
-from alrun.detectors.base import DENSE_HEAD, FEATURE_MAPS, FPN_FEATURES, TEACHER
+from alrun.detectors.base import DENSE_HEAD, FEATURE_MAPS, FPN_FEATURES, TEACHER, DenseBatch
 from alrun.engine import STRATEGY_UNLABELLED, Step, TrainingHook
 from alrun.errors import AlrunError
 from alrun.params import PositiveFloat, PositiveInt, Range
@@ -188,9 +188,8 @@ class MiaodHook(TrainingHook):
         self.draws_unlabelled = self.adversarial
         self.heads: InstanceClassifiers | None = None
         self.detector = None
-        self._levels: list[list[Tensor]] = []
-        self._inputs: list[tuple[Any, Any]] = []
-        self._handles: list[Any] = []
+        self._batches: list[DenseBatch] = []  # this step's training forwards (dense_head)
+        self._stop: Callable[[], None] | None = None
         self.losses: dict[str, list[float]] = {}
 
     def before_training(self, detector, total: int) -> None:
@@ -200,55 +199,42 @@ class MiaodHook(TrainingHook):
                 f"strategy=mi_aod: needs the detector's {' and '.join(missing)} (a dense "
                 f"one-stage detector with FPN levels), which {type(detector).__name__} lacks"
             )
-        model = detector.model
         self.detector = detector
-        anchors = int(model.anchor_generator.num_anchors_per_location()[0])
         widths = _level_widths(detector)
         self.heads = InstanceClassifiers(
-            widths[0], anchors, detector.num_classes, self.stacked_convs
+            widths[0], detector.anchors_per_location, detector.num_classes, self.stacked_convs
         ).to(detector.device)
         self.matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
         self.losses = {}
         self._remove()
-        self._handles = [
-            model.backbone.register_forward_hook(self._capture_levels),
-            model.transform.register_forward_hook(self._capture_inputs),
-        ]
+        self._stop = detector.watch_dense_batches(self._capture)
 
-    def _capture_levels(self, _module, _inputs, output) -> None:
+    def _capture(self, batch: DenseBatch) -> None:
         if self.heads is not None and self.heads.training:
-            self._levels.append(list(output.values()))
-
-    def _capture_inputs(self, _module, _inputs, output) -> None:
-        if self.heads is not None and self.heads.training:
-            self._inputs.append(output)
+            self._batches.append(batch)
 
     def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._levels, self._inputs = [], []
+        if self._stop is not None:
+            self._stop()
+        self._stop = None
+        self._batches = []
 
     def parameters(self) -> Sequence[Tensor]:
         return list(self.heads.parameters()) if self.heads is not None else []
 
     def extra_losses(self, step: Step) -> dict[str, Tensor]:
         batch = next((b for b in step.batches.values() if b.targets is not None), None)
-        if batch is None or not self._levels or not self._inputs:
+        if batch is None or not self._batches:
             return {}
-        levels = self._levels[0]
-        image_list, targets = self._inputs[0]
-        if targets is None:
-            return {}
-        offset = int(getattr(self.detector, "label_offset", 0))
-        anchors = self.detector.model.anchor_generator(image_list, levels)
+        dense = self._batches[0]  # the detector's forward on the labelled batch
+        levels, anchors, targets = dense.levels, dense.anchors, dense.targets
         f1, f2, mil = self.heads(levels)
         weights = [mil_weights(a, b, m) for a, b, m in zip(f1, f2, mil)]
         f1_all, f2_all = torch.cat(f1, 1), torch.cat(f2, 1)
-        cls_loss = label_set_loss(f1_all, f2_all, anchors, targets, offset, self.matcher)
+        cls_loss = label_set_loss(f1_all, f2_all, anchors, targets, 0, self.matcher)
         present = torch.zeros_like(weights[0][:, 0])
         for i, t in enumerate(targets):
-            present[i, (t["labels"] - offset).long()] = 1.0
+            present[i, t["labels"].long()] = 1.0
         imgcls = nn.functional.binary_cross_entropy(image_class_scores(weights), present)
         out = {"det_cls": cls_loss, "imgcls": imgcls}
         unlabelled = step.batches.get(STRATEGY_UNLABELLED)
@@ -279,7 +265,7 @@ class MiaodHook(TrainingHook):
         return {"wave_max": wave_max, "wave_min": wave_min, "imgcls_unlabelled": bce}
 
     def after_step(self, step: Step) -> None:
-        self._levels, self._inputs = [], []
+        self._batches = []
 
     def after_training(self) -> dict[str, float]:
         self._remove()

@@ -35,6 +35,7 @@ from alrun.acquisition.reduction import (  # noqa: F401 - re-exported for older 
 from alrun.acquisition.scores import DISTRIBUTIONS, distribution
 from alrun.acquisition.select import TopK
 from alrun.data.dataset import VisibleSplits
+from alrun.detectors.base import IMAGE_VIEWS, MC_DROPOUT
 from alrun.detectors.capabilities import needs_capabilities
 from alrun.detectors.views import check_view_size
 from alrun.errors import AlrunError
@@ -182,6 +183,16 @@ class BoxUncertainty:
         }
 
 
+#: what a scorer's extra passes (``strategy/passes``) ask of the detector; ensembles nothing
+PASS_CAPABILITIES = frozenset({MC_DROPOUT, IMAGE_VIEWS})
+
+
+def _passes_part(scorer: Scorer) -> str:
+    """``strategy/passes=<source>``; a combined scorer's parts: their passes, by the scorer."""
+    source = getattr(scorer, "source", None)
+    return f"strategy/passes={source}" if isinstance(source, str) else "strategy.scorer's passes"
+
+
 class Strategy:
     """``scorer`` ranks the unlabelled pool, ``selector`` picks within the budget."""
 
@@ -209,6 +220,24 @@ class Strategy:
         asks it to output and what the training hooks read (``alrun.detectors.capabilities``)."""
         hooked = {name for hook in self.training_hooks for name in hook.requires}
         return needs_capabilities(self.needs) | hooked
+
+    def requirement_parts(self) -> list[tuple[str, frozenset[str]]]:
+        """``(part, capability names)`` of the parts of ``requires``: the scorer
+        (``strategy.scorer``: its outputs and training hooks), its extra passes
+        (``strategy/passes=<source>``: MC dropout, test-time views) and the selector
+        (``strategy.selector``), so a refusal names the part to change."""
+        asked = needs_capabilities(self.scorer.needs)
+        passes = asked & PASS_CAPABILITIES
+        hooks = {n for h in getattr(self.scorer, "training_hooks", ()) for n in h.requires}
+        chosen = getattr(self.selector, "needs", Needs(detections=False))
+        selected = needs_capabilities(chosen)
+        selected |= {n for h in getattr(self.selector, "training_hooks", ()) for n in h.requires}
+        parts = [
+            ("strategy.scorer", frozenset((asked - passes) | hooks)),
+            (_passes_part(self.scorer), passes),
+            ("strategy.selector", frozenset(selected)),
+        ]
+        return [(part, caps) for part, caps in parts if caps]
 
     @property
     def aggregator(self) -> str | None:

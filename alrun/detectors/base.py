@@ -336,7 +336,7 @@ class FlipViews(Detector, Protocol):
     """``flip_views`` for a backend that is not torchvision's (whose heads the consistency
     regime runs itself): the head outputs CSD compares, with gradients in training mode."""
 
-    def flip_view_outputs(self, images: list[Tensor]) -> FlipViewOutputs: ...
+    def flip_view_outputs(self, images: list[Tensor]) -> FlipViewOutputs | RoIFlipViewOutputs: ...
 
 
 @runtime_checkable
@@ -360,3 +360,64 @@ class AnchorQuality(Detector, Protocol):
 
     def watch_positive_anchors(self, callback: AnchorCallback) -> Callable[[], None]:
         """Start reporting to ``callback``; returns the function that stops it."""
+
+
+@dataclass(frozen=True)
+class DenseBatch:
+    """One training forward of a dense detector: its FPN ``levels`` (B, D, h, w) with
+    gradients, each image's ``anchors`` (sum over levels of h x w x A, 4) in location-major,
+    anchor-minor order over the levels, and each image's ``targets`` (``boxes`` in the pixels
+    the anchors are in, ``labels`` dataset classes)."""
+
+    levels: list[Tensor]
+    anchors: list[Tensor]
+    targets: list[dict[str, Tensor]]
+
+
+@runtime_checkable
+class DenseHead(FeatureMaps, Protocol):
+    """``dense_head``: what heads beside a one-stage dense head (MI-AOD's instance classifiers)
+    read: ``anchors_per_location`` and, while watched, every training forward's
+    :class:`DenseBatch`, so they are assigned on the detector's own anchors."""
+
+    @property
+    def anchors_per_location(self) -> int: ...
+
+    def watch_dense_batches(self, callback: Callable[[DenseBatch], None]) -> Callable[[], None]:
+        """Start reporting to ``callback``; returns the function that stops it."""
+
+
+@dataclass(frozen=True)
+class RoIFlipViewOutputs:
+    """A two-stage head's outputs on the plain view's proposals and on the same proposals
+    mirrored (``x1' = W - x2``) on the mirrored images, in torchvision's layout (the plain
+    view's ``plain`` rows first): ``logits`` (2P, C + 1) with background in column 0,
+    ``deltas`` (2P, (C + 1) * 4) class-specific ``(dx, dy, dw, dh)``. What ``FlipViews``
+    returns for a two-stage model (CSD's two-stage variant)."""
+
+    logits: Tensor
+    deltas: Tensor
+    plain: int
+
+
+@runtime_checkable
+class Rebuild(Detector, Protocol):
+    """``rebuild``: the same architecture built again, fresh, for another class list (what
+    synthetic pre-training trains), and what determines it (the key of caches of its weights)."""
+
+    def rebuilt(self, num_classes: int) -> Detector: ...
+
+    def build_description(self) -> dict[str, Any]: ...
+
+
+def describe_builder(builder: Callable[..., Any]) -> dict[str, Any]:
+    """A builder (a ``functools.partial`` from Hydra's ``_partial_: true``) as plain JSON: its
+    function and keyword arguments (what a cache of its weights is keyed by)."""
+    import json
+
+    func = getattr(builder, "func", builder)
+    keywords = getattr(builder, "keywords", {})
+    return {
+        "builder": f"{func.__module__}.{func.__qualname__}",
+        "arguments": json.loads(json.dumps(dict(keywords), default=str, sort_keys=True)),
+    }

@@ -119,16 +119,29 @@ def missing_capabilities(
     return frozenset() if declared is None else frozenset(requires) - declared
 
 
+def first_refusal(
+    requirements: Iterable[tuple[str, frozenset[str]]],
+    declared: frozenset[str] | None,
+    detector: str,
+) -> str | None:
+    """The refusal of the first ``(who, requires)`` the ``declared`` capabilities miss."""
+    for who, requires in requirements:
+        missing = missing_capabilities(requires, declared)
+        if missing:
+            return refusal(who, missing, detector)
+    return None
+
+
 def check_capabilities(
     requirements: Iterable[tuple[str, frozenset[str]]],
     declared: frozenset[str] | None,
     detector: str,
 ) -> None:
-    """Refuse the first ``(who, requires)`` the detector's ``declared`` capabilities miss."""
-    for who, requires in requirements:
-        missing = missing_capabilities(requires, declared)
-        if missing:
-            raise AlrunError(refusal(who, missing, detector))
+    """Refuse the first ``(who, requires)`` the detector's ``declared`` capabilities miss
+    (``who``: the strategy's part, e.g. ``strategy=ppal (strategy.selector)``, or the regime)."""
+    message = first_refusal(requirements, declared, detector)
+    if message is not None:
+        raise AlrunError(message)
 
 
 def _identity(config: Mapping[str, Any] | DictConfig) -> tuple:

@@ -221,13 +221,30 @@ class _TowerCapture:
         return out
 
 
+class ReparameterNoise:
+    """The reparameterisation noise, from a generator of its own seeded by the training run's
+    seed (``torch.initial_seed()``, set by the engine): the global random stream the detector's
+    training draws from is left exactly as without the mixture head."""
+
+    def __init__(self):
+        self._generator: torch.Generator | None = None
+        self._seed: int | None = None
+
+    def __call__(self, like: Tensor) -> Tensor:
+        seed = torch.initial_seed()
+        if self._generator is None or self._seed != seed or self._generator.device != like.device:
+            self._generator = torch.Generator(device=like.device)
+            self._generator.manual_seed(seed)
+            self._seed = seed
+        return torch.randn(like.shape, generator=self._generator, device=like.device)
+
+
 class _LossWithMixture:
     """``head.compute_loss`` plus the mixture head's losses, on the same anchor assignment."""
 
     def __init__(self, model: FCOS | RetinaNet, original, capture: _TowerCapture):
         self.model, self.original, self.capture = model, original, capture
-        self._generator: torch.Generator | None = None
-        self._seed: int | None = None
+        self._noise = ReparameterNoise()
 
     def __call__(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, Tensor]:
         losses = self.original(targets, head_outputs, anchors, matched_idxs)
@@ -242,17 +259,6 @@ class _LossWithMixture:
         noise = self._noise(mix.cls_mu)
         losses.update(mixture_losses(mix, torch.stack(cls_target), torch.stack(reg_target), noise))
         return losses
-
-    def _noise(self, like: Tensor) -> Tensor:
-        """The reparameterisation noise, from a generator of its own seeded by the training
-        run's seed (``torch.initial_seed()``, set by the engine): the global random stream the
-        detector's training draws from is left exactly as without the mixture head."""
-        seed = torch.initial_seed()
-        if self._generator is None or self._seed != seed or self._generator.device != like.device:
-            self._generator = torch.Generator(device=like.device)
-            self._generator.manual_seed(seed)
-            self._seed = seed
-        return torch.randn(like.shape, generator=self._generator, device=like.device)
 
 
 def _encode(model: FCOS | RetinaNet, boxes: Tensor, anchors: Tensor) -> Tensor:
@@ -302,7 +308,15 @@ def uncertainty_at(
     model: FCOS | RetinaNet, towers: list[tuple[Tensor, Tensor]], found: list[dict[str, Tensor]]
 ) -> list[Tensor]:
     """Per image, (N, 4) uncertainties of the kept boxes, read at their anchors (``sources``)."""
-    mix = model.head.mdn([c for c, _ in towers], [r for _, r in towers])
+    return uncertainty_of(model.head.mdn, towers, found)
+
+
+def uncertainty_of(
+    mdn: MixtureDensityHead, towers: list[tuple[Tensor, Tensor]], found: list[dict[str, Tensor]]
+) -> list[Tensor]:
+    """:func:`uncertainty_at` of a mixture head on any backend's (class, box) tower outputs
+    whose anchor rows are location-major, anchor-minor (torchvision's and mmdet's order)."""
+    mix = mdn([c for c, _ in towers], [r for _, r in towers])
     return [
         mixture_uncertainty(mix.rows(b).rows(f["sources"]), f["labels"])
         for b, f in enumerate(found)

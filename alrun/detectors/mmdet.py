@@ -49,17 +49,26 @@ from torchvision.ops import boxes as box_ops
 from alrun.data.dataset import ImageRecord
 from alrun.data.images import load_image
 from alrun.detectors.base import (
+    ANCHOR_QUALITY,
     BOX_FEATURES,
+    DENSE_HEAD,
     EMBEDDINGS,
     FEATURE_MAPS,
     FLIP_VIEWS,
     FPN_FEATURES,
+    HEAD_FEATURES,
     IMAGE_VIEWS,
     MC_DROPOUT,
+    MIXTURE_HEAD,
     PROPOSALS,
+    REBUILD,
     TEACHER,
+    AnchorCallback,
+    DenseBatch,
     FlipViewOutputs,
     Progress,
+    RoIFlipViewOutputs,
+    describe_builder,
 )
 from alrun.detectors.mmdet_mc import (
     Stochastic,
@@ -70,6 +79,14 @@ from alrun.detectors.mmdet_mc import (
     retina_towers,
     two_stage_at_sources,
 )
+from alrun.detectors.mmdet_mdn import (
+    check_mixture_head,
+    has_mixture_head,
+    install_mixture_head,
+    mixture_uncertainties,
+)
+from alrun.detectors.mmdet_quality import head_features, watch_head_loss
+from alrun.detectors.mmdet_views import two_stage_flip_views
 from alrun.detectors.passes import PASS_NEEDS, with_views
 from alrun.detectors.torchvision import HeadDropout, resolve_device
 from alrun.detectors.torchvision.mc_dropout import mc_rng
@@ -348,6 +365,8 @@ class MMDetDetector:
         self.pretrained = pretrained or None
         self.pretrained_backbone = pretrained_backbone
         self.head_dropout = 0.0  # set by enable_mc_dropout; every rebuild installs it again
+        self.mdn_components, self.mdn_coupling = 0, "side"  # set by add_mixture_head, the same
+        self._dense_watchers: list[Callable[[DenseBatch], None]] = []  # watch_dense_batches
         self._build(seed=0)
 
     def _build(self, seed: int) -> None:
@@ -366,6 +385,8 @@ class MMDetDetector:
         if self.head_dropout > 0:
             for layer in last_layers(self.model, self.kind):
                 layer.register_forward_pre_hook(HeadDropout(self.head_dropout))
+        if self.mdn_components:
+            install_mixture_head(self.model.bbox_head, self.mdn_components, self.mdn_coupling)
 
     @property
     def head_type(self) -> str:
@@ -377,11 +398,14 @@ class MMDetDetector:
 
     @property
     def capabilities(self) -> frozenset[str]:
-        """The kind's capabilities, less those whose layers this model's head lacks (MC dropout
-        and flipped views need RetinaNet's last convs or a shared-FC box head)."""
+        """The kind's capabilities, less those whose layers this model's head lacks: MC
+        dropout needs RetinaNet's last convs or a shared-FC box head; a dense head's flipped
+        views, PPAL's anchor quality and head features and AL-MDN's mixture RetinaNet's head."""
         found = kind_capabilities(self.kind)
         if not last_layers(self.model, self.kind):
-            found = found - {MC_DROPOUT, FLIP_VIEWS}
+            found = found - {MC_DROPOUT}
+            if self.kind == "dense":
+                found = found - {FLIP_VIEWS, ANCHOR_QUALITY, HEAD_FEATURES, MIXTURE_HEAD}
         return found
 
     @staticmethod
@@ -409,6 +433,53 @@ class MMDetDetector:
             for layer in last_layers(self.model, self.kind):
                 layer.register_forward_pre_hook(HeadDropout(self.head_dropout))
 
+    def rebuilt(self, num_classes: int) -> MMDetDetector:
+        """The same model for ``num_classes`` classes, fresh (the ImageNet backbone file
+        again, not a checkpoint of this model's classes) and without what a strategy adds at
+        start-up (``rebuild``: synthetic pre-training)."""
+        return MMDetDetector(
+            self.builder,
+            num_classes,
+            pretrained_backbone=self.pretrained_backbone,
+            device=str(self.device),
+            predict_batch_size=self.predict_batch_size,
+        )
+
+    def build_description(self) -> dict[str, Any]:
+        """The builder and its arguments (mmdet config, scale, options) and the backbone file
+        (``rebuild``)."""
+        return {**describe_builder(self.builder), "pretrained_backbone": self.pretrained_backbone}
+
+    def add_mixture_head(self, components: int, coupling: str = "side") -> None:
+        """AL-MDN's mixture-density head of ``components`` beside RetinaNet's head
+        (:mod:`alrun.detectors.mmdet_mdn`), its losses stopping at the towers (``side``) or
+        training them (``coupled``); the model is built again from seed 0 with it, as the
+        torchvision backend does."""
+        if MIXTURE_HEAD not in self.capabilities:
+            raise AlrunError(
+                "strategy: the mixture-density head (AL-MDN) on mmdet needs RetinaNet's head; "
+                f"this model is {type(self.model).__name__}"
+            )
+        check_mixture_head(self.model.bbox_head, components, coupling)  # before the rebuild
+        self.mdn_components, self.mdn_coupling = int(components), coupling
+        self._build(seed=0)
+
+    def auxiliary_parameters(self) -> list[Tensor]:
+        """The mixture head's parameters (the engine clips their gradients as their own
+        group); none without one."""
+        head = getattr(self.model, "bbox_head", None)
+        return list(head.mdn.parameters()) if head is not None and has_mixture_head(head) else []
+
+    def watch_positive_anchors(self, callback: AnchorCallback) -> Callable[[], None]:
+        """PPAL's class-quality inputs per training forward of RetinaNet's head
+        (:mod:`alrun.detectors.mmdet_quality`)."""
+        if ANCHOR_QUALITY not in self.capabilities:
+            raise AlrunError(
+                "detector: positive-anchor quality (PPAL's class quality) needs an mmdet "
+                f"RetinaNet head, not {type(self.model).__name__}"
+            )
+        return watch_head_loss(self.model.bbox_head, callback)
+
     def teacher_module(self) -> nn.Module:
         """A module sharing this model's parameters whose forward gives torchvision-style
         post-processed boxes (``TeacherSource``): teachers deep-copy it, EMA updates read it."""
@@ -431,13 +502,59 @@ class MMDetDetector:
         """mmdet's ``model.loss`` on alrun's batch; per-level lists summed, metrics such as
         ``acc`` (no ``loss`` in the name, as mmengine's ``parse_losses``) dropped."""
         inputs, samples = self._prepare(images, targets)
-        raw = self.model.loss(inputs, samples)
+        if self._dense_watchers:
+            raw = self._loss_watched(inputs, samples)
+        else:
+            raw = self.model.loss(inputs, samples)
         out: dict[str, Tensor] = {}
         for name, value in raw.items():
             if "loss" not in name:
                 continue
             out[name] = sum(value) if isinstance(value, (list, tuple)) else value
         return out
+
+    @property
+    def anchors_per_location(self) -> int:
+        """Anchors at each location of a level (``dense_head``; RetinaNet 9)."""
+        return int(self.model.bbox_head.num_base_priors)
+
+    def watch_dense_batches(self, callback: Callable[[DenseBatch], None]) -> Callable[[], None]:
+        """Every training forward's FPN levels (the neck's output, with gradients), the head's
+        anchors (``prior_generator``, in the resized batch's pixels) and the resized targets
+        (``dense_head``: MI-AOD's heads); returns the function that stops watching."""
+        if DENSE_HEAD not in self.capabilities:
+            raise AlrunError(
+                "detector: heads beside a dense head (MI-AOD) need an mmdet dense head, not "
+                f"{type(self.model).__name__}"
+            )
+        self._dense_watchers.append(callback)
+
+        def stop() -> None:
+            if callback in self._dense_watchers:
+                self._dense_watchers.remove(callback)
+
+        return stop
+
+    def _loss_watched(self, inputs: Tensor, samples: list[Any]) -> dict:
+        """``model.loss`` with the neck's output kept, then reported as a DenseBatch."""
+        kept: list[tuple[Tensor, ...]] = []
+        handle = self.model.neck.register_forward_hook(lambda _m, _i, out: kept.append(out))
+        try:
+            raw = self.model.loss(inputs, samples)
+        finally:
+            handle.remove()
+        levels = list(kept[0])
+        head = self.model.bbox_head
+        sizes = [f.shape[-2:] for f in levels]
+        with torch.no_grad():
+            priors = torch.cat(head.prior_generator.grid_priors(sizes, device=inputs.device))
+        targets = [
+            {"boxes": s.gt_instances.bboxes, "labels": s.gt_instances.labels} for s in samples
+        ]
+        batch = DenseBatch(levels, [priors] * len(samples), targets)
+        for callback in list(self._dense_watchers):
+            callback(batch)
+        return raw
 
     def features(self, images: list[Tensor]) -> dict[str, Tensor]:
         """The neck's feature maps (FPN levels), with gradients in training mode."""
@@ -453,12 +570,15 @@ class MMDetDetector:
         """The neck's width: every FPN level of :meth:`features` has it (``fpn_features``)."""
         return int(self.model.neck.out_channels)
 
-    def flip_view_outputs(self, images: list[Tensor]) -> FlipViewOutputs:
-        """RetinaNet's per-anchor outputs on the batch and on its mirror image (``FlipViews``,
-        for CSD): one backbone pass over both, with gradients in training mode."""
-        if self.kind != "dense" or FLIP_VIEWS not in self.capabilities:
+    def flip_view_outputs(self, images: list[Tensor]) -> FlipViewOutputs | RoIFlipViewOutputs:
+        """RetinaNet's per-anchor outputs on the batch and on its mirror image, or Faster
+        R-CNN's RoI-head outputs on paired proposals (:mod:`.mmdet_views`) (``FlipViews``, for
+        CSD): one backbone pass over both views, with gradients in training mode."""
+        if FLIP_VIEWS not in self.capabilities:
             raise AlrunError("supervision=consistency: flipped views need an mmdet RetinaNet head")
-        inputs, _ = self._prepare(images)
+        inputs, samples = self._prepare(images)
+        if self.kind == "two_stage":
+            return two_stage_flip_views(self.model, inputs, samples)
         head = self.model.bbox_head
         levels = self.model.extract_feat(torch.cat([inputs, inputs.flip(-1)]))
         cls_scores, bbox_preds = head(tuple(levels))
@@ -488,10 +608,14 @@ class MMDetDetector:
         """Detections per record; with ``needs.head_dropout > 0``, ``needs.passes`` MC-dropout
         passes in ``Detections.passes`` (backbone, neck and towers run once, only the last
         layers per pass, read at the reference boxes' anchors or proposals, row for row)."""
-        if needs.grads or needs.mixture_density:
+        if needs.grads:
             raise AlrunError(
-                "detector: mixture heads and gradient outputs are not implemented by the mmdet "
-                "backend yet"
+                "detector: gradient outputs are not implemented by the mmdet backend yet"
+            )
+        if needs.mixture_density and not self.mdn_components:
+            raise AlrunError(
+                "detector: mixture-density uncertainties asked but the head has no mixture head "
+                "(the strategy sets it up at start-up through add_mixture_head)"
             )
         if needs.passes > 1 and not needs.head_dropout:
             raise AlrunError(
@@ -539,10 +663,21 @@ class MMDetDetector:
         extra: list[list[dict[str, Tensor]]] = []
         if self.kind == "dense":
             head = self.model.bbox_head
-            towers = retina_towers(head, levels) if mc_passes else None
+            cached = mc_passes or needs.head_feats or needs.mixture_density  # towers run once
+            towers = retina_towers(head, levels) if cached else None
             outputs = retina_last(head, towers) if towers else None
             found = _dense(head, levels, samples, outputs)
-            if towers:
+            if needs.head_feats:  # PPAL's CCMS features: the class tower at the box centre
+                cls_maps = [cls for cls, _ in towers]
+                padded = tuple(inputs.shape[-2:])
+                for kept, feats in zip(
+                    found, head_features(cls_maps, found, head.num_base_priors, padded)
+                ):
+                    kept["feats"] = feats
+            if needs.mixture_density:  # AL-MDN's four uncertainties at each box's anchor
+                for kept, mdn in zip(found, mixture_uncertainties(head, towers, found)):
+                    kept["mdn"] = mdn
+            if mc_passes:
                 with mc_rng(self.device, records):
                     extra = dense_mc_passes(head, levels, towers, found, samples, mc_passes)
         else:
@@ -637,6 +772,7 @@ def _detections(
         probs=kept["probs"].cpu() if needs.probs else None,
         class_probs=kept["class_probs"].cpu() if needs.probs else None,
         sources=kept["sources"].cpu(),
+        mdn=kept["mdn"].cpu() if "mdn" in kept else None,
         head=head,
         feats=kept["feats"].cpu() if needs.feats else None,
         embedding=embedding.cpu() if wanted else None,
@@ -685,6 +821,11 @@ _KIND_CAPABILITIES = {
             MC_DROPOUT,
             TEACHER,
             FLIP_VIEWS,
+            ANCHOR_QUALITY,
+            HEAD_FEATURES,
+            MIXTURE_HEAD,
+            DENSE_HEAD,
+            REBUILD,
         }
     ),
     "two_stage": frozenset(
@@ -697,6 +838,8 @@ _KIND_CAPABILITIES = {
             PROPOSALS,
             MC_DROPOUT,
             TEACHER,
+            FLIP_VIEWS,
+            REBUILD,
         }
     ),
 }

@@ -51,6 +51,7 @@ from alrun.detectors.base import (
     FlipViewOutputs,
     FlipViews,
     Progress,
+    RoIFlipViewOutputs,
     TrainSchedule,
 )
 from alrun.engine import NO_STRATEGY_TRAINING, Step, StrategyTraining, TrainingHook, train_round
@@ -327,6 +328,12 @@ class FlipConsistencyHook(TrainingHook):
         batch = step.batches[self.source]
         if isinstance(step.detector, FlipViews):
             views = step.detector.flip_view_outputs(list(batch.images))
+            if isinstance(views, RoIFlipViewOutputs):  # a two-stage head (mmdet Faster R-CNN)
+                logits, deltas, p = views.logits, views.deltas, views.plain
+                cls_term, box_term, matched = two_stage_consistency_terms(
+                    logits[:p], logits[p:], deltas[:p], deltas[p:], self.rule
+                )
+                return self._weighted(step, cls_term, box_term, matched, len(batch.images))
             return self._dense(step, views)
         model = step.detector.model
         if isinstance(model, FasterRCNN):

@@ -23,8 +23,7 @@ import torch
 from torch import Tensor
 
 from alrun.data.synthetic import CLASSES, DOMAINS, default_cache_dir, synthetic_dataset
-from alrun.detectors.base import REBUILD, Detector, Progress, TrainSchedule
-from alrun.detectors.torchvision import TorchvisionDetector
+from alrun.detectors.base import REBUILD, Detector, Progress, Rebuild, TrainSchedule
 from alrun.engine import (
     NO_STRATEGY_TRAINING,
     BatchSource,
@@ -58,17 +57,6 @@ def transfer_matching(
         else:
             kept.append(key)
     return merged, loaded, kept
-
-
-def _describe_builder(detector: TorchvisionDetector) -> dict[str, Any]:
-    builder = detector.builder
-    func = getattr(builder, "func", builder)
-    keywords = getattr(builder, "keywords", {})
-    return {
-        "builder": f"{func.__module__}.{func.__qualname__}",
-        "arguments": json.loads(json.dumps(dict(keywords), default=str, sort_keys=True)),
-        "label_offset": detector.label_offset,
-    }
 
 
 def _load_cached(path: Path, key: Mapping[str, Any]) -> tuple[dict | None, str | None]:
@@ -153,11 +141,11 @@ class SyntheticPretrain(BaseRegime):
         self._pretrained: dict[str, Tensor] | None = None
         self._cache_hit = False
 
-    def cache_key(self, detector: TorchvisionDetector) -> dict[str, Any]:
+    def cache_key(self, detector: Rebuild) -> dict[str, Any]:
         """Everything the pre-trained weights depend on (hashed into the cache file name)."""
         return {
             "version": _VERSION,
-            "detector": _describe_builder(detector),
+            "detector": detector.build_description(),
             "classes": list(CLASSES),
             "data": self.data,
             "schedule": {
@@ -178,7 +166,7 @@ class SyntheticPretrain(BaseRegime):
             "torch": torch.__version__.split("+")[0],
         }
 
-    def checkpoint_path(self, detector: TorchvisionDetector) -> Path:
+    def checkpoint_path(self, detector: Rebuild) -> Path:
         blob = json.dumps(self.cache_key(detector), sort_keys=True)
         key = hashlib.sha256(blob.encode()).hexdigest()[:16]
         return (self.cache_dir or default_cache_dir()) / "pretrain" / f"{key}.pt"
@@ -187,10 +175,10 @@ class SyntheticPretrain(BaseRegime):
         """The cached pre-trained weights, computed (and cached) on first use."""
         if self._pretrained is not None:
             return self._pretrained
-        if not isinstance(detector, TorchvisionDetector):
+        if REBUILD not in detector.capabilities:
             raise AlrunError(
-                "supervision=synthetic_pretrain: needs the torchvision backend (it builds the "
-                f"same model for the synthetic classes), got {type(detector).__name__}"
+                "supervision=synthetic_pretrain: needs a detector that can build the same model "
+                f"for the synthetic classes (rebuild), got {type(detector).__name__}"
             )
         path = self.checkpoint_path(detector)
         key = self.cache_key(detector)
@@ -208,7 +196,7 @@ class SyntheticPretrain(BaseRegime):
         self._pretrained = state
         return state
 
-    def _pretrain(self, detector: TorchvisionDetector) -> dict[str, Tensor]:
+    def _pretrain(self, detector: Rebuild) -> dict[str, Tensor]:
         data = synthetic_dataset(
             self.data["num_images"],
             self.data["image_size"],
@@ -217,12 +205,7 @@ class SyntheticPretrain(BaseRegime):
             "pretrain",
             self.cache_dir,
         )
-        model = TorchvisionDetector(
-            builder=detector.builder,
-            num_classes=len(CLASSES),
-            device=str(detector.device),
-            label_offset=detector.label_offset,
-        )
+        model = detector.rebuilt(len(CLASSES))
         model.reset(self.seed)
         log.info(
             "synthetic_pretrain: pre-training on %d synthetic images for %d iterations",

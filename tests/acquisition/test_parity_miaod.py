@@ -206,7 +206,10 @@ SMOKE = ["experiment=smoke", "quiet=true"]
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["detector=fasterrcnn_mobilenet_v3_large_320_fpn"], "strategy=mi_aod: needs"),
+        (
+            ["detector=fasterrcnn_mobilenet_v3_large_320_fpn"],
+            "strategy=mi_aod (strategy.scorer): needs",
+        ),
         (["strategy.scorer.k=0"], "strategy.scorer.k"),
         (["strategy.scorer.reweight=max"], "strategy.scorer.reweight"),
     ],

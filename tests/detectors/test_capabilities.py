@@ -74,3 +74,34 @@ def test_one_kind_of_extra_passes_at_a_time():
     check_passes(Needs(passes=3, ensemble=3), "strategy=e")
     with pytest.raises(AlrunError, match="^strategy=e: one kind of extra passes"):
         check_passes(Needs(passes=3, ensemble=3, augment=("hflip",)), "strategy=e")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "detector", "who", "missing"),
+    [
+        (["strategy=mc_entropy"], "ssdlite320_mobilenet_v3_large",
+         "strategy=mc_entropy (strategy/passes=mc_dropout)", "mc_dropout"),
+        (["strategy=ppal"], "mmdet_faster_rcnn_r50", "strategy=ppal (strategy.scorer)",
+         "anchor_quality"),
+        (["strategy=ppal", "strategy.scorer.quality=post_nms"], "mmdet_faster_rcnn_r50",
+         "strategy=ppal (strategy.selector)", "head_features"),
+        (["supervision=consistency"], "ssdlite320_mobilenet_v3_large", "supervision=consistency",
+         "flip_views"),
+    ],
+)  # fmt: skip
+def test_refusal_names_the_part_that_needs_the_capability(overrides, detector, who, missing):
+    """The scorer, its passes, the selector or the regime: the part to change is named."""
+    from hydra.utils import instantiate
+
+    from alrun.experiment import requirements
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["experiment=smoke", *overrides, f"detector={detector}"])
+    strategy, regime = instantiate(cfg.strategy), instantiate(cfg.supervision)
+    regime_name = next((o.split("=")[1] for o in overrides if "supervision=" in o), "full")
+    parts = requirements(strategy, regime, regime_name)
+    assert frozenset().union(*(c for _, c in parts[:-1])) == strategy.requires
+    declared = detector_config_capabilities(cfg.detector)
+    with pytest.raises(AlrunError) as err:
+        check_capabilities(parts, declared, f"detector={detector}")
+    assert str(err.value).startswith(f"{who}: needs {missing} (")

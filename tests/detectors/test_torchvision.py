@@ -660,3 +660,45 @@ def test_dense_heads_keep_no_boxes_from_the_padding_of_non_square_images(tmp_pat
     assert bool((ours.boxes[:, 3] > ours.boxes[:, 1]).all())
     assert bool((ours.boxes[:, 1] < height - 1e-3).all())
     assert float(ours.boxes[:, 3].max()) <= height
+
+
+def test_dense_batches_are_the_training_forwards_levels_anchors_and_targets():
+    """``dense_head``: one DenseBatch per training forward with targets (the backbone's levels
+    with gradients, the model's anchors, the resized targets in dataset classes), none for
+    ``features`` or after ``stop``."""
+    from alrun.data.images import load_image
+    from alrun.detectors.base import DenseBatch, DenseHead
+
+    data = synthetic_dataset(2, image_size=64, split="dense-batches")
+    det = TorchvisionDetector(
+        partial(tiny_fcos, image_size=64), len(data.classes), device="cpu", label_offset=1
+    )
+    assert isinstance(det, DenseHead) and det.anchors_per_location == 1
+    images = [load_image(r) for r in data.images]
+    targets = [
+        {"boxes": torch.as_tensor(r.boxes).float(), "labels": torch.as_tensor(r.labels).long()}
+        for r in data.images
+    ]
+    seen: list[DenseBatch] = []
+    stop = det.watch_dense_batches(seen.append)
+    det.train_mode()
+    det.losses(images, targets)
+    det.features(images)  # no targets: not reported
+    stop()
+    det.losses(images, targets)
+    assert len(seen) == 1
+    (batch,) = seen
+    model = det.model
+    shifted = [{**t, "labels": t["labels"] + 1} for t in targets]
+    with torch.no_grad():
+        image_list, resized = model.transform(images, shifted)
+        levels = list(model.backbone(image_list.tensors).values())
+        anchors = model.anchor_generator(image_list, levels)
+    assert all(lv.requires_grad for lv in batch.levels)
+    for got, want in zip(batch.levels, levels):
+        torch.testing.assert_close(got.detach(), want)
+    for got, want in zip(batch.anchors, anchors):
+        assert torch.equal(got, want)
+    for got, want, plain in zip(batch.targets, resized, targets):
+        torch.testing.assert_close(got["boxes"], want["boxes"])
+        assert torch.equal(got["labels"], plain["labels"])  # dataset classes, offset removed

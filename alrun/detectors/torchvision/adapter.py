@@ -24,7 +24,13 @@ from torchvision.models.detection.transform import resize_boxes
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
 from alrun.data.images import load_image
-from alrun.detectors.base import AnchorCallback, Progress, TrainSchedule
+from alrun.detectors.base import (
+    AnchorCallback,
+    DenseBatch,
+    Progress,
+    TrainSchedule,
+    describe_builder,
+)
 from alrun.detectors.mdn import (
     check_mixture_density,
     has_mixture_density,
@@ -32,6 +38,7 @@ from alrun.detectors.mdn import (
     uncertainty_at,
 )
 from alrun.detectors.passes import PASS_NEEDS, with_views
+from alrun.detectors.torchvision.dense_batches import DenseBatchWatch
 from alrun.detectors.torchvision.families import annotated_family, family_capabilities
 from alrun.detectors.torchvision.mc_dropout import (
     dense_mc_passes,
@@ -223,6 +230,35 @@ class TorchvisionDetector:
                 f"(FCOS, RetinaNet), not {type(self.model).__name__}"
             )
         return watch_head_loss(self.model, self.label_offset, callback)
+
+    def rebuilt(self, num_classes: int) -> TorchvisionDetector:
+        """The same architecture for ``num_classes`` classes, fresh and without what a
+        strategy adds at start-up (``rebuild``: synthetic pre-training)."""
+        return TorchvisionDetector(
+            builder=self.builder,
+            num_classes=num_classes,
+            device=str(self.device),
+            label_offset=self.label_offset,
+        )
+
+    def build_description(self) -> dict[str, Any]:
+        """The builder and its arguments, and the label offset (``rebuild``)."""
+        return {**describe_builder(self.builder), "label_offset": self.label_offset}
+
+    @property
+    def anchors_per_location(self) -> int:
+        """Anchors at each location of a level (``dense_head``; FCOS 1, RetinaNet 9)."""
+        return int(self.model.anchor_generator.num_anchors_per_location()[0])
+
+    def watch_dense_batches(self, callback: Callable[[DenseBatch], None]) -> Callable[[], None]:
+        """Every training forward's levels, anchors and resized targets (``dense_head``,
+        :mod:`.dense_batches`); returns the function that stops watching."""
+        if not isinstance(self.model, (FCOS, RetinaNet)):
+            raise AlrunError(
+                "detector: heads beside a dense head (MI-AOD) need FCOS or RetinaNet, not "
+                f"{type(self.model).__name__}"
+            )
+        return DenseBatchWatch(self.model, self.label_offset, callback).stop
 
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         if self.label_offset:
