@@ -254,7 +254,8 @@ def test_cli_runs_a_user_preset_from_the_working_directory(tmp_path):
 # --- UDA over TXL-PBC's domains on the pretrained detector ---------------------------------
 def test_txlpbc_uda_lite0_targets_bccd_from_the_other_domains():
     """The target domain is the pool and the test set, the other three domains the labelled
-    source; supervision=full in its place keeps everything else (the same picks)."""
+    source; supervision=full in its place (the yaml's command) keeps everything else: the same
+    picks."""
     shared_dataset("txl_pbc")
     cfg = compose_config(["experiment=txlpbc_uda_lite0"])
     splits, regime = instantiate(cfg.dataset), instantiate(cfg.supervision)
@@ -265,7 +266,8 @@ def test_txlpbc_uda_lite0_targets_bccd_from_the_other_domains():
     assert len(regime.source) == 848  # TXL-PBC's train split of those domains
     regime.check_data(splits)
     assert cfg.detector.builder._target_.endswith("lite0_fcos")
-    full = compose_config(["experiment=txlpbc_uda_lite0", "supervision=full"])
+    baseline = ["supervision=full", "~supervision.target_domain", "~supervision.source"]
+    full = compose_config(["experiment=txlpbc_uda_lite0", *baseline])
     assert type(instantiate(full.supervision)).__name__ == "FullSupervision"
     assert (full.budget, full.trainer, full.dataset) == (cfg.budget, cfg.trainer, cfg.dataset)
 
