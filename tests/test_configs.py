@@ -31,7 +31,7 @@ GROUP_FILES = sorted(
 EXPERIMENTS = sorted(p.stem for p in CONFIGS.glob("experiment/*.yaml"))
 #: presets on real datasets (tests/test_presets.py); the others run on the synthetic data
 REAL_DATA_PRESETS = {
-    "bccd", "bccd_lite0", "cards", "cards_lite0", "txl_pbc", "txlpbc_lite0",
+    "bccd", "bccd_lite0", "cards", "cards_lite0", "txl_pbc", "txlpbc_lite0", "txlpbc_uda_lite0",
     "voc_ppal", "coco_ppal", "voc_miaod", "voc_learning_loss",
 }  # fmt: skip
 

@@ -3,6 +3,7 @@ coco_ppal, voc_miaod, voc_learning_loss) and the user's ./configs folder on the 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -243,3 +244,44 @@ def test_cli_runs_a_user_preset_from_the_working_directory(tmp_path):
     results = (tmp_path / "run" / "results.csv").read_text().splitlines()
     assert len(results) == 1 + 2  # header + rounds 0 and 1
     assert "tiny_shapes" in (tmp_path / "run" / ".hydra" / "hydra.yaml").read_text()
+
+
+# --- UDA over TXL-PBC's domains on the pretrained detector ---------------------------------
+def test_txlpbc_uda_lite0_targets_bccd_from_the_other_domains():
+    """The target domain is the pool and the test set, the other three domains the labelled
+    source; supervision=full in its place (the yaml's command) keeps everything else: the same
+    picks."""
+    shared_dataset("txl_pbc")
+    cfg = compose_config(["experiment=txlpbc_uda_lite0"])
+    splits, regime = instantiate(cfg.dataset), instantiate(cfg.supervision)
+    assert {r.domain for r in splits.pool.images} == {"BCCD"}
+    assert {r.domain for r in splits.test.images} == {"BCCD"}
+    assert type(regime).__name__ == "DomainAdaptation" and regime.target_domain == "BCCD"
+    assert {r.domain for r in regime.source.images} == {"Raabin", "PBC", "BCD"}
+    assert len(regime.source) == 848  # TXL-PBC's train split of those domains
+    regime.check_data(splits)
+    assert cfg.detector.builder._target_.endswith("lite0_fcos")
+    baseline = ["supervision=full", "~supervision.target_domain", "~supervision.source"]
+    full = compose_config(["experiment=txlpbc_uda_lite0", *baseline])
+    assert type(instantiate(full.supervision)).__name__ == "FullSupervision"
+    assert (full.budget, full.trainer, full.dataset) == (cfg.budget, cfg.trainer, cfg.dataset)
+
+
+@pytest.mark.parametrize(
+    ("override", "group", "message"),
+    [
+        ("dataset.domains=[BCCDX]", "dataset", r"^dataset\.domains: unknown domains \['BCCDX'\]"),
+        (
+            "supervision.source.domains=[Rabin]",
+            "supervision",
+            r"^supervision\.source: dataset\.domains: unknown domains \['Rabin'\]; known",
+        ),
+    ],
+)
+def test_txlpbc_uda_lite0_misspelt_domain_is_one_line(override: str, group: str, message: str):
+    shared_dataset("txl_pbc")
+    with pytest.raises(Exception) as err:
+        instantiate(compose_config(["experiment=txlpbc_uda_lite0", override])[group])
+    error = cause(err.value)
+    assert isinstance(error, AlrunError) and "\n" not in str(error)
+    assert re.search(message, str(error)), str(error)

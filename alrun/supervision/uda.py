@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -130,6 +131,20 @@ class DomainAlignmentHook(TrainingHook):
         }
 
 
+def _build_source(source: DictConfig | Mapping[str, Any]) -> Any:
+    """Instantiate the source dataset; its own errors name ``dataset.*`` keys, which the user
+    types as ``supervision.source.*`` here (e.g. a misspelt source domain)."""
+    try:
+        return instantiate(source)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, AlrunError):
+            raise AlrunError(f"supervision.source: {cause}") from None
+        raise
+    except AlrunError as err:
+        raise AlrunError(f"supervision.source: {err}") from None
+
+
 def _domains(dataset: DetectionDataset | ImageSet) -> list[str]:
     return sorted({rec.domain for rec in dataset.images})
 
@@ -175,7 +190,7 @@ class DomainAdaptation(BaseRegime):
         self.use_target_labels = bool(use_target_labels)
         self.pseudo_empty = check_empty(pseudo_empty, "supervision.pseudo_empty")
         self.unlabelled_batch_size = unlabelled_batch_size
-        splits = source if isinstance(source, DatasetSplits) else instantiate(source)
+        splits = source if isinstance(source, DatasetSplits) else _build_source(source)
         if not isinstance(splits, DatasetSplits):
             raise AlrunError(
                 "supervision.source: _target_ must build DatasetSplits, "

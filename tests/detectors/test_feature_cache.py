@@ -142,3 +142,20 @@ def test_unwritable_cache_dir_falls_back_to_memory(tmp_path, batch):
     again = backbone.frozen_features(batch)
     assert backbone.cache.hits == 3
     _same(again, first)
+
+
+def test_damaged_entry_is_rebuilt_not_fatal(tmp_path, batch):
+    """A truncated file (a killed writer on a filesystem without atomic rename, a full disk) is a
+    miss: recomputed and rewritten, then read back as a hit."""
+    backbone = _backbone(tmp_path)
+    fresh = backbone.frozen_features(batch)
+    entries = sorted((tmp_path / "lite0").rglob("*.pt"))
+    assert len(entries) == 3
+    entries[0].write_bytes(entries[0].read_bytes()[:100])
+    feature_cache.clear_memory()
+    again = backbone.frozen_features(batch)
+    assert (backbone.cache.rebuilt, backbone.cache.hits) == (1, 2)
+    _same(again, fresh)
+    feature_cache.clear_memory()
+    backbone.frozen_features(batch)
+    assert backbone.cache.hits == 5  # the rewritten entry reads back

