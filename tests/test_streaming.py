@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import DictConfig, ListConfig
 
 from alrun.errors import AlrunError
 from alrun.loop import build_experiment, derive_seed, initial_selection, run_experiment
@@ -53,7 +54,18 @@ FIT = {
     "ensemble_entropy": ["strategy.scorer.members=2"],
     "ensemble_box_disagreement": ["strategy.scorer.members=2"],
     "loss_prediction": ["strategy.scorer.hidden=8"],
+    "loc_tightness": [  # proposals: a two-stage model, untrained, at the tiny images' size
+        "detector=fasterrcnn_mobilenet_v3_large_320_fpn",
+        "detector.builder.min_size=64",
+        "detector.builder.max_size=64",
+        "detector.predict_batch_size=4",
+        "+detector.builder.box_score_thresh=0.0",
+    ],
+    "qbc": ["strategy.scorer.low=0.0"],  # the untrained members' scores are all below 0.1
 }
+#: scores with one value on a 2-iteration model (has_detection: every image has a box at
+#: threshold 0; variation ratio: its box labels do not change across dropout passes)
+COARSE = ("has_detection", "mc_variation_ratio")
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +78,10 @@ def one_torch_thread():
 
 def _trained(preset: str):
     """A run's state after round 0 trained (strategy hooks included), before its selection."""
-    cfg = compose_config([*TINY, f"strategy={preset}", *FIT.get(preset, [])])
+    fit = FIT.get(preset, [])
+    tiny = [o for o in TINY if not (o.startswith("detector.builder") and "detector=" in str(fit))]
+    cfg = compose_config([*tiny, f"strategy={preset}", *fit])
+    _keep_every_box(cfg.strategy)
     exp = build_experiment(cfg)
     pool = LabelPool(exp.splits.pool.visible())
     picked = initial_selection(exp, pool)
@@ -74,6 +89,20 @@ def _trained(preset: str):
     seed = derive_seed(exp.seed, 0, Purpose.TRAIN)
     exp.regime.train(exp.detector, pool, exp.schedule, seed, 0, None, strategy=exp.training)
     return exp, pool
+
+
+def _keep_every_box(node) -> None:
+    """Score thresholds to 0: a 2-iteration model's boxes score ~0.01, and with the presets'
+    thresholds every image would be empty (one score for all: a comparison that sees nothing)."""
+    if isinstance(node, DictConfig):
+        for key in list(node.keys()):
+            if key in ("score_threshold", "threshold") and isinstance(node[key], float):
+                node[key] = 0.0
+            else:
+                _keep_every_box(node[key])
+    elif isinstance(node, ListConfig):
+        for item in node:
+            _keep_every_box(item)
 
 
 def _record(exp, pool, acquired) -> dict:
@@ -107,6 +136,8 @@ def _compare(preset: str) -> None:
     streamed = stream_round(exp, pool, 0, Reporter(True), request, SHARD)
     shards = _record(exp, pool, streamed)
     assert whole["picked"], f"{preset}: nothing picked, the comparison would be empty"
+    finite = {v for v in whole["scores"].values() if math.isfinite(v)}
+    assert len(finite) >= 2 or preset in COARSE, f"{preset}: one score for all: nothing compared"
     for key in whole:
         assert _same(whole[key], shards[key]), f"{preset}: {key} differs"
     assert streamed.preds is None and streamed.batch is None  # nothing held per box

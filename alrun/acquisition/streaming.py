@@ -41,16 +41,17 @@ from alrun.acquisition.mixture import MixtureUncertainty
 from alrun.acquisition.multipass import PassUncertainty
 from alrun.acquisition.ppal import DifficultyCalibratedUncertainty
 from alrun.acquisition.qbc import CommitteeDisagreement
+from alrun.acquisition.reduction import box_confidence, kept_rows
 from alrun.acquisition.select import TopK
 from alrun.acquisition.strategies import BoxUncertainty
 from alrun.errors import AlrunError
 
 #: scorers whose score of an image reads only that image's predictions (and round-level state
 #: such as class weights), so scoring shard by shard equals scoring the pool at once
+#: (AL-MDN's is not: it z-scores over the pool's boxes, see :func:`_mixture_keep`)
 PER_IMAGE_SCORERS = (
     BoxUncertainty,
     PassUncertainty,
-    MixtureUncertainty,
     DifficultyCalibratedUncertainty,
     CaldConsistency,
     CommitteeDisagreement,
@@ -83,30 +84,37 @@ class Keep:
     """What of a shard's predictions is kept for the end of the step.
 
     ``everything``: the shard as predicted (a scorer or selector that is not streamed).
-    ``box_fields``: per-box fields kept beside boxes / scores / labels, for the rows with a
-    detector score >= ``min_score``. ``embeddings``: image embeddings. ``features``: per-image
-    features computed on the shard, ``features(batch) -> (len(batch), D)`` (BADGE).
+    ``box_fields``: per-box fields kept beside boxes / scores / labels, for the rows any of
+    ``rows`` selects (each ``rows(batch) -> (B,) bool``; none: every row). ``confidence``:
+    ``class_probs`` cut to one column, each box's confidence (its largest class probability,
+    :func:`~alrun.acquisition.reduction.box_confidence`), for a scorer that reads only that.
+    ``embeddings``: image embeddings. ``features``: per-image features computed on the shard,
+    ``features(context) -> (len(context.preds), D)`` (BADGE).
     """
 
     everything: bool = False
     box_fields: tuple[str, ...] | None = None
-    min_score: float = float("-inf")
+    rows: tuple[Callable[[PredictionBatch], Tensor], ...] = ()
+    confidence: bool = False
     embeddings: bool = False
     features: Callable[[AcquisitionContext], Tensor] | None = None
 
     def merge(self, other: Keep) -> Keep:
         if self.features is not None and other.features is not None:
-            raise AlrunError("strategy: two per-image feature reductions cannot be streamed")
-        fields = None
+            return Keep(everything=True)  # two per-image reductions: not streamed
+        fields, rows = None, ()
         if self.box_fields is not None or other.box_fields is not None:
             fields = tuple(dict.fromkeys((*(self.box_fields or ()), *(other.box_fields or ()))))
-        both = self.box_fields is not None and other.box_fields is not None
+            every = [k for k in (self, other) if k.box_fields is not None and not k.rows]
+            rows = () if every else (*self.rows, *other.rows)
+        confidence = (self.confidence or other.confidence) and not (
+            {"probs", "class_probs"} & set(fields or ())
+        )
         return Keep(
             everything=self.everything or other.everything,
             box_fields=fields,
-            min_score=min(self.min_score, other.min_score)
-            if both
-            else (self.min_score if self.box_fields is not None else other.min_score),
+            rows=rows,
+            confidence=confidence,
             embeddings=self.embeddings or other.embeddings,
             features=self.features or other.features,
         )
@@ -123,7 +131,8 @@ def selector_keep(selector: Any) -> Keep:
     if isinstance(selector, KMeansPlusPlus) and selector.features is None:
         return Keep(embeddings=True)
     if isinstance(selector, CCMSKCentroid):  # CCMS reads only boxes >= its threshold
-        return Keep(box_fields=("feats",), min_score=selector.score_threshold)
+        threshold = selector.score_threshold
+        return Keep(box_fields=("feats",), rows=(lambda b: b.scores >= threshold,))
     if isinstance(selector, BoxInBoxKMeansPP):
         return Keep(box_fields=("feats", "sources"))
     return Keep(everything=True)
@@ -149,6 +158,8 @@ class ShardScores:
             self.parts = {k: ShardScores(s) for k, s in scorer.scorers.items()}
         elif isinstance(scorer, PER_IMAGE_SCORERS):
             self.mode = "shard"
+        elif isinstance(scorer, MixtureUncertainty):
+            self.mode = "boxes"  # z-scores over the pool's boxes: keeps its rows' 4 values
         elif not (scorer.needs.detections or scorer.needs.embedding):
             self.mode = "end"  # needs no pool predictions (random, MI-AOD)
         elif isinstance(scorer, EMBEDDING_SCORERS):
@@ -164,6 +175,8 @@ class ShardScores:
             keep = keep.merge(part.keep)
         if self.mode == "embeddings":
             keep = keep.merge(Keep(embeddings=True))
+        if self.mode == "boxes":
+            keep = keep.merge(_mixture_keep(self.scorer))
         if self.mode == "fallback":
             keep = keep.merge(Keep(everything=True))
         return keep
@@ -190,6 +203,18 @@ class ShardScores:
             parts = {k: p.finish(context) for k, p in self.parts.items()}
             return self.scorer.combine(parts, weights)
         return self.scorer(context)
+
+
+def _mixture_keep(scorer: MixtureUncertainty) -> Keep:
+    """AL-MDN normalises each uncertainty over every kept box of the pool, so its kept rows'
+    uncertainties (and confidences, for confidence-weighted aggregators) stay to the end."""
+
+    def rows(batch: PredictionBatch) -> Tensor:
+        mask = torch.zeros(batch.num_boxes, dtype=torch.bool)
+        mask[kept_rows(batch, scorer.score_threshold, scorer.count_sources)] = True
+        return mask
+
+    return Keep(box_fields=("mdn", "sources"), rows=(rows,), confidence=True)
 
 
 @dataclass
@@ -225,7 +250,11 @@ def reduce_shard(
     n = len(batch)
     fields: dict[str, Any] = {}
     if keep.box_fields is not None:
-        rows = batch.scores >= keep.min_score
+        rows = torch.ones(batch.num_boxes, dtype=torch.bool)
+        if keep.rows:
+            rows = torch.zeros(batch.num_boxes, dtype=torch.bool)
+            for select in keep.rows:
+                rows |= select(batch)
         counts = torch.zeros(n, dtype=torch.int64).index_add_(0, batch.segment, rows.long())
         offsets = torch.zeros(n + 1, dtype=torch.int64)
         offsets[1:] = counts.cumsum(0)
@@ -233,6 +262,8 @@ def reduce_shard(
             value = getattr(batch, name)
             if value is not None:
                 fields[name] = value[rows]
+        if keep.confidence:
+            fields["class_probs"] = box_confidence(batch, torch.nonzero(rows).flatten())[:, None]
     else:
         offsets = torch.zeros(n + 1, dtype=torch.int64)
         fields.update(boxes=torch.zeros((0, 4)), scores=torch.zeros(0), labels=torch.zeros(0))
