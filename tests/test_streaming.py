@@ -154,6 +154,20 @@ def test_streamed_step_equals_whole_pool_step_for_every_preset(preset: str):
     _compare(preset)
 
 
+def test_shards_cut_inside_a_prediction_batch_would_change_mc_dropout_scores(monkeypatch):
+    """Why shards are cut at whole prediction batches: MC-dropout masks are seeded by the
+    batch's image ids, so a shard boundary inside a batch changes the scores (and the
+    equality tests above would see it)."""
+    import alrun.streaming
+
+    exp, pool = _trained("mc_entropy")
+    request = LabelRequest(1, (), exp.detector)
+    whole = select_round(exp, pool, 0, Reporter(True), request).scores
+    monkeypatch.setattr(alrun.streaming, "batch_unit", lambda exp, needs: 1)
+    misaligned = stream_round(exp, pool, 0, Reporter(True), request, SHARD).scores
+    assert whole.keys() == misaligned.keys() and whole != misaligned
+
+
 def test_shards_are_cut_at_whole_prediction_batches():
     exp = build_experiment(compose_config(TINY))
     unit = batch_unit(exp, exp.strategy.needs)
