@@ -17,7 +17,7 @@ from alrun.errors import AlrunError
 from alrun.loop import build_experiment, derive_seed, initial_selection, run_experiment
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
-from alrun.rundir import RunOptions
+from alrun.rundir import RunOptions, config_fingerprint
 from alrun.seeding import Purpose
 from alrun.selection import select_round, selection_pool_misses
 from alrun.streaming import batch_unit, shard_length, stream_round
@@ -187,10 +187,12 @@ def test_bad_shard_size_is_one_line_naming_the_key_and_nothing_is_written(tmp_pa
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-def test_shard_size_null_is_the_whole_pool_step():
-    assert RunOptions.from_config(compose_config(TINY)).shard_size == 1024  # the default
+def test_shard_size_null_is_the_whole_pool_step_and_a_resume_may_change_it():
+    default = compose_config(TINY)
+    assert RunOptions.from_config(default).shard_size == 1024
     cfg = compose_config([*TINY, "acquisition.shard_size=null"])
     assert RunOptions.from_config(cfg).shard_size is None
+    assert config_fingerprint(cfg) == config_fingerprint(default)  # run control
 
 
 def _preds(run: Path) -> dict[str, np.ndarray]:
