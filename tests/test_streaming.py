@@ -41,9 +41,9 @@ TINY = [
 ]
 SHARD = 6
 PRESETS = sorted(p.stem for p in (REPO / "alrun/configs/strategy").glob("*.yaml"))
-#: the fast tier's subset: one of each streaming mode (per-image, multi-pass, two-phase with a
-#: second pass, embeddings, weighted sum of parts)
-FAST = ("entropy", "mc_entropy", "ppal", "coreset", "weighted")
+#: the fast tier's subset (~4 s each): per-image scores, multi-pass, two-phase with a second
+#: pass; the embeddings and weighted-sum modes are in the integration tier with the rest
+FAST = ("entropy", "mc_entropy", "ppal")
 #: presets whose defaults ask for more than a 64-px tiny model offers, made to fit
 FIT = {
     "mc_entropy": ["strategy.scorer.passes=3"],
@@ -200,6 +200,7 @@ def _preds(run: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+@pytest.mark.integration  # two runs, ~7 s (the writer itself: tests/test_prediction_file.py)
 def test_saved_predictions_stream_to_the_same_file(tmp_path):
     """save_predictions=true writes shard by shard a preds.npz equal to the whole pool's."""
     base = [*TINY, "save_predictions=true", "trainer.iterations=1"]
