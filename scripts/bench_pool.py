@@ -14,10 +14,10 @@ stay: CCMS over 400 candidates x 100 boxes would dominate and measure CCMS, not 
 the untrained model's boxes score below them, so CCMS sees empty images); mc_entropy runs T=10
 MC-dropout passes; ppal uses ``quality=post_nms`` (its EMA hook needs a training round) and
 its two-phase second pass over 4 x 100 candidates. The step's own memory is ``peak - before``
-(RSS when the step starts; the peak is reset when the step starts, where Linux allows, since
-reading a 10^5-image pool's annotations peaks higher than a streamed step). The COCO line extrapolates each path's measured per-image memory
-linearly to 115,922 images, and gives the issue's estimate for RetinaNet on COCO (300 boxes
-an image, ~680 bytes a box) beside one shard of it.
+(RSS when the step starts; the peak is reset then, where Linux allows, since reading a
+10^5-image pool's annotations peaks higher than a streamed step). The COCO line extrapolates
+each path's measured per-image memory linearly to 115,922 images, and gives the issue's
+estimate for RetinaNet on COCO (300 boxes an image, ~680 bytes a box) beside one shard of it.
 """
 
 from __future__ import annotations
