@@ -10,9 +10,9 @@ batch 32, one torch thread): ``whole`` is :func:`alrun.selection.select_round`, 
 :func:`alrun.streaming.stream_round`, each followed by the round's pool-miss record (which the
 whole path computes from the held predictions). The scorers' thresholds are set to 0 so every
 predicted box (up to 100 an image) is scored as a trained model's would be (the selectors'
-stay: CCMS over 400 candidates x 100 boxes would dominate and measure CCMS, not the pool;
-the untrained model's boxes score below them, so CCMS sees empty images); mc_entropy runs T=10
-MC-dropout passes; ppal uses ``quality=post_nms`` (its EMA hook needs a training round) and
+stay; the untrained model's boxes, ~0.07, still pass CCMS's 0.05, so ppal's step includes
+CCMS's block similarity over 400 candidates x 100 boxes, ~2.6 GB at any pool size);
+mc_entropy runs T=10 MC-dropout passes; ppal uses ``quality=post_nms`` (its EMA hook needs a training round) and
 its two-phase second pass over 4 x 100 candidates. The step's own memory is ``peak - before``
 (RSS when the step starts; the peak is reset then, where Linux allows, since reading a
 10^5-image pool's annotations peaks higher than a streamed step). The COCO line extrapolates
