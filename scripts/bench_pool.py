@@ -12,8 +12,8 @@ whole path computes from the held predictions). The scorers' thresholds are set 
 predicted box (up to 100 an image) is scored as a trained model's would be (the selectors'
 stay; the untrained model's boxes, ~0.07, still pass CCMS's 0.05, so ppal's step includes
 CCMS's block similarity over 400 candidates x 100 boxes, ~2.6 GB at any pool size);
-mc_entropy runs T=10 MC-dropout passes; ppal uses ``quality=post_nms`` (its EMA hook needs a training round) and
-its two-phase second pass over 4 x 100 candidates. The step's own memory is ``peak - before``
+mc_entropy runs T=10 MC-dropout passes; ppal uses ``quality=post_nms`` (its EMA hook needs a
+training round) and its two-phase second pass over 4 x 100 candidates. The step's own memory is ``peak - before``
 (RSS when the step starts; the peak is reset then, where Linux allows, since reading a
 10^5-image pool's annotations peaks higher than a streamed step). The COCO line extrapolates
 each path's measured per-image memory linearly to 115,922 images, and gives the issue's
