@@ -5,19 +5,19 @@ Usage: python scripts/bench_pool.py [--sizes 1000 10000 100000] [--strategies en
 
 Each (pool size, strategy, path) runs in its own process, so its peak RSS is its own: the
 synthetic pool (``--image-size`` px PNGs, cached under $ALRUN_CACHE) is read, a 100-image
-initial set labelled, and one acquisition step timed with an untrained tiny FCOS (predict
-batch 32, one torch thread): ``whole`` is :func:`alrun.selection.select_round`, ``stream`` is
+initial set labelled, and one acquisition step timed with an untrained tiny FCOS (predict batch
+32, one torch thread): ``whole`` is :func:`alrun.selection.select_round`, ``stream`` is
 :func:`alrun.streaming.stream_round`, each followed by the round's pool-miss record (which the
 whole path computes from the held predictions). The scorers' thresholds are set to 0 so every
-predicted box (up to 100 an image) is scored as a trained model's would be (the selectors'
-stay; the untrained model's boxes, ~0.07, still pass CCMS's 0.05, so ppal's step includes
-CCMS's block similarity over 400 candidates x 100 boxes, ~2.6 GB at any pool size);
-mc_entropy runs T=10 MC-dropout passes; ppal uses ``quality=post_nms`` (its EMA hook needs a
-training round) and its two-phase second pass over 4 x 100 candidates. The step's own memory is ``peak - before``
-(RSS when the step starts; the peak is reset then, where Linux allows, since reading a
-10^5-image pool's annotations peaks higher than a streamed step). The COCO line extrapolates
-each path's measured per-image memory linearly to 115,922 images, and gives the issue's
-estimate for RetinaNet on COCO (300 boxes an image, ~680 bytes a box) beside one shard of it.
+predicted box (up to 100 an image) is scored as a trained model's would be (the selectors' stay;
+the untrained model's boxes, ~0.07, still pass CCMS's 0.05, so ppal's step includes CCMS's block
+similarity over 400 candidates x 100 boxes, ~2.6 GB at any pool size); mc_entropy runs T=10 MC-
+dropout passes; ppal uses ``quality=post_nms`` (its EMA hook needs a training round) and its
+two-phase second pass over 4 x 100 candidates. The step's own memory is ``peak - before`` (RSS
+when the step starts; the peak is reset then, where Linux allows, since reading a 10^5-image
+pool's annotations peaks higher than a streamed step). The COCO line extrapolates each path's
+measured per-image memory linearly to 115,922 images, and gives the issue's estimate for
+RetinaNet on COCO (300 boxes an image, ~680 bytes a box) beside one shard of it.
 """
 
 from __future__ import annotations
