@@ -49,7 +49,8 @@ from alrun.rundir import (
     restore_pool,
 )
 from alrun.seeding import Purpose
-from alrun.selection import initial_selection, select_round, selection_pool_misses, unit_cost
+from alrun.selection import initial_selection, selection_pool_misses, unit_cost
+from alrun.streaming import acquire
 from alrun.supervision.base import LabelRequest
 from alrun.truth import TruthAudit
 from alrun.types import Needs
@@ -299,7 +300,7 @@ def run_round(
         history = (*rows, {"round": r, **totals, **metrics})
         request = LabelRequest(r + 1, history, exp.detector)
         _oracle_hook(exp.oracle, "begin_batch", r + 1, exp.detector)
-        acquired = select_round(exp, pool, r, reporter, request)
+        acquired = acquire(options, exp, pool, r, reporter, request, tmp)
         metrics = {**metrics, "pool_misses": selection_pool_misses(exp, pool, acquired)}
         outcome = RoundOutcome(metrics, train_stats, train_s, collapsed)
         check_agreement(acquired.selection.image_ids, r)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -513,9 +513,17 @@ def pool_misses(
     ``score_threshold`` at IoU >= 0.5, greedy in score order) in the selected images vs the
     rest of the scored pool. Possible only in simulation, where the pool's labels are known.
     """
+    per_image = image_misses(records, predictions, score_threshold)
+    return summarise_misses(per_image, selected_ids, score_threshold)
+
+
+def image_misses(
+    records: Sequence[ImageRecord], predictions: Sequence[Detections], score_threshold: float
+) -> dict[str, tuple[int, int]]:
+    """(objects, missed) per predicted image of ``records`` (see :func:`pool_misses`); a
+    streamed pool keeps these counts per shard instead of the predictions."""
     by_id = {p.image_id: p for p in predictions}
-    selected = set(selected_ids)
-    groups = {"selected": [0, 0, 0], "rest": [0, 0, 0]}  # images, objects, missed
+    out: dict[str, tuple[int, int]] = {}
     for rec in records:
         if rec.image_id not in by_id:
             continue
@@ -531,10 +539,21 @@ def pool_misses(
             free = np.where((gt_labels == labels[d]) & ~found, ious[d], 0.0)
             if free.size and free.max() >= FOREGROUND_IOU:
                 found[int(free.argmax())] = True
-        group = groups["selected" if rec.image_id in selected else "rest"]
+        out[rec.image_id] = (len(gt_labels), int((~found).sum()))
+    return out
+
+
+def summarise_misses(
+    per_image: Mapping[str, tuple[int, int]], selected_ids: Sequence[str], score_threshold: float
+) -> dict[str, dict[str, float]]:
+    """:func:`pool_misses`'s record from per-image (objects, missed) counts."""
+    selected = set(selected_ids)
+    groups = {"selected": [0, 0, 0], "rest": [0, 0, 0]}  # images, objects, missed
+    for image_id, (objects, missed) in per_image.items():
+        group = groups["selected" if image_id in selected else "rest"]
         group[0] += 1
-        group[1] += len(gt_labels)
-        group[2] += int((~found).sum())
+        group[1] += objects
+        group[2] += missed
     out = {}
     for name, (images, objects, missed) in groups.items():
         out[name] = {

@@ -39,7 +39,7 @@ def write_round(
     outcome: RoundOutcome,
 ) -> None:
     """The round's artifacts, into its not-yet-committed directory."""
-    if options.save_predictions and acquired.scores is not None:
+    if options.save_predictions and acquired.scores is not None and not acquired.saved:
         save_predictions(tmp / "preds.npz", acquired.batch, acquired.scores)
     labelled = pool.labelled_set()
     write_coco(

@@ -41,6 +41,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from alrun.acquisition.streaming import check_shard_size
 from alrun.errors import AlrunError
 from alrun.io import (
     TEMP_FILE,
@@ -78,6 +79,7 @@ RUN_CONTROL_KEYS = (
     "save_predictions",
     "logger",
     "allow_thread_change",
+    "acquisition",
 )
 #: trainer keys left out of the config record at their one-process value 1: a run recorded
 #: before they existed resumes; any other value (or a change of it) is a different config
@@ -102,8 +104,10 @@ class RunOptions:
     keep_checkpoints: str = "last"
     save_predictions: bool = False
     allow_thread_change: bool = False
+    shard_size: int | None = None
 
     def __post_init__(self) -> None:
+        check_shard_size(self.shard_size)
         if not (isinstance(self.resume, bool) or self.resume == "auto"):
             raise AlrunError(f"resume: expected auto|true|false, got {self.resume!r}")
         if self.quiet is not None and not isinstance(self.quiet, bool):
@@ -127,6 +131,7 @@ class RunOptions:
             keep_checkpoints=cfg.get("keep_checkpoints", "last"),
             save_predictions=cfg.get("save_predictions", False),
             allow_thread_change=cfg.get("allow_thread_change", False),
+            shard_size=(cfg.get("acquisition") or {}).get("shard_size", None),
         )
 
 

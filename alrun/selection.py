@@ -20,7 +20,7 @@ from alrun.budget import check_initial_affordable, cost_function
 from alrun.data.images import load_image
 from alrun.errors import BudgetError
 from alrun.experiment import Experiment
-from alrun.metrics import pool_misses
+from alrun.metrics import pool_misses, summarise_misses
 from alrun.oracle import SimulatedOracle
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
@@ -39,6 +39,10 @@ class RoundSelection:
     preds: list[Detections] | None = None
     scores: dict[str, float] | None = None
     batch: PredictionBatch | None = None  # ``preds`` as the ragged batch the strategy saw
+    #: a streamed pool (alrun.streaming): (objects, missed) per scored image instead of
+    #: ``preds``, and whether its predictions were already written to preds.npz
+    misses: dict[str, tuple[int, int]] | None = None
+    saved: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,13 +91,18 @@ def predict_for_strategy(
         records = pool.records(pool.unlabelled_ids)  # split across ranks when distributed
         block = exp.predict_block
         preds = distributed.predict_sharded(exp.predictor.predict, records, block, needs, progress)
+    return replace(labelled_predictions(exp, pool, needs), preds=preds)
+
+
+def labelled_predictions(exp: Experiment, pool: LabelPool, needs: Needs) -> PoolPredictions:
+    """What ``needs`` asks of the labelled set (embeddings, detections with their boxes)."""
     embeddings, labelled_preds, targets = None, None, None
     if needs.labelled_embeddings:
         labelled = exp.detector.predict(pool.records(pool.labelled_ids), Needs(embedding=True))
         embeddings = torch.stack([d.embedding for d in labelled])
     if needs.labelled_detections:  # (issue 13: PPAL difficulty, false-negative targets)
         labelled_preds, targets = labelled_detections(exp, pool, needs)
-    return PoolPredictions(preds, embeddings, labelled_preds, targets)
+    return PoolPredictions(None, embeddings, labelled_preds, targets)
 
 
 def select_round(
@@ -125,15 +134,31 @@ def select_round(
     else:
         picked = strategy.select(scores, context)
     timings["select_s"] = time.perf_counter() - t0
+    step = RoundSelection(empty, [], None, timings, found.preds, scores, context.preds)
+    return labelled_pick(exp, pool, request, picked, context.budget, step)
+
+
+def labelled_pick(
+    exp: Experiment,
+    pool: LabelPool,
+    request: LabelRequest,
+    picked: list[str],
+    budget: float,
+    found: RoundSelection,
+) -> RoundSelection:
+    """``found`` (predictions, scores, timings of the step) with the pick labelled by the
+    oracle and described, or stopped when the budget bought nothing."""
+    strategy = exp.strategy
+    scores = found.scores or {}
     if not picked:
-        stopped = f"budget.per_round: {context.budget:g} {exp.budget.unit} buys no remaining image"
+        stopped = f"budget.per_round: {budget:g} {exp.budget.unit} buys no remaining image"
         if isinstance(strategy, BoxQueryStrategy):
             stopped = (
                 f"strategy={strategy.name}: no predicted box to ask about fits "
-                f"budget.per_round ({context.budget:g} {exp.budget.unit})"
+                f"budget.per_round ({budget:g} {exp.budget.unit})"
             )
         nothing = Selection((), (), (), strategy.describe())  # this round's scoring
-        return RoundSelection(nothing, [], stopped, timings, found.preds, scores, context.preds)
+        return replace(found, selection=nothing, labels=[], stopped=stopped)
     labels = exp.regime.annotate(exp.oracle, pool.records(picked), request)
     selection = Selection(
         tuple(picked),
@@ -141,7 +166,7 @@ def select_round(
         tuple(lab.cost_s for lab in labels),
         strategy.describe(),
     )
-    return RoundSelection(selection, labels, None, timings, found.preds, scores, context.preds)
+    return replace(found, selection=selection, labels=labels, stopped=None)
 
 
 def _region_charges(exp: Experiment, pool: LabelPool, charge: str):
@@ -198,8 +223,10 @@ def selection_pool_misses(
     exp: Experiment, pool: LabelPool, acquired: RoundSelection
 ) -> dict | None:
     """Objects the model misses in the selected images vs the rest (None: no pool predictions)."""
+    threshold = exp.metric.failure_score_threshold
+    if acquired.misses:  # counted shard by shard (alrun.streaming)
+        return summarise_misses(acquired.misses, acquired.selection.image_ids, threshold)
     if not acquired.preds:
         return None
     records = [exp.truth[p.image_id] for p in acquired.preds]  # the evaluator's truth
-    threshold = exp.metric.failure_score_threshold
     return pool_misses(records, acquired.preds, acquired.selection.image_ids, threshold)

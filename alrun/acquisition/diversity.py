@@ -320,6 +320,12 @@ class TwoPhase:
         self.last_candidates = 0
 
     def __call__(self, scores: Mapping[str, float], context: AcquisitionContext) -> list[str]:
+        keep = self.candidates(scores, context)
+        return self.diversity({i: scores[i] for i in keep}, context)
+
+    def candidates(self, scores: Mapping[str, float], context: AcquisitionContext) -> list[str]:
+        """The first phase: the best-scored images within ``expand_ratio x budget`` (a
+        streamed pool predicts what the diversity stage reads for these only)."""
         check_scores(scores)
         order = ranked(scores, context.tie_rank())
         wide = context.budget * self.expand_ratio
@@ -331,7 +337,7 @@ class TwoPhase:
                 len(keep),
             )
         self.last_candidates = len(keep)
-        return self.diversity({i: scores[i] for i in keep}, context)
+        return keep
 
     def describe(self) -> dict[str, Any]:
         inner = self.diversity.describe()
