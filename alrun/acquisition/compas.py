@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou, nms
 
-from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+from alrun.acquisition.context import AcquisitionContext, PredictionBatch, Selector
 from alrun.acquisition.strategies import Strategy
 from alrun.errors import AlrunError
 from alrun.params import Fraction, OpenFraction
@@ -272,7 +272,7 @@ class BoxQueryStrategy(Strategy):
         name: str,
         scorer: ComPASScorer,
         charge: Literal[CHARGES] = "answered",
-        selector: Any = None,
+        selector: Selector | None = None,
     ):
         if selector is not None:
             raise AlrunError(
