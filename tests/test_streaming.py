@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -148,10 +149,30 @@ def test_streamed_step_equals_whole_pool_step(preset: str):
     _compare(preset)
 
 
+#: box-level queries rank boxes across the whole pool: alrun.streaming.acquire gives them the
+#: whole-pool step (test below), so there is no streamed step to compare
+WHOLE_POOL_ONLY = ("compas",)
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in FAST])
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in FAST + WHOLE_POOL_ONLY])
 def test_streamed_step_equals_whole_pool_step_for_every_preset(preset: str):
     _compare(preset)
+
+
+def test_box_level_queries_take_the_whole_pool_step(monkeypatch, tmp_path):
+    import alrun.streaming as streaming
+    from alrun.acquisition.compas import BoxQueryStrategy, ComPASScorer
+    from alrun.rundir import RunOptions
+
+    monkeypatch.setattr(streaming, "select_round", lambda *args: ("whole", args[0].strategy))
+    monkeypatch.setattr(streaming, "stream_round", lambda *args: ("streamed", None))
+    exp = SimpleNamespace(strategy=BoxQueryStrategy("compas", ComPASScorer()))
+    options = RunOptions(shard_size=8)
+    assert streaming.acquire(options, exp, None, 1, None, None, tmp_path) == (
+        "whole",
+        exp.strategy,
+    )
 
 
 def test_shards_cut_inside_a_prediction_batch_would_change_mc_dropout_scores(monkeypatch):
