@@ -24,6 +24,7 @@ from alrun.detectors.capabilities import (
     first_refusal,
     missing_capabilities,
 )
+from alrun.resolvers import register_resolvers
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -76,6 +77,7 @@ def options(group: str) -> list[str]:
 def _requires(group: str, option: str) -> list[tuple[str, frozenset[str]]]:
     """``(who, capabilities)`` of a shipped strategy's parts or of a regime (instantiated from
     its config), named as ``build_experiment`` names them."""
+    register_resolvers()  # the presets' ${alrun_strategy_name:...}
     cfg = compose(config_name="run", overrides=overrides(group, option))
     if group == "strategy":
         built = instantiate(cfg.strategy)

@@ -21,6 +21,7 @@ from hydra.utils import get_object, instantiate
 import alrun
 from alrun.detectors.base import CAPABILITIES
 from alrun.matrix import MATRIX_DETECTORS, cells, counts, detector_capabilities
+from alrun.resolvers import register_resolvers
 from alrun.types import Needs
 
 CONFIGS = Path(alrun.__file__).parent / "configs"
@@ -127,6 +128,7 @@ def strategy_rows() -> tuple[StrategyRow, ...]:
     """One row per ``alrun/configs/strategy/*.yaml``, from the composed and built strategy
     (the packaged configs only: a user's ./configs is no part of the manual)."""
     rows = []
+    register_resolvers()  # the presets' ${alrun_strategy_name:...}
     with initialize_config_module(config_module="alrun.configs", version_base="1.3"):
         configs = {
             path: compose(config_name="run", overrides=[f"strategy={path.stem}"]).strategy

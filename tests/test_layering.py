@@ -14,7 +14,7 @@ from tests.helpers import REPO
 
 LAYERS = {
     "alrun.types": 0, "alrun.errors": 0, "alrun.io": 0, "alrun.progress": 0, "alrun.params": 0,
-    "alrun.seeding": 0, "alrun.distributed": 0,
+    "alrun.seeding": 0, "alrun.distributed": 0, "alrun.resolvers": 0,
     "alrun.data": 1,
     "alrun.detectors": 2, "alrun.engine": 2,
     "alrun.acquisition": 3, "alrun.supervision": 3, "alrun.oracle": 3, "alrun.pool": 3,

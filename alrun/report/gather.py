@@ -20,8 +20,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from alrun.config import register_resolvers
 from alrun.errors import AlrunError
+from alrun.resolvers import register_resolvers
 
 
 class ReportError(AlrunError):
