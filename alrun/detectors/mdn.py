@@ -190,17 +190,18 @@ def mixture_losses(
     return {"mdn_classification": cls_loss, "mdn_regression": reg_loss}
 
 
-class _TowerCapture:
+class TowerCapture:
     """Forward hooks that keep the head towers' outputs of the latest head forward (bound
     methods, not closures, so a deep copy of the model - an EMA teacher - captures into its
-    own copy)."""
+    own copy). ``cls_tower`` / ``reg_tower``: the modules whose outputs are the towers' (the
+    backend names them; the torchvision and mmdet heads call them differently)."""
 
-    def __init__(self, head: nn.Module):
+    def __init__(self, head: nn.Module, cls_tower: nn.Module, reg_tower: nn.Module):
         self.cls: list[Tensor] = []
         self.reg: list[Tensor] = []
         head.register_forward_pre_hook(self._reset)
-        head.classification_head.conv.register_forward_hook(self._keep_cls)
-        head.regression_head.conv.register_forward_hook(self._keep_reg)
+        cls_tower.register_forward_hook(self._keep_cls)
+        reg_tower.register_forward_hook(self._keep_reg)
 
     def _reset(self, _module, _args) -> None:
         self.cls.clear()
@@ -242,7 +243,7 @@ class ReparameterNoise:
 class _LossWithMixture:
     """``head.compute_loss`` plus the mixture head's losses, on the same anchor assignment."""
 
-    def __init__(self, model: FCOS | RetinaNet, original, capture: _TowerCapture):
+    def __init__(self, model: FCOS | RetinaNet, original, capture: TowerCapture):
         self.model, self.original, self.capture = model, original, capture
         self._noise = ReparameterNoise()
 
@@ -297,7 +298,8 @@ def install_mixture_density(model: nn.Module, components: int, coupling: str = "
         int(components),
         detach=coupling == "side",
     )
-    head.compute_loss = _LossWithMixture(model, head.compute_loss, _TowerCapture(head))
+    capture = TowerCapture(head, head.classification_head.conv, head.regression_head.conv)
+    head.compute_loss = _LossWithMixture(model, head.compute_loss, capture)
 
 
 def has_mixture_density(model: nn.Module) -> bool:

@@ -21,38 +21,11 @@ from alrun.detectors.mdn import (
     COUPLINGS,
     MixtureDensityHead,
     ReparameterNoise,
+    TowerCapture,
     mixture_losses,
     uncertainty_of,
 )
 from alrun.errors import AlrunError
-
-
-class _TowerCapture:
-    """The last class / box tower conv's outputs of the latest training forward of the head."""
-
-    def __init__(self, head: nn.Module):
-        self.cls: list[Tensor] = []
-        self.reg: list[Tensor] = []
-        head.register_forward_pre_hook(self._reset)
-        head.cls_convs[-1].register_forward_hook(self._keep_cls)
-        head.reg_convs[-1].register_forward_hook(self._keep_reg)
-
-    def _reset(self, _module, _args) -> None:
-        self.cls.clear()
-        self.reg.clear()
-
-    def _keep_cls(self, module, _inputs, output) -> None:
-        if module.training:  # predictions run the towers themselves
-            self.cls.append(output)
-
-    def _keep_reg(self, module, _inputs, output) -> None:
-        if module.training:
-            self.reg.append(output)
-
-    def take(self) -> tuple[list[Tensor], list[Tensor]]:
-        out = (list(self.cls), list(self.reg))
-        self._reset(None, None)
-        return out
 
 
 class _LossWithMixture:
@@ -61,7 +34,7 @@ class _LossWithMixture:
 
     def __init__(self, head: nn.Module):
         self.head = head
-        self.capture = _TowerCapture(head)
+        self.capture = TowerCapture(head, head.cls_convs[-1], head.reg_convs[-1])
         self.noise = ReparameterNoise()
         self.original_single, self.original_loss = head.loss_by_feat_single, head.loss_by_feat
         self.levels: list[tuple[Tensor, Tensor, Tensor]] = []
