@@ -185,7 +185,7 @@ class SimulatedOracle:
         """Seconds to label ``record`` with ``kind`` (for ``verify``: one proposal per object)."""
         return self.cost_model.cost(self.truth_of(record), self._kind(kind))
 
-    def _regions(self, record: ImageRecord, boxes, labels) -> RegionAnswers:
+    def _regions(self, record: ImageRecord, boxes, labels, answered=None) -> RegionAnswers:
         return answer_regions(
             boxes,
             labels,
@@ -195,15 +195,24 @@ class SimulatedOracle:
             self.verify_iou,
             self.cost_model.verify_s,
             self.cost_model.box_s,
+            answered,
         )
 
     def region_charges(
-        self, image: ImageRef | ImageRecord, boxes, labels, unit: str, charge: str = "answered"
+        self,
+        image: ImageRef | ImageRecord,
+        boxes,
+        labels,
+        unit: str,
+        charge: str = "answered",
+        answered: np.ndarray | None = None,
     ) -> np.ndarray:
         """What each query (``boxes`` in rank order) costs in budget ``unit``: a simulation's
-        price, like :meth:`objects`; the answers themselves are sold by :meth:`annotate`."""
+        price, like :meth:`objects`; the answers themselves are sold by :meth:`annotate`.
+        ``answered``: the image's boxes answered in earlier rounds (not answered again)."""
         self.require(["partial"], "oracle.region_charges")
-        return query_charges(self._regions(self.truth_of(image), boxes, labels), unit, charge)
+        found = self._regions(self.truth_of(image), boxes, labels, answered)
+        return query_charges(found, unit, charge)
 
     def annotate(
         self,
@@ -211,13 +220,15 @@ class SimulatedOracle:
         kind: str | None = None,
         proposals: Mapping[str, Any] | None = None,
         queries: Mapping[str, tuple[Any, Any]] | None = None,
+        answered: Mapping[str, np.ndarray] | None = None,
     ) -> list[ImageLabels]:
         """Labels of ``kind`` (default: ``oracle.kind``, else ``box``) for each record.
 
         ``proposals`` maps image id -> anything with ``boxes`` (N, 4) and ``labels`` (N,)
         (e.g. :class:`~alrun.types.Detections`); required for ``verify``. ``queries`` maps
         image id -> (boxes (Q, 4), labels (Q,)) of the regions asked, in rank order; required
-        for ``partial``.
+        for ``partial``; ``answered``: image id -> boxes answered in earlier rounds, which the
+        annotator does not answer again (an image asked a second time).
         """
         kind = self._kind(kind)
         if kind == "verify" and proposals is None:
@@ -225,16 +236,20 @@ class SimulatedOracle:
         if kind == "partial":
             if queries is None:
                 raise AlrunError("oracle.annotate: 'partial' labels need queries (regions asked)")
-            return [self._partial(self.truth_of(r), queries) for r in records]
+            answered = answered or {}
+            return [
+                self._partial(self.truth_of(r), queries, answered.get(r.image_id))
+                for r in records
+            ]
         return [self._answer(self.truth_of(r), kind, proposals) for r in records]
 
-    def _partial(self, record: ImageRecord, queries: Mapping[str, tuple[Any, Any]]):
+    def _partial(self, record: ImageRecord, queries: Mapping[str, tuple[Any, Any]], answered):
         if record.image_id not in queries:
             raise AlrunError(f"oracle.annotate: no queries for image '{record.image_id}'")
         q_boxes, q_labels = queries[record.image_id]
         q_boxes = np.asarray(_numpy(q_boxes), np.float32).reshape(-1, 4)
         q_labels = np.asarray(_numpy(q_labels), np.int64).reshape(-1)
-        found = self._regions(record, q_boxes, q_labels)
+        found = self._regions(record, q_boxes, q_labels, answered)
         hit = found.answers[found.answers >= 0]
         index = np.full(len(found.answers), -1, np.int64)
         index[found.answers >= 0] = np.arange(len(hit))

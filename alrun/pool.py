@@ -4,6 +4,10 @@
 round r (the initial set is round 0). DESIGN.md used 0 for "unlabelled", but round 0 is a real
 round here, so -1 keeps the integer equal to the round number.
 
+A partly labelled image (``partial``, box-level queries) may be asked again in a later round:
+its new answers merge into its label (:func:`alrun.regions.merge_partial`), each query keeps
+the round it was asked for (``query_rounds``), and the image keeps its first round here.
+
 The pool holds no ground truth: its images are :class:`~alrun.data.dataset.ImageRef` and its
 boxes are the labels bought (``labels``). What the oracle and the evaluator hold is in
 :mod:`alrun.truth`; ``audit`` lets regimes measure their pseudo-boxes against it (counts only).
@@ -13,12 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from alrun.data.dataset import DetectionDataset, ImageRecord, ImageRef, ImageSet
 from alrun.errors import AlrunError
+from alrun.regions import merge_partial
 from alrun.types import LABEL_KINDS, ImageLabels
 
 if TYPE_CHECKING:
@@ -47,6 +53,19 @@ class LabelPool:
         return [self.dataset.images[i].image_id for i in np.flatnonzero(self.labelled_round < 0)]
 
     @property
+    def partial_ids(self) -> list[str]:
+        """Labelled images labelled only in the regions asked (``partial``), pool order."""
+        return [i for i in self.labelled_ids if self.labels[i].kind == "partial"]
+
+    def box_query_ids(self) -> list[str]:
+        """What box-level queries may ask about: unlabelled and partly labelled images."""
+        return [
+            image.image_id
+            for i, image in enumerate(self.dataset.images)
+            if self.labelled_round[i] < 0 or self.labels[image.image_id].kind == "partial"
+        ]
+
+    @property
     def labelled_ids(self) -> list[str]:
         return [self.dataset.images[i].image_id for i in np.flatnonzero(self.labelled_round >= 0)]
 
@@ -57,10 +76,18 @@ class LabelPool:
         return [self.record(i) for i in image_ids]
 
     def add(self, labels: Iterable[ImageLabels], round_index: int) -> None:
+        """``labels`` first trained on in round ``round_index``; a ``partial`` label on a partly
+        labelled image merges into it; any other second label is refused."""
         for item in labels:
             i = self.index[item.image_id]
+            if item.kind == "partial" and item.query_rounds is None:
+                item = replace(item, query_rounds=np.full(len(item.answers), round_index))
             if self.labelled_round[i] >= 0:
-                raise AlrunError(f"image '{item.image_id}' is already labelled")
+                old = self.labels[item.image_id]
+                if not (old.kind == item.kind == "partial"):
+                    raise AlrunError(f"image '{item.image_id}' is already labelled")
+                self.labels[item.image_id] = merge_partial(old, item)
+                continue
             self.labelled_round[i] = round_index
             self.labels[item.image_id] = item
 
@@ -115,7 +142,8 @@ class LabelPool:
 
     def totals(self) -> dict[str, float]:
         """Labels bought so far: images, ``boxes`` (drawn, recovered from extreme points or
-        answered to box-level queries), ``queries`` (regions asked),
+        answered to box-level queries), ``queries`` (regions asked), ``images_reasked``
+        (partly labelled images asked in more than one round),
         ``clicks``, ``verified`` (proposals answered) and ``accepted``, ``image_classes``, seconds,
         and ``images_<kind>`` for every label kind."""
         labs = list(self.labels.values())
@@ -126,6 +154,9 @@ class LabelPool:
                 sum(len(x.labels) for x in labs if x.kind in ("box", "extreme", "partial"))
             ),
             "queries": int(sum(len(x.queries) for x in labs if x.queries is not None)),
+            "images_reasked": sum(
+                1 for x in labs if x.query_rounds is not None and len(set(x.query_rounds)) > 1
+            ),
             "clicks": int(sum(len(x.labels) for x in labs if x.kind in ("click", "center_click"))),
             "verified": int(sum(len(v) for v in verified)),
             "accepted": int(sum(int(v.sum()) for v in verified)),

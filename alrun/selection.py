@@ -23,6 +23,7 @@ from alrun.experiment import Experiment
 from alrun.metrics import pool_misses, summarise_misses
 from alrun.oracle import SimulatedOracle
 from alrun.pool import LabelPool
+from alrun.regions import asked_regions
 from alrun.progress import Reporter
 from alrun.supervision.base import LabelRequest
 from alrun.types import Detections, ImageLabels, Needs, Selection
@@ -88,7 +89,7 @@ def predict_for_strategy(
     if not (needs.detections or needs.embedding or needs.labelled_embeddings):
         return PoolPredictions()
     with reporter.task(f"round {r}/{exp.budget.rounds} score pool") as progress:
-        records = pool.records(pool.unlabelled_ids)  # split across ranks when distributed
+        records = pool.records(candidate_ids(exp, pool))  # split across ranks when distributed
         block = exp.predict_block
         preds = distributed.predict_sharded(exp.predictor.predict, records, block, needs, progress)
     return replace(labelled_predictions(exp, pool, needs), preds=preds)
@@ -118,7 +119,7 @@ def select_round(
     empty = Selection((), (), (), strategy.describe_unscored())
     if r >= exp.budget.rounds:
         return RoundSelection(empty, [], None, timings)
-    if not pool.unlabelled_ids:
+    if not candidate_ids(exp, pool):
         return RoundSelection(empty, [], "pool exhausted: every image is labelled", timings)
     t0 = time.perf_counter()
     found = predict_for_strategy(exp, pool, r, reporter)
@@ -130,7 +131,8 @@ def select_round(
     t0 = time.perf_counter()
     if isinstance(strategy, BoxQueryStrategy):  # box-level: the regions asked, across the pool
         queries = strategy.plan(context, _region_charges(exp, pool, strategy.charge))
-        picked, request = list(queries), replace(request, queries=queries)
+        answered = {i: pool.labels[i].boxes for i in queries if i in pool.labels}
+        picked, request = list(queries), replace(request, queries=queries, answered=answered)
     else:
         picked = strategy.select(scores, context)
     timings["select_s"] = time.perf_counter() - t0
@@ -173,8 +175,14 @@ def _region_charges(exp: Experiment, pool: LabelPool, charge: str):
     """What each query of an image costs in the budget unit (the oracle's price)."""
 
     def charges(image_id, boxes, labels):
+        known = pool.labels.get(image_id)  # asked before: its answers are not sold again
         return exp.oracle.region_charges(
-            pool.record(image_id), boxes, labels, exp.budget.unit, charge
+            pool.record(image_id),
+            boxes,
+            labels,
+            exp.budget.unit,
+            charge,
+            None if known is None else known.boxes,
         )
 
     return charges
@@ -184,8 +192,10 @@ def _context(
     exp: Experiment, pool: LabelPool, r: int, request: LabelRequest, found: PoolPredictions
 ) -> AcquisitionContext:
     kind = exp.regime.label_kind(request)
+    ids = candidate_ids(exp, pool)
+    asked = {i: asked_regions(pool.labels[i]) for i in ids if i in pool.labels}
     return AcquisitionContext(
-        pool_ids=tuple(pool.unlabelled_ids),
+        pool_ids=tuple(ids),
         seed=exp.seed,
         round=r,
         budget=exp.budget.amount(r),
@@ -199,7 +209,17 @@ def _context(
         labelled_preds=found.labelled_preds,
         labelled_targets=found.labelled_targets,
         load_images=pool_pixels(pool),
+        asked=asked or None,
     )
+
+
+def candidate_ids(exp: Experiment, pool: LabelPool) -> list[str]:
+    """The images this round may ask about: the unlabelled ones, and the partly labelled ones
+    too for a box-query strategy that asks again (``strategy.reask``, BLAD's default)."""
+    strategy = exp.strategy
+    if isinstance(strategy, BoxQueryStrategy) and strategy.reask:
+        return pool.box_query_ids()
+    return pool.unlabelled_ids
 
 
 def pool_pixels(pool: LabelPool):

@@ -212,6 +212,7 @@ _OPTIONAL_LABEL_FIELDS = {
     "queries": (np.float32, (4,)),
     "query_labels": (np.int64, ()),
     "answers": (np.int64, ()),
+    "query_rounds": (np.int64, ()),
 }
 
 
@@ -231,6 +232,9 @@ class ImageLabels:
       regions ``queries[q]`` (predicted boxes, class ``query_labels[q]``) and answered with the
       true boxes ``boxes[i]`` found there; ``answers[q]`` is the index into ``boxes`` of query
       ``q``'s answer, -1 when there was no (new) object. The rest of the image is unlabelled.
+      ``query_rounds[q]`` is the round whose labels first held query ``q`` (set by the pool): an
+      image asked again in a later round keeps one label, the merge of its answers
+      (:func:`alrun.regions.merge_partial`).
     """
 
     image_id: str
@@ -245,6 +249,7 @@ class ImageLabels:
     queries: np.ndarray | None = None  # (Q, 4) partial: the regions asked about
     query_labels: np.ndarray | None = None  # (Q,) partial: their predicted classes
     answers: np.ndarray | None = None  # (Q,) partial: index into boxes, -1 none
+    query_rounds: np.ndarray | None = None  # (Q,) partial: the round each query was asked for
 
     def box_targets(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(boxes, labels) a detector can train on as they are, or None when the kind has none.

@@ -24,13 +24,18 @@ One query per region: teacher boxes overlapping a higher-scored one by IoU > ``r
 BLAD's filters are kept: a teacher box below ``score_threshold`` (``cls_pseudo_threshold`` 0.5)
 or with ``score_reg`` above ``max_reg_uncertainty`` (``reg_pseudo_threshold`` 0.1) is never
 asked (its value is NaN there, i.e. skipped).
+
+Partly labelled images stay in the pool (``reask``, BLAD's ``partial_obj``): their boxes are
+scored and normalised with the rest, then a box overlapping a region asked before by IoU >=
+``reask_iou`` (BLAD's 0.25) is skipped (:func:`alrun.regions.asked_before`). ``reask=false``
+asks each image in one round only (alrun's option, the behaviour before 0.4).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -42,7 +47,7 @@ from alrun.acquisition.context import AcquisitionContext, PredictionBatch, Selec
 from alrun.acquisition.strategies import Strategy
 from alrun.errors import AlrunError
 from alrun.params import Fraction, OpenFraction
-from alrun.regions import CHARGES
+from alrun.regions import CHARGES, REASK_IOU, asked_before
 from alrun.types import Needs
 
 #: BLAD's weights of the box scores (``ComPASMiningAlgorithm.__init__``)
@@ -129,6 +134,16 @@ class BoxCandidates:
         """Indices of the askable boxes by decreasing value (ties: pool order)."""
         ok = np.flatnonzero(np.isfinite(self.value))
         return ok[np.argsort(-self.value[ok], kind="stable")]
+
+    def without_asked(self, asked: Mapping[str, np.ndarray], iou: float) -> BoxCandidates:
+        """These candidates with the boxes near a region already asked made unaskable (NaN),
+        after the pool-wide normalisation (as BLAD skips them while mining)."""
+        value = self.value.copy()
+        for i, image_id in enumerate(self.image_ids):
+            if image_id in asked:
+                rows = np.flatnonzero(self.image == i)
+                value[rows[asked_before(self.boxes[rows], asked[image_id], iou)]] = np.nan
+        return replace(self, value=value)
 
 
 def plan_queries(
@@ -265,7 +280,9 @@ class BoxQueryStrategy(Strategy):
     """A strategy that asks for boxes, not images (``strategy=compas``): the loop has it
     :meth:`plan` the round's queries across the pool and labels only those regions
     (``supervision=box_level``). ``charge``: what a box budget counts per query, BLAD's
-    ``answered`` (one per new object found) or ``asked`` (one per query)."""
+    ``answered`` (one per new object found) or ``asked`` (one per query). ``reask``: partly
+    labelled images stay candidates (BLAD); boxes within IoU ``reask_iou`` of a region asked
+    before are not asked again."""
 
     def __init__(
         self,
@@ -273,6 +290,8 @@ class BoxQueryStrategy(Strategy):
         scorer: ComPASScorer,
         charge: Literal[CHARGES] = "answered",
         selector: Selector | None = None,
+        reask: bool = True,
+        reask_iou: OpenFraction = REASK_IOU,
     ):
         if selector is not None:
             raise AlrunError(
@@ -288,7 +307,13 @@ class BoxQueryStrategy(Strategy):
             raise AlrunError(
                 f"strategy.charge: expected one of {'|'.join(CHARGES)}, got '{charge}'"
             )
+        if not isinstance(reask, bool):
+            raise AlrunError(f"strategy.reask: expected true or false, got {reask!r}")
+        if not 0 < reask_iou <= 1:
+            raise AlrunError(f"strategy.reask_iou: expected a number in (0, 1], got {reask_iou}")
         self.charge = charge
+        self.reask = reask
+        self.reask_iou = float(reask_iou)
         self._candidates: BoxCandidates | None = None
         self._asked: dict[str, float] = {}
         super().__init__(name, scorer)
@@ -299,6 +324,8 @@ class BoxQueryStrategy(Strategy):
             raise AlrunError("strategy: ComPAS needs the detector's predictions on the pool")
         with torch.no_grad():
             self._candidates = self.scorer.candidates(context.preds)
+        if context.asked:
+            self._candidates = self._candidates.without_asked(context.asked, self.reask_iou)
         best: dict[str, float] = {i: 0.0 for i in context.pool_ids}
         c = self._candidates
         for b in c.ranked()[::-1]:
@@ -323,6 +350,7 @@ class BoxQueryStrategy(Strategy):
         self._asked = {
             "queries": float(sum(len(b) for b, _ in planned.values())),
             "candidates": float(len(self._candidates.ranked())),
+            "reasked_images": float(sum(1 for i in planned if i in (context.asked or {}))),
         }
         return planned
 
@@ -330,6 +358,8 @@ class BoxQueryStrategy(Strategy):
         return {
             "strategy": self.name,
             "charge": self.charge,
+            "reask": self.reask,
+            "reask_iou": self.reask_iou,
             **self.scorer.describe(),
             **self._asked,
         }

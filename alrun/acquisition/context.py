@@ -120,6 +120,9 @@ class AcquisitionContext:
     #: the pixels of pool images, (3, H, W) in [0, 1], for scorers that run their own heads on
     #: them (MI-AOD); pixels only, never labels
     load_images: Callable[[Sequence[str]], list[Tensor]] | None = None
+    #: box-level queries: the regions already asked in partly labelled pool images (queries and
+    #: answers, (A, 4) xyxy), which may be asked about again elsewhere (alrun.regions)
+    asked: Mapping[str, np.ndarray] | None = None
 
     def rng(self, purpose: Purpose) -> np.random.Generator:
         """A generator fixed by ``(seed, round, purpose)``; round -1 is the initial set."""

@@ -36,12 +36,14 @@ class LabelRequest:
     e.g. to propose boxes for verification or to measure per-image confidence.
     ``queries``: the regions a box-query strategy chose, image id -> (boxes, labels) in rank
     order (``partial`` labels, :mod:`alrun.regions`); None for image-level selections.
+    ``answered``: image id -> boxes answered in earlier rounds, for images asked again.
     """
 
     round_index: int
     history: tuple[Mapping[str, Any], ...] = ()
     detector: Detector | None = None
     queries: Mapping[str, tuple[Any, Any]] | None = None
+    answered: Mapping[str, Any] | None = None
 
 
 @runtime_checkable

@@ -232,7 +232,9 @@ class BoxLevelSupervision(BaseRegime):
                 "supervision=box_level: no regions to ask about; it needs a box-query strategy "
                 "(strategy=compas)"
             )
-        return oracle.annotate(records, "partial", queries=request.queries)
+        return oracle.annotate(
+            records, "partial", queries=request.queries, answered=request.answered
+        )
 
     def train(
         self,
