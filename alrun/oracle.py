@@ -238,8 +238,7 @@ class SimulatedOracle:
                 raise AlrunError("oracle.annotate: 'partial' labels need queries (regions asked)")
             answered = answered or {}
             return [
-                self._partial(self.truth_of(r), queries, answered.get(r.image_id))
-                for r in records
+                self._partial(self.truth_of(r), queries, answered.get(r.image_id)) for r in records
             ]
         return [self._answer(self.truth_of(r), kind, proposals) for r in records]
 

@@ -23,8 +23,8 @@ from alrun.experiment import Experiment
 from alrun.metrics import pool_misses, summarise_misses
 from alrun.oracle import SimulatedOracle
 from alrun.pool import LabelPool
-from alrun.regions import asked_regions
 from alrun.progress import Reporter
+from alrun.regions import asked_regions
 from alrun.supervision.base import LabelRequest
 from alrun.types import Detections, ImageLabels, Needs, Selection
 
