@@ -169,3 +169,27 @@ def test_cost_total_does_not_depend_on_the_order_labels_were_added(pool):
     forward.add([labels(i) for i in "abcd"], 0)
     backward.add([labels(i) for i in "dcba"], 0)
     assert forward.totals()["cost_s"] == backward.totals()["cost_s"] == 842.86
+
+
+def test_a_partly_labelled_image_is_asked_again_and_its_answers_merge(pool):
+    """Box-level queries (issue 24): a second ``partial`` label merges into the first; the
+    image keeps its first round, each query its own; any other second label is refused."""
+    oracle = oracle_of("partial")
+    d = TOY.images[3]  # three objects
+    ask = {"d": (d.boxes[:1], d.labels[:1])}
+    pool.add(oracle.annotate(pool.records(["d"]), queries=ask), 1)
+    assert pool.partial_ids == ["d"] and "d" in pool.box_query_ids()
+    assert pool.box_query_ids() == ["a", "b", "c", "d"] and pool.unlabelled_ids == ["a", "b", "c"]
+    again = {"d": (d.boxes, d.labels)}
+    labs = oracle.annotate(pool.records(["d"]), queries=again, answered={"d": pool.labels["d"].boxes})
+    assert labs[0].answers.tolist() == [-1, 0, 1]  # the first object was answered in round 1
+    pool.add(labs, 2)
+    lab = pool.labels["d"]
+    np.testing.assert_array_equal(lab.boxes, d.boxes)  # both rounds' answers, each object once
+    assert lab.answers.tolist() == [0, -1, 1, 2] and lab.query_rounds.tolist() == [1, 2, 2, 2]
+    assert pool.labelled_round.tolist() == [-1, -1, -1, 1]
+    totals = pool.totals()
+    assert totals["boxes"] == 3 and totals["queries"] == 4 and totals["images_reasked"] == 1
+    assert totals["cost_s"] == pytest.approx(4 * CostModel().verify_s)  # every box fits
+    with pytest.raises(AlrunError, match="'d' is already labelled"):
+        pool.add(oracle_of("box").annotate(pool.records(["d"])), 3)

@@ -3,6 +3,7 @@ region is answered with, what each query costs in boxes and seconds, and the lab
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,14 @@ import pytest
 from alrun.data.dataset import ImageRecord
 from alrun.errors import AlrunError
 from alrun.oracle import CostModel, SimulatedOracle
-from alrun.regions import answer_regions, query_charges
+from alrun.regions import (
+    REASK_IOU,
+    answer_regions,
+    asked_before,
+    asked_regions,
+    merge_partial,
+    query_charges,
+)
 from alrun.types import ImageLabels
 
 TRUE_BOXES = np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 0, 60, 10]], np.float32)
@@ -86,3 +94,49 @@ def test_oracle_refuses_partial_without_queries_and_per_image_prices():
     box_only, _ = _oracle(kind="box")
     with pytest.raises(AlrunError, match="asks the oracle for 'partial' labels"):
         box_only.region_charges(ref, QUERIES, Q_LABELS, "boxes")
+
+
+# -- asking an image again (issue 24) ---------------------------------------------------------
+
+
+def test_an_object_answered_before_is_not_answered_or_charged_again():
+    first = answer_regions(QUERIES[:1], Q_LABELS[:1], TRUE_BOXES, TRUE_LABELS)
+    answered = TRUE_BOXES[first.answers[first.answers >= 0]]
+    again = answer_regions([[1, 1, 10, 10], [50, 0, 56, 10]], [0, 0], TRUE_BOXES, TRUE_LABELS,
+                           answered=answered)  # fmt: skip
+    assert again.answers.tolist() == [-1, 2]  # object 0 was answered in the first round
+    assert query_charges(again, "boxes").tolist() == [0.0, 1.0]
+    assert again.seconds.tolist() == pytest.approx([1.6, 1.6])  # a look, not a drawing
+
+
+def test_regions_asked_before_are_queries_and_answers_at_blads_iou():
+    oracle, ref = _oracle()
+    (lab,) = oracle.annotate([ref], "partial", queries={"im": (QUERIES[3:5], Q_LABELS[3:5])})
+    asked = asked_regions(lab)
+    assert asked.shape == (3, 4)  # two queries and the one object found
+    assert REASK_IOU == 0.25
+    candidates = np.array([[70, 70, 79, 80], [52, 0, 60, 10], [0, 0, 10, 10], [20, 20, 40, 40]],
+                          np.float32)  # fmt: skip
+    # the rejected region, the answered object (IoU 0.8 with its box): skipped; the others: new
+    assert asked_before(candidates, asked).tolist() == [True, True, False, False]
+    assert asked_before(candidates, asked, iou=0.95).tolist() == [False, False, False, False]
+    assert asked_before(candidates, np.zeros((0, 4))).tolist() == [False] * 4
+
+
+def test_merged_partial_label_holds_both_rounds_answers():
+    oracle, ref = _oracle()
+    (first,) = oracle.annotate([ref], "partial", queries={"im": (QUERIES[3:5], Q_LABELS[3:5])})
+    first = replace(first, query_rounds=np.array([1, 1]))
+    (second,) = oracle.annotate([ref], "partial", queries={"im": (QUERIES[:3], Q_LABELS[:3])},
+                                answered={"im": first.boxes})  # fmt: skip
+    second = replace(second, query_rounds=np.array([2, 2, 2]))
+    merged = merge_partial(first, second)
+    np.testing.assert_array_equal(merged.boxes, TRUE_BOXES[[2, 0, 1]])  # each object once
+    assert merged.labels.tolist() == [0, 0, 1]
+    assert merged.answers.tolist() == [-1, 0, 1, 2, -1]  # the second round's shifted past the first
+    np.testing.assert_array_equal(merged.queries, np.concatenate([QUERIES[3:5], QUERIES[:3]]))
+    assert merged.query_rounds.tolist() == [1, 1, 2, 2, 2]
+    assert merged.cost_s == pytest.approx(first.cost_s + second.cost_s)
+    assert ImageLabels.from_json(merged.to_json()).query_rounds.tolist() == [1, 1, 2, 2, 2]
+    with pytest.raises(AlrunError, match="only box-level"):
+        merge_partial(first, ImageLabels("im", "box", TRUE_BOXES, TRUE_LABELS, 1.0))

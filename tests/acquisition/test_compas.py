@@ -160,3 +160,22 @@ def test_bad_scorer_options_name_the_key(kwargs, key):
 def test_bad_charge_names_the_key():
     with pytest.raises(AlrunError, match=r"^strategy\.charge: expected one of answered\|asked"):
         BoxQueryStrategy("compas", ComPASScorer(), charge="drawn")
+
+
+def test_boxes_near_a_region_asked_before_are_not_asked_again():
+    """Issue 24: a's first box overlaps its earlier answer (IoU >= 0.25, BLAD's assigner
+    threshold): it is skipped after the pool-wide normalisation; a's other box can be asked."""
+    strategy = BoxQueryStrategy("compas", ComPASScorer(views=("hflip",), score_threshold=0.5,
+                                                       max_reg_uncertainty=0.5))  # fmt: skip
+    asked = {"a": np.array([[0, 0, 9, 9]], np.float32)}
+    plain = AcquisitionContext(("a", "b"), 0, 1, budget=5, preds=_pool())
+    context = AcquisitionContext(("a", "b"), 0, 1, budget=5, preds=_pool(), asked=asked)
+    before = strategy.score(plain)
+    scores = strategy.score(context)
+    assert before["a"] == pytest.approx(0.808, abs=1e-3)  # the first box
+    assert scores["a"] == pytest.approx(0.0)  # the second box's value, unchanged by the skip
+    planned = strategy.plan(context, lambda i, b, lab: np.ones(len(b)))
+    assert planned["a"][0].tolist() == [[30, 30, 40, 40]]
+    assert strategy.describe()["reasked_images"] == 1.0 and strategy.describe()["reask"]
+    with pytest.raises(AlrunError, match="^strategy.reask_iou: "):
+        BoxQueryStrategy("compas", ComPASScorer(), reask_iou=0.0)
