@@ -181,7 +181,8 @@ def test_a_partly_labelled_image_is_asked_again_and_its_answers_merge(pool):
     assert pool.partial_ids == ["d"] and "d" in pool.box_query_ids()
     assert pool.box_query_ids() == ["a", "b", "c", "d"] and pool.unlabelled_ids == ["a", "b", "c"]
     again = {"d": (d.boxes, d.labels)}
-    labs = oracle.annotate(pool.records(["d"]), queries=again, answered={"d": pool.labels["d"].boxes})
+    known = {"d": pool.labels["d"].boxes}
+    labs = oracle.annotate(pool.records(["d"]), queries=again, answered=known)
     assert labs[0].answers.tolist() == [-1, 0, 1]  # the first object was answered in round 1
     pool.add(labs, 2)
     lab = pool.labels["d"]
