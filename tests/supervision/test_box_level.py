@@ -201,28 +201,86 @@ def test_box_level_rounds_end_to_end(tmp_path, unit):
     assert train["box_level/answers_seen"] > 0  # partial batches trained every iteration
 
 
+#: a small pool asked in two rounds: partly labelled images come back (issue 24)
+REASK = ["experiment=smoke", "quiet=true", "dataset.num_pool=30", "dataset.num_test=10",
+         "trainer.iterations=3", "trainer.first_iterations=5", *BOX_LEVEL,
+         "budget.per_round=10", "strategy.scorer.score_threshold=0.0",
+         "supervision.threshold=0.0", "budget.rounds=2"]  # fmt: skip
+
+
+@pytest.mark.integration
+def test_an_image_asked_in_two_rounds_trains_on_both_rounds_answers(tmp_path, monkeypatch):
+    """Issue 24 end to end: some image is asked in rounds 1 and 2; its one label holds both
+    rounds' queries and answers, round 2 trains on them, and no object is charged twice."""
+    seen: dict[str, list] = {}
+    merge = BoxLevelHook._partial_losses
+
+    def recording(self, step):  # the partial images' labels as the hook trains on them
+        for image_id in step.batches["partial"].image_ids:
+            seen[image_id] = self.answers[image_id]
+        return merge(self, step)
+
+    monkeypatch.setattr(BoxLevelHook, "_partial_losses", recording)
+    rows = run_experiment(compose_config(REASK), tmp_path)
+    state = json.loads((tmp_path / "state.json").read_text())
+    labels = {lab["image_id"]: lab for lab in state["labels"]}
+    twice = [i for i, lab in labels.items() if len(set(lab.get("query_rounds", []))) > 1]
+    assert twice, "no image was asked in two rounds"
+    picks = [json.loads((tmp_path / f"round_0{r}/selection.json").read_text()) for r in (0, 1)]
+    assert picks[1]["reasked_images"] == len(twice) and picks[0]["reasked_images"] == 0
+    assert set(twice) <= {item["image_id"] for item in picks[1]["selected"]}
+    for image_id in twice:
+        lab = labels[image_id]
+        rounds, answers = np.array(lab["query_rounds"]), np.array(lab["answers"])
+        assert lab["round"] == 1 and len(rounds) == len(answers) == len(lab["queries"])
+        assert sorted(answers[answers >= 0].tolist()) == list(range(len(lab["boxes"])))
+        trained = seen[image_id]  # the last round's training target: the merged label
+        assert trained.query_rounds.tolist() == rounds.tolist()
+        np.testing.assert_array_equal(
+            trained.boxes, np.asarray(lab["boxes"], np.float32).reshape(-1, 4)
+        )
+    both = [i for i in twice if {1, 2} <= set(np.array(labels[i]["query_rounds"])[
+        np.array(labels[i]["answers"]) >= 0].tolist())]  # fmt: skip
+    assert both, "no image got answers in both rounds"
+    # no object charged twice: every answer is a distinct true box, and the box count grows by
+    # exactly the answers bought
+    for lab in labels.values():
+        boxes = {tuple(b) for b in lab["boxes"]}
+        assert len(boxes) == len(lab["boxes"])
+    bought = sum(len(lab["boxes"]) for lab in labels.values() if lab["kind"] == "partial")
+    assert rows[-1]["boxes"] - rows[0]["boxes"] == bought
+    assert all(rows[r + 1]["boxes"] - rows[r]["boxes"] <= 10 for r in (0, 1))
+    merged_cost = sum(lab["cost_s"] for lab in labels.values() if lab["kind"] == "partial")
+    assert merged_cost == pytest.approx(sum(p["total_cost_s"] for p in picks))
+
+
 @pytest.mark.slow
-def test_box_level_resumes_after_round_zero_like_an_uninterrupted_run(tmp_path, monkeypatch):
-    """The fault drill's round-0 crash window (tests/scripts/test_fault_drill.py): the partial
-    labels, their queries and answers come back from state.json and round 1 is redone exactly."""
+@pytest.mark.parametrize(
+    "crash",
+    [
+        "rename-done {run}/round_01",  # round 1 committed, the top state not yet
+        "write {run}/.round_01.tmp/selection.json",  # round 1's re-asks redone from round 0
+    ],
+)
+def test_box_level_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch, crash):
+    """The fault drill's crash windows around round 1 (tests/scripts/test_fault_drill.py),
+    whose selection asks partly labelled images again: the merged labels, their queries,
+    answers and rounds come back from state.json and the rest is redone exactly."""
     from alrun import io as alrun_io
     from tests.scripts.test_fault_drill import fault_drill
 
-    overrides = [*fault_drill.DEFAULT_OVERRIDES, *BOX_LEVEL, "budget.per_round=10",
-                 "strategy.scorer.score_threshold=0.0", "supervision.threshold=0.0",
-                 "budget.rounds=2"]  # fmt: skip
-    run_experiment(compose_config(overrides), tmp_path / "reference")
+    run_experiment(compose_config(REASK), tmp_path / "reference")
     expected = fault_drill.snapshot(tmp_path / "reference")
     run = tmp_path / "run"
     monkeypatch.setattr(alrun_io, "_fault_count", 0)
     monkeypatch.setenv("ALRUN_FAULT_KIND", "enospc")
-    monkeypatch.setenv("ALRUN_FAULT_AT", f"rename-done {run / 'round_01'}")
+    monkeypatch.setenv("ALRUN_FAULT_AT", crash.format(run=run))
     with pytest.raises(OSError, match="No space left"):
-        run_experiment(compose_config(overrides), run)
+        run_experiment(compose_config(REASK), run)
     monkeypatch.delenv("ALRUN_FAULT_AT")
-    run_experiment(compose_config(overrides), run)
+    run_experiment(compose_config(REASK), run)
     got = fault_drill.snapshot(run)
-    assert any(lab["kind"] == "partial" for lab in json.loads((run / "state.json").read_text())[
-        "labels"])  # fmt: skip
+    labels = json.loads((run / "state.json").read_text())["labels"]
+    assert any(len(set(lab.get("query_rounds", []))) > 1 for lab in labels)  # asked twice
     diff = fault_drill.first_difference(expected, got)
     assert diff is None, f"{diff}: resumed {got.get(diff)} vs uninterrupted {expected.get(diff)}"
