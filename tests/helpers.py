@@ -1,4 +1,4 @@
-"""Test helpers: config composition and locating the shared datasets."""
+"""Test helpers: config composition, locating the shared datasets, ground-truth targets."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from alrun.config import compose_config  # noqa: F401  (re-exported for tests)
 
@@ -18,3 +19,11 @@ def shared_dataset(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared dataset {path} not available")
     return path
+
+
+def box_target(record) -> dict:
+    """A record's ground truth as the detectors' ``losses`` take it (boxes xyxy, labels)."""
+    return {
+        "boxes": torch.as_tensor(record.boxes, dtype=torch.float32),
+        "labels": torch.as_tensor(record.labels, dtype=torch.int64),
+    }
