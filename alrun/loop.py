@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,7 @@ def run_experiment(
     world = join_world(cfg)
     try:
         if world.leader:
-            return lead(
-                world,
-                lambda announce: _lead_run(cfg, root, options, reporter, record_files, announce),
-            )
+            return lead(world, partial(_lead_run, cfg, root, options, reporter, record_files))
         return _follow(cfg, root, options)
     finally:
         distributed.leave(world)

@@ -27,3 +27,23 @@ def box_target(record) -> dict:
         "boxes": torch.as_tensor(record.boxes, dtype=torch.float32),
         "labels": torch.as_tensor(record.labels, dtype=torch.int64),
     }
+
+
+def small_faster_rcnn(num_classes: int = 3, **options):
+    """torchvision's MobileNet-v3 Faster R-CNN at 64 px, random init, on the CPU (``options``:
+    its builder's, e.g. ``box_score_thresh``)."""
+    from functools import partial
+
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    from alrun.detectors.torchvision import TorchvisionDetector
+
+    builder = partial(
+        fasterrcnn_mobilenet_v3_large_320_fpn,
+        weights=None,
+        weights_backbone=None,
+        min_size=64,
+        max_size=64,
+        **options,
+    )
+    return TorchvisionDetector(builder, num_classes=num_classes, label_offset=1, device="cpu")

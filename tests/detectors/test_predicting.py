@@ -6,7 +6,6 @@ from functools import partial
 
 import pytest
 import torch
-from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
 
 from alrun.data.synthetic import synthetic_dataset
 from alrun.detectors.predicting import checked_mc_passes
@@ -14,6 +13,7 @@ from alrun.detectors.tiny import tiny_fcos
 from alrun.detectors.torchvision import TorchvisionDetector
 from alrun.errors import AlrunError
 from alrun.types import Needs
+from tests.helpers import small_faster_rcnn
 
 PLAIN = {"dropout": False, "mixture": False}
 
@@ -63,14 +63,7 @@ def test_the_torchvision_backend_refuses_with_the_shared_line(images, needs):
 
 def test_a_two_stage_model_without_mixture_head_refuses_mixture_density(images):
     """Before one predict path, torchvision's Faster R-CNN silently left ``mdn`` out."""
-    builder = partial(
-        fasterrcnn_mobilenet_v3_large_320_fpn,
-        weights=None,
-        weights_backbone=None,
-        min_size=64,
-        max_size=64,
-    )
-    det = TorchvisionDetector(builder, num_classes=3, label_offset=1, device="cpu")
+    det = small_faster_rcnn()
     with pytest.raises(AlrunError, match="has no mixture head"):
         det.predict(images.images[:1], Needs(mixture_density=4))
 
