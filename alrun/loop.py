@@ -36,7 +36,7 @@ from alrun.logger import NullLogger
 from alrun.metrics import evaluate, failure_analysis
 from alrun.pool import LabelPool
 from alrun.progress import Reporter
-from alrun.ranks import Announce, await_start, join_world, lead
+from alrun.ranks import Announce, await_start, check_agreement, join_world, lead
 from alrun.resume import Start
 from alrun.round_files import RoundOutcome, result_row, save_predictions, write_round
 from alrun.rundir import (
@@ -215,13 +215,6 @@ def run_round(
         run_dir.commit_round(r, tmp, state, options.keep_checkpoints)
         distributed.barrier()
     return row, acquired.stopped
-
-
-def check_agreement(picked: Sequence[str], r: int) -> None:
-    """Every rank scored the same gathered predictions; a rank that picked other images than
-    rank 0 would label another pool from here on: stop instead."""
-    if distributed.current().size > 1 and distributed.broadcast(list(picked)) != list(picked):
-        raise RuntimeError(f"distributed: round {r}: this rank selected other images than rank 0")
 
 
 def _train(exp: Experiment, pool: LabelPool, r: int, reporter: Reporter) -> tuple[dict, float]:

@@ -1,5 +1,6 @@
 """The processes of one job: which rank leads, what rank 0 tells the others before the rounds,
-and the one line they end with when rank 0 fails first.
+the one line they end with when rank 0 fails first, and the check that every rank picked the
+same images.
 
 Every rank runs the same rounds (:mod:`alrun.loop`); only rank 0 reads the run directory,
 so it tells the others how the run starts (the first round, the labels, the regime's state
@@ -9,7 +10,7 @@ and the model) in one broadcast, or that it failed. Collectives live in :mod:`al
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig
@@ -81,3 +82,10 @@ def await_start() -> Any:
     if status != "ok":
         raise AlrunError(start_state or "distributed: rank 0 failed before round 0; see its log")
     return start_state
+
+
+def check_agreement(picked: Sequence[str], r: int) -> None:
+    """Every rank scored the same gathered predictions; a rank that picked other images than
+    rank 0 would label another pool from here on: stop instead."""
+    if distributed.current().size > 1 and distributed.broadcast(list(picked)) != list(picked):
+        raise RuntimeError(f"distributed: round {r}: this rank selected other images than rank 0")
