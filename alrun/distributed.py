@@ -7,7 +7,7 @@ never spawns them itself. Every process runs the whole loop on the same data and
 training is :class:`~torch.nn.parallel.DistributedDataParallel` over each device's share of the
 global batch, pool prediction is split across ranks and gathered by image id, so every rank
 scores and selects from the same predictions. Only rank 0 writes the run directory
-(:func:`alrun.loop.run_experiment`).
+(:mod:`alrun.ranks`).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def worker(args: argparse.Namespace) -> None:
     from alrun.config import compose_config
     from alrun.engine import BatchSource, train
     from alrun.experiment import build_experiment
-    from alrun.loop import join_world
+    from alrun.ranks import join_world
     from alrun.types import Needs
 
     torch.set_num_threads(1)

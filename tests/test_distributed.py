@@ -23,7 +23,8 @@ from alrun.distributed import (
     shard,
 )
 from alrun.errors import AlrunError
-from alrun.loop import join_world, run_experiment
+from alrun.loop import run_experiment
+from alrun.ranks import join_world
 from alrun.rundir import RunDir, RunDirError, config_fingerprint
 from tests.helpers import compose_config
 

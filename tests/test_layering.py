@@ -20,7 +20,7 @@ LAYERS = {
     "alrun.acquisition": 3, "alrun.supervision": 3, "alrun.oracle": 3, "alrun.pool": 3,
     "alrun.budget": 3, "alrun.metrics": 3, "alrun.recorded_oracle": 3, "alrun.annotation": 3,
     "alrun.truth": 3, "alrun.regions": 3,
-    "alrun.loop": 4, "alrun.rundir": 4,
+    "alrun.loop": 4, "alrun.rundir": 4, "alrun.ranks": 4, "alrun.resume": 4,
     "alrun.cli": 5, "alrun.config": 5, "alrun.report": 5, "alrun.callbacks": 5,
 }  # fmt: skip
 

@@ -121,33 +121,47 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_killed_rank_leaves_a_run_that_resumes(two_ranks, tmp_path):
+@pytest.fixture
+def start_ranks():
+    """``start(run_dir)`` starts the two ranks of a run by hand, with the variables torchrun
+    would set (so a test can kill one, or watch each end as under srun, where a failed rank
+    does not stop the other); a rank still running when the test ends is killed."""
+    started: list[subprocess.Popen] = []
+
+    def start(run_dir: Path) -> list[subprocess.Popen]:
+        port = str(_free_port())
+        ranks = [
+            subprocess.Popen(
+                [sys.executable, *_alrun(run_dir, "trainer.devices=2")],
+                env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in range(2)
+        ]  # fmt: skip
+        started.extend(ranks)
+        return ranks
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_killed_rank_leaves_a_run_that_resumes(two_ranks, tmp_path, start_ranks):
     """Rank 1 is killed in round 1; rank 0 fails at its next collective without committing
     round 1; torchrun then resumes the run to the uninterrupted run's results."""
     run_dir = tmp_path / "killed"
-    port = str(_free_port())
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, *_alrun(run_dir, "trainer.devices=2")],
-            env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=port),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while not (run_dir / "round_00").is_dir():
-            assert time.monotonic() < deadline and ranks[0].poll() is None, "round 0 not reached"
-            time.sleep(0.05)
-        ranks[1].send_signal(signal.SIGKILL)
-        ranks[0].wait(timeout=300)
-    finally:
-        for proc in ranks:
-            if proc.poll() is None:
-                proc.kill()
+    ranks = start_ranks(run_dir)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "round_00").is_dir():
+        assert time.monotonic() < deadline and ranks[0].poll() is None, "round 0 not reached"
+        time.sleep(0.05)
+    ranks[1].send_signal(signal.SIGKILL)
+    ranks[0].wait(timeout=300)
     assert ranks[0].returncode != 0  # it lost its peer
     assert not (run_dir / "round_01").exists()
     done = _torchrun(run_dir)
@@ -155,31 +169,15 @@ def test_a_killed_rank_leaves_a_run_that_resumes(two_ranks, tmp_path):
     assert _rounds(run_dir) == _rounds(two_ranks)
 
 
-def test_rank_0_refusing_the_folder_ends_every_rank_with_its_line(tmp_path):
+def test_rank_0_refusing_the_folder_ends_every_rank_with_its_line(tmp_path, start_ranks):
     """Rank 0 refuses before round 0; the other rank, waiting for the start state, ends with
     the same line instead of waiting forever (as under srun, which does not stop the others;
     torchrun would); nothing is written."""
     run_dir = tmp_path / "mine"
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("the user's")
-    port = str(_free_port())
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, *_alrun(run_dir, "trainer.devices=2")],
-            env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=port),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]  # fmt: skip
-    try:
-        errors = [proc.communicate(timeout=300)[1] for proc in ranks]
-    finally:
-        for proc in ranks:
-            if proc.poll() is None:
-                proc.kill()
+    ranks = start_ranks(run_dir)
+    errors = [proc.communicate(timeout=300)[1] for proc in ranks]
     for proc, stderr in zip(ranks, errors):
         lines = [line for line in stderr.splitlines() if line.startswith("alrun: error:")]
         assert proc.returncode == 2 and len(lines) == 1, stderr[-2000:]

@@ -314,3 +314,12 @@ def _rows(x: Any) -> list:
     if x is None:
         return []
     return (x.detach().cpu() if hasattr(x, "detach") else x).tolist()
+
+
+def oracle_hook(oracle: Any, name: str, *args: Any) -> None:
+    """Tell an oracle that works by batches (``oracle=human``: :meth:`HumanOracle.attach`,
+    :meth:`HumanOracle.begin_batch`) where the loop is; the simulated and recorded oracles have
+    nothing to do with it."""
+    hook = getattr(oracle, name, None)
+    if hook is not None:
+        hook(*args)

@@ -38,6 +38,7 @@ import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,6 @@ from torch import Tensor, nn
 from torchvision.ops import boxes as box_ops
 
 from alrun.data.dataset import ImageRecord
-from alrun.data.images import load_image
 from alrun.detectors.base import (
     ANCHOR_QUALITY,
     BOX_FEATURES,
@@ -87,7 +87,8 @@ from alrun.detectors.mmdet_mdn import (
 )
 from alrun.detectors.mmdet_quality import head_features, watch_head_loss
 from alrun.detectors.mmdet_views import two_stage_flip_views
-from alrun.detectors.passes import PASS_NEEDS, with_views
+from alrun.detectors.passes import PASS_NEEDS
+from alrun.detectors.predicting import checked_mc_passes, predict_in_batches
 from alrun.detectors.torchvision import HeadDropout, resolve_device
 from alrun.detectors.torchvision.mc_dropout import mc_rng
 from alrun.detectors.torchvision.probs import with_background_last
@@ -608,39 +609,10 @@ class MMDetDetector:
         """Detections per record; with ``needs.head_dropout > 0``, ``needs.passes`` MC-dropout
         passes in ``Detections.passes`` (backbone, neck and towers run once, only the last
         layers per pass, read at the reference boxes' anchors or proposals, row for row)."""
-        if needs.grads:
-            raise AlrunError(
-                "detector: gradient outputs are not implemented by the mmdet backend yet"
-            )
-        if needs.mixture_density and not self.mdn_components:
-            raise AlrunError(
-                "detector: mixture-density uncertainties asked but the head has no mixture head "
-                "(the strategy sets it up at start-up through add_mixture_head)"
-            )
-        if needs.passes > 1 and not needs.head_dropout:
-            raise AlrunError(
-                f"detector: {needs.passes} multi-pass predictions asked without MC dropout "
-                "(needs.head_dropout > 0); ensembles are alrun.detectors.passes.Ensemble"
-            )
-        mc_passes = needs.passes if needs.head_dropout > 0 else 0
-        if mc_passes and self.head_dropout == 0:
-            raise AlrunError(
-                "detector: MC-dropout passes asked but the heads have no dropout (the strategy "
-                "sets it up at start-up through enable_mc_dropout)"
-            )
-        if needs.augment:  # the backend-independent views, as any detector gets them
-            plain = self.predict(images, replace(needs, augment=()), progress)
-            return with_views(self, list(images), plain, needs.augment)
-        self.model.eval()
-        records = list(images)
-        out: list[Detections] = []
-        for start in range(0, len(records), self.predict_batch_size):
-            chunk = records[start : start + self.predict_batch_size]
-            tensors = [load_image(r).to(self.device) for r in chunk]
-            out.extend(self._forward(chunk, tensors, needs, mc_passes))
-            if progress:
-                progress(len(out), len(records))
-        return out
+        dropout, mixture = self.head_dropout > 0, self.mdn_components > 0
+        passes = checked_mc_passes(needs, dropout=dropout, mixture=mixture)
+        forward = partial(self._forward, needs=needs, mc_passes=passes)
+        return predict_in_batches(self, images, needs, progress, forward)
 
     @torch.no_grad()
     def predict_images(

@@ -6,7 +6,6 @@ mmdet's own, checkpoints, and one tiny round of the loop on CPU."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from functools import partial
@@ -15,29 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from alrun.data.synthetic import synthetic_dataset
 from alrun.detectors.base import Detector, TrainSchedule
 from alrun.errors import AlrunError
 from alrun.types import Needs
-from tests.helpers import REPO, compose_config
-
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-SKIP_REASON = (
-    "mmdet not installed in this environment: build it with `bash scripts/install_mmdet.sh` "
-    "and run `.venv-mmdet/bin/python -m pytest -m mmdet tests/detectors/test_mmdet.py`"
+from tests.detectors.mmdet_helpers import (
+    ENV,
+    SMALL,
+    faster_rcnn,
+    needs_mmdet,
+    one_cli_round,
+    retinanet,
+    short_training,
+    without_mmdet,
 )
-
-
-def have_mmdet() -> bool:
-    try:
-        import mmdet  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_mmdet = pytest.mark.skipif(not have_mmdet(), reason=SKIP_REASON)
-without_mmdet = pytest.mark.skipif(have_mmdet(), reason="mmdet is installed here")
+from tests.helpers import REPO, compose_config
 
 
 # --- without mmdet (every CI run) -----------------------------------------------------------
@@ -82,45 +72,6 @@ def test_missing_config_file_is_one_line(tmp_path):
 
 
 # --- with mmdet ---------------------------------------------------------------------------
-SMALL = {"min_size": 96, "max_size": 128}
-
-
-def retinanet(num_classes: int = 3, **options):
-    from alrun.detectors.mmdet import MMDetDetector, mmdet_model
-
-    builder = partial(
-        mmdet_model,
-        config="mmdet::_base_/models/retinanet_r50_fpn.py",
-        cfg_options={"model.test_cfg.score_thr": 0.0, **options},
-        **SMALL,
-    )
-    return MMDetDetector(builder, num_classes=num_classes, device="cpu")
-
-
-def faster_rcnn(num_classes: int = 3, **options):
-    from alrun.detectors.mmdet import MMDetDetector, mmdet_model
-
-    builder = partial(
-        mmdet_model,
-        config="mmdet::_base_/models/faster-rcnn_r50_fpn.py",
-        cfg_options={"model.test_cfg.rcnn.score_thr": 0.0, **options},
-        **SMALL,
-    )
-    return MMDetDetector(builder, num_classes=num_classes, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_dataset(6, image_size=96, split="mmdet-test")
-
-
-def short_training(det, data, iterations: int = 2) -> dict:
-    from alrun.engine import BatchSource, train
-
-    schedule = TrainSchedule(iterations=iterations, batch_size=2, warmup_iters=1, lr=0.001)
-    return train(det, [BatchSource("labelled", data)], schedule, seed=0, from_scratch=True)
-
-
 @needs_mmdet
 @pytest.mark.mmdet
 @pytest.mark.parametrize("build", [retinanet, faster_rcnn], ids=["retinanet", "faster_rcnn"])
@@ -337,11 +288,6 @@ def test_backend_independent_ensemble_and_views_on_mmdet(data):
 
 
 # --- MC dropout, teachers, flipped views ----------------------------------------------------
-#: a ResNet-18 RetinaNet (random init) for the CLI runs
-R18 = ("+detector.builder.cfg_options.model.backbone.depth=18",
-       "+detector.builder.cfg_options.model.neck.in_channels=[64,128,256,512]")  # fmt: skip
-
-
 @needs_mmdet
 @pytest.mark.mmdet
 @pytest.mark.parametrize("build", [retinanet, faster_rcnn], ids=["retinanet", "faster_rcnn"])
@@ -489,20 +435,7 @@ def test_one_round_with_the_new_capabilities(overrides, tmp_path):
     """The real CLI on detector=mmdet_retinanet_r50 (ResNet-18 at 96 px, to fit CI's mmdet
     step), one round of each strategy and regime that needs MC dropout, a teacher or flipped
     views."""
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "alrun.cli", "experiment=smoke", "detector=mmdet_retinanet_r50",
-         "detector.builder.min_size=96", "detector.builder.max_size=128",
-         "dataset.max_pool_images=8", "dataset.max_test_images=2", "budget.initial=4",
-         "budget.per_round=2", "budget.rounds=1", "trainer.batch_size=2",
-         "trainer.first_iterations=2", "trainer.iterations=1", "trainer.warmup_iters=1",
-         "trainer.lr=0.001", "quiet=true", f"hydra.run.dir={run_dir}",
-         "+detector.builder.cfg_options.model.test_cfg.score_thr=0.0", *R18, *overrides],
-        env={**ENV, "ALRUN_CACHE": str(tmp_path / "cache")}, cwd=REPO, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len((run_dir / "results.csv").read_text().splitlines()) == 3
+    run_dir, result = one_cli_round(tmp_path, "mmdet_retinanet_r50", *overrides)
     train = json.loads((run_dir / "round_01" / "metrics.json").read_text())["train"]
     assert "resnet18" not in result.stderr  # nothing downloaded
     if "supervision=pseudo_label" in overrides:

@@ -7,27 +7,23 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from alrun.data.images import load_image
-from alrun.data.synthetic import synthetic_dataset
 from alrun.detectors import base
 from alrun.errors import AlrunError
 from alrun.types import Needs
-from tests.detectors.test_mmdet import ENV, R18, faster_rcnn, needs_mmdet, retinanet
-from tests.helpers import REPO
+from tests.detectors.mmdet_helpers import (
+    faster_rcnn,
+    needs_mmdet,
+    one_cli_round,
+    retinanet,
+)
 
 pytestmark = [needs_mmdet, pytest.mark.mmdet]
 MDN_LOSSES = {"loss_mdn_classification", "loss_mdn_regression"}
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_dataset(4, image_size=96, split="mmdet-mdn")
 
 
 def _batch(data):
@@ -139,22 +135,11 @@ def test_one_round_of_al_mdn(tmp_path):
     """The real CLI: strategy=al_mdn, coupled as in the paper (the couplings' gradients are
     checked above), on detector=mmdet_retinanet_r50 (ResNet-18 at 96 px)."""
     coupling = "coupled"
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "alrun.cli", "experiment=smoke", "detector=mmdet_retinanet_r50",
-         "strategy=al_mdn", f"strategy.scorer.coupling={coupling}",
-         "strategy.scorer.score_threshold=0.0", "detector.builder.min_size=96",
-         "detector.builder.max_size=128", "dataset.max_pool_images=10",
-         "dataset.max_test_images=2", "budget.initial=4", "budget.per_round=2",
-         "budget.rounds=1", "trainer.batch_size=2", "trainer.first_iterations=2",
-         "trainer.iterations=1", "trainer.warmup_iters=1", "trainer.lr=0.001", "quiet=true",
-         f"hydra.run.dir={run_dir}",
-         "+detector.builder.cfg_options.model.test_cfg.score_thr=0.0", *R18],
-        env={**ENV, "ALRUN_CACHE": str(tmp_path / "cache")}, cwd=REPO, capture_output=True,
-        text=True, timeout=600,
+    run_dir, _ = one_cli_round(
+        tmp_path, "mmdet_retinanet_r50", "strategy=al_mdn",
+        f"strategy.scorer.coupling={coupling}", "strategy.scorer.score_threshold=0.0",
+        pool_images=10,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len((run_dir / "results.csv").read_text().splitlines()) == 3
     state = torch.load(run_dir / "round_01" / "checkpoint.pt", weights_only=True)
     assert any(k.startswith("bbox_head.mdn.") for k in state)  # trained and saved with it
     selection = json.loads((run_dir / "round_00" / "selection.json").read_text())

@@ -5,25 +5,21 @@ Marked ``mmdet`` (run with ``.venv-mmdet/bin/python -m pytest -m mmdet``)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from alrun.data.images import load_image
-from alrun.data.synthetic import synthetic_dataset
 from alrun.detectors import base
 from alrun.errors import AlrunError
-from tests.detectors.test_mmdet import ENV, R18, faster_rcnn, needs_mmdet, retinanet
-from tests.helpers import REPO
+from tests.detectors.mmdet_helpers import (
+    faster_rcnn,
+    needs_mmdet,
+    one_cli_round,
+    retinanet,
+)
 
 pytestmark = [needs_mmdet, pytest.mark.mmdet]
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_dataset(4, image_size=96, split="mmdet-miaod")
 
 
 def test_dense_batches_are_the_training_forwards_levels_anchors_and_targets(data):
@@ -69,20 +65,7 @@ def test_faster_rcnn_has_no_dense_head(data):
 def test_one_round_of_mi_aod(tmp_path):
     """The real CLI: strategy=mi_aod (its heads trained beside RetinaNet's, with the max and
     min steps on unlabelled batches) on detector=mmdet_retinanet_r50 (ResNet-18 at 96 px)."""
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "alrun.cli", "experiment=smoke", "detector=mmdet_retinanet_r50",
-         "strategy=mi_aod", "detector.builder.min_size=96", "detector.builder.max_size=128",
-         "dataset.max_pool_images=10", "dataset.max_test_images=2", "budget.initial=4",
-         "budget.per_round=2", "budget.rounds=1", "trainer.batch_size=2",
-         "trainer.first_iterations=2", "trainer.iterations=1", "trainer.warmup_iters=1",
-         "trainer.lr=0.001", "quiet=true", f"hydra.run.dir={run_dir}",
-         "+detector.builder.cfg_options.model.test_cfg.score_thr=0.0", *R18],
-        env={**ENV, "ALRUN_CACHE": str(tmp_path / "cache")}, cwd=REPO, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len((run_dir / "results.csv").read_text().splitlines()) == 3
+    run_dir, _ = one_cli_round(tmp_path, "mmdet_retinanet_r50", "strategy=mi_aod", pool_images=10)
     train = json.loads((run_dir / "round_00" / "metrics.json").read_text())["train"]
     assert "mi_aod/final_det_cls" in train and "mi_aod/final_imgcls" in train, sorted(train)
     assert train["mi_aod/unlabelled_steps"] == train["iterations"]

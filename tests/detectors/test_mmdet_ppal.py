@@ -6,33 +6,23 @@ positive anchors its assigner gives, the class tower at box centres, and one rea
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from alrun.data.images import load_image
-from alrun.data.synthetic import synthetic_dataset
 from alrun.detectors import base
 from alrun.errors import AlrunError
 from alrun.types import Needs
-from tests.detectors.test_mmdet import ENV, R18, faster_rcnn, needs_mmdet, retinanet
-from tests.helpers import REPO
+from tests.detectors.mmdet_helpers import (
+    faster_rcnn,
+    needs_mmdet,
+    one_cli_round,
+    retinanet,
+)
+from tests.helpers import box_target
 
 pytestmark = [needs_mmdet, pytest.mark.mmdet]
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_dataset(4, image_size=96, split="mmdet-ppal")
-
-
-def _target(record) -> dict[str, torch.Tensor]:
-    return {
-        "boxes": torch.as_tensor(record.boxes, dtype=torch.float32),
-        "labels": torch.as_tensor(record.labels, dtype=torch.int64),
-    }
 
 
 def test_positive_anchors_are_what_the_assigner_assigns(data):
@@ -45,7 +35,7 @@ def test_positive_anchors_are_what_the_assigner_assigns(data):
     det = retinanet(len(data.classes))
     records = data.images[:2]
     images = [load_image(r) for r in records]
-    targets = [_target(r) for r in records]
+    targets = [box_target(r) for r in records]
     seen = []
     stop = det.watch_positive_anchors(lambda *a: seen.append(a))
     det.train_mode()
@@ -136,20 +126,9 @@ def test_one_round_of_ppal(tmp_path):
     class quality (read from the head's loss) and its CCMS step on the class tower's features
     (strategy=ccms is that step alone: the matrix test covers its start-up)."""
     strategy = "ppal"
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "alrun.cli", "experiment=smoke", "detector=mmdet_retinanet_r50",
-         f"strategy={strategy}", "detector.builder.min_size=96", "detector.builder.max_size=128",
-         "dataset.max_pool_images=10", "dataset.max_test_images=2", "budget.initial=4",
-         "budget.per_round=2", "budget.rounds=1", "trainer.batch_size=2",
-         "trainer.first_iterations=2", "trainer.iterations=1", "trainer.warmup_iters=1",
-         "trainer.lr=0.001", "quiet=true", f"hydra.run.dir={run_dir}",
-         "+detector.builder.cfg_options.model.test_cfg.score_thr=0.0", *R18],
-        env={**ENV, "ALRUN_CACHE": str(tmp_path / "cache")}, cwd=REPO, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len((run_dir / "results.csv").read_text().splitlines()) == 3
+    run_dir, _ = one_cli_round(
+        tmp_path, "mmdet_retinanet_r50", f"strategy={strategy}", pool_images=10
+    )
     selection = json.loads((run_dir / "round_00" / "selection.json").read_text())
     assert len(selection["selected"]) == 2
     train = json.loads((run_dir / "round_00" / "metrics.json").read_text())["train"]

@@ -6,8 +6,6 @@ Marked ``mmdet`` (run with ``.venv-mmdet/bin/python -m pytest -m mmdet``)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,8 +16,12 @@ from alrun.detectors.base import TrainSchedule
 from alrun.pool import LabelPool
 from alrun.supervision import synthetic
 from alrun.supervision.synthetic import SyntheticPretrain
-from tests.detectors.test_mmdet import ENV, R18, faster_rcnn, needs_mmdet, retinanet
-from tests.helpers import REPO
+from tests.detectors.mmdet_helpers import (
+    faster_rcnn,
+    needs_mmdet,
+    one_cli_round,
+    retinanet,
+)
 
 pytestmark = [needs_mmdet, pytest.mark.mmdet]
 
@@ -64,23 +66,11 @@ def test_synthetic_pretraining_of_an_mmdet_model(tmp_path, monkeypatch):
 
 
 def test_one_round_of_synthetic_pretrain(tmp_path):
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "alrun.cli", "experiment=smoke", "detector=mmdet_retinanet_r50",
-         "supervision=synthetic_pretrain", "supervision.num_images=4",
-         "supervision.iterations=2", "supervision.warmup_iters=1", "supervision.image_size=64",
-         f"supervision.cache_dir={tmp_path / 'cache'}", "detector.builder.min_size=96",
-         "detector.builder.max_size=128", "dataset.max_pool_images=8",
-         "dataset.max_test_images=2", "budget.initial=4", "budget.per_round=2",
-         "budget.rounds=1", "trainer.batch_size=2", "trainer.first_iterations=2",
-         "trainer.iterations=1", "trainer.warmup_iters=1", "trainer.lr=0.001", "quiet=true",
-         f"hydra.run.dir={run_dir}",
-         "+detector.builder.cfg_options.model.test_cfg.score_thr=0.0", *R18],
-        env={**ENV, "ALRUN_CACHE": str(tmp_path / "cache")}, cwd=REPO, capture_output=True,
-        text=True, timeout=600,
+    run_dir, _ = one_cli_round(
+        tmp_path, "mmdet_retinanet_r50", "supervision=synthetic_pretrain",
+        "supervision.num_images=4", "supervision.iterations=2", "supervision.warmup_iters=1",
+        "supervision.image_size=64", f"supervision.cache_dir={tmp_path / 'cache'}",
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len((run_dir / "results.csv").read_text().splitlines()) == 3
     train = json.loads((run_dir / "round_00" / "metrics.json").read_text())["train"]
     # the smoke data has the synthetic classes: every tensor is transferred
     assert train["pretrain/loaded_tensors"] > 0 and train["pretrain/kept_tensors"] == 0

@@ -6,24 +6,15 @@ Marked ``mmdet`` (run with ``.venv-mmdet/bin/python -m pytest -m mmdet``)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from alrun.data.images import load_image
-from alrun.data.synthetic import synthetic_dataset
 from alrun.detectors import base
-from tests.detectors.test_mmdet import ENV, R18, faster_rcnn, needs_mmdet
-from tests.helpers import REPO
+from tests.detectors.mmdet_helpers import faster_rcnn, needs_mmdet, one_cli_round
 
 pytestmark = [needs_mmdet, pytest.mark.mmdet]
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_dataset(4, image_size=96, split="mmdet-views")
 
 
 def test_two_stage_views_pair_each_proposal_with_its_mirror_image(data):
@@ -85,20 +76,6 @@ def test_csd_hook_trains_through_the_two_stage_views(data):
 
 
 def test_one_round_of_consistency_on_faster_rcnn(tmp_path):
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "alrun.cli", "experiment=smoke", "detector=mmdet_faster_rcnn_r50",
-         "supervision=consistency", "detector.builder.min_size=96",
-         "detector.builder.max_size=128", "dataset.max_pool_images=8",
-         "dataset.max_test_images=2", "budget.initial=4", "budget.per_round=2",
-         "budget.rounds=1", "trainer.batch_size=2", "trainer.first_iterations=2",
-         "trainer.iterations=1", "trainer.warmup_iters=1", "trainer.lr=0.001", "quiet=true",
-         f"hydra.run.dir={run_dir}",
-         "+detector.builder.cfg_options.model.test_cfg.rcnn.score_thr=0.0", *R18],
-        env={**ENV, "ALRUN_CACHE": str(tmp_path / "cache")}, cwd=REPO, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len((run_dir / "results.csv").read_text().splitlines()) == 3
+    run_dir, _ = one_cli_round(tmp_path, "mmdet_faster_rcnn_r50", "supervision=consistency")
     train = json.loads((run_dir / "round_01" / "metrics.json").read_text())["train"]
     assert train["consistency/images"] > 0

@@ -16,6 +16,7 @@ from alrun.detectors.tiny import tiny_fcos
 from alrun.detectors.torchvision import TorchvisionDetector
 from alrun.errors import AlrunError
 from alrun.types import Needs
+from tests.helpers import small_faster_rcnn
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +78,7 @@ def test_needs_controls_optional_outputs(images):
 
 
 def test_two_stage_probs_background_last(images):
-    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
-
-    builder = partial(
-        fasterrcnn_mobilenet_v3_large_320_fpn,
-        weights=None,
-        weights_backbone=None,
-        min_size=64,
-        max_size=64,
-        box_score_thresh=0.0,
-    )
-    det = TorchvisionDetector(builder, num_classes=3, label_offset=1, device="cpu")
+    det = small_faster_rcnn(box_score_thresh=0.0)
     preds = det.predict(images.images[:2], Needs(probs=True, feats=True))
     kept = sum(len(p) for p in preds)
     assert kept > 0
@@ -229,17 +220,7 @@ def test_retinanet_post_processing_matches_torchvision(images):
 
 
 def test_faster_rcnn_post_processing_matches_torchvision(images):
-    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
-
-    builder = partial(
-        fasterrcnn_mobilenet_v3_large_320_fpn,
-        weights=None,
-        weights_backbone=None,
-        min_size=64,
-        max_size=64,
-        box_score_thresh=0.0,
-    )
-    det = TorchvisionDetector(builder, num_classes=3, label_offset=1, device="cpu")
+    det = small_faster_rcnn(box_score_thresh=0.0)
     assert det.head_type == "softmax"
     for p in _assert_same_as_stock(det, images.images[:2]):
         torch.testing.assert_close(p.class_probs, p.probs[:, :-1])
@@ -517,21 +498,12 @@ def test_tta_gives_one_pass_per_view_in_the_original_frame(images):
 
 
 def test_two_stage_proposals_feed_localization_tightness(images):
-    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
 
     from alrun.acquisition.context import AcquisitionContext, PredictionBatch
     from alrun.acquisition.multipass import PassUncertainty
     from alrun.acquisition.scores import localization_tightness
 
-    builder = partial(
-        fasterrcnn_mobilenet_v3_large_320_fpn,
-        weights=None,
-        weights_backbone=None,
-        min_size=64,
-        max_size=64,
-        box_score_thresh=0.0,
-    )
-    det = TorchvisionDetector(builder, num_classes=3, label_offset=1, device="cpu")
+    det = small_faster_rcnn(box_score_thresh=0.0)
     scorer = PassUncertainty(localization_tightness, source="none", score_threshold=0.0)
     det.prepare(scorer.needs)  # two-stage: accepted
     preds = det.predict(images.images[:2], scorer.needs)
@@ -543,17 +515,7 @@ def test_two_stage_proposals_feed_localization_tightness(images):
 
 
 def test_faster_rcnn_mc_dropout_reruns_only_the_box_predictor(images):
-    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
-
-    builder = partial(
-        fasterrcnn_mobilenet_v3_large_320_fpn,
-        weights=None,
-        weights_backbone=None,
-        min_size=64,
-        max_size=64,
-        box_score_thresh=0.0,
-    )
-    det = TorchvisionDetector(builder, num_classes=3, label_offset=1, device="cpu")
+    det = small_faster_rcnn(box_score_thresh=0.0)
     needs = Needs(probs=True, passes=3, head_dropout=0.5)
     det.prepare(needs)
     calls = _Calls(

@@ -20,19 +20,12 @@ from alrun.detectors.torchvision import TorchvisionDetector, family_capabilities
 from alrun.detectors.torchvision.postprocess_dense import centre_features
 from alrun.errors import AlrunError
 from alrun.types import Needs
-from tests.helpers import compose_config
+from tests.helpers import box_target, compose_config
 
 
 @pytest.fixture(scope="module")
 def data():
     return synthetic_dataset(4, image_size=64, split="ppal-caps")
-
-
-def _target(record) -> dict[str, torch.Tensor]:
-    return {
-        "boxes": torch.as_tensor(record.boxes, dtype=torch.float32),
-        "labels": torch.as_tensor(record.labels, dtype=torch.int64),
-    }
 
 
 def test_retinanet_positive_anchors_are_what_its_matcher_assigns(data):
@@ -42,7 +35,7 @@ def test_retinanet_positive_anchors_are_what_its_matcher_assigns(data):
     det = TorchvisionDetector(builder, len(data.classes), device="cpu")
     records = data.images[:2]
     images = [load_image(r) for r in records]
-    targets = [_target(r) for r in records]
+    targets = [box_target(r) for r in records]
     seen = []
     stop = det.watch_positive_anchors(lambda *a: seen.append(a))
     det.train_mode()
@@ -79,7 +72,7 @@ def test_positive_anchor_labels_are_dataset_classes_with_a_label_offset(data):
         partial(tiny_fcos, image_size=64), len(data.classes), device="cpu", label_offset=1
     )
     records = data.images[:2]
-    targets = [_target(r) for r in records]
+    targets = [box_target(r) for r in records]
     seen = []
     stop = det.watch_positive_anchors(lambda *a: seen.append(a))
     det.train_mode()

@@ -12,7 +12,6 @@ from functools import partial
 import pytest
 import torch
 from torchvision.models.detection import (
-    fasterrcnn_mobilenet_v3_large_320_fpn,
     ssdlite320_mobilenet_v3_large,
 )
 from torchvision.models.detection.image_list import ImageList
@@ -41,7 +40,7 @@ from alrun.supervision.consistency import (
     two_stage_views,
     unflip_locations,
 )
-from tests.helpers import compose_config
+from tests.helpers import compose_config, small_faster_rcnn
 
 T = torch.tensor
 #: alrun's earlier rule at a threshold (tests written before the CSD defaults)
@@ -304,21 +303,10 @@ def test_mirrored_proposals_cover_the_mirrored_content():
     assert not torch.allclose(pooled, pooled.flip(-1))  # the content is asymmetric
 
 
-def _tiny_faster_rcnn() -> TorchvisionDetector:
-    builder = partial(
-        fasterrcnn_mobilenet_v3_large_320_fpn,
-        weights=None,
-        weights_backbone=None,
-        min_size=64,
-        max_size=64,
-    )
-    return TorchvisionDetector(builder, num_classes=2, label_offset=1, device="cpu")
-
-
 def test_two_stage_views_pair_each_proposal_with_its_mirror():
     """The RoI head sees proposal i on the plain view and its mirror on the mirrored view: the
     pixels under each pair are mirror images of each other."""
-    detector = _tiny_faster_rcnn()
+    detector = small_faster_rcnn(num_classes=2)
     detector.train_mode()
     model, seen = detector.model, {}
     model.backbone.register_forward_pre_hook(lambda m, args: seen.update(pixels=args[0]))
@@ -350,7 +338,7 @@ def test_two_stage_views_pair_each_proposal_with_its_mirror():
 
 
 def test_two_stage_hook_loss_reaches_the_roi_box_head():
-    detector = _tiny_faster_rcnn()
+    detector = small_faster_rcnn(num_classes=2)
     detector.train_mode()
     hook = FlipConsistencyHook("u", weight=1.0, **EVERYWHERE)
     hook.before_training(detector, 1)

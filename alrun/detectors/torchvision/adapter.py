@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,7 +24,6 @@ from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import resize_boxes
 
 from alrun.data.dataset import DetectionDataset, ImageRecord
-from alrun.data.images import load_image
 from alrun.detectors.base import (
     AnchorCallback,
     DenseBatch,
@@ -37,7 +37,8 @@ from alrun.detectors.mdn import (
     install_mixture_density,
     uncertainty_at,
 )
-from alrun.detectors.passes import PASS_NEEDS, with_views
+from alrun.detectors.passes import PASS_NEEDS
+from alrun.detectors.predicting import checked_mc_passes, predict_in_batches
 from alrun.detectors.torchvision.dense_batches import DenseBatchWatch
 from alrun.detectors.torchvision.families import annotated_family, family_capabilities
 from alrun.detectors.torchvision.mc_dropout import (
@@ -311,35 +312,10 @@ class TorchvisionDetector:
         The returned ``Detections`` are the deterministic, un-augmented pass; the extra ones are
         in ``Detections.passes`` (probabilities always kept).
         """
-        if needs.grads:
-            raise AlrunError(
-                "detector: gradient outputs are not implemented by the torchvision backend yet"
-            )
-        if needs.passes > 1 and not needs.head_dropout:
-            raise AlrunError(
-                f"detector: {needs.passes} multi-pass predictions asked without MC dropout "
-                "(needs.head_dropout > 0); ensembles are alrun.detectors.passes.Ensemble"
-            )
-        mc_passes = needs.passes if needs.head_dropout > 0 else 0
-        if mc_passes and not head_dropouts(self.model):
-            raise AlrunError(
-                "detector: MC-dropout passes asked but the heads have no dropout (the strategy "
-                "sets it up at start-up through detector.prepare, or set detector.head_dropout)"
-            )
-        if needs.augment:  # the backend-independent views, as any detector gets them
-            plain = self.predict(images, replace(needs, augment=()), progress)
-            return with_views(self, list(images), plain, needs.augment)
-        self.model.eval()
-        out: list[Detections] = []
-        records = list(images)
-        for start in range(0, len(records), self.predict_batch_size):
-            chunk = records[start : start + self.predict_batch_size]
-            tensors = [load_image(r).to(self.device) for r in chunk]
-            found = self._forward(chunk, tensors, needs, mc_passes)
-            out.extend(found)
-            if progress:
-                progress(len(out), len(records))
-        return out
+        mixture = has_mixture_density(self.model)
+        passes = checked_mc_passes(needs, dropout=bool(head_dropouts(self.model)), mixture=mixture)
+        forward = partial(self._forward, needs=needs, mc_passes=passes)
+        return predict_in_batches(self, images, needs, progress, forward)
 
     @torch.no_grad()
     def predict_images(
@@ -390,13 +366,7 @@ class TorchvisionDetector:
                     per_image, centre_features(cls_maps, per_image, len(anchors[0]), padded)
                 ):
                     found["feats"] = feats
-            if needs.mixture_density:
-                if not has_mixture_density(model):
-                    raise AlrunError(
-                        "detector: mixture-density uncertainties asked but the head has no "
-                        "mixture head (the strategy sets it up at start-up through "
-                        "detector.prepare)"
-                    )
+            if needs.mixture_density:  # checked by checked_mc_passes: the head has a mixture head
                 for found, mdn in zip(per_image, uncertainty_at(model, towers, per_image)):
                     found["mdn"] = mdn
             if mc_passes:
