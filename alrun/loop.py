@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import alrun.distributed as distributed
 import alrun.resume as resume
-from alrun.annotation.oracle import AwaitingLabels, oracle_hook
+from alrun.annotation.oracle import AwaitingLabels, attach_oracle, begin_oracle_batch
 from alrun.diagnostics import collapse_reason
 from alrun.engine import STRATEGY_UNLABELLED, BatchSource, StrategyTraining
 from alrun.experiment import Experiment, build_experiment
@@ -107,7 +107,7 @@ def _lead_run(cfg, root, options, reporter, record_files, announce: Announce) ->
     run_dir.check_ours(job_log_name())  # a folder of the user's: refused before any write
     exp = build_experiment(cfg)
     fingerprint = config_fingerprint(cfg)
-    oracle_hook(exp.oracle, "attach", root)
+    attach_oracle(exp.oracle, root)
     with run_dir.lock():
         run_dir.check_config(fingerprint, options.resume)
         pool = LabelPool(exp.splits.pool.visible(), TruthAudit(exp.truth))
@@ -192,7 +192,7 @@ def run_round(
         metrics, collapsed = _evaluate(exp, r, reporter, train_stats)
         history = (*rows, {"round": r, **totals, **metrics})
         request = LabelRequest(r + 1, history, exp.detector)
-        oracle_hook(exp.oracle, "begin_batch", r + 1, exp.detector)
+        begin_oracle_batch(exp.oracle, r + 1, exp.detector)
         acquired = acquire(options, exp, pool, r, reporter, request, tmp)
         metrics = {**metrics, "pool_misses": selection_pool_misses(exp, pool, acquired)}
         outcome = RoundOutcome(metrics, train_stats, train_s, collapsed)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from alrun.annotation.oracle import oracle_hook
+from alrun.annotation.oracle import begin_oracle_batch
 from alrun.data.dataset import split_record
 from alrun.engine import starts_from_scratch
 from alrun.experiment import Experiment
@@ -37,7 +37,7 @@ def begin(exp: Experiment, pool: LabelPool, run_dir: RunDir, options: RunOptions
     state = run_dir.load_state(options.keep_checkpoints, exp.budget.rounds)
     if state is None:
         picked = initial_selection(exp, pool)
-        oracle_hook(exp.oracle, "begin_batch", 0)
+        begin_oracle_batch(exp.oracle, 0)
         pool.add(exp.regime.annotate(exp.oracle, pool.records(picked), LabelRequest(0)), 0)
         return Start(0, [])
     if state["stopped"] is None and state["last_completed_round"] < exp.budget.rounds:

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from alrun.annotation.batch import (
     ANSWERS,
@@ -316,10 +316,23 @@ def _rows(x: Any) -> list:
     return (x.detach().cpu() if hasattr(x, "detach") else x).tolist()
 
 
-def oracle_hook(oracle: Any, name: str, *args: Any) -> None:
-    """Tell an oracle that works by batches (``oracle=human``: :meth:`HumanOracle.attach`,
-    :meth:`HumanOracle.begin_batch`) where the loop is; the simulated and recorded oracles have
-    nothing to do with it."""
-    hook = getattr(oracle, name, None)
-    if hook is not None:
-        hook(*args)
+@runtime_checkable
+class BatchedOracle(Protocol):
+    """An oracle that answers by batches and must know where the loop is (``oracle=human``:
+    :class:`HumanOracle`); the simulated and recorded oracles answer at once and are not one."""
+
+    def attach(self, root: Path) -> None: ...
+
+    def begin_batch(self, batch: int, detector: Any = None) -> None: ...
+
+
+def attach_oracle(oracle: object, root: Path) -> None:
+    """Give a batched oracle the run directory its batch folders live in."""
+    if isinstance(oracle, BatchedOracle):
+        oracle.attach(root)
+
+
+def begin_oracle_batch(oracle: object, batch: int, detector: Any = None) -> None:
+    """Tell a batched oracle that the loop now asks batch ``batch``, picked by ``detector``."""
+    if isinstance(oracle, BatchedOracle):
+        oracle.begin_batch(batch, detector)

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from alrun.annotation.oracle import AwaitingLabels, HumanOracle
+from alrun.annotation.oracle import (
+    AwaitingLabels,
+    BatchedOracle,
+    HumanOracle,
+    attach_oracle,
+    begin_oracle_batch,
+)
 from alrun.errors import AlrunError
 from alrun.oracle import CostModel, SimulatedOracle
 from alrun.types import Detections
@@ -186,3 +192,20 @@ def wait_verify(oracle, proposals) -> AwaitingLabels:
     with pytest.raises(AwaitingLabels) as waiting:
         oracle.annotate(RECORDS, "verify", proposals=proposals)
     return waiting.value
+
+
+def test_only_the_human_oracle_is_told_where_the_loop_is(tmp_path):
+    """The loop tells a batched oracle its run directory and batch through a declared protocol;
+    the simulated oracle is not one and the calls leave it untouched."""
+    simulated = SimulatedOracle(CostModel())
+    oracle = HumanOracle(simulated, labels=None, partial="no")
+    oracle.check_data(SimpleNamespace(classes=CLASSES))
+    assert isinstance(oracle, BatchedOracle) and not isinstance(simulated, BatchedOracle)
+    attach_oracle(oracle, tmp_path / "run")
+    begin_oracle_batch(oracle, 1, Model())
+    assert wait(oracle).batch == 1  # exported as batch 1 under the attached run directory
+    assert (tmp_path / "run").is_dir()
+    before = dict(vars(simulated))
+    attach_oracle(simulated, tmp_path / "other")
+    begin_oracle_batch(simulated, 2)
+    assert vars(simulated) == before and not (tmp_path / "other").exists()
