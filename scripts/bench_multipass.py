@@ -65,7 +65,9 @@ def main() -> None:
         exp.detector.load_state_dict(torch.load(args.checkpoint, weights_only=True))
     else:
         schedule = instantiate(cfg.trainer)
-        schedule = type(schedule)(**{**schedule.__dict__, "iterations": args.iterations})
+        # from scratch the schedule runs first_iterations: --iterations sets both
+        its = {"iterations": args.iterations, "first_iterations": args.iterations}
+        schedule = type(schedule)(**{**schedule.__dict__, **its})
         # the benchmark trains on the pool's ground truth (exp.splits holds it; the pool's
         # ImageSet, what strategies see, has none)
         source = BatchSource("labelled", exp.splits.pool.subset(train_ids))
