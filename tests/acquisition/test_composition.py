@@ -3,7 +3,7 @@
 The 32 presets are defaults lists of those groups; ``strategy_presets.json`` is the composed
 ``strategy`` config of every preset as it was before the groups existed (generated from the
 one-file-per-preset configs; qbc, mi_aod and compas from theirs when they joined; PPAL quality and
-CCMS features keys added with their new defaults), so a preset that
+CCMS features and ComPAS re-ask keys added with their new defaults), so a preset that
 drifts fails here.
 """
 
