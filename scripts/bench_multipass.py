@@ -86,7 +86,7 @@ def main() -> None:
     print(f"{'strategy':<20}{'boxes':>7}{'predict_s':>11}{'score_s':>9}{'total_s':>9}{'ratio':>8}")
     base = None
     for name, overrides in runs.items():
-        strategy = instantiate(compose_config([*overrides, *args.override]).strategy)
+        strategy = instantiate(compose_config([*overrides, *chosen, *args.override]).strategy)
         predict_s, score_s, boxes = _time(strategy, exp.detector, records, ids, args.repeats)
         total = predict_s + score_s
         base = total if base is None else base
