@@ -6,9 +6,11 @@ Also the seeded random initial set. All randomness comes from ``(seed, round)``
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 import alrun.distributed as distributed
@@ -54,6 +56,9 @@ class PoolPredictions:
     labelled_embeddings: torch.Tensor | None = None
     labelled_preds: PredictionBatch | None = None
     labelled_targets: dict | None = None
+
+
+log = logging.getLogger("alrun")
 
 
 def unit_cost(unit: str, oracle: SimulatedOracle, pool: LabelPool, kind: str | None = None):
@@ -161,6 +166,10 @@ def labelled_pick(
             )
         nothing = Selection((), (), (), strategy.describe())  # this round's scoring
         return replace(found, selection=nothing, labels=[], stopped=stopped)
+    if not isinstance(strategy, BoxQueryStrategy):
+        warning = tie_warning(strategy.name, scores, len(picked))
+        if warning is not None:
+            log.warning(warning)
     labels = exp.regime.annotate(exp.oracle, pool.records(picked), request)
     selection = Selection(
         tuple(picked),
@@ -250,3 +259,20 @@ def selection_pool_misses(
         return None
     records = [exp.truth[p.image_id] for p in acquired.preds]  # the evaluator's truth
     return pool_misses(records, acquired.preds, acquired.selection.image_ids, threshold)
+
+
+def tie_warning(name: str, scores: dict[str, float], picked: int) -> str | None:
+    """A line when the strategy could not tell the candidates apart: every image scored the same
+    (an untrained model finds no box above the score threshold, so each scores ``empty``). The
+    pick is then the seeded tie-break's, i.e. random, and the run should say so."""
+    if picked >= len(scores) or len(scores) < 2:
+        return None
+    values = np.asarray(list(scores.values()), dtype=float)
+    same = bool(np.all(values == values[0])) or bool(np.all(np.isnan(values)))
+    if not same:
+        return None
+    return (
+        f"strategy={name}: all {len(scores)} candidate images scored the same ({values[0]:g}: "
+        "e.g. no box above the score threshold); this round's picks follow the seeded "
+        "tie-break, as random would"
+    )
