@@ -87,6 +87,21 @@ def test_engine_trains_an_mmdet_model(build, data):
 
 @needs_mmdet
 @pytest.mark.mmdet
+def test_building_a_model_does_not_print_every_parameters_init(capfd):
+    """mmengine writes each parameter's init at INFO when no log file is attached; alrun builds
+    with its logger at WARNING, and puts the level back after."""
+    from mmengine.logging import MMLogger
+
+    level = MMLogger.get_current_instance().level
+    det = retinanet()
+    out, err = capfd.readouterr()
+    assert "Init" not in out + err and "bbox_head.retina_cls" not in out + err
+    assert MMLogger.get_current_instance().level == level
+    assert det.model.bbox_head.retina_cls.bias.mean().item() < -4  # the prior init still ran
+
+
+@needs_mmdet
+@pytest.mark.mmdet
 def test_retinanet_keeps_probs_and_feats_and_matches_mmdet_predict(data):
     det = retinanet()
     preds = det.predict(data.images, Needs(probs=True, feats=True, embedding=True))
