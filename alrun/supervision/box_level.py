@@ -246,7 +246,7 @@ class BoxLevelSupervision(BaseRegime):
         progress: Progress | None = None,
         strategy: StrategyTraining = NO_STRATEGY_TRAINING,
     ) -> dict[str, float]:
-        partial = [i for i in pool.labelled_ids if pool.labels[i].kind == "partial"]
+        partial = pool.partial_ids
         sources = [BatchSource("labelled", pool.training_set())]
         if partial:
             sources.append(
