@@ -52,7 +52,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def _zero_thresholds(node) -> None:
+def zero_score_thresholds(node) -> None:
+    """Every ``score_threshold`` / ``threshold`` float under ``node`` set to 0, in place: an
+    untrained or barely trained model's boxes then all count (tests/test_streaming.py too)."""
     from omegaconf import DictConfig, ListConfig
 
     if isinstance(node, DictConfig):
@@ -60,10 +62,10 @@ def _zero_thresholds(node) -> None:
             if key in ("score_threshold", "threshold") and isinstance(node[key], float):
                 node[key] = 0.0
             else:
-                _zero_thresholds(node[key])
+                zero_score_thresholds(node[key])
     elif isinstance(node, ListConfig):
         for item in node:
-            _zero_thresholds(item)
+            zero_score_thresholds(item)
 
 
 def one(size: int, strategy: str, path: str, shard_size: int, image_size: int) -> dict:
@@ -95,7 +97,7 @@ def one(size: int, strategy: str, path: str, shard_size: int, image_size: int) -
     if strategy == "ppal":
         overrides.append("strategy.scorer.quality=post_nms")
     cfg = compose_config(overrides)
-    _zero_thresholds(cfg.strategy.scorer)
+    zero_score_thresholds(cfg.strategy.scorer)
     exp = build_experiment(cfg)
     pool = LabelPool(exp.splits.pool.visible())
     picked = initial_selection(exp, pool)

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from omegaconf import DictConfig, ListConfig
 
 from alrun.errors import AlrunError
 from alrun.loop import build_experiment, derive_seed, initial_selection, run_experiment
@@ -23,6 +22,7 @@ from alrun.seeding import Purpose
 from alrun.selection import select_round, selection_pool_misses
 from alrun.streaming import batch_unit, shard_length, stream_round
 from alrun.supervision.base import LabelRequest
+from scripts.bench_pool import zero_score_thresholds
 from tests.helpers import REPO, compose_config
 
 #: 26 pool images after the initial 6; prediction batches of 4, shards of 6 -> 8 (4 shards)
@@ -82,7 +82,9 @@ def _trained(preset: str):
     fit = FIT.get(preset, [])
     tiny = [o for o in TINY if not (o.startswith("detector.builder") and "detector=" in str(fit))]
     cfg = compose_config([*tiny, f"strategy={preset}", *fit])
-    _keep_every_box(cfg.strategy)
+    # a 2-iteration model's boxes score ~0.01: with the presets' thresholds every image would
+    # be empty (one score for all: a comparison that sees nothing)
+    zero_score_thresholds(cfg.strategy)
     exp = build_experiment(cfg)
     pool = LabelPool(exp.splits.pool.visible())
     picked = initial_selection(exp, pool)
@@ -90,20 +92,6 @@ def _trained(preset: str):
     seed = derive_seed(exp.seed, 0, Purpose.TRAIN)
     exp.regime.train(exp.detector, pool, exp.schedule, seed, 0, None, strategy=exp.training)
     return exp, pool
-
-
-def _keep_every_box(node) -> None:
-    """Score thresholds to 0: a 2-iteration model's boxes score ~0.01, and with the presets'
-    thresholds every image would be empty (one score for all: a comparison that sees nothing)."""
-    if isinstance(node, DictConfig):
-        for key in list(node.keys()):
-            if key in ("score_threshold", "threshold") and isinstance(node[key], float):
-                node[key] = 0.0
-            else:
-                _keep_every_box(node[key])
-    elif isinstance(node, ListConfig):
-        for item in node:
-            _keep_every_box(item)
 
 
 def _record(exp, pool, acquired) -> dict:
