@@ -15,6 +15,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts with one torch thread and leaves it so, even one that changes it
+    (``test_resume_with_another_thread_count_is_refused``) and fails before putting it back."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def synthetic_cache(tmp_path_factory) -> Path:
     """Synthetic images are materialised once per test session, never under the repo."""

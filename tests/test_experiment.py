@@ -4,7 +4,6 @@ strategy training handed explicitly to the regime, ensemble members built fresh 
 from __future__ import annotations
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from alrun.errors import AlrunError
@@ -28,14 +27,6 @@ TINY = [
     "trainer.batch_size=2",
     "detector.builder.image_size=64",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _loss_prediction_plus_ensemble():

@@ -21,17 +21,6 @@ from tests.helpers import REPO, compose_config
 SMOKE = ["experiment=smoke", "quiet=true"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: extra threads only fight (10x slower)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(tmp: Path, overrides: list[str]) -> list[dict]:
     return run_experiment(compose_config(SMOKE + overrides), tmp)
 

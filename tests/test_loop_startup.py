@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 from hydra.errors import InstantiationException
 
 from alrun.errors import AlrunError
@@ -31,14 +30,6 @@ def refusal(cfg) -> str:
         assert isinstance(cause, AlrunError), repr(cause)
         return str(cause)
     raise AssertionError("build_experiment accepted the config")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -6,33 +6,18 @@ import logging
 import math
 
 import pytest
-import torch
 
-from alrun.loop import build_experiment, derive_seed, initial_selection
-from alrun.pool import LabelPool
 from alrun.progress import Reporter
-from alrun.seeding import Purpose
 from alrun.selection import select_round, tie_warning
 from alrun.supervision.base import LabelRequest
-from tests.helpers import compose_config
-from tests.test_streaming import TINY
+from tests.test_streaming import _trained
 
 
 def _first_selection(caplog, *overrides: str):
     """Round 0 trained 2 iterations on the smoke data, then the real acquisition step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        exp = build_experiment(compose_config([*TINY, "strategy=entropy", *overrides]))
-        pool = LabelPool(exp.splits.pool.visible())
-        picked = initial_selection(exp, pool)
-        pool.add(exp.regime.annotate(exp.oracle, pool.records(picked), LabelRequest(0)), 0)
-        seed = derive_seed(exp.seed, 0, Purpose.TRAIN)
-        exp.regime.train(exp.detector, pool, exp.schedule, seed, 0, None, strategy=exp.training)
-        with caplog.at_level(logging.WARNING, logger="alrun"):
-            return select_round(exp, pool, 0, Reporter(True), LabelRequest(1, (), exp.detector))
-    finally:
-        torch.set_num_threads(threads)
+    exp, pool = _trained("entropy", *overrides, keep_every_box=False)
+    with caplog.at_level(logging.WARNING, logger="alrun"):
+        return select_round(exp, pool, 0, Reporter(True), LabelRequest(1, (), exp.detector))
 
 
 def test_a_model_that_finds_nothing_is_said_to_pick_by_tie_break(caplog):

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from alrun.errors import AlrunError
 from alrun.loop import build_experiment, derive_seed, initial_selection, run_experiment
@@ -69,22 +68,15 @@ FIT = {
 COARSE = ("has_detection", "mc_variation_ratio")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _trained(preset: str):
+def _trained(preset: str, *overrides: str, keep_every_box: bool = True):
     """A run's state after round 0 trained (strategy hooks included), before its selection."""
     fit = FIT.get(preset, [])
     tiny = [o for o in TINY if not (o.startswith("detector.builder") and "detector=" in str(fit))]
-    cfg = compose_config([*tiny, f"strategy={preset}", *fit])
-    # a 2-iteration model's boxes score ~0.01: with the presets' thresholds every image would
-    # be empty (one score for all: a comparison that sees nothing)
-    zero_score_thresholds(cfg.strategy)
+    cfg = compose_config([*tiny, f"strategy={preset}", *fit, *overrides])
+    if keep_every_box:
+        # a 2-iteration model's boxes score ~0.01: with the presets' thresholds every image
+        # would be empty (one score for all: a comparison that sees nothing)
+        zero_score_thresholds(cfg.strategy)
     exp = build_experiment(cfg)
     pool = LabelPool(exp.splits.pool.visible())
     picked = initial_selection(exp, pool)

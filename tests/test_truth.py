@@ -219,14 +219,6 @@ def test_the_finder_finds_truth_handed_on():
     assert finder.find(lookup) == ".__self__"  # a closure or a bound method of the store
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.integration  # a smoke round, ~10 s on 2 shared cores
 def test_no_call_receives_hidden_truth_in_a_full_supervision_round(monkeypatch, tmp_path):
     calls, leaks = _run_watched(monkeypatch, tmp_path, ["strategy=entropy"])

@@ -217,14 +217,6 @@ def test_bad_configuration_is_a_one_line_error(kwargs, needle):
 SMOKE = ["experiment=smoke", "quiet=true"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [

@@ -96,16 +96,6 @@ PAIRS = [
 FAST = 3
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_every_family_is_drilled_in_the_fast_tier():
     drilled = [name for pair in PAIRS for name in pair]
     assert sorted(drilled) == sorted(FAMILIES)
