@@ -89,3 +89,26 @@ def one_cli_round(
     assert result.returncode == 0, result.stderr[-3000:]
     assert len((run_dir / "results.csv").read_text().splitlines()) == 3
     return run_dir, result
+
+
+def csd_training_step(det, records):
+    """One step of CSD's flip-consistency hook on ``records`` as an unlabelled batch, the
+    detector in training mode; the summed class + box loss (backward already run) and the hook."""
+    import torch
+
+    from alrun.data.images import load_image
+    from alrun.engine import Batch, BatchSource, Step
+    from alrun.supervision.consistency import ConsistencyRule, FlipConsistencyHook
+
+    det.train_mode()
+    rule = ConsistencyRule(match="threshold", match_threshold=0.0)  # a young head: all match
+    hook = FlipConsistencyHook("u", 1.0, 1.0, rule, ramp="linear", rampup=0.0, rampdown=0.0)
+    hook.before_training(det, 1)
+    images = [load_image(r) for r in records]
+    ids = tuple(str(i) for i in range(len(images)))
+    batch = Batch(BatchSource("u", None, role="unlabelled"), images, None, ids, (0,) * len(ids))
+    losses = hook.extra_losses(Step(0, 1, 0.01, det, {"u": batch}))
+    total = losses["class"] + losses["box"]
+    assert torch.isfinite(total) and hook.sums["matched"] > 0
+    total.backward()
+    return total, hook

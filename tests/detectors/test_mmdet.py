@@ -20,6 +20,7 @@ from alrun.types import Needs
 from tests.detectors.mmdet_helpers import (
     ENV,
     SMALL,
+    csd_training_step,
     faster_rcnn,
     needs_mmdet,
     one_cli_round,
@@ -411,8 +412,6 @@ def test_flipped_views_for_csd(data):
     """flip_view_outputs: one pass over the batch and its mirror image; the mirrored half is
     exactly the plain outputs of the mirrored image, and CSD's hook trains through it."""
     from alrun.data.images import load_image
-    from alrun.engine import Batch, BatchSource, Step
-    from alrun.supervision.consistency import ConsistencyRule, FlipConsistencyHook
 
     det = retinanet()
     det.model.eval()  # BatchNorm statistics of the batch would couple the two halves
@@ -424,16 +423,7 @@ def test_flipped_views_for_csd(data):
     assert views.cls.shape[1] == sum(h * w for h, w in views.shapes) * 9
     torch.testing.assert_close(views.cls[1], mirrored.cls[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(views.box[1], mirrored.box[0], atol=1e-4, rtol=1e-4)
-    det.train_mode()
-    rule = ConsistencyRule(match="threshold", match_threshold=0.0)  # a young head: all match
-    hook = FlipConsistencyHook("u", 1.0, 1.0, rule, ramp="linear", rampup=0.0, rampdown=0.0)
-    hook.before_training(det, 1)
-    images = [load_image(r) for r in data.images[:2]]
-    batch = Batch(BatchSource("u", None, role="unlabelled"), images, None, ("a", "b"), (0, 0))
-    losses = hook.extra_losses(Step(0, 1, 0.01, det, {"u": batch}))
-    total = losses["class"] + losses["box"]
-    assert torch.isfinite(total) and hook.sums["matched"] > 0
-    total.backward()
+    csd_training_step(det, data.images[:2])
     grad = det.model.bbox_head.retina_cls.weight.grad
     assert grad is not None and float(grad.abs().sum()) > 0
 

@@ -12,7 +12,12 @@ import torch
 
 from alrun.data.images import load_image
 from alrun.detectors import base
-from tests.detectors.mmdet_helpers import faster_rcnn, needs_mmdet, one_cli_round
+from tests.detectors.mmdet_helpers import (
+    csd_training_step,
+    faster_rcnn,
+    needs_mmdet,
+    one_cli_round,
+)
 
 pytestmark = [needs_mmdet, pytest.mark.mmdet]
 
@@ -55,20 +60,8 @@ def test_two_stage_views_pair_each_proposal_with_its_mirror_image(data):
 
 
 def test_csd_hook_trains_through_the_two_stage_views(data):
-    from alrun.engine import Batch, BatchSource, Step
-    from alrun.supervision.consistency import ConsistencyRule, FlipConsistencyHook
-
     det = faster_rcnn(len(data.classes))
-    det.train_mode()
-    rule = ConsistencyRule(match="threshold", match_threshold=0.0)  # a young head: all match
-    hook = FlipConsistencyHook("u", 1.0, 1.0, rule, ramp="linear", rampup=0.0, rampdown=0.0)
-    hook.before_training(det, 1)
-    images = [load_image(r) for r in data.images[:2]]
-    batch = Batch(BatchSource("u", None, role="unlabelled"), images, None, ("a", "b"), (0, 0))
-    losses = hook.extra_losses(Step(0, 1, 0.01, det, {"u": batch}))
-    total = losses["class"] + losses["box"]
-    assert torch.isfinite(total) and hook.sums["matched"] > 0
-    total.backward()
+    csd_training_step(det, data.images[:2])
     bbox_head = det.model.roi_head.bbox_head
     assert float(bbox_head.fc_cls.weight.grad.abs().sum()) > 0
     assert float(bbox_head.fc_reg.weight.grad.abs().sum()) > 0
