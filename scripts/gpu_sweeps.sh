@@ -9,6 +9,8 @@
 #              least_confidence, mc_entropy, al_mdn, coreset, badge, ppal
 #   bccd_weak  experiment=bccd_lite0, random: supervision=full vs weak_point, weak_point_soft,
 #              pseudo_label
+#   cards, cards_weak, txl, txl_weak   the same two sweeps on experiment=cards_lite0 and
+#              experiment=txlpbc_lite0 (datasets at their presets' roots under ../shared)
 # Each is one `alrun -m` sweep with Hydra's joblib launcher (JOBS jobs, one torch thread each);
 # each ends with its alrun-report (<sweep dir>/report/). Then every report's table is printed.
 #
@@ -16,7 +18,9 @@
 #   WHICH="bccd" SEEDS=0 BCCD_ROOT=/data/bccd bash scripts/gpu_sweeps.sh
 # Env: PY (python with alrun importable; default .venv/bin/python, else python3), JOBS (12),
 # SEEDS (0,1,2), WHICH, BCCD_ROOT (../shared/datasets/bccd), GPU_SWEEPS_DIR (outputs/gpu_sweeps),
-# DEMO_STRATEGIES / BCCD_STRATEGIES (comma lists) to run fewer, EXTRA (overrides added to every
+# DEMO_STRATEGIES / BCCD_STRATEGIES (the bccd, cards and txl sweeps) / REGIMES (the *_weak sweeps;
+# without `full`, report them beside the strategy sweep's random runs) as comma lists to run
+# fewer, EXTRA (overrides added to every
 # sweep, e.g. EXTRA="trainer.iterations=1 trainer.first_iterations=1 budget.rounds=1" to check
 # the script itself in a minute).
 # Runs already complete in GPU_SWEEPS_DIR are kept (alrun refuses to overwrite a finished run and
@@ -31,6 +35,7 @@ BCCD_ROOT=${BCCD_ROOT:-../shared/datasets/bccd}
 DIR=${GPU_SWEEPS_DIR:-outputs/gpu_sweeps}
 DEMO_STRATEGIES=${DEMO_STRATEGIES:-random,ppal,ccms,loc_stability,cald,tta_inconsistency,loss_prediction,box_in_box,badge}
 BCCD_STRATEGIES=${BCCD_STRATEGIES:-random,entropy,least_confidence,mc_entropy,al_mdn,coreset,badge,ppal}
+REGIMES=${REGIMES:-full,weak_point,weak_point_soft,pseudo_label}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=${WANDB_MODE:-disabled}
 
 sweep() {  # name, report group key, baseline, overrides...
@@ -57,8 +62,14 @@ for which in $WHICH; do
     bccd) sweep bccd strategy.name random experiment=bccd_lite0 "dataset.root=$BCCD_ROOT" \
       "strategy=$BCCD_STRATEGIES" ;;
     bccd_weak) sweep bccd_weak choices.supervision full experiment=bccd_lite0 \
-      "dataset.root=$BCCD_ROOT" strategy=random supervision=full,weak_point,weak_point_soft,pseudo_label ;;
-    *) echo "gpu_sweeps: unknown sweep '$which' (demo, demo_weak, bccd, bccd_weak)" >&2; exit 2 ;;
+      "dataset.root=$BCCD_ROOT" strategy=random "supervision=$REGIMES" ;;
+    cards) sweep cards strategy.name random experiment=cards_lite0 "strategy=$BCCD_STRATEGIES" ;;
+    cards_weak) sweep cards_weak choices.supervision full experiment=cards_lite0 strategy=random \
+      "supervision=$REGIMES" ;;
+    txl) sweep txl strategy.name random experiment=txlpbc_lite0 "strategy=$BCCD_STRATEGIES" ;;
+    txl_weak) sweep txl_weak choices.supervision full experiment=txlpbc_lite0 strategy=random \
+      "supervision=$REGIMES" ;;
+    *) echo "gpu_sweeps: unknown sweep '$which' (demo, demo_weak, bccd, bccd_weak, cards, cards_weak, txl, txl_weak)" >&2; exit 2 ;;
   esac
 done
 for which in $WHICH; do
