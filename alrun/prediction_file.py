@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ class PredictionWriter:
             self.layout[name] = (dtype, shape, rows + len(array))
         self.first = False
 
-    def finish(self, scores: dict[str, float] | None) -> None:
+    def finish(self, scores: Mapping[str, float] | None) -> None:
         scores = scores or {}
         small = {
             "image_ids": np.asarray(self.ids, dtype=str),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 import alrun.distributed as distributed
 from alrun.acquisition.compas import BoxQueryStrategy
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
+from alrun.acquisition.pool_values import PoolValues
 from alrun.acquisition.select import TopK
 from alrun.acquisition.strategies import RandomScore
 from alrun.budget import check_initial_affordable, cost_function
@@ -40,11 +42,11 @@ class RoundSelection:
     stopped: str | None
     timings: dict[str, float]
     preds: list[Detections] | None = None
-    scores: dict[str, float] | None = None
+    scores: Mapping[str, float] | None = None
     batch: PredictionBatch | None = None  # ``preds`` as the ragged batch the strategy saw
     #: a streamed pool (alrun.streaming): (objects, missed) per scored image instead of
     #: ``preds``, and whether its predictions were already written to preds.npz
-    misses: dict[str, tuple[int, int]] | None = None
+    misses: Mapping[str, tuple[int, int]] | None = None
     saved: bool = False
 
 
@@ -261,13 +263,16 @@ def selection_pool_misses(
     return pool_misses(records, acquired.preds, acquired.selection.image_ids, threshold)
 
 
-def tie_warning(name: str, scores: dict[str, float], picked: int) -> str | None:
+def tie_warning(name: str, scores: Mapping[str, float], picked: int) -> str | None:
     """A line when the strategy could not tell the candidates apart: every image scored the same
     (an untrained model finds no box above the score threshold, so each scores ``empty``). The
     pick is then the seeded tie-break's, i.e. random, and the run should say so."""
     if picked >= len(scores) or len(scores) < 2:
         return None
-    values = np.asarray(list(scores.values()), dtype=float)
+    if isinstance(scores, PoolValues):  # a streamed step's scores, already an array
+        values = scores.values[scores.present]
+    else:
+        values = np.asarray(list(scores.values()), dtype=float)
     same = bool(np.all(values == values[0])) or bool(np.all(np.isnan(values)))
     if not same:
         return None

@@ -21,11 +21,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import alrun.distributed as distributed
 from alrun.acquisition.compas import BoxQueryStrategy
 from alrun.acquisition.context import PredictionBatch
+from alrun.acquisition.pool_values import PoolValues
 from alrun.acquisition.streaming import (
     Keep,
     concat,
@@ -84,7 +86,8 @@ def stream_round(
     ):
         return select_round(exp, pool, r, reporter, request)  # nothing predicted on the pool
     strategy = exp.strategy
-    plan = plan_for(strategy)
+    ids = pool.dataset.ids  # scores and miss counts are held by pool position, not in dicts
+    plan = plan_for(strategy, lambda: PoolValues(ids, pool.index))
     timings = {"predict_s": 0.0, "score_s": 0.0, "select_s": 0.0}
     found = labelled_predictions(exp, pool, needs)
     context = _context(exp, pool, r, request, found)
@@ -94,7 +97,7 @@ def stream_round(
         first_needs = needs  # a diversity stage over a random pre-selection: one pass
         plan = replace(plan, keep=plan.keep.merge(plan.second_pass), second_pass=None)
     writer = PredictionWriter(save_to) if save_to is not None else None
-    misses: dict[str, tuple[int, int]] = {}
+    misses = PoolValues(ids, pool.index, width=2, dtype=np.int64)  # (objects, missed)
     kept: list[PredictionBatch] = []
     try:
         unit = batch_unit(exp, first_needs)

@@ -135,9 +135,14 @@ class AcquisitionContext:
         timestamps or sequence numbers), which is a systematic bias; a permutation drawn from
         ``(seed, round)`` is deterministic per seed and unrelated to names.
         """
-        ordered = sorted(self.pool_ids)
-        perm = self.rng(Purpose.TIE_BREAK).permutation(len(ordered))
+        ordered, perm = self.tie_order()
         return {ordered[i]: rank for rank, i in enumerate(perm.tolist())}
+
+    def tie_order(self) -> tuple[list[str], np.ndarray]:
+        """:meth:`tie_rank` as the sorted pool ids and the seeded permutation of them:
+        ``ordered[perm[r]]`` has tie rank r (no per-image dict, for a pool held in arrays)."""
+        ordered = sorted(self.pool_ids)
+        return ordered, self.rng(Purpose.TIE_BREAK).permutation(len(ordered))
 
 
 @runtime_checkable

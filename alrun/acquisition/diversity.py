@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from alrun.acquisition.context import AcquisitionContext, Selector
-from alrun.acquisition.select import fill_budget, ranked
+from alrun.acquisition.select import fill_budget, pool_ranking
 from alrun.errors import AlrunError
 from alrun.params import PositiveInt, Range
 from alrun.seeding import Purpose
@@ -327,7 +327,7 @@ class TwoPhase:
         """The first phase: the best-scored images within ``expand_ratio x budget`` (a
         streamed pool predicts what the diversity stage reads for these only)."""
         check_scores(scores)
-        order = ranked(scores, context.tie_rank())
+        order = pool_ranking(scores, context)
         wide = context.budget * self.expand_ratio
         keep = fill_budget(order, wide, context.cost_of, "skip")
         if len(keep) == len(order) and math.isfinite(context.budget):

@@ -6,7 +6,10 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 from alrun.acquisition.context import AcquisitionContext
+from alrun.acquisition.pool_values import PoolValues
 from alrun.budget import FILL_POLICIES
 from alrun.errors import AlrunError
 
@@ -15,6 +18,20 @@ def ranked(scores: Mapping[str, float], tie_rank: Mapping[str, int]) -> list[str
     """Image ids by descending score; equal scores in ``tie_rank`` order (a seeded permutation,
     see :meth:`AcquisitionContext.tie_rank`), so the order never depends on dict order or ids."""
     return sorted(scores, key=lambda i: (-scores[i], tie_rank[i]))
+
+
+def pool_ranking(scores: Mapping[str, float], context: AcquisitionContext) -> list[str]:
+    """:func:`ranked` with the context's seeded tie-break. Scores held in a
+    :class:`PoolValues` (a streamed step) are ranked as arrays, in the same order, without a
+    per-image tie-rank dict or sort key."""
+    if not isinstance(scores, PoolValues):
+        return ranked(scores, context.tie_rank())
+    ordered, perm = context.tie_order()
+    rank = np.full(len(scores.values), len(perm), dtype=np.int64)
+    rank[scores.positions(ordered)[perm]] = np.arange(len(perm))
+    at = scores.set_positions()
+    order = at[np.lexsort((rank[at], -scores.values[at]))]
+    return [scores.ids[p] for p in order]
 
 
 def fill_budget(
@@ -51,7 +68,7 @@ class TopK:
         for image_id, score in scores.items():
             if math.isnan(score):
                 raise ValueError(f"score of image '{image_id}' is NaN")
-        order = ranked(scores, context.tie_rank())
+        order = pool_ranking(scores, context)
         return fill_budget(order, context.budget, context.cost_of, context.fill)
 
     def describe(self) -> dict[str, Any]:

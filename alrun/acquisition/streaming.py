@@ -39,6 +39,7 @@ from alrun.acquisition.heuristics import BoxInBox, DetectionCount, HasDetection
 from alrun.acquisition.learned import _HeadScorer
 from alrun.acquisition.mixture import MixtureUncertainty
 from alrun.acquisition.multipass import PassUncertainty
+from alrun.acquisition.pool_values import PoolValues
 from alrun.acquisition.ppal import DifficultyCalibratedUncertainty
 from alrun.acquisition.qbc import CommitteeDisagreement
 from alrun.acquisition.reduction import box_confidence, kept_rows
@@ -145,17 +146,23 @@ def _badge_features(selector: Badge) -> Callable[[AcquisitionContext], Tensor]:
     return features
 
 
+#: where a streamed scorer's per-shard scores gather: a :class:`PoolValues` over the pool in a
+#: streamed step (:mod:`alrun.streaming`), so no per-image dict grows with the pool
+ScoreStore = Callable[[], dict[str, float] | PoolValues]
+
+
 class ShardScores:
     """A scorer fed shard by shard: :meth:`add` each shard's context, :meth:`finish` with the
-    whole step's context (its ``preds`` the kept reductions) for the image scores."""
+    whole step's context (its ``preds`` the kept reductions) for the image scores, gathered
+    in a new ``store()``."""
 
-    def __init__(self, scorer: Any):
+    def __init__(self, scorer: Any, store: ScoreStore = dict):
         self.scorer = scorer
         self.parts: dict[str, ShardScores] = {}
-        self.scores: dict[str, float] = {}
+        self.scores = store()
         if isinstance(scorer, WeightedSum):
             self.mode = "sum"
-            self.parts = {k: ShardScores(s) for k, s in scorer.scorers.items()}
+            self.parts = {k: ShardScores(s, store) for k, s in scorer.scorers.items()}
         elif isinstance(scorer, PER_IMAGE_SCORERS):
             self.mode = "shard"
         elif isinstance(scorer, MixtureUncertainty):
@@ -233,8 +240,9 @@ class StreamPlan:
         return self.scoring.streamed and not self.keep.everything
 
 
-def plan_for(strategy: Any) -> StreamPlan:
-    scoring = ShardScores(strategy.scorer)
+def plan_for(strategy: Any, store: ScoreStore = dict) -> StreamPlan:
+    """``store``: where the per-shard scores gather (see :class:`ShardScores`)."""
+    scoring = ShardScores(strategy.scorer, store)
     selector = strategy.selector
     if isinstance(selector, TwoPhase):
         return StreamPlan(scoring, scoring.keep, second_pass=selector_keep(selector.diversity))
