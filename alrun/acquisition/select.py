@@ -29,9 +29,11 @@ def pool_ranking(scores: Mapping[str, float], context: AcquisitionContext) -> li
     ordered, perm = context.tie_order()
     rank = np.full(len(scores.values), len(perm), dtype=np.int64)
     rank[scores.positions(ordered)[perm]] = np.arange(len(perm))
-    at = scores.set_positions()
-    order = at[np.lexsort((rank[at], -scores.values[at]))]
-    return [scores.ids[p] for p in order]
+    del ordered, perm
+    # every pool position sorted, then the unscored dropped (the stable sort keeps the order
+    # of the rest): no per-candidate copies of the keys
+    order = np.lexsort((rank, -scores.values))
+    return [scores.ids[p] for p in order[scores.present[order]]]
 
 
 def fill_budget(
