@@ -31,13 +31,14 @@ from alrun.acquisition.pool_values import PoolValues
 from alrun.acquisition.streaming import (
     Keep,
     concat,
+    ids_only,
+    one_head,
     plan_for,
     precomputed_features,
     reduce_shard,
     select_rows,
     shard_context,
 )
-from alrun.data.dataset import ImageRef
 from alrun.detectors.passes import VIEW_BATCH
 from alrun.experiment import Experiment
 from alrun.metrics import image_misses
@@ -91,27 +92,29 @@ def stream_round(
     timings = {"predict_s": 0.0, "score_s": 0.0, "select_s": 0.0}
     found = labelled_predictions(exp, pool, needs)
     context = _context(exp, pool, r, request, found)
-    records = pool.records(pool.unlabelled_ids)
+    pool_ids = context.pool_ids  # the unlabelled images, predicted in this order
     first_needs = strategy.scorer.needs if plan.second_pass is not None else needs
     if not (first_needs.detections or first_needs.embedding):
         first_needs = needs  # a diversity stage over a random pre-selection: one pass
         plan = replace(plan, keep=plan.keep.merge(plan.second_pass), second_pass=None)
     writer = PredictionWriter(save_to) if save_to is not None else None
-    misses = PoolValues(ids, pool.index, width=2, dtype=np.int64)  # (objects, missed)
+    misses = PoolValues(ids, pool.index, width=2, dtype=np.int32)  # (objects, missed)
+    keeps_nothing = plan.keep == Keep()  # top-k: scores only, no per-shard batch kept
     kept: list[PredictionBatch] = []
+    heads: set[str] = set()
     try:
         unit = batch_unit(exp, first_needs)
         length = shard_length(shard_size, unit)
         with reporter.task(f"round {r}/{exp.budget.rounds} score pool") as progress:
-            for start in range(0, len(records), length):
-                chunk = records[start : start + length]
+            for start in range(0, len(pool_ids), length):
+                chunk = pool.records(pool_ids[start : start + length])
                 t0 = time.perf_counter()
                 dets = distributed.predict_sharded(  # each rank its part, gathered by id
                     exp.predictor.predict,
                     chunk,
                     unit,
                     first_needs,
-                    _offset(progress, start, records),
+                    _offset(progress, start, len(pool_ids)),
                 )
                 timings["predict_s"] += time.perf_counter() - t0
                 truth = [exp.truth[d.image_id] for d in dets]  # the evaluator's, as before
@@ -120,15 +123,18 @@ def stream_round(
                 del dets
                 t0 = time.perf_counter()
                 shard = shard_context(context, batch)
+                heads.add(batch.head)
                 with torch.no_grad():
                     plan.scoring.add(shard)
-                    kept.append(reduce_shard(batch, plan.keep, shard))
+                    if not keeps_nothing:
+                        kept.append(reduce_shard(batch, plan.keep, shard))
                 timings["score_s"] += time.perf_counter() - t0
                 if writer is not None:
                     writer.add(batch)
                 del batch, shard
         t0 = time.perf_counter()
-        reduced = concat(kept)
+        # keeping nothing, the reduction is the pool's ids (its own tuple, not a copy)
+        reduced = ids_only(pool_ids, one_head(heads)) if keeps_nothing else concat(kept)
         kept.clear()
         context = shard_context(context, reduced)
         with torch.no_grad():
@@ -137,7 +143,7 @@ def stream_round(
         if plan.second_pass is not None:
             t0 = time.perf_counter()
             ids = strategy.selector.candidates(scores, context)
-            candidates = second_pass(exp, records, ids, needs, plan.second_pass, context)
+            candidates = second_pass(exp, pool, ids, needs, plan.second_pass, context)
             context = shard_context(context, candidates)
             timings["predict_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -158,20 +164,22 @@ def stream_round(
 
 def second_pass(
     exp: Experiment,
-    records: Sequence[ImageRef],
+    pool: LabelPool,
     ids: Sequence[str],
     needs: Needs,
     keep: Keep,
     context,
 ) -> PredictionBatch:
     """What ``keep`` says of the candidates ``ids``, from the pool's own prediction batches
-    that hold them (so each candidate's prediction is bit-identical to the first pass's)."""
+    that hold them (``context.pool_ids`` cut as the first pass cut it, so each candidate's
+    prediction is bit-identical to the first pass's)."""
     unit = batch_unit(exp, needs)
     wanted = set(ids)
-    batches = sorted({n // unit for n, rec in enumerate(records) if rec.image_id in wanted})
+    pool_ids = context.pool_ids
+    batches = sorted({n // unit for n, image_id in enumerate(pool_ids) if image_id in wanted})
     kept: list[PredictionBatch] = []
     for b in batches:
-        chunk = records[b * unit : (b + 1) * unit]
+        chunk = pool.records(pool_ids[b * unit : (b + 1) * unit])
         dets = distributed.predict_sharded(exp.predictor.predict, chunk, unit, needs)
         batch = PredictionBatch.from_detections(dets)
         batch = select_rows(batch, ids)
@@ -180,10 +188,10 @@ def second_pass(
     return concat(kept)
 
 
-def _offset(progress, start: int, records: Sequence[ImageRef]):
+def _offset(progress, start: int, total: int):
     if progress is None:
         return None
-    return lambda done, _total: progress(start + done, len(records))
+    return lambda done, _total: progress(start + done, total)
 
 
 def acquire(

@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 COCO_POOL = 115_922
+#: bytes an image a streamed step keeps by pool position: the context's id tuple and the
+#: id-by-position list (8 each), the score and the miss counts with their flags (9 each)
+STEP_BYTES_AN_IMAGE = 34
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -182,7 +185,7 @@ def coco_lines(rows: list[dict], shard_size: int) -> list[str]:
         f"RetinaNet on COCO (issue 22: 300 boxes an image x ~{box} B): whole pool "
         f"~{COCO_POOL * 300 * box / 1e9:.1f} GB of predictions; streamed: one shard of "
         f"{shard_size} images ~{shard_size * 300 * box / 1e6:.0f} MB + per-image scores "
-        f"(~{COCO_POOL * 100 / 1e6:.0f} MB of ids, scores, miss counts)"
+        f"(~{COCO_POOL * STEP_BYTES_AN_IMAGE / 1e6:.0f} MB of ids, scores, miss counts)"
     )
     return lines
 

@@ -6,7 +6,8 @@ pool image until the end of the step. As dicts those are ~0.2 KB of Python objec
 objects, which then pins freed memory too; at 10^5 images that is most of what the step grows
 by. :class:`PoolValues` is a read-only mapping (``image id -> value``) over an array indexed by
 the pool's own positions (``LabelPool.index``, built before the step), so it costs 9 bytes an
-image for a score and 17 for a pair of counts, whatever the pool holds.
+image for a float64 score and 9 for a pair of int32 counts (a flag each), whatever the
+pool holds.
 """
 
 from __future__ import annotations

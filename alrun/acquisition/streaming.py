@@ -274,7 +274,7 @@ def reduce_shard(
             fields["class_probs"] = box_confidence(batch, torch.nonzero(rows).flatten())[:, None]
     else:
         offsets = torch.zeros(n + 1, dtype=torch.int64)
-        fields.update(boxes=torch.zeros((0, 4)), scores=torch.zeros(0), labels=torch.zeros(0))
+        fields.update(no_boxes())
     embeddings = None
     if keep.features is not None:
         embeddings = keep.features(context)
@@ -283,6 +283,23 @@ def reduce_shard(
     return PredictionBatch(
         batch.image_ids, offsets, head=batch.head, embeddings=embeddings, **fields
     )
+
+
+def no_boxes() -> dict[str, Tensor]:
+    """The box fields of a reduction that keeps no box."""
+    return {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0)}
+
+
+def ids_only(image_ids: tuple[str, ...], head: str) -> PredictionBatch:
+    """What :func:`concat` makes of shards reduced by ``Keep()`` (nothing kept): the images
+    ``image_ids`` (the tuple itself, not a copy) with no boxes."""
+    offsets = torch.zeros(len(image_ids) + 1, dtype=torch.int64)
+    return PredictionBatch(image_ids, offsets, head=head, **no_boxes())
+
+
+def one_head(heads: set[str]) -> str:
+    """The head of a batch joined from batches with ``heads`` (mixed: ``softmax``)."""
+    return next(iter(heads)) if len(heads) == 1 else "softmax"
 
 
 def concat(batches: Sequence[PredictionBatch]) -> PredictionBatch:
@@ -305,11 +322,10 @@ def concat(batches: Sequence[PredictionBatch]) -> PredictionBatch:
     num_passes = {len(b.passes) for b in batches}
     if len(num_passes) == 1 and (t := num_passes.pop()) > 0:
         fields["passes"] = tuple(concat([b.passes[i] for b in batches]) for i in range(t))
-    heads = {b.head for b in batches}
     return PredictionBatch(
         tuple(i for b in batches for i in b.image_ids),
         torch.cat(offsets),
-        head=heads.pop() if len(heads) == 1 else "softmax",
+        head=one_head({b.head for b in batches}),
         **fields,
     )
 

@@ -18,6 +18,7 @@ from alrun.acquisition.streaming import (
     Keep,
     ShardScores,
     concat,
+    ids_only,
     plan_for,
     precomputed_features,
     reduce_shard,
@@ -139,6 +140,22 @@ def test_plans_keep_what_each_selector_reads():
     assert coreset.keep.embeddings and coreset.keep.box_fields is None
     two = plan_for(Strategy("p", scorer, TwoPhase(CCMSKCentroid())))
     assert two.keep == Keep() and two.second_pass.box_fields == ("feats",)
+
+
+def test_keeping_nothing_is_the_pool_ids_with_no_boxes():
+    """A top-k step keeps no per-shard batch: what it hands on equals the shards' reductions
+    joined, and its ids are the tuple it was given, not a copy."""
+    dets = _images(23)
+    shards = _shards(dets, 5)
+    joined = concat([reduce_shard(s, Keep(), _context(s)) for s in shards])
+    ids = tuple(d.image_id for d in dets)
+    alone = ids_only(ids, "softmax")
+    assert alone.image_ids is ids and alone.image_ids == joined.image_ids
+    assert alone.head == joined.head and alone.embeddings is None and joined.embeddings is None
+    for name in ("offsets", "boxes", "scores", "labels"):
+        a, b = getattr(alone, name), getattr(joined, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert alone.probs is None and joined.probs is None and not alone.passes
 
 
 def test_merged_keeps_take_every_row_when_one_asks_for_all():
