@@ -142,8 +142,8 @@ def stream_round(
         timings["score_s"] += time.perf_counter() - t0
         if plan.second_pass is not None:
             t0 = time.perf_counter()
-            ids = strategy.selector.candidates(scores, context)
-            candidates = second_pass(exp, pool, ids, needs, plan.second_pass, context)
+            candidate_ids = strategy.selector.candidates(scores, context)
+            candidates = second_pass(exp, pool, candidate_ids, needs, plan.second_pass, context)
             context = shard_context(context, candidates)
             timings["predict_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -20,7 +20,7 @@ the pool at once, as before (``fallback`` in the plan; docs/benchmarks.md lists 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -201,7 +201,7 @@ class ShardScores:
         for part in self.parts.values():
             part.add(context)
 
-    def finish(self, context: AcquisitionContext) -> dict[str, float]:
+    def finish(self, context: AcquisitionContext) -> Mapping[str, float]:
         if self.mode == "shard":
             return self.scores
         if self.mode == "sum":
