@@ -28,10 +28,12 @@ from alrun.resolvers import register_resolvers
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
-#: the detectors of the matrix: tiny FCOS, torchvision RetinaNet and Faster R-CNN (the
-#: CPU-sized mobilenet one), mmdet RetinaNet and Faster R-CNN
+#: the detectors of the matrix: tiny FCOS, the ImageNet-pretrained Lite0 FCOS of the real-photo
+#: presets, torchvision RetinaNet and Faster R-CNN (the CPU-sized mobilenet one), mmdet
+#: RetinaNet and Faster R-CNN
 MATRIX_DETECTORS = (
     "tiny_fcos",
+    "lite0_fcos",
     "retinanet_resnet50_fpn",
     "fasterrcnn_mobilenet_v3_large_320_fpn",
     "mmdet_retinanet_r50",

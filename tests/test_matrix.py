@@ -19,7 +19,9 @@ def _cell(option: str, detector: str):
 
 @pytest.mark.integration  # ~5 s: composes and instantiates every strategy and regime config
 def test_matrix_cells_follow_the_declared_capabilities():
-    assert len(cells()) == (len(options("strategy")) + len(options("supervision"))) * 5
+    assert len(cells()) == (len(options("strategy")) + len(options("supervision"))) * len(
+        MATRIX_DETECTORS
+    )
     assert _cell("loc_tightness", "tiny_fcos").missing == {"proposals"}
     assert _cell("loc_tightness", "fasterrcnn_mobilenet_v3_large_320_fpn").runs
     assert _cell("loc_tightness", "mmdet_faster_rcnn_r50").runs
@@ -48,6 +50,10 @@ def test_matrix_cells_follow_the_declared_capabilities():
     # + qbc, mi_aod; + compas and box_level (issue 24: box-level queries); mmdet: + ppal, ccms,
     # al_mdn, mi_aod on RetinaNet, consistency and synthetic_pretrain (issue 18)
     assert table["tiny_fcos"] == {"strategy": 31, "supervision": 12, "cells": 44}
+    # issue 20: every strategy and regime that runs on the tiny FCOS runs on the pretrained one
+    for cell in cells():
+        if cell.detector == "tiny_fcos":
+            assert _cell(cell.option, "lite0_fcos").runs == cell.runs, cell.option
     assert table["mmdet_retinanet_r50"] == {"strategy": 31, "supervision": 12, "cells": 44}
     assert table["mmdet_faster_rcnn_r50"] == {"strategy": 28, "supervision": 12, "cells": 44}
     for option in ("compas", "box_level"):  # views and teachers: declared by every backend
