@@ -135,7 +135,6 @@ def check_request(
     devices: int,
     nodes: int,
     device: torch.device,
-    detector_target: str,
     env: Mapping[str, str],
 ) -> Launch | None:
     """Refuse an impossible ``trainer.devices``/``trainer.nodes`` in one line, before anything
@@ -150,11 +149,6 @@ def check_request(
                 f"trainer.devices={launch.world_size} (one node) or start one process"
             )
         return None
-    if "mmdet" in detector_target:
-        raise AlrunError(
-            f"trainer.devices: {devices} x {nodes} nodes is not supported with the MMDetection "
-            "backend yet (mmengine's distributed runner is not wired in); train it on one device"
-        )
     present, kind = devices_present(device)
     if devices > present:
         raise AlrunError(

@@ -45,7 +45,6 @@ def join_world(cfg: DictConfig, env: Mapping[str, str] | None = None) -> distrib
         counts["devices"],
         counts["nodes"],
         device,
-        str(detector.get("_target_", "")),
         os.environ if env is None else env,
     )
     return distributed.join(launch, device)
