@@ -223,10 +223,11 @@ class MiaodHook(TrainingHook):
         return list(self.heads.parameters()) if self.heads is not None else []
 
     def extra_losses(self, step: Step) -> dict[str, Tensor]:
+        captured, self._batches = self._batches, []  # this micro-batch's (trainer.accumulate)
         batch = next((b for b in step.batches.values() if b.targets is not None), None)
-        if batch is None or not self._batches:
+        if batch is None or not captured:
             return {}
-        dense = self._batches[0]  # the detector's forward on the labelled batch
+        dense = captured[0]  # the detector's forward on the labelled batch
         levels, anchors, targets = dense.levels, dense.anchors, dense.targets
         f1, f2, mil = self.heads(levels)
         weights = [mil_weights(a, b, m) for a, b, m in zip(f1, f2, mil)]
