@@ -224,6 +224,17 @@ def sum_over_ranks(values: Sequence[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def concat_over_ranks(items: Sequence[T]) -> list[T]:
+    """Every rank's ``items`` (picklable), concatenated in rank order, on every rank. For what
+    a training hook collects during a step: rank r computes micro-batches ``r * accumulate``
+    onwards (:func:`rank_micro_batches`), so rank order is one process's micro-batch order."""
+    if current().size == 1:
+        return list(items)
+    gathered: list[Any] = [None] * current().size
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
+
+
 # --- the per-device share of a batch -------------------------------------------------------
 def micro_batches(batch: Sequence[T], parts: int) -> list[list[T]]:
     """``batch`` dealt into ``parts`` micro-batches, ``batch[m::parts]`` for micro-batch m.
