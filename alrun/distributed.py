@@ -8,6 +8,11 @@ training is :class:`~torch.nn.parallel.DistributedDataParallel` over each device
 global batch, pool prediction is split across ranks and gathered by image id, so every rank
 scores and selects from the same predictions. Only rank 0 writes the run directory
 (:mod:`alrun.ranks`).
+
+Every backend trains through alrun's engine (:mod:`alrun.engine`), so this serves the
+torchvision and the MMDetection models alike; mmengine's distributed ``Runner`` is not used, as
+it would replace alrun's loop. Training hooks that collect something per step take every rank's
+share (:func:`concat_over_ranks`, :func:`sum_over_ranks`).
 """
 
 from __future__ import annotations

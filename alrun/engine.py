@@ -16,7 +16,9 @@ Several devices (``trainer.devices`` x ``trainer.nodes``, :mod:`alrun.distribute
 plan is the same on every rank and each rank draws its share of every batch
 (``trainer.accumulate`` micro-batches of ``batch[m::devices x accumulate]``); the step's losses
 are computed through a DistributedDataParallel replica of the trained parameters, which averages
-the gradients, and after training every rank takes rank 0's weights and buffers.
+the gradients, and after training every rank takes rank 0's weights and buffers. With several
+micro-batches a step, each draws its random numbers from a seed of its own (seed, step,
+micro-batch), so N ranks draw what one process with ``accumulate=N`` draws.
 """
 
 from __future__ import annotations
