@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+import alrun.distributed as distributed
 from alrun.acquisition.context import AcquisitionContext
 from alrun.detectors.base import FEATURE_MAPS, TEACHER
 from alrun.engine import Step, TrainingHook
@@ -304,22 +305,35 @@ class FalseNegativeHook(TrainingHook):
         self.head: nn.Module | None = None
         self.losses: list[float] = []
         self.seen: dict[str, tuple[Tensor, dict[str, Tensor]]] = {}
+        self._step: list[tuple[str, Tensor, dict[str, Tensor]]] = []  # this step's, this device's
 
     def before_training(self, detector, total: int) -> None:
         _backbone(detector)
         self.detector = detector
-        self.seen = {}
+        self.seen, self._step = {}, []
         self.losses = []
 
-    def after_step(self, step: Step) -> None:
+    def extra_losses(self, step: Step) -> Mapping[str, Tensor]:
+        """No loss: notes each micro-batch's labelled images (``trainer.accumulate``)."""
         batch = next((b for b in step.batches.values() if b.source.role == "labelled"), None)
-        if batch is None or batch.targets is None:
-            return
-        for image_id, image, target in zip(batch.image_ids, batch.images, batch.targets):
+        if batch is not None and batch.targets is not None and len(self.seen) < self.max_images:
+            for image_id, image, target in zip(batch.image_ids, batch.images, batch.targets):
+                self._step.append(
+                    (image_id, image.detach(), {k: v.detach() for k, v in target.items()})
+                )
+        return {}
+
+    def after_step(self, step: Step) -> None:
+        mine, self._step = self._step, []
+        if distributed.current().size > 1:  # every device's, in one process's micro-batch order
+            device = self.detector.device
+            shared = distributed.concat_over_ranks([_moved(item, "cpu") for item in mine])
+            mine = [_moved(item, device) for item in shared]
+        for image_id, image, target in mine:
             if len(self.seen) >= self.max_images:
                 break
             if image_id not in self.seen:  # (a flipped view comes with flipped boxes)
-                self.seen[image_id] = (image.detach(), {k: v.detach() for k, v in target.items()})
+                self.seen[image_id] = (image, target)
 
     def after_training(self) -> dict[str, float]:
         if not self.seen:
@@ -359,6 +373,11 @@ class FalseNegativeHook(TrainingHook):
     def predict(self, embeddings: Tensor) -> Tensor:
         """Predicted misses (>= 0) from image embeddings."""
         return torch.nn.functional.softplus(self.head(embeddings).squeeze(1))
+
+
+def _moved(item: tuple[str, Tensor, dict[str, Tensor]], device) -> tuple:
+    image_id, image, target = item
+    return image_id, image.to(device), {k: v.to(device) for k, v in target.items()}
 
 
 class _HeadScorer:

@@ -191,6 +191,14 @@ def test_false_negative_head_fits_missed_counts_and_scores_the_pool(data):
     assert all(v >= 0 for v in scores.values())
 
 
+def test_false_negative_head_is_fitted_on_every_micro_batch_of_a_step(data):
+    """trainer.accumulate=2: both micro-batches' images (2 ranks gather theirs the same way)."""
+    scorer = FalseNegativePrediction(hidden=8, fit_steps=1)
+    plan = TrainSchedule(iterations=1, batch_size=8, accumulate=2, lr=0.01, warmup_iters=0)
+    stats = train(detector(), [BatchSource("labelled", data)], plan, 0, True, scorer.training_hooks)
+    assert stats["fn_prediction/images"] == 8
+
+
 def test_untrained_head_is_a_clear_error():
     ctx = AcquisitionContext(("a",), 0, 0)
     with pytest.raises(AlrunError, match="not been trained"):
