@@ -162,6 +162,10 @@ class LossPredictionHook(TrainingHook):
         self.head: nn.Module | None = None
         self.losses: list[float] = []
         self.steps_with_gradient = 0
+        self._step: tuple[list[float], int] = (
+            [],
+            0,
+        )  # this step's losses and gradient micro-batches
         self._captured: list[Tensor] = []
         self._capturing = True
         self._handle = None
@@ -176,6 +180,7 @@ class LossPredictionHook(TrainingHook):
         self.head = self.head.to(detector.device)
         self.losses = []
         self.steps_with_gradient = 0
+        self._step = ([], 0)
         self._captured = []
         if self._handle is not None:
             self._handle.remove()
@@ -194,19 +199,22 @@ class LossPredictionHook(TrainingHook):
         return index < round(self.detach_after * total)
 
     def extra_losses(self, step: Step) -> dict[str, Tensor]:
+        captured, self._captured = self._captured, []  # this micro-batch's (trainer.accumulate)
         batch = next((b for b in step.batches.values() if b.targets is not None), None)
-        if batch is None or not self._captured or len(batch.images) < 2:
+        if batch is None or not captured or len(batch.images) < 2:
             return {}
-        features = self._captured[0]  # the forward of the first source with targets
+        features = captured[0]  # the forward of the first source with targets
+        losses, with_gradient = self._step
         if self.reaches_backbone(step.index, step.total):
-            self.steps_with_gradient += 1
+            with_gradient += 1
         else:
             features = features.detach()
+        self._step = (losses, with_gradient)
         target = self._per_image_losses(batch.images, batch.targets)
         loss = margin_ranking(self.head(features).squeeze(1), target, self.margin, self.pairs)
         if loss is None:
             return {}
-        self.losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()))
         return {"ranking": loss * self.weight}
 
     def _per_image_losses(self, images, targets) -> Tensor:
@@ -247,6 +255,11 @@ class LossPredictionHook(TrainingHook):
 
     def after_step(self, step: Step) -> None:
         self._captured = []
+        # every device's micro-batches of the step, in one process's micro-batch order
+        for losses, with_gradient in distributed.concat_over_ranks([self._step]):
+            self.losses.extend(losses)
+            self.steps_with_gradient += with_gradient
+        self._step = ([], 0)
 
     def after_training(self) -> dict[str, float]:
         if self._handle is not None:
