@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 ci_start="${1:-$(date +%s)}"
 limit=$(( ${ALRUN_CI_MINUTES:-80} * 60 ))      # stop everything this long after CI started
 install_cap=$(( ${ALRUN_CI_MMDET_INSTALL_MINUTES:-50} * 60 ))
-tests_cap=$(( ${ALRUN_CI_MMDET_TEST_MINUTES:-15} * 60 ))  # 38 tests: 11:50 on a loaded 2-core box
+tests_cap=$(( ${ALRUN_CI_MMDET_TEST_MINUTES:-15} * 60 ))  # 38 tests: 11:50 on a loaded 2-core box; 42: 3:53 at load 3
 log_dir="${ALRUN_CI_LOGS:-outputs/ci}"
 mkdir -p "$log_dir"
 

@@ -8,6 +8,11 @@ training is :class:`~torch.nn.parallel.DistributedDataParallel` over each device
 global batch, pool prediction is split across ranks and gathered by image id, so every rank
 scores and selects from the same predictions. Only rank 0 writes the run directory
 (:mod:`alrun.ranks`).
+
+Every backend trains through alrun's engine (:mod:`alrun.engine`), so this serves the
+torchvision and the MMDetection models alike; mmengine's distributed ``Runner`` is not used, as
+it would replace alrun's loop. Training hooks that collect something per step take every rank's
+share (:func:`concat_over_ranks`, :func:`sum_over_ranks`).
 """
 
 from __future__ import annotations
@@ -135,7 +140,6 @@ def check_request(
     devices: int,
     nodes: int,
     device: torch.device,
-    detector_target: str,
     env: Mapping[str, str],
 ) -> Launch | None:
     """Refuse an impossible ``trainer.devices``/``trainer.nodes`` in one line, before anything
@@ -150,11 +154,6 @@ def check_request(
                 f"trainer.devices={launch.world_size} (one node) or start one process"
             )
         return None
-    if "mmdet" in detector_target:
-        raise AlrunError(
-            f"trainer.devices: {devices} x {nodes} nodes is not supported with the MMDetection "
-            "backend yet (mmengine's distributed runner is not wired in); train it on one device"
-        )
     present, kind = devices_present(device)
     if devices > present:
         raise AlrunError(
@@ -228,6 +227,17 @@ def sum_over_ranks(values: Sequence[float]) -> list[float]:
         tensor = tensor.cuda()
     dist.all_reduce(tensor)
     return tensor.cpu().tolist()
+
+
+def concat_over_ranks(items: Sequence[T]) -> list[T]:
+    """Every rank's ``items`` (picklable), concatenated in rank order, on every rank. For what
+    a training hook collects during a step: rank r computes micro-batches ``r * accumulate``
+    onwards (:func:`rank_micro_batches`), so rank order is one process's micro-batch order."""
+    if current().size == 1:
+        return list(items)
+    gathered: list[Any] = [None] * current().size
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
 
 
 # --- the per-device share of a batch -------------------------------------------------------

@@ -16,7 +16,9 @@ Several devices (``trainer.devices`` x ``trainer.nodes``, :mod:`alrun.distribute
 plan is the same on every rank and each rank draws its share of every batch
 (``trainer.accumulate`` micro-batches of ``batch[m::devices x accumulate]``); the step's losses
 are computed through a DistributedDataParallel replica of the trained parameters, which averages
-the gradients, and after training every rank takes rank 0's weights and buffers.
+the gradients, and after training every rank takes rank 0's weights and buffers. With several
+micro-batches a step, each draws its random numbers from a seed of its own (seed, step,
+micro-batch), so N ranks draw what one process with ``accumulate=N`` draws.
 """
 
 from __future__ import annotations
@@ -257,7 +259,10 @@ def train(
         value = 0.0
         for j, micro in enumerate(zip(*drawn)):  # this device's micro-batches of the step
             step = Step(index, total, lr, detector, {b.source.name: b for b in micro})
-            with _gradient_sync(replica, j == parts - 1):
+            with (
+                _gradient_sync(replica, j == parts - 1),
+                _micro_batch_rng(seed, index, world.rank * parts + j, world.size * parts, detector),
+            ):
                 loss = _step_loss(replica, detector, hooks, step, micro, schedule)
                 (loss if parts == 1 else loss / parts).backward()  # DDP averages over devices
             value += float(loss.detach()) / parts
@@ -354,6 +359,34 @@ def _gradient_sync(replica: torch.nn.Module | None, sync: bool):
     return replica.no_sync()
 
 
+def _micro_batch_rng(
+    seed: int, index: int, micro: int, parts: int, detector: Detector
+) -> contextlib.AbstractContextManager:
+    """Micro-batch ``micro`` of step ``index`` draws its random numbers (Faster R-CNN's box
+    samplers, dropout masks, AL-MDN's noise) from a seed of its own, ``(seed, index, micro)``,
+    when a step has ``parts`` > 1 micro-batches (``trainer.devices`` x ``trainer.nodes`` x
+    ``trainer.accumulate``): rank r's micro-batch then draws what one process with
+    ``accumulate=N`` draws for it (the same micro-batch index), not what the micro-batches
+    before it left in the stream, which another rank never sees. The global stream is restored
+    after each micro-batch, so it is the same on every rank after training. One micro-batch a
+    step draws from the global stream (seeded with ``seed``), as always."""
+    if parts == 1:
+        return contextlib.nullcontext()
+    return _seeded(_micro_seed(seed, index, micro), detector.device)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's global random streams (the CPU's and ``device``'s) seeded with ``seed`` inside,
+    as they were outside."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def share_leader_state(detector: Detector, world: distributed.World) -> None:
     """Every rank takes rank 0's weights and buffers after training: the parameters already
     agree (same averaged gradients), BatchNorm statistics saw only each rank's images."""
@@ -419,6 +452,10 @@ def _source_seed(seed: int, position: int) -> int:
     if position == 0:
         return seed
     return int(np.random.SeedSequence([seed, position]).generate_state(1)[0] >> 1)
+
+
+def _micro_seed(seed: int, index: int, micro: int) -> int:
+    return int(np.random.SeedSequence([seed, index, micro]).generate_state(1)[0] >> 1)
 
 
 def _collate(batch):

@@ -45,7 +45,6 @@ def join_world(cfg: DictConfig, env: Mapping[str, str] | None = None) -> distrib
         counts["devices"],
         counts["nodes"],
         device,
-        str(detector.get("_target_", "")),
         os.environ if env is None else env,
     )
     return distributed.join(launch, device)
@@ -73,7 +72,10 @@ def tell_followers(world: distributed.World, err: BaseException) -> None:
     """Rank 0 failed before the rounds: the other ranks end with the same line."""
     if world.size > 1:
         message = str(err) if isinstance(err, AlrunError) else None
-        distributed.broadcast(("failed", message))
+        try:
+            distributed.broadcast(("failed", message))
+        except RuntimeError:  # they failed too (the same config error) and left: rank 0's
+            pass  # own error is the one to report, not the lost connection
 
 
 def await_start() -> Any:

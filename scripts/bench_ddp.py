@@ -2,15 +2,19 @@
 equality check (issue 22). Not a test: numbers depend on the machine and its load.
 
     python scripts/bench_ddp.py [--iterations 20] [--pool 256] [--image-size 128] [--loop]
+    .venv-mmdet/bin/python scripts/bench_ddp.py --detector mmdet [--image-size 128] [--loop]
 
 The driver runs this file as a worker three times: one process; one process with
 ``trainer.accumulate=2`` (the two ranks' micro-batches, computed one after the other); two
-processes under ``torchrun`` (gloo). Each worker trains the tiny FCOS for ``--iterations``
-steps of the global batch (``--batch``) on synthetic images, then predicts ``--pool`` images
-(sharded across ranks in prediction batches) and reports seconds per iteration and per image.
+processes under ``torchrun`` (gloo). Each worker trains ``--detector`` (``tiny``: the tiny FCOS;
+``mmdet``: MMDetection's RetinaNet with a ResNet-18, random init, at ``--image-size`` px) for
+``--iterations`` steps of the global batch (``--batch``) on synthetic images, then predicts
+``--pool`` images (sharded across ranks in prediction batches) and reports seconds per
+iteration and per image.
 Equality: the trained weights of 2 ranks vs one process with accumulate=2, for GroupNorm (exact
-expected) and BatchNorm (rank 0's running statistics: differs). ``--loop`` also runs a 2-round
-loop both ways (norm=group) and compares every round's selection and metrics.
+expected) and BatchNorm (rank 0's running statistics: differs; for mmdet, GroupNorm replaces the
+backbone's BatchNorm through ``cfg_options``). ``--loop`` also runs a 2-round loop both ways
+(norm=group) and compares every round's selection and metrics.
 One torch thread per process (OMP_NUM_THREADS=1).
 """
 
@@ -44,9 +48,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = compose_config(
         [
             "experiment=demo",
-            "detector.device=cpu",
-            f"detector.builder.image_size={args.image_size}",
-            f"detector.builder.norm={args.norm}",
+            *detector_overrides(args.detector, args.image_size, args.norm),
             f"dataset.max_pool_images={max(args.pool, args.labelled)}",
             f"trainer.devices={devices}",
             f"trainer.accumulate={args.accumulate}",
@@ -86,6 +88,36 @@ def worker(args: argparse.Namespace) -> None:
     distributed.leave(world)
 
 
+#: MMDetection's RetinaNet with a ResNet-18 (random init), every box kept
+MMDET = [
+    "detector=mmdet_retinanet_r50",
+    "+detector.builder.cfg_options.model.backbone.depth=18",
+    "+detector.builder.cfg_options.model.neck.in_channels=[64,128,256,512]",
+    "+detector.builder.cfg_options.model.test_cfg.score_thr=0.0",
+]
+#: GroupNorm in place of the ResNet's BatchNorm (RetinaNet's FPN and head have no norm layer)
+MMDET_GROUP_NORM = [
+    "+detector.builder.cfg_options.model.backbone.norm_cfg.type=GN",
+    "+detector.builder.cfg_options.model.backbone.norm_cfg.num_groups=32",
+]
+
+
+def detector_overrides(detector: str, image_size: int, norm: str) -> list[str]:
+    """The worker's detector at ``image_size`` px with ``norm`` (batch | group) layers."""
+    if detector == "tiny":
+        return [
+            "detector.device=cpu",
+            f"detector.builder.image_size={image_size}",
+            f"detector.builder.norm={norm}",
+        ]
+    return [
+        *MMDET,
+        "detector.device=cpu",
+        f"++detector.builder.image_size={image_size}",
+        *(MMDET_GROUP_NORM if norm == "group" else []),
+    ]
+
+
 def _run(command: list[str], env: dict[str, str]) -> None:
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -96,6 +128,7 @@ def _worker_args(args: argparse.Namespace, out: Path, norm: str, accumulate: int
     return [
         str(Path(__file__).resolve()),
         "--worker",
+        f"--detector={args.detector}",
         f"--out={out}",
         f"--norm={norm}",
         f"--accumulate={accumulate}",
@@ -142,8 +175,9 @@ def driver(args: argparse.Namespace) -> None:
                 out.mkdir()
                 _run([*launcher, *_worker_args(args, out, norm, accumulate)], env)
                 results[(norm, name)] = (out, json.loads((out / "result.json").read_text()))
+        model = "tiny FCOS" if args.detector == "tiny" else "mmdet RetinaNet R-18"
         print(
-            f"tiny FCOS {args.image_size} px, global batch {args.batch}, {args.iterations} "
+            f"{model} {args.image_size} px, global batch {args.batch}, {args.iterations} "
             f"iterations, {args.pool} pool images, 1 torch thread per process"
         )
         print("| norm | run | s / iteration | s / pool image | final loss |")
@@ -164,20 +198,21 @@ def driver(args: argparse.Namespace) -> None:
                 f"{_max_diff(two, one, False):.3g} (buffers {_max_diff(two, one, True):.3g})"
             )
         if args.loop:
-            loop_equality(Path(tmp), env, torchrun)
+            loop_equality(Path(tmp), env, torchrun, args.detector)
 
 
-def loop_equality(tmp: Path, env: dict[str, str], torchrun: list[str]) -> None:
+def loop_equality(tmp: Path, env: dict[str, str], torchrun: list[str], detector: str) -> None:
     """A 2-round entropy loop, norm=group: 2 ranks vs one process with accumulate=2."""
     overrides = [
         "experiment=smoke",
         "quiet=true",
-        "detector.device=cpu",
-        "detector.builder.norm=group",
+        *detector_overrides(detector, 96, "group"),
         "detector.predict_batch_size=8",
         "strategy=entropy",
         "trainer.batch_size=8",
     ]
+    if detector == "mmdet":  # a young RetinaNet's boxes are all below the default 0.1
+        overrides.append("strategy.scorer.score_threshold=0.0")
     runs = {}
     for name, launcher, extra in (
         ("two", torchrun, ["trainer.devices=2"]),
@@ -203,6 +238,7 @@ def loop_equality(tmp: Path, env: dict[str, str], torchrun: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--detector", choices=("tiny", "mmdet"), default="tiny")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--norm", default="batch")
     parser.add_argument("--accumulate", type=int, default=1)

@@ -406,3 +406,35 @@ def test_accumulate_splits_each_step_into_micro_batches(tmp_path):
     assert torch.allclose(split.weight, whole.weight, atol=1e-6)
     assert split_stats["iterations"] == 3.0
     assert split_stats["final_loss"] != pytest.approx(0.0)
+
+
+class NoisyToy(ToyDetector):
+    """Draws ``count`` random numbers every forward, as Faster R-CNN's box samplers or dropout."""
+
+    def __init__(self, count: int):
+        super().__init__()
+        self.count, self.drawn = count, []
+
+    def losses(self, images, targets):
+        self.drawn.append(torch.rand(self.count))
+        return super().losses(images, targets)
+
+
+def test_each_micro_batch_draws_from_a_seed_of_its_own(tmp_path):
+    """accumulate=2: micro-batch m of step i draws from (seed, i, m), not from what micro-batch
+    m - 1 left in the stream (rank m of 2 computes it alone, so 2 ranks draw what one process
+    draws); the global stream after training does not depend on the micro-batches' draws.
+    accumulate=1 draws from the global stream, as before."""
+    data = _dataset(tmp_path, "l", 8)
+
+    def first_draws(count: int, accumulate: int) -> tuple[list[float], torch.Tensor]:
+        detector = NoisyToy(count)
+        schedule = TrainSchedule(iterations=2, lr=0.1, batch_size=4, accumulate=accumulate, **PLAIN)
+        train(detector, [BatchSource("l", data)], schedule, 0)
+        return [float(d[0]) for d in detector.drawn], torch.rand(2)
+
+    (few, after_few), (many, after_many) = first_draws(1, 2), first_draws(5, 2)
+    assert few == many and len(set(few)) == 4
+    assert torch.equal(after_few, after_many)
+    (few, _), (many, _) = first_draws(1, 1), first_draws(5, 1)
+    assert few[0] == many[0] and few[1] != many[1]

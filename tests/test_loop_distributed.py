@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -53,22 +54,26 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _alrun(run_dir: Path, *extra: str) -> list[str]:
-    return ["-m", "alrun.cli", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
+def _alrun(run_dir: Path, *extra: str, args: Sequence[str] = ARGS) -> list[str]:
+    return ["-m", "alrun.cli", *args, *extra, f"hydra.run.dir={run_dir}"]
 
 
-def _torchrun(run_dir: Path) -> subprocess.CompletedProcess:
+def torchrun(run_dir: Path, args: Sequence[str] = ARGS) -> subprocess.CompletedProcess:
+    """``alrun <args>`` on 2 gloo ranks under torchrun (``args``: the run's overrides; the
+    MMDetection test passes its own)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node=2", *_alrun(run_dir, "trainer.devices=2")]
+    command += ["--nproc-per-node=2", *_alrun(run_dir, "trainer.devices=2", args=args)]
     return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
 
 
-def _one_process(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, *_alrun(run_dir, *extra)]
+def one_process(
+    run_dir: Path, *extra: str, args: Sequence[str] = ARGS
+) -> subprocess.CompletedProcess:
+    command = [sys.executable, *_alrun(run_dir, *extra, args=args)]
     return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
 
 
-def _rounds(run_dir: Path) -> list[dict]:
+def rounds(run_dir: Path) -> list[dict]:
     """Each round's selection and metrics without the wall times."""
     rounds = []
     for path in sorted(run_dir.glob("round_*")):
@@ -84,16 +89,16 @@ def two_ranks(tmp_path_factory) -> Path:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPU cores")
     run_dir = tmp_path_factory.mktemp("ddp") / "two"
-    done = _torchrun(run_dir)
+    done = torchrun(run_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
 
 
 def test_two_gloo_ranks_select_and_score_as_one_process(two_ranks, tmp_path):
     one = tmp_path / "one"
-    done = _one_process(one, "trainer.accumulate=2")
+    done = one_process(one, "trainer.accumulate=2")
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks, single = _rounds(two_ranks), _rounds(one)
+    ranks, single = rounds(two_ranks), rounds(one)
     assert len(ranks) == 3 and [r["selection"]["selected"] for r in ranks[:2]] != [[], []]
     assert ranks == single  # every score, image, loss and metric, exactly
     assert not any(p.name.startswith(".round_") for p in two_ranks.iterdir())
@@ -108,7 +113,7 @@ def _files(run_dir: Path) -> dict[Path, int]:
 
 def test_a_run_on_two_devices_is_not_resumed_on_one(two_ranks):
     before = _files(two_ranks)
-    done = _one_process(two_ranks)
+    done = one_process(two_ranks)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.startswith("alrun: error:")]
     assert len(lines) == 1 and "trainer.devices: 2 -> (absent)" in lines[0], done.stderr
@@ -123,16 +128,16 @@ def _free_port() -> int:
 
 @pytest.fixture
 def start_ranks():
-    """``start(run_dir)`` starts the two ranks of a run by hand, with the variables torchrun
-    would set (so a test can kill one, or watch each end as under srun, where a failed rank
-    does not stop the other); a rank still running when the test ends is killed."""
+    """``start(run_dir, args=ARGS)`` starts the two ranks of a run by hand, with the variables
+    torchrun would set (so a test can kill one, or watch each end as under srun, where a failed
+    rank does not stop the other); a rank still running when the test ends is killed."""
     started: list[subprocess.Popen] = []
 
-    def start(run_dir: Path) -> list[subprocess.Popen]:
+    def start(run_dir: Path, args: Sequence[str] = ARGS) -> list[subprocess.Popen]:
         port = str(_free_port())
         ranks = [
             subprocess.Popen(
-                [sys.executable, *_alrun(run_dir, "trainer.devices=2")],
+                [sys.executable, *_alrun(run_dir, "trainer.devices=2", args=args)],
                 env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
                 stdout=subprocess.DEVNULL,
@@ -151,11 +156,10 @@ def start_ranks():
             proc.wait()
 
 
-def test_a_killed_rank_leaves_a_run_that_resumes(two_ranks, tmp_path, start_ranks):
-    """Rank 1 is killed in round 1; rank 0 fails at its next collective without committing
-    round 1; torchrun then resumes the run to the uninterrupted run's results."""
-    run_dir = tmp_path / "killed"
-    ranks = start_ranks(run_dir)
+def kill_rank_1_in_round_1(run_dir: Path, start, args: Sequence[str] = ARGS) -> None:
+    """Start the two ranks (``start``: the ``start_ranks`` fixture), kill rank 1 once round 0
+    is committed; rank 0 fails at its next collective without committing round 1."""
+    ranks = start(run_dir, args=args)
     deadline = time.monotonic() + 300
     while not (run_dir / "round_00").is_dir():
         assert time.monotonic() < deadline and ranks[0].poll() is None, "round 0 not reached"
@@ -164,9 +168,16 @@ def test_a_killed_rank_leaves_a_run_that_resumes(two_ranks, tmp_path, start_rank
     ranks[0].wait(timeout=300)
     assert ranks[0].returncode != 0  # it lost its peer
     assert not (run_dir / "round_01").exists()
-    done = _torchrun(run_dir)
+
+
+def test_a_killed_rank_leaves_a_run_that_resumes(two_ranks, tmp_path, start_ranks):
+    """Rank 1 is killed in round 1; rank 0 fails at its next collective without committing
+    round 1; torchrun then resumes the run to the uninterrupted run's results."""
+    run_dir = tmp_path / "killed"
+    kill_rank_1_in_round_1(run_dir, start_ranks)
+    done = torchrun(run_dir)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert _rounds(run_dir) == _rounds(two_ranks)
+    assert rounds(run_dir) == rounds(two_ranks)
 
 
 def test_rank_0_refusing_the_folder_ends_every_rank_with_its_line(tmp_path, start_ranks):

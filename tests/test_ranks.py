@@ -32,6 +32,21 @@ def test_one_process_leads_alone():
     ranks.check_agreement(["a", "b"], 0)  # one process always agrees with itself
 
 
+def test_rank_0_reports_its_own_error_when_the_others_have_left(monkeypatch):
+    """Every rank refused the same config (e.g. SyncBN on CPU ranks) and the others already
+    left: telling them fails, and rank 0 still ends with its own line."""
+
+    def gone(obj):
+        raise RuntimeError("Connection closed by peer")
+
+    def refused(announce):
+        raise AlrunError("its line")
+
+    monkeypatch.setattr(ranks.distributed, "broadcast", gone)
+    with pytest.raises(AlrunError, match="its line"):
+        ranks.lead(World(0, 2), refused)
+
+
 def _rank(rank: int, port: int, fail: bool, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

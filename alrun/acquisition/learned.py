@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+import alrun.distributed as distributed
 from alrun.acquisition.context import AcquisitionContext
 from alrun.detectors.base import FEATURE_MAPS, TEACHER
 from alrun.engine import Step, TrainingHook
@@ -161,6 +162,10 @@ class LossPredictionHook(TrainingHook):
         self.head: nn.Module | None = None
         self.losses: list[float] = []
         self.steps_with_gradient = 0
+        self._step: tuple[list[float], int] = (
+            [],
+            0,
+        )  # this step's losses and gradient micro-batches
         self._captured: list[Tensor] = []
         self._capturing = True
         self._handle = None
@@ -175,6 +180,7 @@ class LossPredictionHook(TrainingHook):
         self.head = self.head.to(detector.device)
         self.losses = []
         self.steps_with_gradient = 0
+        self._step = ([], 0)
         self._captured = []
         if self._handle is not None:
             self._handle.remove()
@@ -193,19 +199,22 @@ class LossPredictionHook(TrainingHook):
         return index < round(self.detach_after * total)
 
     def extra_losses(self, step: Step) -> dict[str, Tensor]:
+        captured, self._captured = self._captured, []  # this micro-batch's (trainer.accumulate)
         batch = next((b for b in step.batches.values() if b.targets is not None), None)
-        if batch is None or not self._captured or len(batch.images) < 2:
+        if batch is None or not captured or len(batch.images) < 2:
             return {}
-        features = self._captured[0]  # the forward of the first source with targets
+        features = captured[0]  # the forward of the first source with targets
+        losses, with_gradient = self._step
         if self.reaches_backbone(step.index, step.total):
-            self.steps_with_gradient += 1
+            with_gradient += 1
         else:
             features = features.detach()
+        self._step = (losses, with_gradient)
         target = self._per_image_losses(batch.images, batch.targets)
         loss = margin_ranking(self.head(features).squeeze(1), target, self.margin, self.pairs)
         if loss is None:
             return {}
-        self.losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()))
         return {"ranking": loss * self.weight}
 
     def _per_image_losses(self, images, targets) -> Tensor:
@@ -246,6 +255,11 @@ class LossPredictionHook(TrainingHook):
 
     def after_step(self, step: Step) -> None:
         self._captured = []
+        # every device's micro-batches of the step, in one process's micro-batch order
+        for losses, with_gradient in distributed.concat_over_ranks([self._step]):
+            self.losses.extend(losses)
+            self.steps_with_gradient += with_gradient
+        self._step = ([], 0)
 
     def after_training(self) -> dict[str, float]:
         if self._handle is not None:
@@ -304,22 +318,35 @@ class FalseNegativeHook(TrainingHook):
         self.head: nn.Module | None = None
         self.losses: list[float] = []
         self.seen: dict[str, tuple[Tensor, dict[str, Tensor]]] = {}
+        self._step: list[tuple[str, Tensor, dict[str, Tensor]]] = []  # this step's, this device's
 
     def before_training(self, detector, total: int) -> None:
         _backbone(detector)
         self.detector = detector
-        self.seen = {}
+        self.seen, self._step = {}, []
         self.losses = []
 
-    def after_step(self, step: Step) -> None:
+    def extra_losses(self, step: Step) -> Mapping[str, Tensor]:
+        """No loss: notes each micro-batch's labelled images (``trainer.accumulate``)."""
         batch = next((b for b in step.batches.values() if b.source.role == "labelled"), None)
-        if batch is None or batch.targets is None:
-            return
-        for image_id, image, target in zip(batch.image_ids, batch.images, batch.targets):
+        if batch is not None and batch.targets is not None and len(self.seen) < self.max_images:
+            for image_id, image, target in zip(batch.image_ids, batch.images, batch.targets):
+                self._step.append(
+                    (image_id, image.detach(), {k: v.detach() for k, v in target.items()})
+                )
+        return {}
+
+    def after_step(self, step: Step) -> None:
+        mine, self._step = self._step, []
+        if distributed.current().size > 1:  # every device's, in one process's micro-batch order
+            device = self.detector.device
+            shared = distributed.concat_over_ranks([_moved(item, "cpu") for item in mine])
+            mine = [_moved(item, device) for item in shared]
+        for image_id, image, target in mine:
             if len(self.seen) >= self.max_images:
                 break
             if image_id not in self.seen:  # (a flipped view comes with flipped boxes)
-                self.seen[image_id] = (image.detach(), {k: v.detach() for k, v in target.items()})
+                self.seen[image_id] = (image, target)
 
     def after_training(self) -> dict[str, float]:
         if not self.seen:
@@ -359,6 +386,11 @@ class FalseNegativeHook(TrainingHook):
     def predict(self, embeddings: Tensor) -> Tensor:
         """Predicted misses (>= 0) from image embeddings."""
         return torch.nn.functional.softplus(self.head(embeddings).squeeze(1))
+
+
+def _moved(item: tuple[str, Tensor, dict[str, Tensor]], device) -> tuple:
+    image_id, image, target = item
+    return image_id, image.to(device), {k: v.to(device) for k, v in target.items()}
 
 
 class _HeadScorer:

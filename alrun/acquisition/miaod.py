@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
+import alrun.distributed as distributed
 from alrun.acquisition.context import AcquisitionContext
 from alrun.acquisition.learned import _level_widths
 from alrun.detectors.base import DENSE_HEAD, FEATURE_MAPS, FPN_FEATURES, TEACHER, DenseBatch
@@ -191,6 +192,7 @@ class MiaodHook(TrainingHook):
         self._batches: list[DenseBatch] = []  # this step's training forwards (dense_head)
         self._stop: Callable[[], None] | None = None
         self.losses: dict[str, list[float]] = {}
+        self._step_losses: dict[str, list[float]] = {}  # this step's, this device's
 
     def before_training(self, detector, total: int) -> None:
         missing = [c for c in MIAOD_REQUIRES if c not in detector.capabilities]
@@ -205,7 +207,7 @@ class MiaodHook(TrainingHook):
             widths[0], detector.anchors_per_location, detector.num_classes, self.stacked_convs
         ).to(detector.device)
         self.matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
-        self.losses = {}
+        self.losses, self._step_losses = {}, {}
         self._remove()
         self._stop = detector.watch_dense_batches(self._capture)
 
@@ -223,10 +225,11 @@ class MiaodHook(TrainingHook):
         return list(self.heads.parameters()) if self.heads is not None else []
 
     def extra_losses(self, step: Step) -> dict[str, Tensor]:
+        captured, self._batches = self._batches, []  # this micro-batch's (trainer.accumulate)
         batch = next((b for b in step.batches.values() if b.targets is not None), None)
-        if batch is None or not self._batches:
+        if batch is None or not captured:
             return {}
-        dense = self._batches[0]  # the detector's forward on the labelled batch
+        dense = captured[0]  # the detector's forward on the labelled batch
         levels, anchors, targets = dense.levels, dense.anchors, dense.targets
         f1, f2, mil = self.heads(levels)
         weights = [mil_weights(a, b, m) for a, b, m in zip(f1, f2, mil)]
@@ -241,7 +244,7 @@ class MiaodHook(TrainingHook):
         if self.adversarial and unlabelled is not None:
             out.update(self._adversarial(unlabelled.images))
         for key, value in out.items():
-            self.losses.setdefault(key, []).append(float(value.detach()))
+            self._step_losses.setdefault(key, []).append(float(value.detach()))
         return {key: value * self.weight for key, value in out.items()}
 
     def _adversarial(self, images: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -266,6 +269,11 @@ class MiaodHook(TrainingHook):
 
     def after_step(self, step: Step) -> None:
         self._batches = []
+        # every device's micro-batch losses of the step, in one process's micro-batch order
+        for part in distributed.concat_over_ranks([self._step_losses]):
+            for key, values in part.items():
+                self.losses.setdefault(key, []).extend(values)
+        self._step_losses = {}
 
     def after_training(self) -> dict[str, float]:
         self._remove()

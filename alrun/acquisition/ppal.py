@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+import alrun.distributed as distributed
 from alrun.acquisition.context import AcquisitionContext, PredictionBatch
 from alrun.acquisition.reduction import COUNT_SOURCES, CountSources, kept_rows
 from alrun.acquisition.scores import binary, entropy
@@ -130,6 +131,8 @@ class ClassQualityEMA(TrainingHook):
         )
 
     def after_step(self, step: Step) -> None:
+        # every device's positive anchors of the step (one process: its own micro-batches)
+        self._pending = distributed.concat_over_ranks(self._pending)
         if self._pending:
             labels = torch.cat([lab for lab, _ in self._pending]).long()
             quality = torch.cat([q for _, q in self._pending])

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import boxes as box_ops
 
+import alrun.distributed as distributed
 from alrun.data.dataset import ImageRecord
 from alrun.detectors.base import (
     ANCHOR_QUALITY,
@@ -268,6 +269,26 @@ def _quiet_init_weights(model: Any) -> None:
         logger.setLevel(level)
 
 
+def check_sync_batch_norm(model: nn.Module, device: torch.device, processes: int) -> None:
+    """SyncBN (``norm_cfg=dict(type='SyncBN')``, or mmcv's ``MMSyncBN``) averages BatchNorm
+    statistics over the process group during training, which torch (and mmcv) do on CUDA only:
+    with several processes on the CPU it would fail at the first training step. One line naming
+    the layer's ``norm_cfg`` instead, before anything is trained. (On CUDA, several processes
+    synchronise it as mmdet's own distributed training does; one process uses it as BatchNorm.)
+    """
+    if processes == 1 or device.type == "cuda":
+        return
+    synced = [name for name, m in model.named_modules() if "SyncBatchNorm" in type(m).__name__]
+    if synced:
+        part = synced[0].split(".")[0]
+        raise AlrunError(
+            f"detector.builder.config: SyncBN in {synced[0]} ({len(synced)} layers) "
+            f"synchronises over CUDA devices only, not {processes} processes on the CPU; set "
+            f"its norm_cfg to BN or GN, e.g. "
+            f"+detector.builder.cfg_options.model.{part}.norm_cfg.type=BN"
+        )
+
+
 # --- checkpoints ----------------------------------------------------------------------------
 def _unwrap(state: Any) -> dict[str, Tensor]:
     for wrapper in ("state_dict", "model"):
@@ -395,6 +416,7 @@ class MMDetDetector:
             state = read_trusted_checkpoint(self.pretrained)
             load_checkpoint(model, state, self.pretrained, self.num_classes)
         self.kind = _model_kind(model)
+        check_sync_batch_norm(model, self.device, distributed.current().size)
         self.model = model.to(self.device)
         self.min_size, self.max_size = built.min_size, built.max_size
         if self.head_dropout > 0:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+import alrun.distributed as distributed
 from alrun.data.dataset import ImageRef
 from alrun.detectors.base import TEACHER, Detector, Progress, TrainSchedule
 from alrun.engine import NO_STRATEGY_TRAINING, BatchSource, Step, StrategyTraining, train_round
@@ -154,14 +155,16 @@ class BoxLevelHook(PseudoLabelHook):
 
     def after_training(self) -> Mapping[str, float]:
         stats = dict(super().after_training()) if self.weight > 0 else {}
+        counts = [self.answered, self.pseudo_kept, self.pseudo_dropped]
+        answered, kept, dropped = distributed.sum_over_ranks(counts)  # every device's
         return {
             **{f"unlabelled_{k}": v for k, v in stats.items()},
             "threshold": self.threshold,
             "partial_weight": self.partial_weight,
             "merge_iou": self.merge_iou,
-            "answers_seen": float(self.answered),
-            "pseudo_kept": float(self.pseudo_kept),
-            "pseudo_dropped": float(self.pseudo_dropped),
+            "answers_seen": float(answered),
+            "pseudo_kept": float(kept),
+            "pseudo_dropped": float(dropped),
         }
 
 

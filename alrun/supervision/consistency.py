@@ -45,6 +45,7 @@ from torch import Tensor
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.image_list import ImageList
 
+import alrun.distributed as distributed
 from alrun.detectors.base import (
     FLIP_VIEWS,
     Detector,
@@ -384,13 +385,17 @@ class FlipConsistencyHook(TrainingHook):
         return {"class": weight * cls_term, "box": weight * self.box_weight * box_term}
 
     def after_training(self) -> Mapping[str, float]:
-        steps, images = self.sums["steps"], self.sums["images"]
+        # every device's micro-batches (several devices: each summed only its own)
+        keys = list(self.sums)
+        totals = distributed.sum_over_ranks([*(self.sums[k] for k in keys), self.ramp_sum])
+        sums, ramp_sum = dict(zip(keys, totals)), totals[-1]
+        steps, images = sums["steps"], sums["images"]
         return {
             "weight": self.weight,
-            "matched_per_image": self.sums["matched"] / images if images else 0.0,
-            "class_mean": self.sums["class"] / steps if steps else 0.0,
-            "box_mean": self.sums["box"] / steps if steps else 0.0,
-            "ramp_mean": self.ramp_sum / steps if steps else 0.0,
+            "matched_per_image": sums["matched"] / images if images else 0.0,
+            "class_mean": sums["class"] / steps if steps else 0.0,
+            "box_mean": sums["box"] / steps if steps else 0.0,
+            "ramp_mean": ramp_sum / steps if steps else 0.0,
             "images": images,
         }
 

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+import alrun.distributed as distributed
 from alrun.data.dataset import ImageSet
 from alrun.detectors.base import TEACHER, Detector, Progress, TrainSchedule
 from alrun.engine import (
@@ -205,19 +206,22 @@ class PseudoLabelHook(TrainingHook):
             self.hits += match.matched
 
     def after_training(self) -> Mapping[str, float]:
+        # every device's micro-batches (several devices: each counted only its own)
+        counts = [self.images, self.boxes, self.hits, self.gt_objects]
+        images, boxes, hits, gt_objects = distributed.sum_over_ranks(counts)
         stats = {
             "threshold": self.threshold,
             "weight": self.weight,
             "has_teacher": float(self.teacher is not None),
-            "images": float(self.images),
-            "boxes": float(self.boxes),
-            "boxes_per_image": self.boxes / self.images if self.images else 0.0,
+            "images": float(images),
+            "boxes": float(boxes),
+            "boxes_per_image": boxes / images if images else 0.0,
         }
         # against the hidden ground truth; left out when undefined (JSON has no NaN)
-        if self.audit is not None and self.boxes:
-            stats["precision"] = self.hits / self.boxes
-        if self.audit is not None and self.gt_objects:
-            stats["recall"] = self.hits / self.gt_objects
+        if self.audit is not None and boxes:
+            stats["precision"] = hits / boxes
+        if self.audit is not None and gt_objects:
+            stats["recall"] = hits / gt_objects
         return stats
 
 

@@ -108,6 +108,15 @@ def test_loss_prediction_head_trains_with_the_detector_and_its_loss_decreases(da
     assert len(set(scores.values())) > 1  # a function of the image, not a constant
 
 
+def test_loss_prediction_trains_on_every_micro_batch_of_a_step(data):
+    """trainer.accumulate=2: each micro-batch's own backbone forward (the second read the first
+    one's, already backpropagated: 'backward through the graph a second time')."""
+    scorer = LossPrediction(hidden=8)
+    plan = TrainSchedule(iterations=2, batch_size=8, accumulate=2, lr=0.01, warmup_iters=0)
+    stats = train(detector(), [BatchSource("labelled", data)], plan, 0, True, scorer.training_hooks)
+    assert stats["loss_prediction/updates"] == 4
+
+
 def test_loss_prediction_leaves_the_detector_weights_alone_when_detached(data):
     """``detach_after=0`` (alrun's earlier choice): detached features + restored BatchNorm
     statistics, and without gradient clipping the detector trains exactly as without it."""
@@ -189,6 +198,14 @@ def test_false_negative_head_fits_missed_counts_and_scores_the_pool(data):
     batch = PredictionBatch.from_detections(preds)
     scores = scorer(AcquisitionContext(batch.image_ids, 0, 0, preds=batch))
     assert all(v >= 0 for v in scores.values())
+
+
+def test_false_negative_head_is_fitted_on_every_micro_batch_of_a_step(data):
+    """trainer.accumulate=2: both micro-batches' images (2 ranks gather theirs the same way)."""
+    scorer = FalseNegativePrediction(hidden=8, fit_steps=1)
+    plan = TrainSchedule(iterations=1, batch_size=8, accumulate=2, lr=0.01, warmup_iters=0)
+    stats = train(detector(), [BatchSource("labelled", data)], plan, 0, True, scorer.training_hooks)
+    assert stats["fn_prediction/images"] == 8
 
 
 def test_untrained_head_is_a_clear_error():

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from torchvision.models.detection import _utils as det_utils
 
 from alrun.acquisition.miaod import (
     InstanceClassifiers,
+    MiaodHook,
     MiaodUncertainty,
     discrepancy_loss,
     image_class_scores,
@@ -29,6 +31,11 @@ from alrun.acquisition.miaod import (
     pseudo_image_labels,
 )
 from alrun.cli import user_error
+from alrun.data.synthetic import synthetic_dataset
+from alrun.detectors.base import TrainSchedule
+from alrun.detectors.tiny import tiny_fcos
+from alrun.detectors.torchvision import TorchvisionDetector
+from alrun.engine import BatchSource, train
 from alrun.errors import AlrunError
 from alrun.loop import build_experiment, run_experiment
 from tests.helpers import compose_config
@@ -198,6 +205,17 @@ def test_min_step_classifiers_are_frozen_and_max_step_features_are():
     discrepancy_loss(f1[0], f2[0], torch.ones(1, 25, 2)).backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
     assert all(p.grad is None for p in heads.parameters())
+
+
+def test_the_hook_trains_on_every_micro_batch_of_a_step():
+    """trainer.accumulate=2: each micro-batch's own captured forward (the second read the
+    first one's, already backpropagated: 'backward through the graph a second time')."""
+    data = synthetic_dataset(8, image_size=64, split="miaod-accumulate")
+    det = TorchvisionDetector(partial(tiny_fcos, image_size=64), num_classes=4, device="cpu")
+    hook = MiaodHook(stacked_convs=1, adversarial=False)
+    plan = TrainSchedule(iterations=2, batch_size=4, accumulate=2, lr=0.01, warmup_iters=0)
+    train(det, [BatchSource("labelled", data)], plan, 0, True, [hook])
+    assert len(hook.losses["det_cls"]) == 4  # 2 steps x 2 micro-batches
 
 
 SMOKE = ["experiment=smoke", "quiet=true"]
