@@ -162,10 +162,8 @@ class LossPredictionHook(TrainingHook):
         self.head: nn.Module | None = None
         self.losses: list[float] = []
         self.steps_with_gradient = 0
-        self._step: tuple[list[float], int] = (
-            [],
-            0,
-        )  # this step's losses and gradient micro-batches
+        self._step_losses: list[float] = []  # this step's, this device's
+        self._step_gradients = 0  # this step's micro-batches whose loss reaches the backbone
         self._captured: list[Tensor] = []
         self._capturing = True
         self._handle = None
@@ -180,7 +178,7 @@ class LossPredictionHook(TrainingHook):
         self.head = self.head.to(detector.device)
         self.losses = []
         self.steps_with_gradient = 0
-        self._step = ([], 0)
+        self._step_losses, self._step_gradients = [], 0
         self._captured = []
         if self._handle is not None:
             self._handle.remove()
@@ -204,17 +202,15 @@ class LossPredictionHook(TrainingHook):
         if batch is None or not captured or len(batch.images) < 2:
             return {}
         features = captured[0]  # the forward of the first source with targets
-        losses, with_gradient = self._step
         if self.reaches_backbone(step.index, step.total):
-            with_gradient += 1
+            self._step_gradients += 1
         else:
             features = features.detach()
-        self._step = (losses, with_gradient)
         target = self._per_image_losses(batch.images, batch.targets)
         loss = margin_ranking(self.head(features).squeeze(1), target, self.margin, self.pairs)
         if loss is None:
             return {}
-        losses.append(float(loss.detach()))
+        self._step_losses.append(float(loss.detach()))
         return {"ranking": loss * self.weight}
 
     def _per_image_losses(self, images, targets) -> Tensor:
@@ -256,10 +252,11 @@ class LossPredictionHook(TrainingHook):
     def after_step(self, step: Step) -> None:
         self._captured = []
         # every device's micro-batches of the step, in one process's micro-batch order
-        for losses, with_gradient in distributed.concat_over_ranks([self._step]):
+        mine = (self._step_losses, self._step_gradients)
+        for losses, with_gradient in distributed.concat_over_ranks([mine]):
             self.losses.extend(losses)
             self.steps_with_gradient += with_gradient
-        self._step = ([], 0)
+        self._step_losses, self._step_gradients = [], 0
 
     def after_training(self) -> dict[str, float]:
         if self._handle is not None:
