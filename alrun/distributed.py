@@ -229,15 +229,37 @@ def sum_over_ranks(values: Sequence[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
-def concat_over_ranks(items: Sequence[T]) -> list[T]:
+def concat_over_ranks(items: Sequence[T], device: torch.device | str | None = None) -> list[T]:
     """Every rank's ``items`` (picklable), concatenated in rank order, on every rank. For what
     a training hook collects during a step: rank r computes micro-batches ``r * accumulate``
-    onwards (:func:`rank_micro_batches`), so rank order is one process's micro-batch order."""
+    onwards (:func:`rank_micro_batches`), so rank order is one process's micro-batch order.
+
+    Tensors inside ``items`` (also in tuples, lists and dicts) travel as CPU tensors and come
+    back on ``device`` (default: the CPU): a pickled CUDA tensor would unpickle onto the
+    sending rank's GPU. One process gets its own ``items`` back untouched."""
     if current().size == 1:
         return list(items)
     gathered: list[Any] = [None] * current().size
-    dist.all_gather_object(gathered, list(items))
-    return [item for part in gathered for item in part]
+    dist.all_gather_object(gathered, [_tensors_to(item, "cpu") for item in items])
+    target = torch.device(device) if device is not None else None
+    return [
+        _tensors_to(item, target) if target is not None else item
+        for part in gathered
+        for item in part
+    ]
+
+
+def _tensors_to(obj: Any, device: torch.device | str) -> Any:
+    """``obj`` with every tensor in it (through tuples, lists and dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_tensors_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_tensors_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _tensors_to(v, device) for k, v in obj.items()}
+    return obj
 
 
 # --- the per-device share of a batch -------------------------------------------------------

@@ -139,6 +139,40 @@ def test_gather_by_id_restores_the_order_and_names_missing_images():
         gather_by_id(["a", "c"], ["a"], [1])
 
 
+def test_concat_over_ranks_sends_cpu_tensors_and_returns_them_on_the_given_device(monkeypatch):
+    """Under nccl a pickled CUDA tensor would unpickle onto the sender's GPU: every tensor must
+    travel on the CPU and come back on the caller's device. The meta device stands in for a GPU
+    (a meta tensor cannot be copied to the CPU, so sending one unmoved would also fail here)."""
+    sent = []
+
+    def fake_all_gather_object(gathered, mine):
+        sent.append(mine)
+        other = [("b", torch.full((2,), 7.0), {"boxes": torch.ones(1, 4)})]
+        gathered[0], gathered[1] = mine, other  # this process is rank 0 of 2
+
+    monkeypatch.setattr(distributed, "current", lambda: World(rank=0, size=2))
+    monkeypatch.setattr(distributed.dist, "all_gather_object", fake_all_gather_object)
+    mine = [("a", torch.arange(3.0), {"boxes": torch.zeros(1, 4), "labels": [torch.tensor(1)]})]
+
+    out = distributed.concat_over_ranks(mine, device="meta")
+
+    tensors = [mine[0][1], mine[0][2]["boxes"], mine[0][2]["labels"][0]]
+    assert [t.device.type for t in _tensors(sent)] == ["cpu"] * len(tensors)
+    assert [name for name, _, _ in out] == ["a", "b"]
+    assert {t.device.type for t in _tensors(out)} == {"meta"}
+    assert out[1][1].shape == (2,) and isinstance(out[0][2]["labels"], list)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
 def test_predict_sharded_is_the_plain_call_for_one_process():
     calls = []
 

@@ -334,11 +334,9 @@ class FalseNegativeHook(TrainingHook):
         return {}
 
     def after_step(self, step: Step) -> None:
-        mine, self._step = self._step, []
-        if distributed.current().size > 1:  # every device's, in one process's micro-batch order
-            device = self.detector.device
-            shared = distributed.concat_over_ranks([_moved(item, "cpu") for item in mine])
-            mine = [_moved(item, device) for item in shared]
+        # every device's, in one process's micro-batch order
+        mine = distributed.concat_over_ranks(self._step, device=self.detector.device)
+        self._step = []
         for image_id, image, target in mine:
             if len(self.seen) >= self.max_images:
                 break
@@ -383,11 +381,6 @@ class FalseNegativeHook(TrainingHook):
     def predict(self, embeddings: Tensor) -> Tensor:
         """Predicted misses (>= 0) from image embeddings."""
         return torch.nn.functional.softplus(self.head(embeddings).squeeze(1))
-
-
-def _moved(item: tuple[str, Tensor, dict[str, Tensor]], device) -> tuple:
-    image_id, image, target = item
-    return image_id, image.to(device), {k: v.to(device) for k, v in target.items()}
 
 
 class _HeadScorer:
