@@ -249,6 +249,28 @@ def concat_over_ranks(items: Sequence[T], device: torch.device | str | None = No
     ]
 
 
+class StepNotes:
+    """What a training hook notes on each micro-batch of a step, read back once the step is
+    done as every rank's notes in one process's micro-batch order (:func:`concat_over_ranks`).
+    With ``trainer.accumulate`` or several devices a hook sees only its own micro-batches; its
+    step summary must cover all of them."""
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+
+    def note(self, item: Any) -> None:
+        self._items.append(item)
+
+    def clear(self) -> None:
+        self._items = []
+
+    def drain(self, device: torch.device | str | None = None) -> list[Any]:
+        """The step's notes of every rank (tensors on ``device``, see :func:`concat_over_ranks`);
+        called by every rank in ``after_step``. Empties this rank's notes."""
+        items, self._items = self._items, []
+        return concat_over_ranks(items, device)
+
+
 def _tensors_to(obj: Any, device: torch.device | str) -> Any:
     """``obj`` with every tensor in it (through tuples, lists and dicts) moved to ``device``."""
     if isinstance(obj, torch.Tensor):

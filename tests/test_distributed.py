@@ -163,6 +163,19 @@ def test_concat_over_ranks_sends_cpu_tensors_and_returns_them_on_the_given_devic
     assert out[1][1].shape == (2,) and isinstance(out[0][2]["labels"], list)
 
 
+def test_step_notes_are_every_ranks_in_rank_order_and_emptied_by_drain(monkeypatch):
+    monkeypatch.setattr(distributed, "current", lambda: World(rank=1, size=2))
+
+    def fake_all_gather_object(gathered, mine):  # this process is rank 1 of 2
+        gathered[0], gathered[1] = [("loss", 0.5), ("loss", 0.25)], mine
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", fake_all_gather_object)
+    notes = distributed.StepNotes()
+    notes.note(("loss", 0.125))
+    assert notes.drain() == [("loss", 0.5), ("loss", 0.25), ("loss", 0.125)]
+    assert notes.drain() == [("loss", 0.5), ("loss", 0.25)]  # nothing of its own left
+
+
 def _tensors(obj):
     if isinstance(obj, torch.Tensor):
         return [obj]

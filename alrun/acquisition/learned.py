@@ -162,8 +162,8 @@ class LossPredictionHook(TrainingHook):
         self.head: nn.Module | None = None
         self.losses: list[float] = []
         self.steps_with_gradient = 0
-        self._step_losses: list[float] = []  # this step's, this device's
-        self._step_gradients = 0  # this step's micro-batches whose loss reaches the backbone
+        # each micro-batch's (ranking loss or None, whether it reaches the backbone)
+        self._step = distributed.StepNotes()
         self._captured: list[Tensor] = []
         self._capturing = True
         self._handle = None
@@ -178,7 +178,7 @@ class LossPredictionHook(TrainingHook):
         self.head = self.head.to(detector.device)
         self.losses = []
         self.steps_with_gradient = 0
-        self._step_losses, self._step_gradients = [], 0
+        self._step.clear()
         self._captured = []
         if self._handle is not None:
             self._handle.remove()
@@ -202,15 +202,14 @@ class LossPredictionHook(TrainingHook):
         if batch is None or not captured or len(batch.images) < 2:
             return {}
         features = captured[0]  # the forward of the first source with targets
-        if self.reaches_backbone(step.index, step.total):
-            self._step_gradients += 1
-        else:
+        reaches = self.reaches_backbone(step.index, step.total)
+        if not reaches:
             features = features.detach()
         target = self._per_image_losses(batch.images, batch.targets)
         loss = margin_ranking(self.head(features).squeeze(1), target, self.margin, self.pairs)
+        self._step.note((None if loss is None else float(loss.detach()), reaches))
         if loss is None:
             return {}
-        self._step_losses.append(float(loss.detach()))
         return {"ranking": loss * self.weight}
 
     def _per_image_losses(self, images, targets) -> Tensor:
@@ -251,12 +250,10 @@ class LossPredictionHook(TrainingHook):
 
     def after_step(self, step: Step) -> None:
         self._captured = []
-        # every device's micro-batches of the step, in one process's micro-batch order
-        mine = (self._step_losses, self._step_gradients)
-        for losses, with_gradient in distributed.concat_over_ranks([mine]):
-            self.losses.extend(losses)
-            self.steps_with_gradient += with_gradient
-        self._step_losses, self._step_gradients = [], 0
+        for loss, reaches in self._step.drain():
+            if loss is not None:
+                self.losses.append(loss)
+            self.steps_with_gradient += reaches
 
     def after_training(self) -> dict[str, float]:
         if self._handle is not None:
@@ -315,12 +312,13 @@ class FalseNegativeHook(TrainingHook):
         self.head: nn.Module | None = None
         self.losses: list[float] = []
         self.seen: dict[str, tuple[Tensor, dict[str, Tensor]]] = {}
-        self._step: list[tuple[str, Tensor, dict[str, Tensor]]] = []  # this step's, this device's
+        self._step = distributed.StepNotes()  # each micro-batch's (image id, image, target)
 
     def before_training(self, detector, total: int) -> None:
         _backbone(detector)
         self.detector = detector
-        self.seen, self._step = {}, []
+        self.seen = {}
+        self._step.clear()
         self.losses = []
 
     def extra_losses(self, step: Step) -> Mapping[str, Tensor]:
@@ -328,16 +326,13 @@ class FalseNegativeHook(TrainingHook):
         batch = next((b for b in step.batches.values() if b.source.role == "labelled"), None)
         if batch is not None and batch.targets is not None and len(self.seen) < self.max_images:
             for image_id, image, target in zip(batch.image_ids, batch.images, batch.targets):
-                self._step.append(
+                self._step.note(
                     (image_id, image.detach(), {k: v.detach() for k, v in target.items()})
                 )
         return {}
 
     def after_step(self, step: Step) -> None:
-        # every device's, in one process's micro-batch order
-        mine = distributed.concat_over_ranks(self._step, device=self.detector.device)
-        self._step = []
-        for image_id, image, target in mine:
+        for image_id, image, target in self._step.drain(device=self.detector.device):
             if len(self.seen) >= self.max_images:
                 break
             if image_id not in self.seen:  # (a flipped view comes with flipped boxes)

@@ -192,7 +192,7 @@ class MiaodHook(TrainingHook):
         self._batches: list[DenseBatch] = []  # this step's training forwards (dense_head)
         self._stop: Callable[[], None] | None = None
         self.losses: dict[str, list[float]] = {}
-        self._step_losses: dict[str, list[float]] = {}  # this step's, this device's
+        self._step = distributed.StepNotes()  # (loss name, value) of each micro-batch
 
     def before_training(self, detector, total: int) -> None:
         missing = [c for c in MIAOD_REQUIRES if c not in detector.capabilities]
@@ -207,7 +207,8 @@ class MiaodHook(TrainingHook):
             widths[0], detector.anchors_per_location, detector.num_classes, self.stacked_convs
         ).to(detector.device)
         self.matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
-        self.losses, self._step_losses = {}, {}
+        self.losses = {}
+        self._step.clear()
         self._remove()
         self._stop = detector.watch_dense_batches(self._capture)
 
@@ -244,7 +245,7 @@ class MiaodHook(TrainingHook):
         if self.adversarial and unlabelled is not None:
             out.update(self._adversarial(unlabelled.images))
         for key, value in out.items():
-            self._step_losses.setdefault(key, []).append(float(value.detach()))
+            self._step.note((key, float(value.detach())))
         return {key: value * self.weight for key, value in out.items()}
 
     def _adversarial(self, images: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -269,11 +270,8 @@ class MiaodHook(TrainingHook):
 
     def after_step(self, step: Step) -> None:
         self._batches = []
-        # every device's micro-batch losses of the step, in one process's micro-batch order
-        for part in distributed.concat_over_ranks([self._step_losses]):
-            for key, values in part.items():
-                self.losses.setdefault(key, []).extend(values)
-        self._step_losses = {}
+        for key, value in self._step.drain():
+            self.losses.setdefault(key, []).append(value)
 
     def after_training(self) -> dict[str, float]:
         self._remove()

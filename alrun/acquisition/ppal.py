@@ -99,13 +99,13 @@ class ClassQualityEMA(TrainingHook):
         self.xi, self.base_momentum = float(xi), float(momentum)
         self.quality: Tensor | None = None  # (C,) float64, None before any training
         self.momentum: Tensor | None = None
-        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending = distributed.StepNotes()  # each forward's (labels, quality) on the CPU
         self._stop = None
 
     def reset(self, num_classes: int) -> None:
         self.quality = torch.zeros(num_classes, dtype=torch.float64)
         self.momentum = torch.full((num_classes,), self.base_momentum, dtype=torch.float64)
-        self._pending = []
+        self._pending.clear()
 
     def before_training(self, detector: Detector, total: int) -> None:
         self.reset(detector.num_classes)
@@ -115,7 +115,7 @@ class ClassQualityEMA(TrainingHook):
 
     def _collect(self, labels: Tensor, probs: Tensor, ious: Tensor) -> None:
         q = probs.double().clamp(0, 1).pow(self.xi) * ious.double().clamp(0, 1).pow(1 - self.xi)
-        self._pending.append((labels.cpu(), q.cpu()))
+        self._pending.note((labels.cpu(), q.cpu()))
 
     def update(self, labels: Tensor, quality: Tensor) -> None:
         """One batch: per-class mean of ``quality`` over its positive anchors into the EMA."""
@@ -132,13 +132,12 @@ class ClassQualityEMA(TrainingHook):
 
     def after_step(self, step: Step) -> None:
         # every device's positive anchors of the step (one process: its own micro-batches)
-        self._pending = distributed.concat_over_ranks(self._pending)
-        if self._pending:
-            labels = torch.cat([lab for lab, _ in self._pending]).long()
-            quality = torch.cat([q for _, q in self._pending])
+        pending = self._pending.drain()
+        if pending:
+            labels = torch.cat([lab for lab, _ in pending]).long()
+            quality = torch.cat([q for _, q in pending])
         else:
             labels, quality = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
-        self._pending = []
         self.update(labels, quality)
 
     def after_training(self) -> dict[str, float]:

@@ -98,12 +98,13 @@ class DomainAlignmentHook(TrainingHook):
         self.classifier: DomainClassifier | None = None
         self.correct: list[float] = []
         self.losses: list[float] = []
-        self._step: list[tuple[float, float]] = []  # this step's (loss, accuracy), this device's
+        self._step = distributed.StepNotes()  # each micro-batch's (loss, accuracy)
 
     def before_training(self, detector: Detector, total: int) -> None:
         self.classifier = DomainClassifier(feature_channels(detector)).to(detector.device)
         self.classifier.train()
-        self.correct, self.losses, self._step = [], [], []
+        self.correct, self.losses = [], []
+        self._step.clear()
 
     def parameters(self) -> Sequence[Tensor]:
         return list(self.classifier.parameters()) if self.classifier is not None else []
@@ -119,15 +120,13 @@ class DomainAlignmentHook(TrainingHook):
             total.append(loss)
             votes.append(says_target == bool(is_target))
         loss = 0.5 * (total[0] + total[1])
-        self._step.append((float(loss.detach()), float(torch.cat(votes).float().mean())))
+        self._step.note((float(loss.detach()), float(torch.cat(votes).float().mean())))
         return {"adversarial": self.weight * loss}
 
     def after_step(self, step: Step) -> None:
-        # every device's micro-batches of the step, in one process's micro-batch order
-        for loss, correct in distributed.concat_over_ranks(self._step):
+        for loss, correct in self._step.drain():
             self.losses.append(loss)
             self.correct.append(correct)
-        self._step = []
 
     def after_training(self) -> Mapping[str, float]:
         quarter = self.correct[-max(1, len(self.correct) // 4) :]
