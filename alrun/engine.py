@@ -244,7 +244,7 @@ def train(
         _call(hook, "before_training", -1, total, detector, total)
     main, auxiliary = _parameter_groups(detector, hooks, total)
     params = main + auxiliary
-    replica = _replicate(params, detector.device, world)
+    replica = _replicate(params, detector.device, world, heads_may_sit_out=bool(auxiliary))
     optimizer = torch.optim.SGD(
         params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
     )
@@ -337,18 +337,29 @@ class _Replica(torch.nn.Module):
 
 
 def _replicate(
-    params: Sequence[Tensor], device: torch.device, world: distributed.World
+    params: Sequence[Tensor],
+    device: torch.device,
+    world: distributed.World,
+    heads_may_sit_out: bool = False,
 ) -> torch.nn.Module | None:
     """A DistributedDataParallel replica of ``params`` (None for one process). Its constructor
     copies rank 0's values to every rank; buffers (BatchNorm statistics) are rank-local while
-    training and rank 0's afterwards (:func:`share_leader_state`)."""
+    training and rank 0's afterwards (:func:`share_leader_state`).
+
+    ``heads_may_sit_out``: a hook's head can have no loss on a micro-batch (loss prediction's
+    ranking needs 2 images; an epoch's last batch can leave one per device), which plain DDP
+    refuses on the next step. DDP then looks for unused parameters: one unused on every rank
+    keeps no gradient, as in one process, so the optimizer skips it there too."""
     if world.size == 1:
         return None
     ids = None
     if device.type == "cuda":
         ids = [device.index if device.index is not None else torch.cuda.current_device()]
     return torch.nn.parallel.DistributedDataParallel(
-        _Replica(params), device_ids=ids, broadcast_buffers=False
+        _Replica(params),
+        device_ids=ids,
+        broadcast_buffers=False,
+        find_unused_parameters=heads_may_sit_out,
     )
 
 
