@@ -252,8 +252,8 @@ def concat_over_ranks(items: Sequence[T], device: torch.device | str | None = No
 class StepNotes:
     """What a training hook notes on each micro-batch of a step, read back once the step is
     done as every rank's notes in one process's micro-batch order (:func:`concat_over_ranks`).
-    With ``trainer.accumulate`` or several devices a hook sees only its own micro-batches; its
-    step summary must cover all of them."""
+    On several devices a hook sees only its own rank's micro-batches, but what it learns from a
+    step (a summary, PPAL's class quality, a head's training images) must cover every rank's."""
 
     def __init__(self) -> None:
         self._items: list[Any] = []
