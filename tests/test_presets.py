@@ -262,6 +262,7 @@ def test_txlpbc_uda_lite0_targets_bccd_from_the_other_domains():
     regime.check_data(splits)
     assert cfg.detector.builder._target_.endswith("lite0_fcos")
     baseline = ["supervision=full", "~supervision.target_domain", "~supervision.source"]
+    baseline.append("~supervision.pseudo_threshold")
     full = compose_config(["experiment=txlpbc_uda_lite0", *baseline])
     assert type(instantiate(full.supervision)).__name__ == "FullSupervision"
     assert (full.budget, full.trainer, full.dataset) == (cfg.budget, cfg.trainer, cfg.dataset)
