@@ -241,12 +241,8 @@ def concat_over_ranks(items: Sequence[T], device: torch.device | str | None = No
         return list(items)
     gathered: list[Any] = [None] * current().size
     dist.all_gather_object(gathered, [_tensors_to(item, "cpu") for item in items])
-    target = torch.device(device) if device is not None else None
-    return [
-        _tensors_to(item, target) if target is not None else item
-        for part in gathered
-        for item in part
-    ]
+    every = [item for part in gathered for item in part]
+    return every if device is None else [_tensors_to(item, device) for item in every]
 
 
 class StepNotes:
